@@ -1,0 +1,346 @@
+"""megamoe configuration: nested dataclasses, one docstring per field.
+
+Every field becomes a command-line flag named after the field (``num_layers`` ->
+``--num-layers``). Field names follow Megatron-LM's argument names wherever Megatron has the
+same concept, so launch scripts carry over. The docstring under each field is its ``--help``
+text (read from this file's source by :func:`field_docs`).
+
+Defaults describe the tiny DeepSeek-V3-style demo model that ``python pretrain_moe.py``
+trains on CPU. Real runs set the shape explicitly (see ``examples/configs/``).
+
+Validation lives in ``megamoe/config_validation.py``; the CLI and YAML loading in
+``megamoe/cli.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the transformer (attention, dense MLP, embeddings, MTP)."""
+
+    num_layers: int = 4
+    """Number of transformer layers (dense and MoE together)."""
+    hidden_size: int = 128
+    """Model width: the size of the residual stream."""
+    ffn_hidden_size: int = 352
+    """Intermediate size of the dense SwiGLU MLP (the layers that are not MoE)."""
+    num_attention_heads: int = 4
+    """Number of attention heads."""
+    num_query_groups: Optional[int] = None
+    """GQA: number of key/value heads. Unset means one per attention head (MHA). Ignored by MLA."""
+    kv_channels: Optional[int] = None
+    """GQA head dimension. Unset means hidden-size / num-attention-heads."""
+    seq_length: int = 128
+    """Training sequence length in tokens."""
+    max_position_embeddings: Optional[int] = None
+    """Longest position the rotary tables cover. Unset means seq-length."""
+    norm_epsilon: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    rotary_base: int = 10000
+    """RoPE base (theta)."""
+    rope_type: Literal["rope", "yarn"] = "rope"
+    """Rotary scaling: plain RoPE, or YaRN (uses the rotary-scaling-factor and mscale fields)."""
+    rotary_scaling_factor: float = 1.0
+    """YaRN context extension factor."""
+    original_max_position_embeddings: int = 4096
+    """YaRN: the context length the model was originally trained at."""
+    beta_fast: float = 32.0
+    """YaRN: fast boundary of the frequency ramp (in rotations)."""
+    beta_slow: float = 1.0
+    """YaRN: slow boundary of the frequency ramp (in rotations)."""
+    mscale: float = 1.0
+    """YaRN: attention-temperature scale applied through the rotary tables."""
+    mscale_all_dim: float = 0.0
+    """YaRN: mscale applied to the softmax scale of every dimension (DeepSeek-V2 uses 0.707)."""
+    multi_latent_attention: bool = True
+    """Use multi-head latent attention (DeepSeek-V2/V3) instead of GQA."""
+    q_lora_rank: Optional[int] = 64
+    """MLA: rank of the query down-projection. 0 or unset means a plain query projection."""
+    kv_lora_rank: int = 32
+    """MLA: rank of the compressed key/value latent."""
+    qk_head_dim: int = 32
+    """MLA: per-head query/key dimension without RoPE."""
+    qk_pos_emb_head_dim: int = 16
+    """MLA: per-head query/key dimension that carries RoPE (the rope key is shared by all heads)."""
+    v_head_dim: int = 32
+    """MLA: per-head value dimension."""
+    untie_embeddings_and_output_weights: bool = True
+    """Give the output head its own weight instead of sharing the input embedding."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation of every weight matrix."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout on the output of attention and MLP blocks before the residual add."""
+    mtp_num_layers: int = 0
+    """Multi-token prediction: number of extra modules predicting tokens further ahead."""
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the multi-token-prediction loss (averaged over MTP modules)."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation: plain PyTorch ('local') or Transformer Engine."""
+    fp8_format: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 training format (unset means no FP8). 'hybrid' is e4m3 forward, e5m2 backward."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "blockwise"
+    """FP8 scaling recipe, used when fp8-format is set."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts layers: routing, experts, dispatch."""
+
+    num_experts: Optional[int] = 8
+    """Number of routed experts per MoE layer. Unset means a dense model."""
+    moe_layer_freq: str = "[0]*1+[1]*3"
+    """Which layers are MoE: an integer N (every N-th layer) or a 0/1 pattern such as '[0]*1+[1]*3'."""
+    moe_ffn_hidden_size: Optional[int] = 64
+    """Intermediate size of each routed expert. Unset means ffn-hidden-size."""
+    moe_shared_expert_intermediate_size: Optional[int] = 64
+    """Total intermediate size of the shared experts (unset means none)."""
+    moe_router_topk: int = 2
+    """Number of experts each token is routed to."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "sigmoid"
+    """Router score function: softmax (Mixtral, DeepSeek-V2) or sigmoid (DeepSeek-V3)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax scores: apply softmax over all experts before top-k (DeepSeek-V2) instead of over the chosen k."""
+    moe_router_num_groups: Optional[int] = None
+    """Group-limited routing: number of expert groups (DeepSeek node-limited routing)."""
+    moe_router_group_topk: Optional[int] = None
+    """Group-limited routing: number of groups a token may choose experts from."""
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Scale applied to the top-k probabilities (DeepSeek-V3: 2.5)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = (
+        "seq_aux_loss"
+    )
+    """Balancing loss: per micro-batch, per sequence (DeepSeek-V3), per global batch, or none."""
+    moe_aux_loss_coeff: float = 1e-4
+    """Weight of the load-balancing loss."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Weight of the router z-loss (unset means off)."""
+    moe_router_enable_expert_bias: bool = True
+    """Aux-loss-free balancing: a per-expert bias that only chooses experts, updated from load."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update, applied once per optimizer step."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Capacity per expert as a multiple of the balanced load; tokens beyond it are dropped. Unset means dropless."""
+    moe_pad_expert_input_to_capacity: bool = False
+    """With a capacity factor, pad every expert's input to its capacity (static shapes)."""
+    moe_token_drop_policy: Literal["probs", "position"] = "probs"
+    """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach experts on other ranks."""
+    moe_grouped_gemm_impl: Literal["loop", "torch", "te"] = "torch"
+    """Expert GEMM backend: 'loop' (reference), 'torch' (torch._grouped_mm), 'te' (Transformer Engine)."""
+    moe_shared_expert_overlap: bool = True
+    """On CUDA, run shared experts on a side stream to overlap token dispatch and combine."""
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the five parallel dimensions and how ranks are laid out."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel degree (TP) of attention and dense layers."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence between TP regions (needs TP > 1 to matter)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel degree (PP): number of stages."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline: model chunks per pipeline rank."""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Interleaved pipeline: layers per model chunk (alternative to the virtual size)."""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """Layers on the first pipeline stage, when it should differ from the others."""
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    """Layers on the last pipeline stage, when it should differ from the others."""
+    context_parallel_size: int = 1
+    """Context-parallel degree (CP): each sequence is sharded over this many ranks."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel degree (EP): routed experts are spread over this many ranks."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Tensor-parallel degree inside each expert (ETP). Unset means the same as TP."""
+    parallel_rank_order: str = "tp-cp-ep-dp-pp"
+    """Order of the dimensions in the rank numbering, innermost (neighbouring ranks) first."""
+    use_distributed_optimizer: bool = False
+    """Shard fp32 master weights and optimizer state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's reduction as soon as its gradients are ready."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: overlap the parameter all-gather with the next forward."""
+    ddp_bucket_size: Optional[int] = None
+    """Gradient bucket size in elements (unset means a size chosen from the model)."""
+    distributed_backend: Literal["nccl", "gloo"] = "nccl"
+    """torch.distributed backend; gloo is used automatically when no GPU is present."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collective operations, in minutes."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, iterations, optimizer, learning-rate schedule and precision."""
+
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, summed over data-parallel ranks and micro-batches."""
+    train_iters: int = 40
+    """Number of optimizer steps."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of decay."""
+    lr_warmup_iters: int = 4
+    """Linear warmup iterations."""
+    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "cosine"
+    """Learning-rate decay after warmup."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations over which the learning rate decays. Unset means train-iters."""
+    lr_wsd_decay_iters: Optional[int] = None
+    """WSD: length of the final decay phase (unset means 10% of decay iterations)."""
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = "linear"
+    """WSD: shape of the final decay phase."""
+    optimizer: Literal["adam"] = "adam"
+    """Optimizer (AdamW with decoupled weight decay)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip gradients to this global L2 norm (0 disables)."""
+    seed: int = 1234
+    """Random seed for initialisation, data and dropout."""
+    bf16: bool = False
+    """Train in bfloat16 with fp32 master weights and fp32 gradient accumulation."""
+    fp16: bool = False
+    """Train in float16 with loss scaling."""
+    eval_interval: int = 1000
+    """Run validation every this many iterations."""
+    eval_iters: int = 10
+    """Validation micro-batches per evaluation."""
+
+
+@dataclass
+class DataConfig:
+    """Training data and tokenizer."""
+
+    mock_data: bool = True
+    """Train on synthetic tokens drawn from a fixed random Markov chain (no files needed)."""
+    data_path: Optional[list[str]] = None
+    """Dataset prefixes (.bin/.idx), optionally weighted: 'PATH' or '0.3 PATH_A 0.7 PATH_B'."""
+    split: str = "969,30,1"
+    """Train/validation/test split of the documents, as relative weights."""
+    tokenizer_type: Literal["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"] = (
+        "NullTokenizer"
+    )
+    """Tokenizer kind."""
+    tokenizer_model: Optional[str] = None
+    """Path of the tokenizer model file (sentencepiece .model or tokenizer.json)."""
+    vocab_size: int = 512
+    """Vocabulary size for the NullTokenizer and mock data."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (times TP) for efficient vocab-parallel GEMMs."""
+    data_cache_path: Optional[str] = None
+    """Where dataset index caches go (unset means next to the data)."""
+    num_workers: int = 2
+    """Data-loader worker processes."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is printed and written to tensorboard."""
+
+    log_interval: int = 5
+    """Print a log line every this many iterations."""
+    tensorboard_dir: Optional[str] = None
+    """Write tensorboard event files here (unset means no tensorboard)."""
+    moe_expert_load_image_interval: int = 100
+    """Write a per-layer expert-load heat map to tensorboard every this many iterations."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading."""
+
+    save: Optional[str] = None
+    """Directory to save checkpoints to."""
+    load: Optional[str] = None
+    """Directory to load a checkpoint from."""
+    save_interval: Optional[int] = None
+    """Save every this many iterations (and at the end)."""
+    no_load_optim: bool = False
+    """Do not load optimizer state when loading a checkpoint."""
+    no_load_rng: bool = False
+    """Do not load RNG state when loading a checkpoint."""
+
+
+@dataclass
+class Config:
+    """The whole configuration, one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "moe": MoEConfig,
+    "parallel": ParallelConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags, a config file or their combination. One line, names the flag."""
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: ``num_layers`` -> ``--num-layers``."""
+    return "--" + field_name.replace("_", "-")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a config dataclass to the docstring written under it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def section_of(field_name: str) -> str:
+    """The section that holds a field (field names are unique across sections)."""
+    for section, cls in SECTIONS.items():
+        if field_name in {f.name for f in dataclasses.fields(cls)}:
+            return section
+    raise KeyError(field_name)

@@ -1,0 +1,257 @@
+"""Validation of a :class:`~megamoe.config.Config`, once, section by section.
+
+Every check raises :class:`~megamoe.config.ConfigError` with one line that names the flag(s)
+involved. ``validate(config, world_size)`` is called by ``pretrain_moe.py`` before anything
+is built; the parallel checks reuse :class:`~megamoe.parallel.state.ParallelLayout`, so the
+layout tool and training agree on what is valid.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+from megamoe.config import (
+    SECTIONS,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    MoEConfig,
+    ParallelConfig,
+    TrainingConfig,
+    flag_name,
+)
+from megamoe.parallel.state import ParallelLayout
+
+# Flags that are declared (so --help lists them and launch scripts parse) but whose feature
+# has not landed yet. Setting one to anything but its default is an error, never a no-op.
+# Each entry is removed by the change that implements it.
+NOT_SUPPORTED_YET: frozenset[str] = frozenset(
+    {
+        # the model and training loop
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "kv_channels", "seq_length", "max_position_embeddings", "norm_epsilon", "rotary_base",
+        "rope_type", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast",
+        "beta_slow", "mscale", "mscale_all_dim", "multi_latent_attention", "q_lora_rank",
+        "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+        "untie_embeddings_and_output_weights", "init_method_std", "attention_dropout",
+        "hidden_dropout", "mtp_num_layers", "mtp_loss_scaling_factor", "recompute_granularity",
+        "transformer_impl", "fp8_format", "fp8_recipe",
+        "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+        "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
+        "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+        "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+        "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_expert_capacity_factor",
+        "moe_pad_expert_input_to_capacity", "moe_token_drop_policy", "moe_token_dispatcher_type",
+        "moe_grouped_gemm_impl", "moe_shared_expert_overlap",
+        "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr", "lr_warmup_iters",
+        "lr_decay_style", "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "optimizer",
+        "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "bf16", "fp16",
+        "eval_interval", "eval_iters",
+        # parallel dimensions beyond tensor parallel
+        "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+        "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
+        "decoder_last_pipeline_num_layers", "context_parallel_size", "expert_model_parallel_size",
+        "expert_tensor_parallel_size", "use_distributed_optimizer", "overlap_grad_reduce",
+        "overlap_param_gather", "ddp_bucket_size",
+        # data, logging, checkpoints
+        "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "vocab_size",
+        "make_vocab_size_divisible_by", "data_cache_path", "num_workers",
+        "log_interval", "tensorboard_dir", "moe_expert_load_image_interval",
+        "save", "load", "save_interval", "no_load_optim", "no_load_rng",
+    }
+)
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value <= 0:
+            _fail(f"{flag_name(name)} {value}: must be positive")
+
+
+def check_not_supported_yet(config: Config, unsupported: frozenset[str] = NOT_SUPPORTED_YET) -> None:
+    """Refuse a declared-but-unimplemented flag that was set to a non-default value."""
+    for section_name, cls in SECTIONS.items():
+        section = getattr(config, section_name)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if f.name in unsupported and getattr(section, f.name) != getattr(default, f.name):
+                _fail(f"{flag_name(f.name)}: not supported yet")
+
+
+def parse_moe_layer_freq(spec: str, num_layers: int) -> list[bool]:
+    """Which layers are MoE, from Megatron's --moe-layer-freq: 'N' or a pattern '[0]*1+[1]*3'."""
+    flag = f"--moe-layer-freq {spec}"
+    try:
+        tree = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError:
+        raise ConfigError(f"{flag}: expected an integer or a list pattern such as '[0]*1+[1]*3'") from None
+
+    def evaluate(node: ast.AST):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [evaluate(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = evaluate(node.left), evaluate(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ConfigError(f"{flag}: only integers, lists, + and * are allowed")
+
+    value = evaluate(tree)
+    if isinstance(value, int):
+        if value < 1:
+            _fail(f"{flag}: must be at least 1")
+        return [i % value == 0 for i in range(num_layers)]
+    if len(value) != num_layers or any(v not in (0, 1) for v in value):
+        _fail(f"{flag}: the pattern must hold one 0 or 1 per layer ({num_layers} from --num-layers)")
+    return [bool(v) for v in value]
+
+
+def validate_model(m: ModelConfig) -> None:
+    _positive(m, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
+              "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rotary_base")
+    if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
+        _fail(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+              f"--num-query-groups {m.num_query_groups}")
+    if m.q_lora_rank is not None and m.q_lora_rank < 0:
+        _fail(f"--q-lora-rank {m.q_lora_rank}: must be 0 (plain query projection) or positive")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        _fail(f"--max-position-embeddings {m.max_position_embeddings} is shorter than "
+              f"--seq-length {m.seq_length}")
+    for name in ("attention_dropout", "hidden_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            _fail(f"{flag_name(name)} {getattr(m, name)}: must be in [0, 1)")
+    if m.mtp_num_layers < 0:
+        _fail(f"--mtp-num-layers {m.mtp_num_layers}: must be 0 or more")
+
+
+def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
+    if moe.num_experts is None:
+        return
+    _positive(moe, "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+              "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
+              "moe_expert_capacity_factor", "moe_router_topk_scaling_factor")
+    parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers)
+    if moe.moe_router_topk > moe.num_experts:
+        _fail(f"--moe-router-topk {moe.moe_router_topk} is larger than --num-experts {moe.num_experts}")
+    groups, group_topk = moe.moe_router_num_groups, moe.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        _fail("--moe-router-num-groups and --moe-router-group-topk must be given together")
+    if groups is not None:
+        if moe.num_experts % groups:
+            _fail(f"--num-experts {moe.num_experts} is not divisible by --moe-router-num-groups {groups}")
+        if group_topk > groups:
+            _fail(f"--moe-router-group-topk {group_topk} is larger than --moe-router-num-groups {groups}")
+        if moe.moe_router_topk > group_topk * (moe.num_experts // groups):
+            _fail(f"--moe-router-topk {moe.moe_router_topk} exceeds the experts in "
+                  f"--moe-router-group-topk {group_topk} groups of {moe.num_experts // groups}")
+    if moe.moe_pad_expert_input_to_capacity and moe.moe_expert_capacity_factor is None:
+        _fail("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+    if moe.moe_aux_loss_coeff < 0 or (moe.moe_z_loss_coeff or 0) < 0:
+        _fail("--moe-aux-loss-coeff and --moe-z-loss-coeff must not be negative")
+
+
+def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_size: int) -> ParallelLayout:
+    layout = ParallelLayout.build(
+        world_size,
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        cp=p.context_parallel_size,
+        ep=p.expert_model_parallel_size,
+        etp=p.expert_tensor_parallel_size,
+        vpp=p.virtual_pipeline_model_parallel_size,
+        order=p.parallel_rank_order,
+    )
+    tp = layout.tp
+    if m.num_attention_heads % tp:
+        _fail(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+              f"--tensor-model-parallel-size {tp}")
+    if not m.multi_latent_attention and m.num_query_groups is not None and m.num_query_groups % tp:
+        _fail(f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
+    if m.ffn_hidden_size % tp:
+        _fail(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if p.sequence_parallel and m.seq_length % (tp * layout.cp):
+        _fail(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} x "
+              f"--context-parallel-size {layout.cp} (needed by --sequence-parallel)")
+    if layout.cp > 1 and m.seq_length % (2 * layout.cp):
+        _fail(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {layout.cp}")
+    if moe.num_experts is not None:
+        if moe.num_experts % layout.ep:
+            _fail(f"--num-experts {moe.num_experts} is not divisible by "
+                  f"--expert-model-parallel-size {layout.ep}")
+        ffn = moe.moe_ffn_hidden_size or m.ffn_hidden_size
+        if ffn % layout.etp:
+            _fail(f"--moe-ffn-hidden-size {ffn} is not divisible by --expert-tensor-parallel-size {layout.etp}")
+    if (m.num_layers - (p.decoder_first_pipeline_num_layers or 0) - (p.decoder_last_pipeline_num_layers or 0)) < 0:
+        _fail("--decoder-first-pipeline-num-layers + --decoder-last-pipeline-num-layers exceed --num-layers")
+    if p.decoder_first_pipeline_num_layers is None and p.decoder_last_pipeline_num_layers is None:
+        if m.num_layers % layout.pp:
+            _fail(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {layout.pp}")
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        _fail("--overlap-param-gather needs --use-distributed-optimizer")
+    return layout
+
+
+def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
+    _positive(t, "micro_batch_size", "global_batch_size", "train_iters", "lr", "eval_interval")
+    if t.global_batch_size % (t.micro_batch_size * layout.dp):
+        _fail(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+              f"{t.micro_batch_size} x data-parallel size {layout.dp}")
+    if t.bf16 and t.fp16:
+        _fail("--bf16 and --fp16 cannot both be set")
+    if t.min_lr > t.lr:
+        _fail(f"--min-lr {t.min_lr} is larger than --lr {t.lr}")
+    if t.lr_warmup_iters < 0:
+        _fail(f"--lr-warmup-iters {t.lr_warmup_iters}: must be 0 or more")
+    if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
+        _fail("--adam-beta1 and --adam-beta2 must be in [0, 1)")
+    if t.clip_grad < 0:
+        _fail(f"--clip-grad {t.clip_grad}: must be 0 (off) or positive")
+
+
+def validate_data(d: DataConfig) -> None:
+    if d.mock_data and d.data_path:
+        _fail("--mock-data and --data-path are mutually exclusive (use --no-mock-data with --data-path)")
+    if not d.mock_data and not d.data_path:
+        _fail("--data-path is required unless --mock-data is set")
+    parts = d.split.replace("/", ",").split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        raise ConfigError(f"--split {d.split}: expected comma-separated weights such as 969,30,1") from None
+    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        _fail(f"--split {d.split}: expected up to three non-negative weights with a positive sum")
+    _positive(d, "vocab_size", "make_vocab_size_divisible_by")
+
+
+def validate_logging(log: LoggingConfig) -> None:
+    _positive(log, "log_interval", "moe_expert_load_image_interval")
+
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    _positive(c, "save_interval")
+    if c.save_interval is not None and c.save is None:
+        _fail("--save-interval needs --save")
+
+
+def validate(config: Config, world_size: int) -> ParallelLayout:
+    """Check every section and their combinations; return the parallel layout they imply."""
+    validate_model(config.model)
+    validate_moe(config.moe, config.model)
+    layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
+    validate_training(config.training, layout)
+    validate_data(config.data)
+    validate_logging(config.logging)
+    validate_checkpoint(config.checkpoint)
+    check_not_supported_yet(config)
+    return layout
+

@@ -1,0 +1,63 @@
+"""Join the job: read rank and world size from torchrun or SLURM, initialise torch.distributed,
+and build the :class:`~megamoe.parallel.state.ParallelState`."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megamoe.config import ParallelConfig
+from megamoe.parallel.state import ParallelState
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def process_info_from_env() -> ProcessInfo:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return ProcessInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return ProcessInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return ProcessInfo(0, 1, 0)
+
+
+def init_distributed(config: ParallelConfig, info: ProcessInfo) -> tuple[ParallelState, torch.device]:
+    """Initialise the default process group (if more than one rank) and every parallel group.
+
+    NCCL on GPUs; gloo when no GPU is present (or ``--distributed-backend gloo``).
+    MASTER_ADDR / MASTER_PORT come from torchrun, or from the SLURM script.
+    """
+    use_cuda = torch.cuda.is_available() and config.distributed_backend == "nccl"
+    device = torch.device("cuda", info.local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if info.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=config.distributed_timeout_minutes),
+            device_id=device if use_cuda else None,
+        )
+    state = ParallelState.build(
+        tp=config.tensor_model_parallel_size,
+        pp=config.pipeline_model_parallel_size,
+        cp=config.context_parallel_size,
+        ep=config.expert_model_parallel_size,
+        etp=config.expert_tensor_parallel_size,
+        vpp=config.virtual_pipeline_model_parallel_size,
+        order=config.parallel_rank_order,
+        world_size=info.world_size,
+        rank=info.rank,
+    )
+    return state, device

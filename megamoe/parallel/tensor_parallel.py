@@ -1,0 +1,260 @@
+"""Tensor-parallel layers (Megatron split) and the vocab-parallel cross entropy.
+
+Shapes are sequence first: activations are ``[s, b, h]``. With sequence parallel, the
+activations between TP regions are sharded along ``s`` (each rank holds ``s / tp`` rows), a
+column-parallel layer all-gathers them on entry and a row-parallel layer reduce-scatters on
+exit. Without it, activations between regions are replicated.
+
+Parameter annotations read by the gradient and checkpoint code:
+
+- ``param.tensor_parallel_dim``: the dimension sharded over TP (absent for replicated ones);
+- ``param.sequence_parallel = True``: replicated over TP but fed by sequence-sharded activations,
+  so each TP rank holds a partial gradient that must be summed over TP
+  (see :func:`all_reduce_sequence_parallel_grads`).
+
+Weights are initialised from the full (unsharded) tensor drawn from a generator, then sliced,
+so a layout with TP > 1 starts from exactly the weights of the single-process model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megamoe.parallel import mappings
+from megamoe.parallel.state import Group
+
+InitFn = Callable[[torch.Tensor, torch.Generator], None]
+
+
+def normal_init(std: float) -> InitFn:
+    """An init function drawing N(0, std^2) from the given generator."""
+
+    def init(tensor: torch.Tensor, generator: torch.Generator) -> None:
+        tensor.normal_(0.0, std, generator=generator)
+
+    return init
+
+
+def init_sharded_(
+    param: torch.Tensor,
+    full_shape: tuple[int, ...],
+    partition_dim: Optional[int],
+    group: Group,
+    init_fn: InitFn,
+    generator: torch.Generator,
+) -> None:
+    """Fill ``param`` with this rank's slice of a full tensor drawn by ``init_fn``."""
+    full = torch.empty(full_shape, dtype=torch.float32, device=param.device)
+    init_fn(full, generator)
+    if partition_dim is not None:
+        full = full.chunk(group.size, dim=partition_dim)[group.rank]
+    with torch.no_grad():
+        param.copy_(full)
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
+    return numerator // denominator
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T (+ b)`` with ``W`` split along its output dimension over TP.
+
+    Input: replicated ``[s, b, in]`` (or ``[s/tp, b, in]`` with sequence parallel).
+    Output: this rank's ``out / tp`` features, or all of them with ``gather_output``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp: Group,
+        bias: bool = False,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        init_fn: InitFn = normal_init(0.02),
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.tp, self.gather_output = tp, gather_output
+        self.sequence_parallel = sequence_parallel and tp.size > 1
+        self.init_fn = init_fn
+        local_out = _divide(out_features, tp.size, "output features of a column-parallel linear")
+        self.weight = nn.Parameter(torch.empty(local_out, in_features, device=device, dtype=dtype))
+        self.weight.tensor_parallel_dim = 0
+        self.bias = nn.Parameter(torch.empty(local_out, device=device, dtype=dtype)) if bias else None
+        if self.bias is not None:
+            self.bias.tensor_parallel_dim = 0
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        init_sharded_(self.weight, (self.out_features, self.in_features), 0, self.tp, self.init_fn, generator)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_region(x, self.tp, dim=0)
+        else:
+            x = mappings.copy_to_region(x, self.tp)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = mappings.gather_from_region(y, self.tp, dim=-1)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp.size}, sp={self.sequence_parallel}"
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T (+ b)`` with ``W`` split along its input dimension over TP.
+
+    Input: this rank's ``in / tp`` features (``input_is_parallel``) or the full replicated input.
+    Output: the summed result, replicated ``[s, b, out]`` or, with sequence parallel,
+    reduce-scattered to ``[s/tp, b, out]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp: Group,
+        bias: bool = False,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        init_fn: InitFn = normal_init(0.02),
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.tp, self.input_is_parallel = tp, input_is_parallel
+        self.sequence_parallel = sequence_parallel and tp.size > 1
+        self.init_fn = init_fn
+        local_in = _divide(in_features, tp.size, "input features of a row-parallel linear")
+        self.weight = nn.Parameter(torch.empty(out_features, local_in, device=device, dtype=dtype))
+        self.weight.tensor_parallel_dim = 1
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        if self.bias is not None and self.sequence_parallel:
+            self.bias.sequence_parallel = True
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        init_sharded_(self.weight, (self.out_features, self.in_features), 1, self.tp, self.init_fn, generator)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = mappings.scatter_to_region(x, self.tp, dim=-1)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = mappings.reduce_scatter_to_sequence_region(y, self.tp, dim=0)
+        else:
+            y = mappings.reduce_from_region(y, self.tp)
+        # The bias is added once, after the sum, so it is not counted tp times.
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp.size}, sp={self.sequence_parallel}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split along the vocabulary over TP.
+
+    Each rank looks up the ids in its vocabulary range (others give zeros) and the partial
+    embeddings are summed over TP: all-reduced, or reduce-scattered along the sequence
+    (``[s, b] -> [s/tp, b, h]``) with sequence parallel.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tp: Group,
+        sequence_parallel: bool = False,
+        init_fn: InitFn = normal_init(0.02),
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.tp, self.sequence_parallel = tp, sequence_parallel and tp.size > 1
+        self.init_fn = init_fn
+        local = _divide(num_embeddings, tp.size, "vocabulary size of a vocab-parallel embedding")
+        self.vocab_start = tp.rank * local
+        self.vocab_end = self.vocab_start + local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
+        self.weight.tensor_parallel_dim = 0
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        init_sharded_(self.weight, (self.num_embeddings, self.embedding_dim), 0, self.tp, self.init_fn, generator)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            out = F.embedding(ids, self.weight)
+        else:
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+            out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_region(out, self.tp, dim=0)
+        return mappings.reduce_from_region(out, self.tp)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross entropy over logits whose last dimension is split over TP, without gathering them."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, tp: Group):
+        logits = logits.float()
+        local_vocab = logits.shape[-1]
+        vocab_start = tp.rank * local_vocab
+        logits_max = logits.amax(dim=-1)
+        mappings.all_reduce_(logits_max, tp, op=torch.distributed.ReduceOp.MAX)
+        shifted = logits - logits_max.unsqueeze(-1)
+
+        outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
+        local_target = (target - vocab_start).masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+        target_logit = target_logit.masked_fill(outside, 0.0)
+        mappings.all_reduce_(target_logit, tp)
+
+        exp = shifted.exp_()
+        sum_exp = exp.sum(dim=-1)
+        mappings.all_reduce_(sum_exp, tp)
+        loss = sum_exp.log() - target_logit
+
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_target, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        softmax, local_target, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        inside = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -inside.unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: Group) -> torch.Tensor:
+    """Per-token cross entropy (float32) of logits ``[..., V / tp]`` against ids ``[...]``."""
+    return _VocabParallelCrossEntropy.apply(logits, target, tp)
+
+
+def all_reduce_sequence_parallel_grads(module: nn.Module, tp: Group) -> None:
+    """Sum over TP the gradients of replicated parameters that saw sequence-sharded inputs."""
+    if tp.size == 1:
+        return
+    for param in module.parameters():
+        if getattr(param, "sequence_parallel", False) and param.grad is not None:
+            mappings.all_reduce_(param.grad, tp)

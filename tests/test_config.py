@@ -1,0 +1,188 @@
+"""Configuration: flags generated from the dataclasses, YAML loading, validation errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamoe.cli import build_parser, load_yaml_values, parse_config, parse_values
+from megamoe.config import SECTIONS, Config, ConfigError, field_docs, flag_name
+from megamoe.config_validation import check_not_supported_yet, parse_moe_layer_freq, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Megatron-LM flag names the foundation issue lists; each must exist with exactly this spelling.
+MEGATRON_FLAGS = """
+--num-layers --hidden-size --ffn-hidden-size --num-attention-heads --num-query-groups --seq-length
+--micro-batch-size --global-batch-size --train-iters --lr --min-lr --lr-warmup-iters --lr-decay-style
+--weight-decay --clip-grad --seed --bf16 --fp16 --tensor-model-parallel-size
+--pipeline-model-parallel-size --virtual-pipeline-model-parallel-size --context-parallel-size
+--expert-model-parallel-size --expert-tensor-parallel-size --sequence-parallel
+--use-distributed-optimizer --num-experts --moe-router-topk --moe-ffn-hidden-size
+--moe-shared-expert-intermediate-size --moe-router-score-function --moe-router-load-balancing-type
+--moe-aux-loss-coeff --moe-z-loss-coeff --moe-router-enable-expert-bias --moe-router-bias-update-rate
+--moe-router-num-groups --moe-router-group-topk --moe-router-topk-scaling-factor
+--moe-expert-capacity-factor --moe-token-dispatcher-type --moe-layer-freq --multi-latent-attention
+--q-lora-rank --kv-lora-rank --qk-head-dim --qk-pos-emb-head-dim --v-head-dim --mtp-num-layers
+--mtp-loss-scaling-factor --data-path --split --tokenizer-type --tokenizer-model --vocab-size
+--mock-data --save --load --save-interval --eval-interval --eval-iters --tensorboard-dir
+--log-interval --recompute-granularity --fp8-format --fp8-recipe --transformer-impl
+""".split()
+
+
+def test_every_field_has_a_docstring_and_unique_flag():
+    seen = set()
+    for cls in SECTIONS.values():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            assert f.name not in seen, f"field {f.name} appears in two sections"
+            seen.add(f.name)
+
+
+def test_help_documents_every_flag():
+    text = build_parser(prog="pretrain_moe.py").format_help()
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert flag_name(f.name) in text
+    for flag in MEGATRON_FLAGS:
+        assert flag in text, flag
+    assert "Number of routed experts per MoE layer" in text  # docstrings, not just names
+
+
+def test_cli_values_types_and_booleans():
+    cfg = parse_config(["--num-layers", "6", "--lr", "1e-4", "--bf16", "--no-multi-latent-attention",
+                        "--data-path", "0.3", "a", "0.7", "b", "--moe-router-score-function", "softmax"])
+    assert cfg.model.num_layers == 6 and cfg.training.lr == 1e-4 and cfg.training.bf16
+    assert cfg.model.multi_latent_attention is False
+    assert cfg.data.data_path == ["0.3", "a", "0.7", "b"]
+    assert cfg.moe.moe_router_score_function == "softmax"
+    assert parse_config([]) == Config()
+
+
+def test_yaml_sections_and_flat_keys_with_cli_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num-layers: 8\n  hidden_size: 256\nmoe_router_topk: 4\nlr: 1\n")
+    parser = build_parser()
+    cfg_values = parse_values(["--config", str(path), "--hidden-size", "512"], parser)
+    assert cfg_values == {"num_layers": 8, "hidden_size": 512, "moe_router_topk": 4, "lr": 1.0}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("num_layerz: 3\n", "unknown key 'num_layerz'"),
+        ("model:\n  lr: 0.1\n", "'lr' belongs to section 'training', not 'model'"),
+        ("num_layers: three\n", "--num-layers must be an integer"),
+        ("bf16: 1\n", "--bf16 must be true or false"),
+        ("moe_router_score_function: relu\n", "must be one of"),
+        ("model: [1, 2]\n", "section 'model' must be a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_yaml_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_yaml_values(str(path))
+
+
+def test_missing_yaml_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_yaml_values("/nonexistent/x.yaml")
+
+
+def test_moe_layer_freq():
+    assert parse_moe_layer_freq("[0]*1+[1]*3", 4) == [False, True, True, True]
+    assert parse_moe_layer_freq("2", 4) == [True, False, True, False]
+    assert parse_moe_layer_freq("1", 3) == [True, True, True]
+    with pytest.raises(ConfigError, match="one 0 or 1 per layer"):
+        parse_moe_layer_freq("[1]*3", 4)
+    with pytest.raises(ConfigError, match="only integers"):
+        parse_moe_layer_freq("__import__('os')", 4)
+
+
+def _config(**fields) -> Config:
+    cfg = Config()
+    for name, value in fields.items():
+        section = next(s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)})
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "fields, world, message",
+    [
+        (dict(tensor_model_parallel_size=3), 4, "--tensor-model-parallel-size 3"),
+        (dict(expert_model_parallel_size=3, num_experts=6), 4, r"tp\*cp\*dp != etp\*ep\*edp"),
+        (dict(num_experts=4, moe_router_topk=6), 1, "--moe-router-topk 6 is larger than --num-experts 4"),
+        (dict(num_experts=6, expert_model_parallel_size=4), 4, "--num-experts 6 is not divisible"),
+        (dict(global_batch_size=6, micro_batch_size=4), 1, "--global-batch-size 6"),
+        (dict(num_attention_heads=6, tensor_model_parallel_size=4), 4, "--num-attention-heads 6"),
+        (dict(bf16=True, fp16=True), 1, "--bf16 and --fp16"),
+        (dict(moe_router_num_groups=4), 1, "--moe-router-group-topk must be given together"),
+        (dict(moe_router_num_groups=3, moe_router_group_topk=1), 1, "--moe-router-num-groups 3"),
+        (dict(data_path=["x"]), 1, "mutually exclusive"),
+        (dict(min_lr=1.0), 1, "--min-lr 1.0 is larger than --lr"),
+    ],
+)
+def test_validation_errors_name_the_flags(fields, world, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(_config(**fields), world)
+
+
+def test_not_supported_yet_is_an_error_not_a_no_op():
+    cfg = Config()
+    check_not_supported_yet(cfg, frozenset({"fp16"}))  # defaults are fine
+    cfg.training.fp16 = True
+    with pytest.raises(ConfigError, match="--fp16: not supported yet"):
+        check_not_supported_yet(cfg, frozenset({"fp16"}))
+
+
+def _run(*args: str, env_world: int | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ)
+    if env_world is not None:
+        env.update(RANK="0", WORLD_SIZE=str(env_world), LOCAL_RANK="0")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "argv, world, needle",
+    [
+        (["--tensor-model-parallel-size", "3"], 4, "--tensor-model-parallel-size 3"),
+        (["--expert-model-parallel-size", "3"], 4, "tp*cp*dp != etp*ep*edp"),
+        (["--num-experts", "4", "--moe-router-topk", "6"], None, "--moe-router-topk 6"),
+        (["--no-such-flag"], None, "unrecognized arguments: --no-such-flag"),
+        (["--lr", "fast"], None, "argument --lr: invalid float value"),
+        (["--config", "/nonexistent.yaml"], None, "--config /nonexistent.yaml: no such file"),
+    ],
+)
+def test_pretrain_bad_input_is_one_line_exit_2(argv, world, needle):
+    proc = _run("pretrain_moe.py", *argv, env_world=world)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_pretrain_help_lists_flags():
+    proc = _run("pretrain_moe.py", "--help")
+    assert proc.returncode == 0
+    assert "--moe-router-enable-expert-bias" in proc.stdout and "--parallel-rank-order" in proc.stdout
+
+
+def test_parallel_layout_tool():
+    proc = _run("tools/parallel_layout.py", "--world-size", "64", "--tensor-model-parallel-size", "2",
+                "--pipeline-model-parallel-size", "4", "--expert-model-parallel-size", "8")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "world 64 = tp 2 x cp 1 x dp 8 x pp 4 (dense) = etp 2 x ep 8 x edp 1 x pp 4" in out
+    assert "[0,16,32,48]" in out and "[0,2,4,6,8,10,12,14]" in out and "[0,48]" in out
+    bad = _run("tools/parallel_layout.py", "--world-size", "6", "--tensor-model-parallel-size", "4")
+    assert bad.returncode == 2 and "does not divide the world size 6" in bad.stderr
+    assert "Traceback" not in bad.stderr
