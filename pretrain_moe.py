@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pretrain a Mixture-of-Experts language model.
 
-    python pretrain_moe.py                                   # tiny demo model, CPU, mock data
+    python pretrain_moe.py                                   # tiny DeepSeek-V3-style model, CPU, mock data
+    torchrun --nproc-per-node 4 pretrain_moe.py --tensor-model-parallel-size 2 --sequence-parallel
     torchrun --nproc-per-node 8 pretrain_moe.py --config examples/configs/deepseek_v2_lite.yaml
 
 Flags follow Megatron-LM's names; `--help` lists them all, grouped by section.
@@ -11,9 +12,13 @@ from __future__ import annotations
 
 import sys
 
+import torch
+import torch.distributed as dist
+
 from megamoe.cli import exit_on_config_error, parse_config
 from megamoe.config_validation import validate
 from megamoe.parallel.launch import init_distributed, process_info_from_env
+from megamoe.training.train import train
 
 PROG = "pretrain_moe.py"
 
@@ -23,11 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_config_error(PROG):
         config = parse_config(argv, prog=PROG)
         validate(config, info.world_size)
-    state, _device = init_distributed(config.parallel, info)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.world_size)))
+    state, device = init_distributed(config.parallel, info)
     if info.rank == 0:
-        print(state.layout.describe(), flush=True)
-        print(f"{PROG}: error: the model and training loop are not supported yet", file=sys.stderr)
-    return 1
+        print(state.layout.summary(), flush=True)
+    try:
+        train(config, state, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

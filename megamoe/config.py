@@ -45,6 +45,8 @@ class ModelConfig:
     """Longest position the rotary tables cover. Unset means seq-length."""
     norm_epsilon: float = 1e-6
     """Epsilon of every RMSNorm."""
+    qk_layernorm: bool = False
+    """GQA: RMSNorm on each query and key head before RoPE (Qwen3)."""
     rotary_base: int = 10000
     """RoPE base (theta)."""
     rope_type: Literal["rope", "yarn"] = "rope"
@@ -137,11 +139,11 @@ class MoEConfig:
     """With a capacity factor, pad every expert's input to its capacity (static shapes)."""
     moe_token_drop_policy: Literal["probs", "position"] = "probs"
     """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
-    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     """How tokens reach experts on other ranks."""
     moe_grouped_gemm_impl: Literal["loop", "torch", "te"] = "torch"
     """Expert GEMM backend: 'loop' (reference), 'torch' (torch._grouped_mm), 'te' (Transformer Engine)."""
-    moe_shared_expert_overlap: bool = True
+    moe_shared_expert_overlap: bool = False
     """On CUDA, run shared experts on a side stream to overlap token dispatch and combine."""
 
 
@@ -269,6 +271,8 @@ class LoggingConfig:
     """Write tensorboard event files here (unset means no tensorboard)."""
     moe_expert_load_image_interval: int = 100
     """Write a per-layer expert-load heat map to tensorboard every this many iterations."""
+    metrics_file: Optional[str] = None
+    """Also write every iteration's losses, learning rate and grad norm to this JSON-lines file."""
 
 
 @dataclass

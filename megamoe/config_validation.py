@@ -31,36 +31,21 @@ from megamoe.parallel.state import ParallelLayout
 # Each entry is removed by the change that implements it.
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     {
-        # the model and training loop
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-        "kv_channels", "seq_length", "max_position_embeddings", "norm_epsilon", "rotary_base",
-        "rope_type", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast",
-        "beta_slow", "mscale", "mscale_all_dim", "multi_latent_attention", "q_lora_rank",
-        "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
-        "untie_embeddings_and_output_weights", "init_method_std", "attention_dropout",
-        "hidden_dropout", "mtp_num_layers", "mtp_loss_scaling_factor", "recompute_granularity",
+        # Transformer Engine layers and FP8
         "transformer_impl", "fp8_format", "fp8_recipe",
-        "num_experts", "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-        "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
-        "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
-        "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-        "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_expert_capacity_factor",
-        "moe_pad_expert_input_to_capacity", "moe_token_drop_policy", "moe_token_dispatcher_type",
-        "moe_grouped_gemm_impl", "moe_shared_expert_overlap",
-        "micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr", "lr_warmup_iters",
-        "lr_decay_style", "lr_decay_iters", "lr_wsd_decay_iters", "lr_wsd_decay_style", "optimizer",
-        "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "bf16", "fp16",
-        "eval_interval", "eval_iters",
-        # parallel dimensions beyond tensor parallel
+        # the all-to-all dispatcher and the shared-expert stream overlap
+        "moe_token_dispatcher_type", "moe_shared_expert_overlap",
+        # fp16 loss scaling
+        "fp16",
+        # pipeline and context parallelism, overlapped DP and the distributed optimizer
         "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
         "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
-        "decoder_last_pipeline_num_layers", "context_parallel_size", "expert_model_parallel_size",
-        "expert_tensor_parallel_size", "use_distributed_optimizer", "overlap_grad_reduce",
-        "overlap_param_gather", "ddp_bucket_size",
-        # data, logging, checkpoints
-        "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "vocab_size",
-        "make_vocab_size_divisible_by", "data_cache_path", "num_workers",
-        "log_interval", "tensorboard_dir", "moe_expert_load_image_interval",
+        "decoder_last_pipeline_num_layers", "context_parallel_size", "use_distributed_optimizer",
+        "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
+        # datasets on disk and tokenizers
+        "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "data_cache_path",
+        "num_workers",
+        # checkpoints
         "save", "load", "save_interval", "no_load_optim", "no_load_rng",
     }
 )
@@ -132,6 +117,19 @@ def validate_model(m: ModelConfig) -> None:
             _fail(f"{flag_name(name)} {getattr(m, name)}: must be in [0, 1)")
     if m.mtp_num_layers < 0:
         _fail(f"--mtp-num-layers {m.mtp_num_layers}: must be 0 or more")
+    if m.mtp_num_layers >= m.seq_length:
+        _fail(f"--mtp-num-layers {m.mtp_num_layers} must be smaller than --seq-length {m.seq_length}")
+    if m.recompute_granularity and (m.attention_dropout or m.hidden_dropout):
+        _fail("--recompute-granularity with --attention-dropout or --hidden-dropout is not supported yet "
+              "(recomputation would not replay the dropout masks)")
+    if m.multi_latent_attention:
+        if m.qk_pos_emb_head_dim % 2:
+            _fail(f"--qk-pos-emb-head-dim {m.qk_pos_emb_head_dim}: must be even (RoPE rotates pairs)")
+    else:
+        head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+        if head_dim % 2:
+            _fail(f"attention head dimension {head_dim} (--kv-channels or --hidden-size / --num-attention-heads) "
+                  "must be even (RoPE rotates pairs)")
 
 
 def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
@@ -158,6 +156,12 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
         _fail("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if moe.moe_aux_loss_coeff < 0 or (moe.moe_z_loss_coeff or 0) < 0:
         _fail("--moe-aux-loss-coeff and --moe-z-loss-coeff must not be negative")
+    if moe.moe_grouped_gemm_impl == "te":
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+        except ImportError:
+            _fail("--moe-grouped-gemm-impl te needs Transformer Engine, which is not installed "
+                  "(pip install 'megamoe[te]'), or use --moe-grouped-gemm-impl torch")
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_size: int) -> ParallelLayout:
@@ -185,6 +189,9 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
     if layout.cp > 1 and m.seq_length % (2 * layout.cp):
         _fail(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {layout.cp}")
     if moe.num_experts is not None:
+        if tp > 1 and m.seq_length % tp:
+            _fail(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
+                  "(MoE layers split each sequence over the TP ranks)")
         if moe.num_experts % layout.ep:
             _fail(f"--num-experts {moe.num_experts} is not divisible by "
                   f"--expert-model-parallel-size {layout.ep}")

@@ -241,3 +241,21 @@ def all_to_all(
 ) -> torch.Tensor:
     """Differentiable all-to-all along dim 0 with variable splits (expert token exchange)."""
     return x if group.size == 1 else _AllToAll.apply(x, group, output_splits, input_splits)
+
+
+def enter_tensor_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """Make the activation every rank of a TP region needs: all-gather the sequence shards
+    (sequence parallel) or pass the replicated tensor on; backward sums the ranks' partial
+    gradients (reduce-scatter or all-reduce). Call it once when several column-parallel
+    layers read the same input."""
+    if sequence_parallel:
+        return gather_from_sequence_region(x, group, dim=0)
+    return copy_to_region(x, group)
+
+
+def exit_tensor_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """Sum the ranks' partial outputs of a TP region: reduce-scatter to sequence shards
+    (sequence parallel) or all-reduce to a replicated tensor."""
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_region(x, group, dim=0)
+    return reduce_from_region(x, group)

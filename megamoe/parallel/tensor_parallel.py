@@ -43,7 +43,7 @@ def init_sharded_(
     param: torch.Tensor,
     full_shape: tuple[int, ...],
     partition_dim: Optional[int],
-    group: Group,
+    group: Optional[Group],
     init_fn: InitFn,
     generator: torch.Generator,
 ) -> None:
@@ -67,6 +67,8 @@ class ColumnParallelLinear(nn.Module):
 
     Input: replicated ``[s, b, in]`` (or ``[s/tp, b, in]`` with sequence parallel).
     Output: this rank's ``out / tp`` features, or all of them with ``gather_output``.
+    ``input_comm=False``: the caller already called ``mappings.enter_tensor_region`` (once for
+    several layers reading the same input), so this layer does no input communication.
     """
 
     def __init__(
@@ -77,13 +79,14 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = False,
         gather_output: bool = False,
         sequence_parallel: bool = False,
+        input_comm: bool = True,
         init_fn: InitFn = normal_init(0.02),
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.tp, self.gather_output = tp, gather_output
+        self.tp, self.gather_output, self.input_comm = tp, gather_output, input_comm
         self.sequence_parallel = sequence_parallel and tp.size > 1
         self.init_fn = init_fn
         local_out = _divide(out_features, tp.size, "output features of a column-parallel linear")
@@ -100,10 +103,8 @@ class ColumnParallelLinear(nn.Module):
                 self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_region(x, self.tp, dim=0)
-        else:
-            x = mappings.copy_to_region(x, self.tp)
+        if self.input_comm:
+            x = mappings.enter_tensor_region(x, self.tp, self.sequence_parallel)
         y = F.linear(x, self.weight, self.bias)
         if self.gather_output:
             y = mappings.gather_from_region(y, self.tp, dim=-1)
@@ -154,16 +155,44 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_region(x, self.tp, dim=-1)
-        y = F.linear(x, self.weight)
-        if self.sequence_parallel:
-            y = mappings.reduce_scatter_to_sequence_region(y, self.tp, dim=0)
-        else:
-            y = mappings.reduce_from_region(y, self.tp)
+        y = mappings.exit_tensor_region(F.linear(x, self.weight), self.tp, self.sequence_parallel)
         # The bias is added once, after the sum, so it is not counted tp times.
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tp={self.tp.size}, sp={self.sequence_parallel}"
+
+
+class ReplicatedLinear(nn.Module):
+    """A linear layer whose full weight every TP rank holds (e.g. MLA down-projections, router).
+
+    ``grad_partial_over_tp``: the layer sees only this rank's tokens (sequence parallel), so
+    each rank's weight gradient is a partial sum that is all-reduced over TP before the step.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        grad_partial_over_tp: bool = False,
+        init_fn: InitFn = normal_init(0.02),
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.init_fn = init_fn
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.weight.sequence_parallel = grad_partial_over_tp
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        init_sharded_(self.weight, tuple(self.weight.shape), None, None, self.init_fn, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, replicated"
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -204,9 +233,7 @@ class VocabParallelEmbedding(nn.Module):
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
             out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        if self.sequence_parallel:
-            return mappings.reduce_scatter_to_sequence_region(out, self.tp, dim=0)
-        return mappings.reduce_from_region(out, self.tp)
+        return mappings.exit_tensor_region(out, self.tp, self.sequence_parallel)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -1,0 +1,1 @@
+"""Data: mock token streams, indexed datasets, tokenizers."""

@@ -1,0 +1,1 @@
+"""The MoE transformer: takes a ParallelState, never reads globals."""

@@ -1,0 +1,109 @@
+"""Grouped-query attention (GQA) with tensor parallelism, and the attention core shared with MLA.
+
+Activations are ``[s, b, hidden]`` (``[s/tp, b, hidden]`` with sequence parallel). Query, key
+and value projections are column-parallel (this rank's heads), the output projection
+row-parallel; the sequence is gathered once for the three projections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megamoe.model.norm import RMSNorm
+from megamoe.model.rope import RotaryEmbedding
+from megamoe.parallel import mappings
+from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker
+from megamoe.parallel.state import Group
+from megamoe.parallel.tensor_parallel import ColumnParallelLinear, InitFn, RowParallelLinear, normal_init
+
+
+def core_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    dropout_p: float = 0.0,
+    rng_tracker: Optional[RNGStatesTracker] = None,
+) -> torch.Tensor:
+    """Causal softmax attention of ``[s, b, heads, d]`` tensors; returns ``[s, b, heads * dv]``.
+
+    Key/value heads may be fewer than query heads (GQA). Attention-probability dropout draws
+    from the tensor-parallel RNG stream: each rank holds different heads.
+    """
+    s, b = q.shape[0], q.shape[1]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+    fork = rng_tracker.fork(TENSOR_PARALLEL_STREAM) if (dropout_p and rng_tracker) else contextlib.nullcontext()
+    with fork:
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def attend(q, k, v, softmax_scale, dropout_p, rng_tracker, recompute: bool) -> torch.Tensor:
+    """``core_attention``, recomputed in backward instead of stored when ``recompute``
+    (selective recompute; callers refuse it together with dropout, whose RNG stream it would
+    not replay)."""
+    if recompute:
+        return checkpoint(core_attention, q, k, v, softmax_scale, dropout_p, rng_tracker, use_reentrant=False)
+    return core_attention(q, k, v, softmax_scale, dropout_p, rng_tracker)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Multi-head / grouped-query attention with RoPE on the whole head dimension."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rope: RotaryEmbedding,
+        tp: Group,
+        sequence_parallel: bool = False,
+        qk_layernorm: bool = False,
+        norm_eps: float = 1e-6,
+        attention_dropout: float = 0.0,
+        init_fn: InitFn = normal_init(0.02),
+        output_init_fn: InitFn = normal_init(0.02),
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if num_heads % tp.size or num_kv_heads % tp.size:
+            raise ValueError(f"attention heads ({num_heads}) and key/value heads ({num_kv_heads}) must be "
+                             f"divisible by the tensor-parallel size ({tp.size})")
+        self.tp, self.sequence_parallel = tp, sequence_parallel and tp.size > 1
+        self.head_dim, self.rope = head_dim, rope
+        self.num_local_heads, self.num_local_kv = num_heads // tp.size, num_kv_heads // tp.size
+        self.attention_dropout = attention_dropout
+        self.recompute_core = False  # selective recompute: keep no attention activations
+        self.softmax_scale = 1.0 / math.sqrt(head_dim)
+        kw = dict(tp=tp, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.wq = ColumnParallelLinear(hidden_size, num_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
+        self.wk = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
+        self.wv = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
+        self.wo = RowParallelLinear(num_heads * head_dim, hidden_size, init_fn=output_init_fn, **kw)
+        # QK-norm (Qwen3): per-head RMSNorm on queries and keys; heads are local, so no SP partials.
+        self.q_norm = RMSNorm(head_dim, norm_eps, device=device, dtype=dtype) if qk_layernorm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps, device=device, dtype=dtype) if qk_layernorm else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rng_tracker: Optional[RNGStatesTracker] = None) -> torch.Tensor:
+        x = mappings.enter_tensor_region(x, self.tp, self.sequence_parallel)
+        s, b = x.shape[0], x.shape[1]
+        q = self.wq(x).view(s, b, self.num_local_heads, self.head_dim)
+        k = self.wk(x).view(s, b, self.num_local_kv, self.head_dim)
+        v = self.wv(x).view(s, b, self.num_local_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        dropout = self.attention_dropout if self.training else 0.0
+        return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training))

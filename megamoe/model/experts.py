@@ -1,0 +1,138 @@
+"""Routed experts: this rank's SwiGLU FFNs behind one interface, several GEMM backends.
+
+Shape legend: N dispatched token rows (sorted by local expert), D hidden, F this rank's slice
+of the expert FFN (``ffn / etp``), E local experts.
+
+Weights are stacked per local expert, DeepSeek names: ``w1`` [E, F, D], ``w3`` [E, F, D],
+``w2`` [E, D, F]. Expert-TP shards F. Every expert parameter carries ``param.expert = True``
+(its gradient is reduced over expert-DP, not DP) and ``param.expert_tensor_parallel_dim``.
+
+Backends:
+
+- ``loop``: one matmul per expert (reference; needs the counts on the host);
+- ``torch``: ``torch._grouped_mm`` with device-side offsets (no host sync). It needs CUDA with
+  compute capability 9.0+, bfloat16 and dimensions that are multiples of 8; elsewhere (CPU,
+  older GPUs, fp32, this torch's CPU kernel whose backward is missing) it falls back to
+  ``loop`` and says so once;
+- ``te``: Transformer Engine ``GroupedLinear`` (see ``megamoe/extensions/te.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megamoe.parallel.state import Group
+from megamoe.parallel.tensor_parallel import InitFn, normal_init
+
+ExpertBackend = Literal["loop", "torch", "te"]
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def grouped_mm_unsupported_reason(x: torch.Tensor, *weights: torch.Tensor) -> Optional[str]:
+    """Why ``torch._grouped_mm`` cannot run these operands (None when it can)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if not x.is_cuda:
+        return "torch._grouped_mm's CPU kernel has no backward in this torch"
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "torch._grouped_mm needs compute capability 9.0+"
+    if x.dtype != torch.bfloat16:
+        return f"torch._grouped_mm is used for bfloat16 only (got {x.dtype})"
+    if any(d % 8 for w in weights for d in w.shape[1:]) or x.shape[-1] % 8:
+        return "torch._grouped_mm needs dimensions that are multiples of 8"
+    return None
+
+
+def _swiglu_loop(x_ND, w1_EFD, w3_EFD, w2_EDF, counts: list[int]) -> torch.Tensor:
+    outs = []
+    for e, x_e in enumerate(x_ND.split(counts)):
+        h = F.silu(x_e @ w1_EFD[e].t()) * (x_e @ w3_EFD[e].t())
+        outs.append(h @ w2_EDF[e].t())
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
+
+
+def _swiglu_grouped_mm(x_ND, w1_EFD, w3_EFD, w2_EDF, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+    h1 = torch._grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs=offsets)
+    h3 = torch._grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets)
+    return torch._grouped_mm(F.silu(h1) * h3, w2_EDF.transpose(-2, -1), offs=offsets)
+
+
+class GroupedExperts(nn.Module):
+    """This rank's ``num_local_experts`` experts (global ids from ``first_expert``)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        num_local_experts: int,
+        first_expert: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        etp: Group,
+        backend: ExpertBackend = "torch",
+        init_fn: InitFn = normal_init(0.02),
+        output_init_fn: InitFn = normal_init(0.02),
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if ffn_hidden_size % etp.size:
+            raise ValueError(f"expert FFN size {ffn_hidden_size} is not divisible by the expert-TP size {etp.size}")
+        self.num_experts, self.num_local_experts, self.first_expert = num_experts, num_local_experts, first_expert
+        self.hidden_size, self.ffn_hidden_size, self.etp = hidden_size, ffn_hidden_size, etp
+        self.backend = backend
+        self.init_fn, self.output_init_fn = init_fn, output_init_fn
+        f_local = ffn_hidden_size // etp.size
+        kw = dict(device=device, dtype=dtype)
+        self.w1 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw))
+        self.w3 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw))
+        for param, dim in ((self.w1, 1), (self.w3, 1), (self.w2, 2)):
+            param.expert = True
+            param.expert_tensor_parallel_dim = dim
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Each expert's full weights come from its own seed, so they do not depend on which
+        rank holds the expert (EP) or how its FFN is split (expert-TP)."""
+        base = generator.initial_seed()
+        F_, D = self.ffn_hidden_size, self.hidden_size
+        for i in range(self.num_local_experts):
+            e = self.first_expert + i
+            g = torch.Generator(device=self.w1.device).manual_seed((base * 1_000_003 + e) % (2**63))
+            full = {
+                "w1": torch.empty(F_, D, device=self.w1.device),
+                "w3": torch.empty(F_, D, device=self.w1.device),
+                "w2": torch.empty(D, F_, device=self.w1.device),
+            }
+            self.init_fn(full["w1"], g)
+            self.init_fn(full["w3"], g)
+            self.output_init_fn(full["w2"], g)
+            with torch.no_grad():
+                self.w1[i].copy_(full["w1"].chunk(self.etp.size, 0)[self.etp.rank])
+                self.w3[i].copy_(full["w3"].chunk(self.etp.size, 0)[self.etp.rank])
+                self.w2[i].copy_(full["w2"].chunk(self.etp.size, 1)[self.etp.rank])
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of each row with its expert; rows are grouped by expert in local order.
+
+        Returns this rank's partial sum over the expert-TP shards of F.
+        """
+        if self.backend == "torch":
+            reason = grouped_mm_unsupported_reason(x_ND, self.w1, self.w2)
+            if reason is None:
+                return _swiglu_grouped_mm(x_ND, self.w1, self.w3, self.w2, tokens_per_expert)
+            if reason not in _warned:
+                _warned.add(reason)
+                log.warning("expert backend 'torch' runs the loop instead: %s", reason)
+        counts = tokens_per_expert.tolist()  # host sync: the loop needs the split sizes
+        return _swiglu_loop(x_ND, self.w1, self.w3, self.w2, counts)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_local_experts}/{self.num_experts} from {self.first_expert}, "
+                f"D={self.hidden_size}, F={self.ffn_hidden_size}/{self.etp.size}, backend={self.backend}")

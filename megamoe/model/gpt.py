@@ -1,0 +1,256 @@
+"""The GPT model: embedding, transformer layers, final norm, output head, multi-token prediction.
+
+Activations are sequence first, ``[s, b, hidden]``; the model takes token ids ``[b, s]`` as
+data loaders produce them. Build it on the meta device, move it with ``to_empty``, then call
+``init_weights(seed)``: every parameter is drawn from a generator seeded by the global seed and
+the parameter's name, from the full (unsharded) tensor, so every parallel layout starts from the
+weights of the single-process model.
+
+The vocabulary is padded for efficient vocab-parallel GEMMs; padded logits are masked to -inf,
+so the padding (which depends on TP) never changes the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from megamoe.config import Config
+from megamoe.config_validation import parse_moe_layer_freq
+from megamoe.model.attention import GroupedQueryAttention
+from megamoe.model.block import TransformerBlock
+from megamoe.model.experts import GroupedExperts
+from megamoe.model.mla import MultiHeadLatentAttention
+from megamoe.model.mlp import MLP
+from megamoe.model.moe import MoELayer, MoEStats
+from megamoe.model.norm import RMSNorm
+from megamoe.model.rope import RotaryEmbedding, YarnScaling
+from megamoe.model.router import TopKRouter
+from megamoe.parallel import mappings
+from megamoe.parallel.random import RNGStatesTracker
+from megamoe.parallel.state import ParallelState
+from megamoe.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    VocabParallelEmbedding,
+    normal_init,
+    vocab_parallel_cross_entropy,
+)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+@dataclass
+class ModelOutput:
+    """Sums over this rank's tokens; the training step normalises them over the global batch."""
+
+    lm_loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)
+    mtp_num_tokens: list[torch.Tensor] = field(default_factory=list)
+    moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer (MTP blocks last)
+
+
+def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to_empty(device)`` that keeps the attributes parameters carry (which group
+    owns their gradient, how they are sharded): moving off the meta device creates new
+    Parameter objects, which would silently drop them."""
+    attributes = {name: dict(p.__dict__) for name, p in module.named_parameters()}
+    module = module.to_empty(device=device)
+    for name, p in module.named_parameters():
+        p.__dict__.update(attributes[name])
+    return module
+
+
+class MTPModule(nn.Module):
+    """DeepSeek-V3 multi-token prediction depth: combine the previous depth's hidden state with
+    the embedding of the token ``depth`` positions ahead, run one transformer layer, and predict
+    with the shared head (behind this module's own final norm)."""
+
+    def __init__(self, block: TransformerBlock, hidden_size: int, norm_eps: float, sequence_parallel: bool,
+                 init_fn, device=None, dtype=None):
+        super().__init__()
+        self.enorm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.hnorm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.eh_proj = ReplicatedLinear(2 * hidden_size, hidden_size, grad_partial_over_tp=sequence_parallel,
+                                        init_fn=init_fn, device=device, dtype=dtype)
+        self.block = block
+        self.norm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+
+    def forward(self, hidden, embedded_ahead, positions, rng_tracker=None):
+        x = self.eh_proj(torch.cat([self.enorm(embedded_ahead), self.hnorm(hidden)], dim=-1))
+        return self.block(x, positions, rng_tracker)
+
+
+class GPTModel(nn.Module):
+    """DeepSeek-V3-style MoE transformer (or GQA / dense variants) with tensor parallelism."""
+
+    def __init__(self, config: Config, state: ParallelState,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        m, moe = config.model, config.moe
+        self.config, self.state = config, state
+        tp = state.tp
+        sp = config.parallel.sequence_parallel and tp.size > 1
+        self.sequence_parallel = sp
+        self.vocab_size = config.data.vocab_size
+        self.padded_vocab = padded_vocab_size(self.vocab_size, config.data.make_vocab_size_divisible_by, tp.size)
+        self.recompute = m.recompute_granularity
+        self.mtp_num_layers = m.mtp_num_layers
+        kw = dict(device=device, dtype=dtype)
+        init_fn = normal_init(m.init_method_std)
+        self.embed = VocabParallelEmbedding(self.padded_vocab, m.hidden_size, tp, sequence_parallel=sp,
+                                            init_fn=init_fn, **kw)
+        self.rope = self._build_rope(config, device)
+        num_blocks = m.num_layers + m.mtp_num_layers
+        is_moe = parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers) if moe.num_experts else [False] * m.num_layers
+        # MTP blocks use the FFN kind of the last decoder layer (MoE in DeepSeek-V3).
+        is_moe = is_moe + [is_moe[-1]] * m.mtp_num_layers
+        blocks = [self._build_block(config, state, is_moe[i], num_blocks, **kw) for i in range(num_blocks)]
+        self.layers = nn.ModuleList(blocks[: m.num_layers])
+        self.norm = RMSNorm(m.hidden_size, m.norm_epsilon, sequence_parallel=sp, **kw)
+        self.head = None
+        if m.untie_embeddings_and_output_weights:
+            self.head = ColumnParallelLinear(m.hidden_size, self.padded_vocab, tp, sequence_parallel=sp,
+                                             init_fn=init_fn, **kw)
+        self.mtp = nn.ModuleList(
+            MTPModule(blocks[m.num_layers + k], m.hidden_size, m.norm_epsilon, sp, init_fn, **kw)
+            for k in range(m.mtp_num_layers)
+        )
+
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def _build_rope(config: Config, device) -> RotaryEmbedding:
+        m = config.model
+        dim = m.qk_pos_emb_head_dim if m.multi_latent_attention else (m.kv_channels or m.hidden_size // m.num_attention_heads)
+        yarn = None
+        if m.rope_type == "yarn":
+            yarn = YarnScaling(m.rotary_scaling_factor, m.original_max_position_embeddings,
+                               m.beta_fast, m.beta_slow, m.mscale, m.mscale_all_dim)
+        return RotaryEmbedding(dim, m.max_position_embeddings or m.seq_length, m.rotary_base, yarn, device=device)
+
+    def _build_block(self, config: Config, state: ParallelState, moe_layer: bool, num_blocks: int, device, dtype):
+        m, moe = config.model, config.moe
+        sp = self.sequence_parallel
+        kw = dict(device=device, dtype=dtype)
+        init_fn = normal_init(m.init_method_std)
+        # Output projections start smaller so the residual stream's variance does not grow with depth.
+        output_init_fn = normal_init(m.init_method_std / math.sqrt(2.0 * num_blocks))
+        common = dict(tp=state.tp, sequence_parallel=sp, init_fn=init_fn, output_init_fn=output_init_fn, **kw)
+        if m.multi_latent_attention:
+            attn = MultiHeadLatentAttention(
+                m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim,
+                m.qk_pos_emb_head_dim, m.v_head_dim, self.rope, norm_eps=m.norm_epsilon,
+                attention_dropout=m.attention_dropout, **common)
+        else:
+            attn = GroupedQueryAttention(
+                m.hidden_size, m.num_attention_heads, m.num_query_groups or m.num_attention_heads,
+                m.kv_channels or m.hidden_size // m.num_attention_heads, self.rope,
+                qk_layernorm=m.qk_layernorm, norm_eps=m.norm_epsilon, attention_dropout=m.attention_dropout, **common)
+        attn.recompute_core = m.recompute_granularity == "selective"
+        if moe_layer:
+            ffn = self._build_moe(config, state, init_fn, output_init_fn, **kw)
+        else:
+            ffn = MLP(m.hidden_size, m.ffn_hidden_size, **common)
+        return TransformerBlock(attn, ffn, m.hidden_size, m.norm_epsilon, sp, m.hidden_dropout, **kw)
+
+    def _build_moe(self, config: Config, state: ParallelState, init_fn, output_init_fn, device, dtype) -> MoELayer:
+        m, moe = config.model, config.moe
+        sp = self.sequence_parallel
+        E = moe.num_experts
+        router = TopKRouter(
+            m.hidden_size, E, moe.moe_router_topk, moe.moe_router_score_function, moe.moe_router_pre_softmax,
+            moe.moe_router_num_groups, moe.moe_router_group_topk, moe.moe_router_topk_scaling_factor,
+            moe.moe_router_load_balancing_type, moe.moe_aux_loss_coeff, moe.moe_z_loss_coeff,
+            moe.moe_router_enable_expert_bias, moe.moe_router_bias_update_rate, moe.moe_expert_capacity_factor,
+            moe.moe_token_drop_policy, grad_partial_over_tp=state.tp.size > 1, init_fn=init_fn,
+            device=device, dtype=dtype)
+        num_local = E // state.ep.size
+        experts = GroupedExperts(
+            E, num_local, state.ep.rank * num_local, m.hidden_size, moe.moe_ffn_hidden_size or m.ffn_hidden_size,
+            state.etp, moe.moe_grouped_gemm_impl, init_fn, output_init_fn, device=device, dtype=dtype)
+        shared = None
+        if moe.moe_shared_expert_intermediate_size:
+            shared = MLP(m.hidden_size, moe.moe_shared_expert_intermediate_size, state.tp, sp,
+                         init_fn, output_init_fn, device=device, dtype=dtype)
+        return MoELayer(router, experts, shared, state.tp, state.etp_ep, state.dp, sp,
+                        moe.moe_pad_expert_input_to_capacity)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Draw every weight from a generator keyed by (seed, module name): layout-invariant."""
+        for name, module in self.named_modules():
+            init = getattr(module, "init_weights", None)
+            if module is self or init is None:
+                continue
+            device = next((t.device for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))),
+                          torch.device("cpu"))
+            key = (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+            init(torch.Generator(device=device).manual_seed(key))
+
+    # ------------------------------------------------------------------ forward
+
+    def moe_layers(self) -> list[MoELayer]:
+        blocks = list(self.layers) + [mtp.block for mtp in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoELayer)]
+
+    def _run_block(self, block, x, positions, rng_tracker):
+        if self.recompute == "full" and self.training:
+            return checkpoint(block, x, positions, rng_tracker, use_reentrant=False)
+        return block(x, positions, rng_tracker)
+
+    def _logits(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        x = norm(hidden)
+        if self.head is not None:
+            logits = self.head(x)
+        else:  # tied: the embedding table is the head's weight, split over TP the same way
+            x = mappings.enter_tensor_region(x, self.state.tp, self.sequence_parallel)
+            logits = torch.nn.functional.linear(x, self.embed.weight)
+        local = logits.shape[-1]
+        first_padded = self.vocab_size - self.state.tp.rank * local
+        if first_padded < local:  # this shard holds padding: mask it out of the softmax
+            logits[..., max(first_padded, 0):] = float("-inf")
+        return logits
+
+    def _token_loss(self, hidden, norm, labels_SB, mask_SB):
+        per_token = vocab_parallel_cross_entropy(self._logits(hidden, norm), labels_SB, self.state.tp)
+        return (per_token * mask_SB).sum(), mask_SB.sum()
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                rng_tracker: Optional[RNGStatesTracker] = None) -> ModelOutput:
+        """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``. Returns loss sums over this rank's tokens."""
+        tokens_SB, labels_SB = tokens.t(), labels.t()
+        mask_SB = (torch.ones_like(labels_SB, dtype=torch.float32) if loss_mask is None else loss_mask.t().float())
+        positions = torch.arange(tokens_SB.shape[0], device=tokens.device)
+        stats: list[MoEStats] = []
+        x = self.embed(tokens_SB)
+        for block in self.layers:
+            x, s = self._run_block(block, x, positions, rng_tracker)
+            stats += [s] if s is not None else []
+        lm_sum, num_tokens = self._token_loss(x, self.norm, labels_SB, mask_SB)
+        out = ModelOutput(lm_sum, num_tokens)
+        hidden = x
+        for depth, mtp in enumerate(self.mtp, start=1):
+            # Depth k sees the token k positions ahead and predicts the one after it; the last k
+            # positions have no such token and are masked.
+            ahead = torch.roll(tokens_SB, -depth, dims=0)
+            depth_labels = torch.roll(labels_SB, -depth, dims=0)
+            depth_mask = torch.roll(mask_SB, -depth, dims=0)
+            depth_mask[-depth:] = 0.0
+            hidden, s = mtp(hidden, self.embed(ahead), positions, rng_tracker)
+            stats += [s] if s is not None else []
+            loss_sum, count = self._token_loss(hidden, mtp.norm, depth_labels, depth_mask)
+            out.mtp_loss_sums.append(loss_sum)
+            out.mtp_num_tokens.append(count)
+        out.moe_stats = stats
+        return out

@@ -1,0 +1,155 @@
+"""What a practitioner watches: one log line per interval, tensorboard scalars and expert load.
+
+Only the rank that holds the last pipeline stage's first TP/DP replica (global rank 0 without
+pipeline parallelism) prints and writes; metrics arrive already reduced over the job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megamoe.config import Config
+
+
+@dataclass
+class StepMetrics:
+    """One optimizer step, reduced over every rank."""
+
+    iteration: int
+    lm_loss: float
+    lr: float
+    grad_norm: float
+    step_time: float
+    tokens: int
+    mtp_losses: list[float] = field(default_factory=list)
+    aux_losses: list[float] = field(default_factory=list)  # per MoE layer, coefficient applied
+    z_losses: list[float] = field(default_factory=list)
+    tokens_per_expert: Optional[np.ndarray] = None  # [moe layers, experts] over the global batch
+    dropped: list[float] = field(default_factory=list)
+
+
+class Reporter:
+    """Prints Megatron-style lines and writes tensorboard (and an optional JSON-lines file)."""
+
+    def __init__(self, config: Config, flops_per_token: float, world_size: int, is_writer: bool,
+                 peak_tflops: Optional[float], device: torch.device):
+        self.config, self.flops_per_token, self.world_size = config, flops_per_token, world_size
+        self.is_writer, self.peak_tflops, self.device = is_writer, peak_tflops, device
+        self.writer = None
+        self.metrics_file = None
+        self._window: list[StepMetrics] = []
+        if is_writer and config.logging.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=config.logging.tensorboard_dir)
+        if is_writer and config.logging.metrics_file:
+            self.metrics_file = open(config.logging.metrics_file, "w")
+
+    def print(self, text: str) -> None:
+        if self.is_writer:
+            print(text, flush=True)
+
+    def log_step(self, m: StepMetrics) -> None:
+        if not self.is_writer:
+            return
+        self._window.append(m)
+        tokens_per_s = m.tokens / m.step_time
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+        self._write_scalars(m, tokens_per_s, tflops)
+        if self.metrics_file:
+            record = {"iteration": m.iteration, "lm_loss": m.lm_loss, "grad_norm": m.grad_norm, "lr": m.lr,
+                      "mtp_losses": m.mtp_losses, "aux_losses": m.aux_losses, "z_losses": m.z_losses}
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        interval = self.config.logging.log_interval
+        if m.iteration % interval and m.iteration != self.config.training.train_iters:
+            return
+        window, self._window = self._window, []
+        self.print(self._line(m, window))
+
+    def _line(self, m: StepMetrics, window: list[StepMetrics]) -> str:
+        t = self.config.training
+        elapsed = sum(w.step_time for w in window) / len(window)
+        tokens_per_s = sum(w.tokens for w in window) / sum(w.step_time for w in window)
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+        parts = [
+            f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {m.iteration:8d}/{t.train_iters:8d}",
+            f"consumed samples: {m.iteration * t.global_batch_size}",
+            f"elapsed time per iteration (ms): {elapsed * 1000:.1f}",
+            f"learning rate: {m.lr:.6E}",
+            f"global batch size: {t.global_batch_size}",
+            f"lm loss: {m.lm_loss:.5E}",
+        ]
+        for depth, loss in enumerate(m.mtp_losses, start=1):
+            parts.append(f"mtp_{depth} loss: {loss:.5E}")
+        if m.aux_losses:
+            parts.append(f"load balancing loss: {sum(m.aux_losses):.5E}")
+        if any(m.z_losses):
+            parts.append(f"z loss: {sum(m.z_losses):.5E}")
+        if m.tokens_per_expert is not None:
+            load = m.tokens_per_expert
+            imbalance = float((load.max(1) / np.maximum(load.mean(1), 1e-9)).max())
+            parts.append(f"max/mean expert load: {imbalance:.2f}")
+            if any(m.dropped):
+                parts.append(f"dropped tokens: {int(sum(m.dropped))}")
+        parts += [f"grad norm: {m.grad_norm:.4f}", f"tokens/s: {tokens_per_s:,.0f}",
+                  f"TFLOP/s/device: {tflops:.2f}"]
+        if self.peak_tflops and self.config.training.bf16:
+            parts.append(f"MFU: {100 * tflops / self.peak_tflops:.1f}%")
+        if self.device.type == "cuda":
+            parts.append(f"mem peak (GiB): {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}")
+        return " | ".join(parts) + " |"
+
+    def _write_scalars(self, m: StepMetrics, tokens_per_s: float, tflops: float) -> None:
+        w, it = self.writer, m.iteration
+        if w is None:
+            return
+        w.add_scalar("lm-loss", m.lm_loss, it)
+        w.add_scalar("learning-rate", m.lr, it)
+        w.add_scalar("grad-norm", m.grad_norm, it)
+        w.add_scalar("throughput/tokens-per-sec", tokens_per_s, it)
+        w.add_scalar("throughput/tflops-per-device", tflops, it)
+        if self.peak_tflops and self.config.training.bf16:
+            w.add_scalar("throughput/mfu", tflops / self.peak_tflops, it)
+        if self.device.type == "cuda":
+            w.add_scalar("memory/peak-allocated-GiB", torch.cuda.max_memory_allocated(self.device) / 2**30, it)
+        for depth, loss in enumerate(m.mtp_losses, start=1):
+            w.add_scalar(f"mtp-loss/depth-{depth}", loss, it)
+        for layer, (aux, z) in enumerate(zip(m.aux_losses, m.z_losses)):
+            w.add_scalar(f"moe/load-balancing-loss/layer-{layer}", aux, it)
+            if z:
+                w.add_scalar(f"moe/z-loss/layer-{layer}", z, it)
+        if m.tokens_per_expert is not None:
+            load = m.tokens_per_expert
+            for layer, row in enumerate(load):
+                w.add_scalar(f"moe/expert-load-max/layer-{layer}", float(row.max()), it)
+                w.add_scalar(f"moe/expert-load-mean/layer-{layer}", float(row.mean()), it)
+                w.add_scalar(f"moe/max-over-mean/layer-{layer}", float(row.max() / max(row.mean(), 1e-9)), it)
+                w.add_histogram(f"moe/tokens-per-expert/layer-{layer}", row, it)
+            for layer, dropped in enumerate(m.dropped):
+                w.add_scalar(f"moe/dropped-tokens/layer-{layer}", dropped, it)
+            if it % self.config.logging.moe_expert_load_image_interval == 0:
+                w.add_image("moe/expert-load-heatmap", expert_load_heatmap(load), it, dataformats="HWC")
+        w.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+
+
+def expert_load_heatmap(load: np.ndarray, cell: int = 8) -> np.ndarray:
+    """An RGB image [layers * cell, experts * cell, 3]: blue under-loaded, white balanced, red
+    over-loaded (load / mean load per layer, clipped to [0, 2])."""
+    ratio = np.clip(load / np.maximum(load.mean(1, keepdims=True), 1e-9), 0.0, 2.0)
+    over, under = np.clip(ratio - 1, 0, 1), np.clip(1 - ratio, 0, 1)
+    rgb = np.stack([1 - under, 1 - over - under, 1 - over], axis=-1)
+    rgb = np.clip(rgb, 0, 1)
+    return np.repeat(np.repeat((rgb * 255).astype(np.uint8), cell, axis=0), cell, axis=1)

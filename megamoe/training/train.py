@@ -1,0 +1,180 @@
+"""The training loop: micro-batches, gradient accumulation, reductions, clipping, AdamW,
+expert-bias updates, evaluation and reporting.
+
+Loss normalisation (layout-invariant): the language-model loss of a step is the mean over
+every token of the global batch, so each micro-batch contributes ``loss_sum / global_tokens``
+and gradients are summed (not averaged) across data-parallel ranks. The MTP loss is the same
+per depth, averaged over depths and scaled by ``--mtp-loss-scaling-factor``. Balancing and
+z-losses are per micro-batch, so each contributes ``1 / (micro_batches * dp)``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megamoe.config import Config
+from megamoe.data.mock import MarkovMockData
+from megamoe.model.gpt import GPTModel, materialize
+from megamoe.parallel import mappings
+from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
+from megamoe.parallel.state import ParallelState
+from megamoe.training.flops import flops_per_token, peak_tflops
+from megamoe.training.grads import clip_grads_, finalize_grads, global_grad_norm
+from megamoe.training.optimizer import MixedPrecisionAdamW
+from megamoe.training.reporting import Reporter, StepMetrics
+from megamoe.training.schedule import learning_rate
+
+VALIDATION_OFFSET = 2**40  # mock validation samples live in their own index range
+
+
+def build_model(config: Config, state: ParallelState, device: torch.device) -> GPTModel:
+    """Build on the meta device, materialise on ``device``, then initialise (layout-invariant)."""
+    dtype = torch.bfloat16 if config.training.bf16 else torch.float32
+    with torch.device("meta"):
+        model = GPTModel(config, state, dtype=dtype)
+    model = materialize(model, device)
+    model.init_weights(config.training.seed)
+    return model
+
+
+class MicroBatches:
+    """Which samples each rank reads: Megatron's order. Micro-step ``j`` of step ``it`` gives
+    data-parallel rank ``d`` samples ``it*G + j*m*dp + d*m ... + m`` (G global, m micro batch)."""
+
+    def __init__(self, config: Config, state: ParallelState, device: torch.device):
+        t = config.training
+        self.data = MarkovMockData(config.data.vocab_size, config.model.seq_length, t.seed)
+        self.micro, self.global_batch = t.micro_batch_size, t.global_batch_size
+        self.dp, self.dp_rank, self.device = state.dp.size, state.dp.rank, device
+        self.num_micro = self.global_batch // (self.micro * self.dp)
+
+    def get(self, step: int, micro_step: int, offset: int = 0) -> dict[str, torch.Tensor]:
+        start = offset + step * self.global_batch + micro_step * self.micro * self.dp + self.dp_rank * self.micro
+        return self.data.batch(list(range(start, start + self.micro)), self.device)
+
+
+def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torch.Tensor:
+    """[1 + depths] loss-token counts over the global batch: main loss, then each MTP depth."""
+    counts = torch.zeros(1 + mtp_depths, dtype=torch.float64, device=batches[0]["loss_mask"].device)
+    for b in batches:
+        mask = b["loss_mask"].double()
+        counts[0] += mask.sum()
+        for k in range(1, mtp_depths + 1):
+            counts[k] += mask[:, k:].sum()
+    return mappings.all_reduce_(counts, state.dp_cp)
+
+
+def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[dict], step: int,
+               config: Config, state: ParallelState, rng_tracker: Optional[RNGStatesTracker]) -> StepMetrics:
+    """One optimizer step over this rank's micro-batches; returns metrics reduced over the job."""
+    start = time.perf_counter()
+    t, depths = config.training, config.model.mtp_num_layers
+    moe_layers = model.moe_layers()
+    num_micro, dp = len(batches), state.dp.size * state.cp.size
+    counts = _global_token_counts(batches, depths, state)
+    optimizer.zero_grad()
+    sums = torch.zeros(1 + depths, dtype=torch.float64, device=counts.device)
+    aux = torch.zeros(2, len(moe_layers), dtype=torch.float64, device=counts.device)
+    load = torch.zeros(len(moe_layers), config.moe.num_experts or 0, dtype=torch.float64, device=counts.device)
+    dropped = torch.zeros(len(moe_layers), dtype=torch.float64, device=counts.device)
+    for batch in batches:
+        out = model(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker)
+        loss = out.lm_loss_sum / counts[0]
+        for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
+            loss = loss + config.model.mtp_loss_scaling_factor / depths * mtp_sum / counts[k]
+        for stats in out.moe_stats:
+            loss = loss + (stats.aux_loss + stats.z_loss) / (num_micro * dp)
+        loss.backward()
+        with torch.no_grad():
+            sums[0] += out.lm_loss_sum.double()
+            for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
+                sums[k] += mtp_sum.double()
+            for i, stats in enumerate(out.moe_stats):
+                aux[0, i] += stats.aux_loss.double()
+                aux[1, i] += stats.z_loss.double()
+                load[i] += stats.tokens_per_expert.double()
+                dropped[i] += stats.num_dropped.double()
+
+    finalize_grads(optimizer.params, state)
+    grad_norm = global_grad_norm(optimizer.params, state)
+    clip_grads_(optimizer.params, t.clip_grad, grad_norm)
+    lr = learning_rate(step, t)
+    optimizer.step(lr)
+
+    # Reduce the metrics: loss shares over TP, sums over data-parallel ranks.
+    mappings.all_reduce_(aux, state.tp)
+    packed = torch.cat([sums, aux.flatten(), load.flatten(), dropped])
+    mappings.all_reduce_(packed, state.dp_cp)
+    sums, rest = packed[: 1 + depths], packed[1 + depths:]
+    aux = rest[: aux.numel()].view_as(aux) / (num_micro * dp)
+    load = rest[aux.numel(): aux.numel() + load.numel()].view_as(load)
+    dropped = rest[aux.numel() + load.numel():]
+    for layer, layer_load in zip(moe_layers, load):
+        layer.gate.update_expert_bias(layer_load.float())
+    if counts.is_cuda:
+        torch.cuda.synchronize(counts.device)
+    return StepMetrics(
+        iteration=step,
+        lm_loss=(sums[0] / counts[0]).item(),
+        lr=lr,
+        grad_norm=grad_norm,
+        step_time=time.perf_counter() - start,
+        tokens=t.global_batch_size * config.model.seq_length,
+        mtp_losses=[(sums[k] / counts[k]).item() for k in range(1, depths + 1)],
+        aux_losses=aux[0].tolist(),
+        z_losses=aux[1].tolist(),
+        tokens_per_expert=load.cpu().numpy() if len(moe_layers) else None,
+        dropped=dropped.tolist(),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: GPTModel, data: MicroBatches, config: Config, state: ParallelState) -> float:
+    """Mean validation lm loss over ``--eval-iters`` global batches of held-out mock samples."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=data.device)
+    for it in range(config.training.eval_iters):
+        for j in range(data.num_micro):
+            batch = data.get(it, j, offset=VALIDATION_OFFSET)
+            out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
+            total += torch.stack([out.lm_loss_sum.double(), out.num_tokens.double()])
+    model.train()
+    mappings.all_reduce_(total, state.dp_cp)
+    return (total[0] / total[1]).item()
+
+
+def train(config: Config, state: ParallelState, device: torch.device) -> list[StepMetrics]:
+    """Build everything and run ``--train-iters`` steps; returns the per-step metrics."""
+    rng_tracker = model_parallel_seed(config.training.seed, state, device)
+    model = build_model(config, state, device)
+    model.train()
+    optimizer = MixedPrecisionAdamW(model, config.training)
+    data = MicroBatches(config, state, device)
+    fpt = flops_per_token(config, model.padded_vocab)
+    is_writer = state.rank == 0
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    reporter = Reporter(config, fpt, state.layout.world_size, is_writer, peak, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    reporter.print(f"> model: {n_params:,} parameters on rank 0; {fpt / 1e9:.3f} GFLOPs per token (fwd+bwd); "
+                   f"{data.num_micro} micro-batches of {data.micro} per step per data-parallel rank")
+    if config.logging.tensorboard_dir:
+        reporter.print(f"> tensorboard: {config.logging.tensorboard_dir}")
+    history = []
+    t = config.training
+    for step in range(1, t.train_iters + 1):
+        batches = [data.get(step - 1, j) for j in range(data.num_micro)]
+        metrics = train_step(model, optimizer, batches, step, config, state, rng_tracker)
+        reporter.log_step(metrics)
+        history.append(metrics)
+        if t.eval_iters and (step % t.eval_interval == 0 or step == t.train_iters):
+            valid = evaluate(model, data, config, state)
+            reporter.print(f" validation loss at iteration {step}: lm loss value: {valid:.5E} | "
+                           f"lm loss PPL: {np.exp(min(valid, 50)):.5E} |")
+            if reporter.writer is not None:
+                reporter.writer.add_scalar("validation/lm-loss", valid, step)
+    reporter.close()
+    return history

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Run one training job under several parallel layouts and compare them iteration by iteration.
+
+Each layout is launched with torchrun (gloo on CPU, NCCL on GPUs) on the same model, seed and
+data; the per-iteration lm loss and grad norm of every layout are compared with the first
+layout's, and the tool exits 1 when any relative difference exceeds ``--rtol``.
+
+    python tools/check_parity.py                       # TP 1 / 2 / 2+SP / 4, GQA and MLA, 3 iterations
+    python tools/check_parity.py --models mla --layouts tp=1 tp=2,sp -- --bf16
+
+A layout is comma-separated ``key=value`` items: tp, pp, cp, ep, etp, dp (extra data-parallel
+replicas), vpp, dispatcher; ``sp`` alone turns on sequence parallel. The world size is
+``tp * pp * cp * dp``. Arguments after ``--`` go to every run of ``pretrain_moe.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = {
+    # The tiny DeepSeek-V3-style default: MLA, shared + routed experts, sigmoid router with bias.
+    "mla": [],
+    # GQA (8 heads, 4 key/value heads) with a softmax router and the micro-batch aux loss.
+    "gqa": ["--no-multi-latent-attention", "--num-attention-heads", "8", "--num-query-groups", "4",
+            "--moe-router-score-function", "softmax", "--no-moe-router-enable-expert-bias",
+            "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2"],
+}
+DEFAULT_LAYOUTS = ["tp=1", "tp=2", "tp=2,sp", "tp=4"]
+FLAGS = {
+    "tp": "--tensor-model-parallel-size",
+    "pp": "--pipeline-model-parallel-size",
+    "vpp": "--virtual-pipeline-model-parallel-size",
+    "cp": "--context-parallel-size",
+    "ep": "--expert-model-parallel-size",
+    "etp": "--expert-tensor-parallel-size",
+    "dispatcher": "--moe-token-dispatcher-type",
+}
+
+
+def layout_args(layout: str) -> tuple[list[str], int]:
+    """(pretrain flags, world size) for a layout string such as 'tp=2,sp,ep=2'."""
+    flags, degrees = [], {"tp": 1, "pp": 1, "cp": 1, "dp": 1}
+    for item in filter(None, layout.split(",")):
+        key, _, value = item.partition("=")
+        if key == "sp" and not value:
+            flags.append("--sequence-parallel")
+        elif key == "dp":
+            degrees["dp"] = int(value)
+        elif key in FLAGS and value:
+            flags += [FLAGS[key], value]
+            if key in degrees:
+                degrees[key] = int(value)
+        else:
+            raise SystemExit(f"check_parity.py: error: bad layout item '{item}' in '{layout}' "
+                             f"(use {', '.join(FLAGS)}, dp=N or sp)")
+    return flags, degrees["tp"] * degrees["pp"] * degrees["cp"] * degrees["dp"]
+
+
+def run_layout(layout: str, model_args: list[str], extra: list[str], iters: int, workdir: Path) -> list[dict]:
+    flags, world = layout_args(layout)
+    metrics = workdir / f"{abs(hash((layout, tuple(model_args))))}.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           str(ROOT / "pretrain_moe.py"), *model_args, *flags, "--train-iters", str(iters), "--log-interval", "1",
+           "--eval-iters", "0", "--lr-warmup-iters", "1", "--metrics-file", str(metrics), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise RuntimeError(f"layout {layout} failed (exit {proc.returncode}):\n{tail}")
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="check_parity.py")
+    parser.add_argument("--layouts", nargs="+", default=DEFAULT_LAYOUTS, help="Layouts; the first is the reference.")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="Model variants.")
+    parser.add_argument("--iters", type=int, default=3, help="Training iterations per run (default: 3).")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="Largest relative difference allowed (default: 1e-4).")
+    args = parser.parse_args(own)
+    for layout in args.layouts:
+        layout_args(layout)  # fail fast on a bad layout string
+
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            print(f"\nmodel {model}: {' '.join(MODELS[model] + extra) or '(defaults)'}")
+            print(f"{'layout':<24}{'iter':>5}{'lm loss':>16}{'rel diff':>11}{'grad norm':>14}{'rel diff':>11}")
+            reference = None
+            for layout in args.layouts:
+                try:
+                    rows = run_layout(layout, MODELS[model], extra, args.iters, Path(tmp))
+                except RuntimeError as err:
+                    print(f"{layout:<24} FAILED\n{err}")
+                    failed = True
+                    continue
+                reference = reference or rows
+                for row, ref in zip(rows, reference):
+                    dl, dg = rel(row["lm_loss"], ref["lm_loss"]), rel(row["grad_norm"], ref["grad_norm"])
+                    bad = max(dl, dg) > args.rtol
+                    failed |= bad
+                    print(f"{layout:<24}{row['iteration']:>5}{row['lm_loss']:>16.8f}{dl:>11.2e}"
+                          f"{row['grad_norm']:>14.8f}{dg:>11.2e}{'  <-- DRIFT' if bad else ''}")
+                if len(rows) != len(reference):
+                    print(f"{layout:<24} ran {len(rows)} iterations, reference {len(reference)}")
+                    failed = True
+    print(f"\n{'FAIL' if failed else 'PASS'}: every layout within rtol {args.rtol:g} of {args.layouts[0]}"
+          if not failed else f"\nFAIL: a layout drifted past rtol {args.rtol:g} (or failed)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
