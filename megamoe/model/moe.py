@@ -28,6 +28,7 @@ import torch.nn as nn
 from megamoe.model.experts import GroupedExperts
 from megamoe.model.mlp import MLP
 from megamoe.model.router import Routing, TopKRouter
+from megamoe.numerics import upcast
 from megamoe.parallel import mappings
 from megamoe.parallel.state import Group
 
@@ -119,7 +120,7 @@ class MoELayer(nn.Module):
         return padded_rows, counts, padded_index, padded_probs
 
     def combine(self, y_ND: torch.Tensor, d: Dispatched, dtype: torch.dtype) -> torch.Tensor:
-        weighted = y_ND.float() * d.probs_N.unsqueeze(1)
+        weighted = upcast(y_ND) * d.probs_N.unsqueeze(1).to(upcast(y_ND).dtype)
         out = weighted.new_zeros(d.num_gathered_tokens + 1, y_ND.shape[1])  # +1: padding scratch row
         out = out.index_add(0, d.token_index_N, weighted)[: d.num_gathered_tokens]
         out = mappings.reduce_scatter_to_sequence_region(out, self.etp_ep, dim=0)

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 whatever the activation dtype."""
+"""RMSNorm, computed in (at least) float32 whatever the activation dtype."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megamoe.numerics import upcast
 
 
 class RMSNorm(nn.Module):
@@ -28,5 +30,5 @@ class RMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps)
+        y = F.rms_norm(upcast(x), (self.dim,), upcast(self.weight), self.eps)
         return y.to(x.dtype)

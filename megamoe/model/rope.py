@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from megamoe.numerics import upcast
+
 
 @dataclass(frozen=True)
 class YarnScaling:
@@ -80,9 +82,9 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape ``[s, b, heads, dim]`` by ``positions`` of shape ``[s]``."""
-        cos = self.cos[positions].view(x.shape[0], 1, 1, -1)
-        sin = self.sin[positions].view(x.shape[0], 1, 1, -1)
-        pairs = x.float().unflatten(-1, (-1, 2))
+        cos = self.cos[positions].view(x.shape[0], 1, 1, -1).to(upcast(x).dtype)
+        sin = self.sin[positions].view(x.shape[0], 1, 1, -1).to(upcast(x).dtype)
+        pairs = upcast(x).unflatten(-1, (-1, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
         return rotated.flatten(-2).to(x.dtype)

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.numerics import upcast
 from megamoe.parallel import mappings
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import InitFn, init_sharded_, normal_init
@@ -202,7 +203,7 @@ class TopKRouter(nn.Module):
         ``tokens``: the group over which the micro-batch's tokens are spread (each rank a
         contiguous slice of the sequence); ``dp``: the data-parallel group for global_aux_loss.
         """
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = F.linear(upcast(x_TD), upcast(self.weight))
         if self.score_function == "softmax":
             scores_TE = torch.softmax(logits_TE, dim=-1)
         else:

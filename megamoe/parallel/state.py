@@ -296,6 +296,7 @@ class ParallelState:
             rank = dist.get_rank() if initialized else 0
         if not initialized and world_size != 1:
             raise RuntimeError("ParallelState.build: torch.distributed is not initialised")
+        initialized = initialized and world_size > 1  # a world of one needs no process groups
         layout = ParallelLayout.build(world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, order=order)
         groups: dict[str, Optional[Group]] = {}
         created: dict[tuple[tuple[int, ...], ...], list] = {}  # identical partitions share groups
@@ -315,7 +316,8 @@ class ParallelState:
 
     @classmethod
     def single(cls) -> "ParallelState":
-        """The state of a lone process: every degree 1."""
+        """The state of a lone process, every degree 1 (usable inside a distributed job too,
+        e.g. to build a single-process reference model)."""
         return cls.build(world_size=1, rank=0)
 
     @property

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.numerics import upcast
 from megamoe.parallel import mappings
 from megamoe.parallel.state import Group
 
@@ -241,7 +242,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, tp: Group):
-        logits = logits.float()
+        logits = upcast(logits)
         local_vocab = logits.shape[-1]
         vocab_start = tp.rank * local_vocab
         logits_max = logits.amax(dim=-1)

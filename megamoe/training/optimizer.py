@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from megamoe.config import TrainingConfig
+from megamoe.numerics import upcast
 
 
 class MixedPrecisionAdamW:
@@ -20,11 +21,12 @@ class MixedPrecisionAdamW:
 
     def __init__(self, model: nn.Module, t: TrainingConfig):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.fp32 = all(p.dtype == torch.float32 for p in self.params)
+        # float32 (or float64, in tests) parameters are their own masters
+        self.masters_are_params = all(upcast(p).dtype == p.dtype for p in self.params)
         for p in self.params:
-            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+            p.main_grad = torch.zeros_like(p, dtype=upcast(p).dtype)
             p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
-        self.masters = self.params if self.fp32 else [p.detach().float().clone() for p in self.params]
+        self.masters = self.params if self.masters_are_params else [upcast(p.detach()).clone() for p in self.params]
         decay = [m for p, m in zip(self.params, self.masters) if p.ndim >= 2]
         no_decay = [m for p, m in zip(self.params, self.masters) if p.ndim < 2]
         fused = self.params[0].is_cuda

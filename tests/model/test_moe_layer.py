@@ -1,0 +1,162 @@
+"""The MoE layer against an explicit per-token sum over its chosen experts (float64), dropping
+and padding semantics, backend agreement, and multi-token prediction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamoe.config import Config
+from megamoe.model.experts import GroupedExperts
+from megamoe.model.gpt import GPTModel, materialize
+from megamoe.model.mlp import MLP
+from megamoe.model.moe import MoELayer
+from megamoe.model.router import TopKRouter
+from megamoe.parallel.state import ParallelState
+
+DT = torch.float64
+SINGLE = ParallelState.single()
+
+
+def make_layer(shared: bool = True, capacity: float | None = None, pad: bool = False, backend="loop",
+               device="cpu", dtype=DT, E=6, K=2, D=16, F_=24) -> MoELayer:
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, K, score_function="softmax", capacity_factor=capacity, device=device, dtype=dtype)
+    experts = GroupedExperts(E, E, 0, D, F_, SINGLE.etp, backend=backend, device=device, dtype=dtype)
+    mlp = MLP(D, 20, SINGLE.tp, device=device, dtype=dtype) if shared else None
+    layer = MoELayer(router, experts, mlp, SINGLE.tp, SINGLE.etp_ep, pad_to_capacity=pad)
+    for i, (_, mod) in enumerate(layer.named_modules()):
+        if hasattr(mod, "init_weights") and mod is not layer:
+            mod.init_weights(torch.Generator(device=device).manual_seed(i + 1))
+    return layer
+
+
+def explicit(layer: MoELayer, x_SBD: torch.Tensor) -> torch.Tensor:
+    routing = layer.route(x_SBD)
+    x_TD = x_SBD.reshape(-1, x_SBD.shape[-1])
+    ex = layer.experts
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for k in range(routing.experts_TK.shape[1]):
+            e = routing.experts_TK[t, k].item()
+            if routing.kept_TK is not None and not routing.kept_TK[t, k]:
+                continue
+            h = F.silu(ex.w1[e] @ x_TD[t]) * (ex.w3[e] @ x_TD[t])
+            out[t] += routing.probs_TK[t, k] * (ex.w2[e] @ h)
+    out = out.view_as(x_SBD)
+    if layer.shared_experts is not None:
+        m = layer.shared_experts
+        out = out + (F.silu(x_SBD @ m.w1.weight.T) * (x_SBD @ m.w3.weight.T)) @ m.w2.weight.T
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_moe_equals_per_token_sum(shared):
+    layer = make_layer(shared=shared)
+    x = torch.randn(5, 3, 16, dtype=DT)
+    out, stats = layer(x)
+    torch.testing.assert_close(out, explicit(layer, x), rtol=1e-12, atol=1e-12)
+    assert stats.tokens_per_expert.sum().item() == 5 * 3 * 2
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_capacity_drops_and_padding_changes_nothing_else(pad):
+    layer = make_layer(capacity=0.5, pad=pad)
+    x = torch.randn(6, 2, 16, dtype=DT, requires_grad=True)
+    out, stats = layer(x)
+    assert stats.num_dropped.item() > 0
+    torch.testing.assert_close(out, explicit(layer, x), rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    grad_pad = x.grad.clone()
+    x.grad = None
+    explicit(layer, x).square().sum().backward()
+    torch.testing.assert_close(grad_pad, x.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_backends_agree_on_cpu_by_falling_back():
+    loop, torch_backend = make_layer(backend="loop"), make_layer(backend="torch")
+    x = torch.randn(4, 2, 16, dtype=DT)
+    torch.testing.assert_close(loop(x)[0], torch_backend(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "te"])
+def test_backends_agree_on_gpu(backend):
+    if backend == "te":
+        pytest.importorskip("transformer_engine.pytorch")
+    kw = dict(device="cuda", dtype=torch.bfloat16, E=8, K=2, D=128, F_=256)
+    ref, other = make_layer(backend="loop", **kw), make_layer(backend=backend, **kw)
+    x = torch.randn(64, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out_ref, _ = ref(x)
+    out_ref.float().square().sum().backward()
+    g_ref = x.grad.clone()
+    x.grad = None
+    out, _ = other(x)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.float(), g_ref.float(), rtol=5e-2, atol=5e-2)
+    for name in ("w1", "w2", "w3"):
+        a, b = getattr(ref.experts, name).grad, getattr(other.experts, name).grad
+        torch.testing.assert_close(b.float(), a.float(), rtol=5e-2, atol=5e-2)
+
+
+def tiny_config(**model) -> Config:
+    cfg = Config()
+    cfg.model.seq_length = 12
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    return cfg
+
+
+def build(cfg: Config, state=SINGLE) -> GPTModel:
+    with torch.device("meta"):
+        model = GPTModel(cfg, state, dtype=DT)
+    model = materialize(model, "cpu")
+    model.init_weights(7)
+    return model
+
+
+def test_mtp_loss_predicts_depth_plus_one_ahead():
+    cfg = tiny_config(mtp_num_layers=2)
+    model = build(cfg)
+    tokens = torch.randint(0, 500, (2, 12))
+    labels = torch.randint(0, 500, (2, 12))
+    out = model(tokens, labels)
+    # By hand: run the trunk, then each depth k on the embedding of token i+k, predicting labels[i+k].
+    t_SB, l_SB = tokens.t(), labels.t()
+    pos = torch.arange(12)
+    h = model.embed(t_SB)
+    for block in model.layers:
+        h, _ = block(h, pos)
+    for k, mtp in enumerate(model.mtp, start=1):
+        ahead = torch.cat([t_SB[k:], t_SB[:k]])  # token i+k at position i (tail is masked below)
+        h, _ = mtp(h, model.embed(ahead), pos)
+        logits = model.head(mtp.norm(h))[: 12 - k].reshape(-1, model.padded_vocab)  # vocab 512: no padding
+        expected = F.cross_entropy(logits, l_SB[k:].reshape(-1), reduction="sum")
+        torch.testing.assert_close(out.mtp_loss_sums[k - 1], expected, rtol=1e-10, atol=1e-10)
+        assert out.mtp_num_tokens[k - 1].item() == (12 - k) * 2
+
+
+def test_padded_vocabulary_is_masked():
+    cfg = tiny_config()
+    cfg.data.vocab_size = 500  # padded to 512
+    model = build(cfg)
+    tokens, labels = torch.randint(0, 500, (2, 12)), torch.randint(0, 500, (2, 12))
+    out = model(tokens, labels)
+    h = model.embed(tokens.t())
+    for block in model.layers:
+        h, _ = block(h, torch.arange(12))
+    logits = model.head(model.norm(h))[..., :500]  # only the real vocabulary
+    expected = F.cross_entropy(logits.reshape(-1, 500), labels.t().reshape(-1), reduction="sum")
+    torch.testing.assert_close(out.lm_loss_sum, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_tied_embeddings_share_the_table():
+    cfg = tiny_config(untie_embeddings_and_output_weights=False)
+    model = build(cfg)
+    assert model.head is None
+    out = model(torch.randint(0, 512, (2, 12)), torch.randint(0, 512, (2, 12)))
+    out.lm_loss_sum.backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
