@@ -10,7 +10,8 @@ layout's, and the tool exits 1 when any relative difference exceeds ``--rtol``.
 
 A layout is comma-separated ``key=value`` items: tp, pp, cp, ep, etp, dp (extra data-parallel
 replicas), vpp, dispatcher; ``sp`` alone turns on sequence parallel. The world size is
-``tp * pp * cp * dp``. Arguments after ``--`` go to every run of ``pretrain_moe.py``.
+``tp * pp * cp * dp``. Every run uses micro-batch 2 and global batch 8 (so up to 4 data-parallel
+ranks fit); arguments after ``--`` go to every run of ``pretrain_moe.py`` and override them.
 """
 
 from __future__ import annotations
@@ -69,11 +70,14 @@ def run_layout(layout: str, model_args: list[str], extra: list[str], iters: int,
     metrics = workdir / f"{abs(hash((layout, tuple(model_args))))}.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            str(ROOT / "pretrain_moe.py"), *model_args, *flags, "--train-iters", str(iters), "--log-interval", "1",
-           "--eval-iters", "0", "--lr-warmup-iters", "1", "--metrics-file", str(metrics), *extra]
+           "--eval-iters", "0", "--lr-warmup-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "8",
+           "--metrics-file", str(metrics), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        errors = [line for line in lines if "error:" in line or "Error" in line][:5]
+        tail = "\n".join(errors or lines[-25:])
         raise RuntimeError(f"layout {layout} failed (exit {proc.returncode}):\n{tail}")
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 

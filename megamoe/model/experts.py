@@ -90,6 +90,12 @@ class GroupedExperts(nn.Module):
         self.init_fn, self.output_init_fn = init_fn, output_init_fn
         f_local = ffn_hidden_size // etp.size
         kw = dict(device=device, dtype=dtype)
+        self.te = None
+        if backend == "te":
+            from megamoe.extensions.te import TEGroupedSwiGLU
+
+            self.te = TEGroupedSwiGLU(num_local_experts, hidden_size, f_local, **kw)
+            return
         self.w1 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw))
         self.w3 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw))
@@ -102,27 +108,39 @@ class GroupedExperts(nn.Module):
         rank holds the expert (EP) or how its FFN is split (expert-TP)."""
         base = generator.initial_seed()
         F_, D = self.ffn_hidden_size, self.hidden_size
+        device = next(self.parameters()).device
         for i in range(self.num_local_experts):
             e = self.first_expert + i
-            g = torch.Generator(device=self.w1.device).manual_seed((base * 1_000_003 + e) % (2**63))
-            full = {
-                "w1": torch.empty(F_, D, device=self.w1.device),
-                "w3": torch.empty(F_, D, device=self.w1.device),
-                "w2": torch.empty(D, F_, device=self.w1.device),
-            }
-            self.init_fn(full["w1"], g)
-            self.init_fn(full["w3"], g)
-            self.output_init_fn(full["w2"], g)
+            g = torch.Generator(device=device).manual_seed((base * 1_000_003 + e) % (2**63))
+            w1, w3, w2 = (torch.empty(F_, D, device=device), torch.empty(F_, D, device=device),
+                          torch.empty(D, F_, device=device))
+            self.init_fn(w1, g)
+            self.init_fn(w3, g)
+            self.output_init_fn(w2, g)
+            shard = (w1.chunk(self.etp.size, 0)[self.etp.rank], w3.chunk(self.etp.size, 0)[self.etp.rank],
+                     w2.chunk(self.etp.size, 1)[self.etp.rank])
+            if self.te is not None:
+                self.te.load_expert(i, *shard)
+                continue
             with torch.no_grad():
-                self.w1[i].copy_(full["w1"].chunk(self.etp.size, 0)[self.etp.rank])
-                self.w3[i].copy_(full["w3"].chunk(self.etp.size, 0)[self.etp.rank])
-                self.w2[i].copy_(full["w2"].chunk(self.etp.size, 1)[self.etp.rank])
+                for param, value in zip((self.w1, self.w3, self.w2), shard):
+                    param[i].copy_(value)
+
+    def stacked(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's expert weights (or main gradients) as ``w1`` [E, F, D], ``w3``, ``w2`` [E, D, F],
+        whatever the backend stores."""
+        if self.te is not None:
+            return self.te.stacked(grads)
+        pick = (lambda p: p.main_grad if hasattr(p, "main_grad") else p.grad) if grads else (lambda p: p.detach())
+        return {"w1": pick(self.w1), "w3": pick(self.w3), "w2": pick(self.w2)}
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each row with its expert; rows are grouped by expert in local order.
 
         Returns this rank's partial sum over the expert-TP shards of F.
         """
+        if self.te is not None:
+            return self.te(x_ND, tokens_per_expert)
         if self.backend == "torch":
             reason = grouped_mm_unsupported_reason(x_ND, self.w1, self.w2)
             if reason is None:

@@ -13,8 +13,10 @@ Dispatch (``allgather``): tokens, probabilities and choices are all-gathered ove
 ``etp x ep`` group; each rank runs the rows routed to its local experts on its expert-TP slice
 of the FFN, scatters the weighted rows back into the gathered token order and reduce-scatters
 over ``etp x ep``. That one reduce-scatter sums the expert-TP partial sums and the
-contributions of the experts on other EP ranks. Host synchronisation: none on the
-``torch._grouped_mm`` path; the ``loop`` backend reads the per-expert counts.
+contributions of the experts on other EP ranks. Host synchronisation: selecting this rank's
+rows (``nonzero``) when experts are spread over EP or tokens are dropped, since the number of
+rows sets the shapes; none otherwise on the ``torch._grouped_mm`` path. The ``loop`` and
+``te`` backends read the per-expert counts on the host.
 """
 
 from __future__ import annotations
@@ -89,10 +91,14 @@ class MoELayer(nn.Module):
         kept_all = None if routing.kept_TK is None else mappings.all_gather(routing.kept_TK, group, dim=0)
 
         local_TK = experts_all - self.first_expert
-        mine = (local_TK >= 0) & (local_TK < self.num_local_experts)
-        if kept_all is not None:
-            mine &= kept_all
-        pair = mine.reshape(-1).nonzero().squeeze(1)  # (token, k) pairs for my experts, token-major
+        if self.num_local_experts == self.gate.num_experts and kept_all is None:
+            # Every pair is mine: skip the selection (nonzero() would synchronise with the host).
+            pair = torch.arange(local_TK.numel(), device=local_TK.device)
+        else:
+            mine = (local_TK >= 0) & (local_TK < self.num_local_experts)
+            if kept_all is not None:
+                mine &= kept_all
+            pair = mine.reshape(-1).nonzero().squeeze(1)  # (token, k) pairs for my experts, token-major
         local_expert = local_TK.reshape(-1)[pair]
         order = torch.sort(local_expert, stable=True).indices  # group rows by expert, keep token order
         pair, local_expert = pair[order], local_expert[order]

@@ -242,32 +242,34 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, tp: Group):
-        logits = upcast(logits)
-        local_vocab = logits.shape[-1]
+        # One float32 working copy of the logits becomes, in place, the shifted logits, their
+        # exponentials and the softmax saved for backward (logits are the largest activation).
+        work = logits.to(upcast(logits).dtype, copy=True)
+        local_vocab = work.shape[-1]
         vocab_start = tp.rank * local_vocab
-        logits_max = logits.amax(dim=-1)
+        logits_max = work.amax(dim=-1)
         mappings.all_reduce_(logits_max, tp, op=torch.distributed.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)
+        work.sub_(logits_max.unsqueeze(-1))
 
         outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
         local_target = (target - vocab_start).masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+        target_logit = work.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_logit = target_logit.masked_fill(outside, 0.0)
         mappings.all_reduce_(target_logit, tp)
 
-        exp = shifted.exp_()
-        sum_exp = exp.sum(dim=-1)
+        work.exp_()
+        sum_exp = work.sum(dim=-1)
         mappings.all_reduce_(sum_exp, tp)
         loss = sum_exp.log() - target_logit
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, outside)
+        work.div_(sum_exp.unsqueeze(-1))  # softmax
+        ctx.save_for_backward(work, local_target, outside)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax.clone()
+        # The saved softmax is turned into the gradient in place (backward runs once).
+        grad, local_target, outside = ctx.saved_tensors
         inside = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -inside.unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))

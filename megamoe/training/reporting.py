@@ -64,7 +64,10 @@ class Reporter:
         self._write_scalars(m, tokens_per_s, tflops)
         if self.metrics_file:
             record = {"iteration": m.iteration, "lm_loss": m.lm_loss, "grad_norm": m.grad_norm, "lr": m.lr,
-                      "mtp_losses": m.mtp_losses, "aux_losses": m.aux_losses, "z_losses": m.z_losses}
+                      "mtp_losses": m.mtp_losses, "aux_losses": m.aux_losses, "z_losses": m.z_losses,
+                      "step_time": m.step_time, "tokens_per_s": tokens_per_s, "tflops_per_device": tflops}
+            if self.device.type == "cuda":
+                record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
         interval = self.config.logging.log_interval
@@ -99,7 +102,7 @@ class Reporter:
             if any(m.dropped):
                 parts.append(f"dropped tokens: {int(sum(m.dropped))}")
         parts += [f"grad norm: {m.grad_norm:.4f}", f"tokens/s: {tokens_per_s:,.0f}",
-                  f"TFLOP/s/device: {tflops:.2f}"]
+                  f"TFLOP/s/device: {tflops:.2f}" if tflops >= 1 else f"TFLOP/s/device: {tflops:.2g}"]
         if self.peak_tflops and self.config.training.bf16:
             parts.append(f"MFU: {100 * tflops / self.peak_tflops:.1f}%")
         if self.device.type == "cuda":

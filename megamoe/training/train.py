@@ -11,6 +11,7 @@ z-losses are per micro-batch, so each contributes ``1 / (micro_batches * dp)``.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -70,7 +71,8 @@ def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torc
 
 def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[dict], step: int,
                config: Config, state: ParallelState, rng_tracker: Optional[RNGStatesTracker]) -> StepMetrics:
-    """One optimizer step over this rank's micro-batches; returns metrics reduced over the job."""
+    """One optimizer step over this rank's micro-batches; returns metrics reduced over the job.
+    ``step_time`` covers this function; the loop replaces it with the wall time between steps."""
     start = time.perf_counter()
     t, depths = config.training, config.model.mtp_num_layers
     moe_layers = model.moe_layers()
@@ -165,16 +167,30 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
         reporter.print(f"> tensorboard: {config.logging.tensorboard_dir}")
     history = []
     t = config.training
-    for step in range(1, t.train_iters + 1):
-        batches = [data.get(step - 1, j) for j in range(data.num_micro)]
-        metrics = train_step(model, optimizer, batches, step, config, state, rng_tracker)
-        reporter.log_step(metrics)
-        history.append(metrics)
-        if t.eval_iters and (step % t.eval_interval == 0 or step == t.train_iters):
-            valid = evaluate(model, data, config, state)
-            reporter.print(f" validation loss at iteration {step}: lm loss value: {valid:.5E} | "
-                           f"lm loss PPL: {np.exp(min(valid, 50)):.5E} |")
-            if reporter.writer is not None:
-                reporter.writer.add_scalar("validation/lm-loss", valid, step)
+
+    def step_batches(step: int) -> list[dict]:
+        return [data.get(step - 1, j) for j in range(data.num_micro)]
+
+    # The next step's batches are prepared on a background thread while this step computes.
+    # Step times are wall-clock from one step's end to the next, so data waits are counted.
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        upcoming = prefetch.submit(step_batches, 1)
+        last = time.perf_counter()
+        for step in range(1, t.train_iters + 1):
+            batches = upcoming.result()
+            if step < t.train_iters:
+                upcoming = prefetch.submit(step_batches, step + 1)
+            metrics = train_step(model, optimizer, batches, step, config, state, rng_tracker)
+            now = time.perf_counter()
+            metrics.step_time, last = now - last, now
+            reporter.log_step(metrics)
+            history.append(metrics)
+            if t.eval_iters and (step % t.eval_interval == 0 or step == t.train_iters):
+                valid = evaluate(model, data, config, state)
+                reporter.print(f" validation loss at iteration {step}: lm loss value: {valid:.5E} | "
+                               f"lm loss PPL: {np.exp(min(valid, 50)):.5E} |")
+                if reporter.writer is not None:
+                    reporter.writer.add_scalar("validation/lm-loss", valid, step)
+                last = time.perf_counter()
     reporter.close()
     return history

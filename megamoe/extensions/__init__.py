@@ -1,0 +1,1 @@
+"""Optional accelerated backends. Only te.py imports Transformer Engine."""

@@ -1,0 +1,161 @@
+"""Training pieces: LR schedule, FLOPs formula, mock data, presets, the end-to-end run, the
+reports, and the parity tool's verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megamoe.cli import config_from_values, load_yaml_values
+from megamoe.config import Config
+from megamoe.config_validation import validate
+from megamoe.data.mock import MarkovMockData
+from megamoe.model.gpt import GPTModel
+from megamoe.parallel.state import ParallelState
+from megamoe.training.flops import flops_per_token
+from megamoe.training.reporting import expert_load_heatmap
+from megamoe.training.schedule import learning_rate
+from megamoe.training.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = ROOT / "examples" / "configs"
+
+
+def test_schedule_by_hand():
+    t = Config().training
+    t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters = 1.0, 0.1, 10, 110
+    t.lr_decay_style = "cosine"
+    assert learning_rate(5, t) == 0.5
+    assert learning_rate(10, t) == 1.0
+    assert math.isclose(learning_rate(60, t), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate(110, t) == 0.1 and learning_rate(200, t) == 0.1
+    t.lr_decay_style = "linear"
+    assert math.isclose(learning_rate(35, t), 0.1 + 0.9 * 0.75)
+    t.lr_decay_style = "constant"
+    assert learning_rate(90, t) == 1.0
+    t.lr_decay_style, t.lr_wsd_decay_iters, t.lr_wsd_decay_style = "WSD", 20, "linear"
+    assert learning_rate(90, t) == 1.0  # stable until the last 20 iterations
+    assert math.isclose(learning_rate(100, t), 0.1 + 0.9 * 0.5)
+    t.lr_wsd_decay_style = "exponential"
+    assert math.isclose(learning_rate(100, t), 1.0 * (0.1 / 1.0) ** 0.5)
+
+
+def test_flops_match_the_megatron_figure_for_the_v2_lite_proxy():
+    # shared/gpu/README.md: 4 layers of DeepSeek-V2-Lite, seq 4096 -> 3.49e9 FLOPs per token,
+    # LM head 36%, routed experts 27%. Recomputed here by hand from the shapes:
+    D, V, s, H = 2048, 102400, 4096, 16
+    head = D * V
+    attn = D * H * 192 + D * 576 + 512 * H * 256 + H * 128 * D + (s / 2) * H * (192 + 128)
+    dense = 3 * D * 10944
+    moe = D * 64 + 6 * 3 * D * 1408 + 3 * D * 2816
+    by_hand = 6 * (head + 4 * attn + dense + 3 * moe)
+    cfg = config_from_values(load_yaml_values(str(PRESETS / "deepseek_v2_lite.yaml")))
+    cfg.model.num_layers, cfg.moe.moe_layer_freq = 4, "[0]*1+[1]*3"
+    got = flops_per_token(cfg, V)
+    assert math.isclose(got, by_hand, rel_tol=1e-12)
+    assert round(got / 1e9, 2) == 3.49
+    assert round(6 * head / got, 2) == 0.36 and round(6 * 3 * 6 * 3 * D * 1408 / got, 2) == 0.27
+
+
+def test_mock_data_is_a_function_of_the_sample_index():
+    data = MarkovMockData(vocab_size=64, seq_length=16, seed=3)
+    a = data.sequences([5, 9, 2])
+    b = data.sequences([2, 5])
+    assert (a[0] == b[1]).all() and (a[2] == b[0]).all()
+    assert not (a[0] == a[1]).all()
+    other_seed = MarkovMockData(vocab_size=64, seq_length=16, seed=4).sequences([5])
+    assert not (other_seed[0] == a[0]).all()
+    # each token is followed by one of its 4 successors only: far below ln(vocab)
+    for seq in data.sequences(list(range(20))):
+        for cur, nxt in zip(seq[:-1], seq[1:]):
+            assert nxt in data.successors[cur]
+    assert data.entropy_rate < math.log(4) < math.log(64)
+
+
+# Published totals (weights in the released checkpoints). DeepSeek-V3 and Kimi K2 count the
+# router bias; megamoe keeps it as a buffer, so it is added here.
+PUBLISHED = {
+    "mixtral_8x7b": 46_702_792_704,
+    "qwen3_30b_a3b": 30_532_122_624,
+    "deepseek_v2_lite": 15_706_484_224,
+    "deepseek_v3": 671_026_419_200,
+    "kimi_k2": 1_026_408_232_448,
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_presets_have_the_published_parameter_counts(name):
+    cfg = config_from_values(load_yaml_values(str(PRESETS / f"{name}.yaml")))
+    cfg.data.make_vocab_size_divisible_by = 1  # count the released (unpadded) vocabulary
+    validate(cfg, world_size=1)
+    with torch.device("meta"):
+        model = GPTModel(cfg, ParallelState.single())
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    bias = sum(b.numel() for n, b in model.named_buffers() if n.endswith("gate.bias") and not n.startswith("mtp."))
+    assert params + bias == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("tiny_*.yaml")))
+def test_tiny_presets_train(preset):
+    cfg = config_from_values(load_yaml_values(str(PRESETS / preset)))
+    cfg.training.eval_iters = 0
+    validate(cfg, 1)
+    history = train(cfg, ParallelState.single(), torch.device("cpu"))
+    losses = [m.lm_loss for m in history]
+    assert len(losses) == cfg.training.train_iters and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_default_run_learns_and_reports(tmp_path):
+    """`python pretrain_moe.py` with no flags (plus a report directory): the loss falls well
+    below ln(vocab) and tensorboard and the metrics file are written."""
+    tb, metrics = tmp_path / "tb", tmp_path / "metrics.jsonl"
+    proc = subprocess.run([sys.executable, "pretrain_moe.py", "--tensorboard-dir", str(tb),
+                           "--metrics-file", str(metrics), "--moe-expert-load-image-interval", "10"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if "iteration" in line and "lm loss:" in line]
+    assert len(lines) == 8 and "iteration       40/      40" in lines[-1]
+    for key in ("learning rate:", "grad norm:", "tokens/s:", "TFLOP/s/device:", "load balancing loss:"):
+        assert key in lines[-1]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(rows) == 40
+    assert rows[0]["lm_loss"] > 6.0 and rows[-1]["lm_loss"] < 2.5 < math.log(512)
+    assert any(tb.iterdir()) and f"> tensorboard: {tb}" in proc.stdout
+
+
+def test_expert_load_heatmap_colours():
+    img = expert_load_heatmap(np.array([[2.0, 2.0], [4.0, 0.0]]), cell=1)
+    assert img.shape == (2, 2, 3)
+    assert (img[0, 0] == 255).all()  # balanced: white
+    assert tuple(img[1, 0]) == (255, 0, 0) and tuple(img[1, 1]) == (0, 0, 255)  # over: red, under: blue
+
+
+def test_check_parity_verdicts(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import check_parity
+
+    def fake_run(layout, model_args, extra, iters, workdir):
+        drift = 1e-3 if layout == "tp=2" else 0.0
+        return [{"iteration": i, "lm_loss": 5.0 + drift, "grad_norm": 1.0} for i in range(1, iters + 1)]
+
+    monkeypatch.setattr(check_parity, "run_layout", fake_run)
+    assert check_parity.main(["--models", "mla", "--layouts", "tp=1", "tp=2,sp"]) == 0
+    assert check_parity.main(["--models", "mla", "--layouts", "tp=1", "tp=2"]) == 1
+    assert "DRIFT" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        check_parity.layout_args("tp=2,bogus=3")
+
+
+def test_check_parity_runs_torchrun():
+    proc = subprocess.run([sys.executable, "tools/check_parity.py", "--models", "gqa", "--layouts", "tp=1", "tp=2,sp",
+                           "--iters", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PASS" in proc.stdout
