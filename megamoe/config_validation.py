@@ -123,6 +123,8 @@ def validate_model(m: ModelConfig) -> None:
         _fail("--recompute-granularity with --attention-dropout or --hidden-dropout is not supported yet "
               "(recomputation would not replay the dropout masks)")
     if m.multi_latent_attention:
+        if m.qk_layernorm:
+            _fail("--qk-layernorm applies to GQA; MLA normalises its latents (--no-multi-latent-attention for GQA)")
         if m.qk_pos_emb_head_dim % 2:
             _fail(f"--qk-pos-emb-head-dim {m.qk_pos_emb_head_dim}: must be even (RoPE rotates pairs)")
     else:
@@ -152,6 +154,8 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
         if moe.moe_router_topk > group_topk * (moe.num_experts // groups):
             _fail(f"--moe-router-topk {moe.moe_router_topk} exceeds the experts in "
                   f"--moe-router-group-topk {group_topk} groups of {moe.num_experts // groups}")
+    if moe.moe_router_pre_softmax and moe.moe_router_score_function != "softmax":
+        _fail("--moe-router-pre-softmax needs --moe-router-score-function softmax")
     if moe.moe_pad_expert_input_to_capacity and moe.moe_expert_capacity_factor is None:
         _fail("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if moe.moe_aux_loss_coeff < 0 or (moe.moe_z_loss_coeff or 0) < 0:

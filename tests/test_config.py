@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -128,11 +129,20 @@ def _config(**fields) -> Config:
         (dict(moe_router_num_groups=3, moe_router_group_topk=1), 1, "--moe-router-num-groups 3"),
         (dict(data_path=["x"]), 1, "mutually exclusive"),
         (dict(min_lr=1.0), 1, "--min-lr 1.0 is larger than --lr"),
+        (dict(qk_layernorm=True), 1, "--qk-layernorm applies to GQA"),
+        (dict(moe_router_pre_softmax=True), 1, "--moe-router-pre-softmax needs"),
+        (dict(fp8_format="e4m3"), 1, "--fp8-format: not supported yet"),
     ],
 )
 def test_validation_errors_name_the_flags(fields, world, message):
     with pytest.raises(ConfigError, match=message):
         validate(_config(**fields), world)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TE is installed here")
+def test_te_backend_without_te_names_the_flag():
+    with pytest.raises(ConfigError, match="--moe-grouped-gemm-impl te needs Transformer Engine"):
+        validate(_config(moe_grouped_gemm_impl="te"), 1)
 
 
 def test_not_supported_yet_is_an_error_not_a_no_op():
@@ -186,3 +196,8 @@ def test_parallel_layout_tool():
     bad = _run("tools/parallel_layout.py", "--world-size", "6", "--tensor-model-parallel-size", "4")
     assert bad.returncode == 2 and "does not divide the world size 6" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_config_reference_is_current():
+    proc = _run("tools/gen_config_docs.py", "--check")
+    assert proc.returncode == 0, proc.stderr
