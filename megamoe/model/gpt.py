@@ -33,6 +33,7 @@ from megamoe.model.norm import RMSNorm
 from megamoe.model.rope import RotaryEmbedding, YarnScaling
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
+from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
 from megamoe.parallel.random import RNGStatesTracker
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor_parallel import (
@@ -183,8 +184,12 @@ class GPTModel(nn.Module):
         if moe.moe_shared_expert_intermediate_size:
             shared = MLP(m.hidden_size, moe.moe_shared_expert_intermediate_size, state.tp, sp,
                          init_fn, output_init_fn, device=device, dtype=dtype)
-        return MoELayer(router, experts, shared, state.tp, state.etp_ep, state.dp, sp,
-                        moe.moe_pad_expert_input_to_capacity)
+        pad = moe.moe_pad_expert_input_to_capacity
+        if moe.moe_token_dispatcher_type == "alltoall":
+            dispatcher = AllToAllDispatcher(state.ep, state.etp, E, pad)
+        else:
+            dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, pad)
+        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

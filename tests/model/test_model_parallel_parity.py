@@ -1,6 +1,11 @@
-"""The full model under tensor parallelism (TP 2 and 4, with and without sequence parallel)
-against the single-process model, on gloo in float64: per-step loss, grad norm, every gradient
-(shards gathered) and the weights after two optimizer steps.
+"""The full model under tensor, expert and data parallelism against the single-process model,
+on gloo in float64: per-step loss, aux and z-losses, grad norm, every gradient (shards
+gathered), the weights after two optimizer steps and the expert-bias buffers.
+
+Layouts: TP 2 and 4 with and without sequence parallel; EP 2, 4 and 8; EP 2 with expert-TP 2;
+TP 2 for attention with EP 4 for experts (with and without SP); both token dispatchers; three
+model variants (sigmoid router with expert bias, dropless; softmax router with aux and z-loss;
+group-limited routing with capacity dropping and MTP).
 
 Every rank also builds the single-process reference from the same seed. The reference runs the
 data-parallel ranks' micro-batches as its own micro-batches (gradient accumulation), which is
@@ -24,15 +29,18 @@ DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
-def make_config(variant: str, tp: int, sp: bool) -> Config:
+def make_config(variant: str, layout: dict) -> Config:
     cfg = Config()
     cfg.model.seq_length = 16
-    cfg.training.micro_batch_size = 2
-    cfg.training.global_batch_size = 4
+    cfg.training.micro_batch_size = 1
+    cfg.training.global_batch_size = 8
     cfg.training.train_iters = 2
     cfg.training.clip_grad = 0.0
-    cfg.parallel.tensor_model_parallel_size = tp
-    cfg.parallel.sequence_parallel = sp
+    cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)
+    cfg.parallel.sequence_parallel = layout.get("sp", False)
+    cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
+    cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
+    cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
     if variant == "gqa":
         cfg.model.multi_latent_attention = False
         cfg.model.num_attention_heads, cfg.model.num_query_groups = 8, 4
@@ -68,9 +76,11 @@ def gather_full(t: torch.Tensor, param: torch.nn.Parameter, state: ParallelState
     return t
 
 
-def _parity(variant: str, tp: int, sp: bool):
-    cfg = make_config(variant, tp, sp)
-    state = ParallelState.build(tp=tp)
+def _parity(variant: str, layout: dict):
+    cfg = make_config(variant, layout)
+    p = cfg.parallel
+    state = ParallelState.build(tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
+                                etp=p.expert_tensor_parallel_size)
     single = ParallelState.single()
     model, ref = build(cfg, state), build(cfg, single)
     opt, ref_opt = MixedPrecisionAdamW(model, cfg.training), MixedPrecisionAdamW(ref, cfg.training)
@@ -84,7 +94,7 @@ def _parity(variant: str, tp: int, sp: bool):
             everyone += [data.get(step - 1, j) for j in range(data.num_micro)]
         data.dp_rank = state.dp.rank
         got = train_step(model, opt, mine, step, cfg, state, None)
-        ref_cfg = make_config(variant, 1, False)
+        ref_cfg = make_config(variant, {})
         want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
         assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
         assert abs(got.grad_norm - want.grad_norm) <= 1e-9 * want.grad_norm, (step, got.grad_norm, want.grad_norm)
@@ -105,7 +115,29 @@ def _parity(variant: str, tp: int, sp: bool):
     return True
 
 
-@pytest.mark.parametrize("variant", ["mla", "gqa", "mtp_capacity"])
-@pytest.mark.parametrize("tp, sp", [(2, False), (2, True), (4, False), (4, True)])
-def test_tensor_parallel_model_matches_single_process(workers, variant, tp, sp):
-    assert all(workers(4).run(_parity, variant, tp, sp))
+VARIANTS = ["mla", "gqa", "mtp_capacity"]
+TP_LAYOUTS = [dict(tp=2), dict(tp=2, sp=True), dict(tp=4), dict(tp=4, sp=True)]
+EP_LAYOUTS = [dict(ep=2), dict(ep=4), dict(ep=2, etp=2), dict(tp=2, ep=4, etp=1), dict(tp=2, ep=4, etp=1, sp=True)]
+
+
+def _name(layout: dict) -> str:
+    return ",".join(k if v is True else f"{k}={v}" for k, v in layout.items())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layout", TP_LAYOUTS, ids=_name)
+def test_tensor_parallel_model_matches_single_process(workers, variant, layout):
+    assert all(workers(4).run(_parity, variant, layout))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+@pytest.mark.parametrize("layout", EP_LAYOUTS, ids=_name)
+def test_expert_parallel_model_matches_single_process(workers, variant, dispatcher, layout):
+    assert all(workers(4).run(_parity, variant, {**layout, "dispatcher": dispatcher}))
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_expert_parallel_8_ranks(workers, dispatcher):
+    assert all(workers(8).run(_parity, "mtp_capacity", {"ep": 8, "dispatcher": dispatcher}))
+    assert all(workers(8).run(_parity, "gqa", {"tp": 2, "ep": 8, "etp": 1, "sp": True, "dispatcher": dispatcher}))

@@ -13,6 +13,7 @@ from megamoe.model.gpt import GPTModel, materialize
 from megamoe.model.mlp import MLP
 from megamoe.model.moe import MoELayer
 from megamoe.model.router import TopKRouter
+from megamoe.parallel.expert_parallel import AllGatherDispatcher
 from megamoe.parallel.state import ParallelState
 
 DT = torch.float64
@@ -25,7 +26,7 @@ def make_layer(shared: bool = True, capacity: float | None = None, pad: bool = F
     router = TopKRouter(D, E, K, score_function="softmax", capacity_factor=capacity, device=device, dtype=dtype)
     experts = GroupedExperts(E, E, 0, D, F_, SINGLE.etp, backend=backend, device=device, dtype=dtype)
     mlp = MLP(D, 20, SINGLE.tp, device=device, dtype=dtype) if shared else None
-    layer = MoELayer(router, experts, mlp, SINGLE.tp, SINGLE.etp_ep, pad_to_capacity=pad)
+    layer = MoELayer(router, experts, mlp, AllGatherDispatcher(SINGLE.etp_ep, E, E, 0, pad), SINGLE.tp)
     for i, (_, mod) in enumerate(layer.named_modules()):
         if hasattr(mod, "init_weights") and mod is not layer:
             mod.init_weights(torch.Generator(device=device).manual_seed(i + 1))

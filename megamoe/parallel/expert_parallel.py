@@ -1,0 +1,174 @@
+"""Token dispatchers: bring each (token, expert) pair to the rank that holds the expert and back.
+
+Shape legend: T tokens on this rank, K experts per token, D hidden, E experts in all,
+L = E / ep experts on this rank, N rows (token copies) handed to the local experts.
+
+Both dispatchers take this rank's tokens ``x_TD`` with the router's ``probs_TK``,
+``experts_TK`` and optional ``kept_TK`` (capacity), and return rows grouped by local expert
+plus a handle; ``combine`` takes the experts' output rows (partial sums over expert-TP) and
+returns ``[T, D]``: the probability-weighted sum over each token's kept experts.
+
+- :class:`AllGatherDispatcher` all-gathers tokens and routing over ``etp x ep`` and keeps the
+  pairs of the local experts; combine scatters the weighted rows into the gathered token order
+  and reduce-scatters over ``etp x ep`` (which also sums the expert-TP partials).
+- :class:`AllToAllDispatcher` permutes the pairs by expert, exchanges per-expert counts and then
+  the rows over EP with variable splits, all-gathers them over expert-TP (as a variable all-to-all),
+  and sorts them by local expert; combine reverses every step.
+
+Host synchronisation (``AllToAllDispatcher``): one, to read the split sizes that the all-to-all
+calls need (rows to send to each EP rank, rows coming from each EP / expert-TP rank). With
+``pad_to_capacity`` every split is static and there is none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megamoe.numerics import upcast
+from megamoe.parallel import mappings
+from megamoe.parallel.state import Group
+
+
+@dataclass
+class DispatchHandle:
+    """What combine needs to undo a dispatch."""
+
+    token_index: torch.Tensor  # per permuted pair: index into the (gathered) token order
+    probs: torch.Tensor  # per permuted pair: combine weight (differentiable)
+    num_tokens: int  # tokens the weighted rows are summed into (gathered or local)
+    # all-to-all only
+    restore: Optional[torch.Tensor] = None  # row order after sorting by local expert -> received order
+    ep_send: Optional[list[int]] = None
+    ep_recv: Optional[list[int]] = None
+    etp_sizes: Optional[list[int]] = None  # rows each expert-TP rank received over EP
+    padded_slots: Optional[torch.Tensor] = None  # with padding: pair -> slot in the padded send buffer
+
+
+def _sort_pairs(experts_TK: torch.Tensor, kept_TK: Optional[torch.Tensor], first: int, count: int,
+                num_experts: int):
+    """(pair index, expert - first) of the pairs routed to experts [first, first+count), grouped by
+    expert with token order kept inside each group."""
+    local = experts_TK.reshape(-1) - first
+    if kept_TK is None and first == 0 and count == num_experts:
+        # Every pair qualifies: a sort suffices (nonzero() would synchronise with the host).
+        order = torch.sort(local, stable=True).indices
+        return order, local[order]
+    mine = (local >= 0) & (local < count)
+    if kept_TK is not None:
+        mine &= kept_TK.reshape(-1)
+    pair = mine.nonzero().squeeze(1)
+    order = torch.sort(local[pair], stable=True).indices
+    return pair[order], local[pair][order]
+
+
+def _weighted_sum(y_ND: torch.Tensor, token_index: torch.Tensor, probs: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """sum over rows of probs * y into their tokens, in (at least) float32; padding rows point
+    at the scratch row ``num_tokens``."""
+    dtype = upcast(y_ND).dtype
+    weighted = y_ND.to(dtype) * probs.to(dtype).unsqueeze(1)
+    out = weighted.new_zeros(num_tokens + 1, y_ND.shape[1])
+    return out.index_add(0, token_index, weighted)[:num_tokens]
+
+
+def pad_rows_to_capacity(rows, tokens_per_group, token_index, probs, capacity, scratch_index):
+    """Give every group exactly ``capacity`` rows: zero rows, weight 0, aimed at ``scratch_index``."""
+    G = tokens_per_group.shape[0]
+    starts = torch.cumsum(tokens_per_group, 0) - tokens_per_group
+    slot = torch.arange(rows.shape[0], device=rows.device) - starts.repeat_interleave(tokens_per_group)
+    dest = torch.repeat_interleave(torch.arange(G, device=rows.device), tokens_per_group) * capacity + slot
+    padded_rows = rows.new_zeros(G * capacity, rows.shape[1]).index_copy(0, dest, rows)
+    padded_index = torch.full((G * capacity,), scratch_index, dtype=token_index.dtype, device=rows.device)
+    padded_index = padded_index.index_copy(0, dest, token_index)
+    padded_probs = probs.new_zeros(G * capacity).index_copy(0, dest, probs)
+    return padded_rows, torch.full_like(tokens_per_group, capacity), padded_index, padded_probs
+
+
+class AllGatherDispatcher:
+    """All-gather over ``etp x ep``; suits small EP and TP-heavy layouts."""
+
+    def __init__(self, etp_ep: Group, num_experts: int, num_local_experts: int, first_expert: int,
+                 pad_to_capacity: bool = False):
+        self.group, self.E, self.L, self.first = etp_ep, num_experts, num_local_experts, first_expert
+        self.pad_to_capacity = pad_to_capacity
+
+    def dispatch(self, x_TD, probs_TK, experts_TK, kept_TK=None, capacity=None):
+        g, K = self.group, experts_TK.shape[1]
+        x_all = mappings.gather_from_sequence_region(x_TD, g, dim=0)
+        probs_all = mappings.gather_from_sequence_region(probs_TK, g, dim=0)
+        experts_all = mappings.all_gather(experts_TK, g, dim=0)
+        kept_all = None if kept_TK is None else mappings.all_gather(kept_TK, g, dim=0)
+        pair, expert = _sort_pairs(experts_all, kept_all, self.first, self.L, self.E)
+        tokens_per_expert = torch.bincount(expert, minlength=self.L)
+        token_index, probs = pair // K, probs_all.reshape(-1)[pair]
+        rows = x_all[token_index]
+        if self.pad_to_capacity and capacity is not None:
+            # each gathered rank's micro-batch slice may fill an expert's capacity
+            rows, tokens_per_expert, token_index, probs = pad_rows_to_capacity(
+                rows, tokens_per_expert, token_index, probs, capacity * g.size, x_all.shape[0])
+        return rows, tokens_per_expert, DispatchHandle(token_index, probs, x_all.shape[0])
+
+    def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
+        out = _weighted_sum(y_ND, handle.token_index, handle.probs, handle.num_tokens)
+        return mappings.reduce_scatter_to_sequence_region(out, self.group, dim=0)
+
+
+class AllToAllDispatcher:
+    """All-to-all over EP (then a variable all-gather over expert-TP)."""
+
+    def __init__(self, ep: Group, etp: Group, num_experts: int, pad_to_capacity: bool = False):
+        self.ep, self.etp, self.E = ep, etp, num_experts
+        self.L = num_experts // ep.size
+        self.pad_to_capacity = pad_to_capacity
+
+    def dispatch(self, x_TD, probs_TK, experts_TK, kept_TK=None, capacity=None):
+        K, device = experts_TK.shape[1], x_TD.device
+        # 1. permute this rank's kept pairs by global expert (= by destination EP rank)
+        pair, expert = _sort_pairs(experts_TK, kept_TK, 0, self.E, self.E)
+        counts_E = torch.bincount(expert, minlength=self.E)
+        token_index, probs = pair // K, probs_TK.reshape(-1)[pair]
+        rows = x_TD[token_index]
+        padded = self.pad_to_capacity and capacity is not None
+        if padded:
+            rows, counts_E, token_index, probs = pad_rows_to_capacity(
+                rows, counts_E, token_index, probs, capacity, x_TD.shape[0])
+        if padded:  # every split is static: no count exchange, no host sync
+            recv_counts = counts_E.new_full((self.etp.size, self.ep.size, self.L), capacity)
+            ep_send = ep_recv = [self.L * capacity] * self.ep.size
+            etp_sizes = [self.ep.size * self.L * capacity] * self.etp.size
+        else:
+            # 2. exchange counts: recv[s, l] = rows EP rank s sends for my local expert l
+            recv_counts = mappings.all_to_all_uneven(counts_E.view(self.ep.size, self.L).contiguous(), self.ep,
+                                                     None, None)
+            recv_counts = mappings.all_gather(recv_counts.unsqueeze(0), self.etp, dim=0)  # [etp, ep, L]
+            # 3. one host sync for every split size
+            host = torch.cat([counts_E.view(self.ep.size, self.L).sum(1), recv_counts.flatten()]).tolist()
+            ep_send = host[: self.ep.size]
+            per = torch.tensor(host[self.ep.size:]).view(recv_counts.shape)
+            ep_recv = per[self.etp.rank].sum(1).tolist()
+            etp_sizes = per.sum((1, 2)).tolist()
+        # 4. rows to the EP ranks holding their experts, then gathered over expert-TP
+        received = mappings.all_to_all(rows, self.ep, ep_recv, ep_send)
+        if self.etp.size > 1:
+            mine = etp_sizes[self.etp.rank]
+            received = mappings.all_to_all(received.repeat(self.etp.size, 1), self.etp, etp_sizes,
+                                           [mine] * self.etp.size)
+        # 5. group the received rows by local expert: they arrive [etp rank][ep rank][expert]
+        local_expert = torch.arange(self.L, device=device).repeat(recv_counts.shape[0] * recv_counts.shape[1])
+        local_expert = local_expert.repeat_interleave(recv_counts.flatten().to(device), output_size=sum(etp_sizes))
+        order = torch.sort(local_expert, stable=True).indices
+        tokens_per_expert = recv_counts.sum((0, 1)).to(device)
+        handle = DispatchHandle(token_index, probs, x_TD.shape[0], restore=order, ep_send=ep_send,
+                                ep_recv=ep_recv, etp_sizes=etp_sizes)
+        return received[order], tokens_per_expert, handle
+
+    def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
+        y = torch.empty_like(y_ND).index_copy(0, handle.restore, y_ND)  # back to arrival order
+        if self.etp.size > 1:
+            mine = handle.etp_sizes[self.etp.rank]
+            y = mappings.all_to_all(y, self.etp, [mine] * self.etp.size, handle.etp_sizes)
+            y = y.view(self.etp.size, mine, -1).sum(0)  # sum the expert-TP partials
+        y = mappings.all_to_all(y, self.ep, handle.ep_send, handle.ep_recv)
+        return _weighted_sum(y, handle.token_index, handle.probs, handle.num_tokens)
