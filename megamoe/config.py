@@ -143,8 +143,8 @@ class MoEConfig:
     """How tokens reach experts on other ranks."""
     moe_grouped_gemm_impl: Literal["loop", "torch", "te"] = "torch"
     """Expert GEMM backend: 'loop' (reference), 'torch' (torch._grouped_mm), 'te' (Transformer Engine)."""
-    moe_shared_expert_overlap: bool = False
-    """On CUDA, run shared experts on a side stream to overlap token dispatch and combine."""
+    moe_shared_expert_overlap: bool = True
+    """On CUDA, run the shared experts on a side stream, overlapping dispatch, experts and combine."""
 
 
 @dataclass

@@ -33,8 +33,6 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     {
         # Transformer Engine layers and FP8
         "transformer_impl", "fp8_format", "fp8_recipe",
-        # the shared-expert stream overlap
-        "moe_shared_expert_overlap",
         # fp16 loss scaling
         "fp16",
         # pipeline and context parallelism, overlapped DP and the distributed optimizer

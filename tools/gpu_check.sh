@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [tests] [bench BACKEND...]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep]
+# `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -11,6 +12,13 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 mode="${1:-all}"; shift || true
 if [ "$mode" = tests ] || [ "$mode" = all ]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$LOG/gpu_tests.log" | tail -15
+fi
+if [ "$mode" = ep ]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$LOG/gpu_tests.log" | tail -8
+  python3 tools/check_parity.py --models mla gqa --layouts tp=1 ep=2,dp=2 ep=2,dp=2,dispatcher=alltoall \
+    tp=2,sp tp=2,ep=2,etp=1,dispatcher=alltoall 2>&1 | tee "$LOG/parity_nccl.log" | grep -v "^ *\[" | tail -40
+  python3 tools/bench_moe.py --json "$LOG/moe_ep1.json" 2>&1 | tail -12
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_moe.py --json "$LOG/moe_ep2.json" 2>&1 | tail -12
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

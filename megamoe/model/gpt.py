@@ -189,7 +189,7 @@ class GPTModel(nn.Module):
             dispatcher = AllToAllDispatcher(state.ep, state.etp, E, pad)
         else:
             dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, pad)
-        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp)
+        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.moe_shared_expert_overlap)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

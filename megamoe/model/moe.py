@@ -51,12 +51,15 @@ class MoELayer(nn.Module):
         tp: Group,
         dp: Optional[Group] = None,
         sequence_parallel: bool = False,
+        shared_expert_overlap: bool = True,
     ):
         super().__init__()
         self.gate, self.experts, self.shared_experts = router, experts, shared_experts
         self.dispatcher = dispatcher
         self.tp, self.dp = tp, dp
         self.sequence_parallel = sequence_parallel and tp.size > 1
+        self.shared_expert_overlap = shared_expert_overlap
+        self._side_stream: Optional[torch.cuda.Stream] = None
 
     # ----------------------------------------------------------------------------- stages
 
@@ -72,9 +75,35 @@ class MoELayer(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
 
+    def _shared_start(self, x: torch.Tensor):
+        """Start the shared experts: on a side stream on CUDA (overlapping dispatch, experts and
+        combine on the main stream; autograd runs their backward on the same side stream),
+        else inline. Returns the output, or a pending (stream, output) pair."""
+        if self.shared_experts is None:
+            return None
+        if not (self.shared_expert_overlap and x.is_cuda):
+            return self.shared_experts(x)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=x.device)
+        main = torch.cuda.current_stream(x.device)
+        self._side_stream.wait_stream(main)  # x is ready
+        with torch.cuda.stream(self._side_stream):
+            out = self.shared_experts(x)
+        return (self._side_stream, out)
+
+    @staticmethod
+    def _shared_finish(pending):
+        if not isinstance(pending, tuple):
+            return pending
+        stream, out = pending
+        main = torch.cuda.current_stream(out.device)
+        main.wait_stream(stream)
+        out.record_stream(main)  # its memory is used on the main stream from here on
+        return out
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         """``x``: ``[s, b, D]`` (``[s/tp, b, D]`` with sequence parallel)."""
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        shared = self._shared_start(x)
         tokens_sharded = self.sequence_parallel or self.tp.size == 1
         x_own = x if tokens_sharded else mappings.scatter_to_region(x, self.tp, dim=0)
         routing = self.route(x_own)
@@ -84,6 +113,7 @@ class MoELayer(nn.Module):
         out = self.combine(y_ND, handle, x.dtype).view_as(x_own)
         if not tokens_sharded:
             out = mappings.gather_from_region(out, self.tp, dim=0)
+        shared = self._shared_finish(shared)
         if shared is not None:
             out = out + shared
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E, routing.num_dropped)

@@ -41,6 +41,7 @@ class Reporter:
                  peak_tflops: Optional[float], device: torch.device):
         self.config, self.flops_per_token, self.world_size = config, flops_per_token, world_size
         self.is_writer, self.peak_tflops, self.device = is_writer, peak_tflops, device
+        self.ep_size = config.parallel.expert_model_parallel_size
         self.writer = None
         self.metrics_file = None
         self._window: list[StepMetrics] = []
@@ -99,6 +100,10 @@ class Reporter:
             load = m.tokens_per_expert
             imbalance = float((load.max(1) / np.maximum(load.mean(1), 1e-9)).max())
             parts.append(f"max/mean expert load: {imbalance:.2f}")
+            if self.ep_size > 1:
+                per_rank = self._per_ep_rank(load)
+                rank_imbalance = float((per_rank.max(1) / np.maximum(per_rank.mean(1), 1e-9)).max())
+                parts.append(f"max/mean EP-rank load: {rank_imbalance:.2f}")
             if any(m.dropped):
                 parts.append(f"dropped tokens: {int(sum(m.dropped))}")
         parts += [f"grad norm: {m.grad_norm:.4f}", f"tokens/s: {tokens_per_s:,.0f}",
@@ -108,6 +113,10 @@ class Reporter:
         if self.device.type == "cuda":
             parts.append(f"mem peak (GiB): {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}")
         return " | ".join(parts) + " |"
+
+    def _per_ep_rank(self, load: np.ndarray) -> np.ndarray:
+        """[layers, ep]: tokens each EP rank's experts received (experts are laid out by rank)."""
+        return load.reshape(load.shape[0], self.ep_size, -1).sum(-1)
 
     def _write_scalars(self, m: StepMetrics, tokens_per_s: float, tflops: float) -> None:
         w, it = self.writer, m.iteration
@@ -137,6 +146,10 @@ class Reporter:
                 w.add_histogram(f"moe/tokens-per-expert/layer-{layer}", row, it)
             for layer, dropped in enumerate(m.dropped):
                 w.add_scalar(f"moe/dropped-tokens/layer-{layer}", dropped, it)
+            if self.ep_size > 1:
+                for layer, row in enumerate(self._per_ep_rank(load)):
+                    w.add_scalar(f"moe/ep-rank-max-over-mean/layer-{layer}", float(row.max() / max(row.mean(), 1e-9)), it)
+                    w.add_histogram(f"moe/tokens-per-ep-rank/layer-{layer}", row, it)
             if it % self.config.logging.moe_expert_load_image_interval == 0:
                 w.add_image("moe/expert-load-heatmap", expert_load_heatmap(load), it, dataformats="HWC")
         w.flush()

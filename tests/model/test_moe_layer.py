@@ -190,3 +190,21 @@ def test_recompute_gives_the_same_loss_and_gradients(granularity, monkeypatch):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
     for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_expert_overlap_changes_nothing_but_streams():
+    layer = make_layer(device="cuda", dtype=torch.float32, D=64, F_=128)
+    x = torch.randn(128, 4, 64, device="cuda", requires_grad=True)
+    results = []
+    for overlap in (False, True):
+        layer.shared_expert_overlap = overlap
+        x.grad = None
+        layer.zero_grad()
+        out, _ = layer(x)
+        out.square().sum().backward()
+        torch.cuda.synchronize()
+        results.append((out.detach(), x.grad.clone(), layer.shared_experts.w1.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
