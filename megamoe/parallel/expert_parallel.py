@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 
-from megamoe.numerics import upcast
 from megamoe.parallel import mappings
 from megamoe.parallel.state import Group
 
@@ -36,15 +35,13 @@ from megamoe.parallel.state import Group
 class DispatchHandle:
     """What combine needs to undo a dispatch."""
 
-    token_index: torch.Tensor  # per permuted pair: index into the (gathered) token order
-    probs: torch.Tensor  # per permuted pair: combine weight (differentiable)
-    num_tokens: int  # tokens the weighted rows are summed into (gathered or local)
+    pair_index: torch.Tensor  # per row: its (token, k) pair in the (gathered) [T, K] order; padding rows: T*K
+    probs_TK: torch.Tensor  # combine weights of the (gathered) tokens (differentiable)
     # all-to-all only
     restore: Optional[torch.Tensor] = None  # row order after sorting by local expert -> received order
     ep_send: Optional[list[int]] = None
     ep_recv: Optional[list[int]] = None
     etp_sizes: Optional[list[int]] = None  # rows each expert-TP rank received over EP
-    padded_slots: Optional[torch.Tensor] = None  # with padding: pair -> slot in the padded send buffer
 
 
 def _sort_pairs(experts_TK: torch.Tensor, kept_TK: Optional[torch.Tensor], first: int, count: int,
@@ -64,26 +61,28 @@ def _sort_pairs(experts_TK: torch.Tensor, kept_TK: Optional[torch.Tensor], first
     return pair[order], local[pair][order]
 
 
-def _weighted_sum(y_ND: torch.Tensor, token_index: torch.Tensor, probs: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """sum over rows of probs * y into their tokens, in (at least) float32; padding rows point
-    at the scratch row ``num_tokens``."""
-    dtype = upcast(y_ND).dtype
-    weighted = y_ND.to(dtype) * probs.to(dtype).unsqueeze(1)
-    out = weighted.new_zeros(num_tokens + 1, y_ND.shape[1])
-    return out.index_add(0, token_index, weighted)[:num_tokens]
+def _weighted_sum(y_ND: torch.Tensor, pair_index: torch.Tensor, probs_TK: torch.Tensor) -> torch.Tensor:
+    """Un-permute rows to their (token, k) pairs and take each token's probability-weighted sum.
+
+    Rows land in a dense [T, K, D] buffer (unique indices, no atomics; pairs without a row, i.e.
+    dropped ones, stay zero) and one batched [1, K] x [K, D] product per token sums them,
+    accumulating in float32 inside the GEMM.
+    """
+    T, K = probs_TK.shape
+    pairs = y_ND.new_zeros(T * K + 1, y_ND.shape[1]).index_copy(0, pair_index, y_ND)[: T * K]
+    return torch.bmm(probs_TK.to(y_ND.dtype).unsqueeze(1), pairs.view(T, K, -1)).squeeze(1)
 
 
-def pad_rows_to_capacity(rows, tokens_per_group, token_index, probs, capacity, scratch_index):
-    """Give every group exactly ``capacity`` rows: zero rows, weight 0, aimed at ``scratch_index``."""
+def pad_rows_to_capacity(rows, tokens_per_group, pair_index, capacity, scratch_index):
+    """Give every group exactly ``capacity`` rows: zero rows aimed at the scratch pair."""
     G = tokens_per_group.shape[0]
     starts = torch.cumsum(tokens_per_group, 0) - tokens_per_group
     slot = torch.arange(rows.shape[0], device=rows.device) - starts.repeat_interleave(tokens_per_group)
     dest = torch.repeat_interleave(torch.arange(G, device=rows.device), tokens_per_group) * capacity + slot
     padded_rows = rows.new_zeros(G * capacity, rows.shape[1]).index_copy(0, dest, rows)
-    padded_index = torch.full((G * capacity,), scratch_index, dtype=token_index.dtype, device=rows.device)
-    padded_index = padded_index.index_copy(0, dest, token_index)
-    padded_probs = probs.new_zeros(G * capacity).index_copy(0, dest, probs)
-    return padded_rows, torch.full_like(tokens_per_group, capacity), padded_index, padded_probs
+    padded_index = torch.full((G * capacity,), scratch_index, dtype=pair_index.dtype, device=rows.device)
+    padded_index = padded_index.index_copy(0, dest, pair_index)
+    return padded_rows, torch.full_like(tokens_per_group, capacity), padded_index
 
 
 class AllGatherDispatcher:
@@ -102,16 +101,15 @@ class AllGatherDispatcher:
         kept_all = None if kept_TK is None else mappings.all_gather(kept_TK, g, dim=0)
         pair, expert = _sort_pairs(experts_all, kept_all, self.first, self.L, self.E)
         tokens_per_expert = torch.bincount(expert, minlength=self.L)
-        token_index, probs = pair // K, probs_all.reshape(-1)[pair]
-        rows = x_all[token_index]
+        rows = x_all[pair // K]
         if self.pad_to_capacity and capacity is not None:
             # each gathered rank's micro-batch slice may fill an expert's capacity
-            rows, tokens_per_expert, token_index, probs = pad_rows_to_capacity(
-                rows, tokens_per_expert, token_index, probs, capacity * g.size, x_all.shape[0])
-        return rows, tokens_per_expert, DispatchHandle(token_index, probs, x_all.shape[0])
+            rows, tokens_per_expert, pair = pad_rows_to_capacity(
+                rows, tokens_per_expert, pair, capacity * g.size, probs_all.numel())
+        return rows, tokens_per_expert, DispatchHandle(pair, probs_all)
 
     def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
-        out = _weighted_sum(y_ND, handle.token_index, handle.probs, handle.num_tokens)
+        out = _weighted_sum(y_ND, handle.pair_index, handle.probs_TK)
         return mappings.reduce_scatter_to_sequence_region(out, self.group, dim=0)
 
 
@@ -128,12 +126,10 @@ class AllToAllDispatcher:
         # 1. permute this rank's kept pairs by global expert (= by destination EP rank)
         pair, expert = _sort_pairs(experts_TK, kept_TK, 0, self.E, self.E)
         counts_E = torch.bincount(expert, minlength=self.E)
-        token_index, probs = pair // K, probs_TK.reshape(-1)[pair]
-        rows = x_TD[token_index]
+        rows = x_TD[pair // K]
         padded = self.pad_to_capacity and capacity is not None
         if padded:
-            rows, counts_E, token_index, probs = pad_rows_to_capacity(
-                rows, counts_E, token_index, probs, capacity, x_TD.shape[0])
+            rows, counts_E, pair = pad_rows_to_capacity(rows, counts_E, pair, capacity, probs_TK.numel())
         if padded:  # every split is static: no count exchange, no host sync
             recv_counts = counts_E.new_full((self.etp.size, self.ep.size, self.L), capacity)
             ep_send = ep_recv = [self.L * capacity] * self.ep.size
@@ -160,8 +156,8 @@ class AllToAllDispatcher:
         local_expert = local_expert.repeat_interleave(recv_counts.flatten().to(device), output_size=sum(etp_sizes))
         order = torch.sort(local_expert, stable=True).indices
         tokens_per_expert = recv_counts.sum((0, 1)).to(device)
-        handle = DispatchHandle(token_index, probs, x_TD.shape[0], restore=order, ep_send=ep_send,
-                                ep_recv=ep_recv, etp_sizes=etp_sizes)
+        handle = DispatchHandle(pair, probs_TK, restore=order, ep_send=ep_send, ep_recv=ep_recv,
+                                etp_sizes=etp_sizes)
         return received[order], tokens_per_expert, handle
 
     def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
@@ -171,4 +167,4 @@ class AllToAllDispatcher:
             y = mappings.all_to_all(y, self.etp, [mine] * self.etp.size, handle.etp_sizes)
             y = y.view(self.etp.size, mine, -1).sum(0)  # sum the expert-TP partials
         y = mappings.all_to_all(y, self.ep, handle.ep_send, handle.ep_recv)
-        return _weighted_sum(y, handle.token_index, handle.probs, handle.num_tokens)
+        return _weighted_sum(y, handle.pair_index, handle.probs_TK)
