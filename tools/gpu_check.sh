@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep]
-# `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2.
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe]
+# `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
+# `moe` runs only that benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -19,6 +20,10 @@ if [ "$mode" = ep ]; then
     tp=2,sp tp=2,ep=2,etp=1,dispatcher=alltoall 2>&1 | tee "$LOG/parity_nccl.log" | grep -v "^ *\[" | tail -40
   python3 tools/bench_moe.py --json "$LOG/moe_ep1.json" 2>&1 | tail -12
   python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_moe.py --json "$LOG/moe_ep2.json" 2>&1 | tail -12
+fi
+if [ "$mode" = moe ]; then
+  python3 tools/bench_moe.py --json "$LOG/moe_ep1.json" 2>&1 | tail -10
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_moe.py --json "$LOG/moe_ep2.json" 2>&1 | tail -10
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30
