@@ -1,6 +1,6 @@
 """The full model under tensor, expert and data parallelism against the single-process model,
 on gloo in float64: per-step loss, aux and z-losses, grad norm, every gradient (shards
-gathered), the weights after two optimizer steps and the expert-bias buffers.
+gathered), the weights after three optimizer steps and the expert-bias buffers.
 
 Layouts: TP 2 and 4 with and without sequence parallel; EP 2, 4 and 8; EP 2 with expert-TP 2;
 TP 2 for attention with EP 4 for experts (with and without SP); both token dispatchers; three
@@ -34,7 +34,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.model.seq_length = 16
     cfg.training.micro_batch_size = 1
     cfg.training.global_batch_size = 8
-    cfg.training.train_iters = 2
+    cfg.training.train_iters = 3
     cfg.training.clip_grad = 0.0
     cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)
     cfg.parallel.sequence_parallel = layout.get("sp", False)
@@ -85,7 +85,7 @@ def _parity(variant: str, layout: dict):
     model, ref = build(cfg, state), build(cfg, single)
     opt, ref_opt = MixedPrecisionAdamW(model, cfg.training), MixedPrecisionAdamW(ref, cfg.training)
     data = MicroBatches(cfg, state, torch.device("cpu"))
-    for step in (1, 2):
+    for step in range(1, cfg.training.train_iters + 1):
         mine = [data.get(step - 1, j) for j in range(data.num_micro)]
         # the reference reads every data-parallel rank's micro-batches
         everyone = []
