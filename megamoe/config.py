@@ -186,6 +186,13 @@ class ParallelConfig:
     distributed_timeout_minutes: int = 10
     """Timeout of collective operations, in minutes."""
 
+    def degrees(self) -> dict:
+        """The layout arguments of ``ParallelLayout.build`` / ``ParallelState.build``."""
+        return dict(tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
+                    cp=self.context_parallel_size, ep=self.expert_model_parallel_size,
+                    etp=self.expert_tensor_parallel_size, vpp=self.virtual_pipeline_model_parallel_size,
+                    order=self.parallel_rank_order)
+
 
 @dataclass
 class TrainingConfig:

@@ -167,16 +167,7 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_size: int) -> ParallelLayout:
-    layout = ParallelLayout.build(
-        world_size,
-        tp=p.tensor_model_parallel_size,
-        pp=p.pipeline_model_parallel_size,
-        cp=p.context_parallel_size,
-        ep=p.expert_model_parallel_size,
-        etp=p.expert_tensor_parallel_size,
-        vpp=p.virtual_pipeline_model_parallel_size,
-        order=p.parallel_rank_order,
-    )
+    layout = ParallelLayout.build(world_size, **p.degrees())
     tp = layout.tp
     if m.num_attention_heads % tp:
         _fail(f"--num-attention-heads {m.num_attention_heads} is not divisible by "

@@ -17,7 +17,7 @@ import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamoe.cli import build_parser, exit_on_config_error  # noqa: E402
+from megamoe.cli import build_parser, config_from_values, exit_on_config_error  # noqa: E402
 from megamoe.parallel.state import GROUP_DESCRIPTIONS, ParallelLayout  # noqa: E402
 
 LAYOUT_FIELDS = {
@@ -47,17 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-groups", type=int, default=None,
                         help="Show at most this many groups of each kind (default: all).")
     args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in LAYOUT_FIELDS}
     with exit_on_config_error(parser.prog):
-        layout = ParallelLayout.build(
-            args.world_size,
-            tp=getattr(args, "tensor_model_parallel_size", 1),
-            pp=getattr(args, "pipeline_model_parallel_size", 1),
-            cp=getattr(args, "context_parallel_size", 1),
-            ep=getattr(args, "expert_model_parallel_size", 1),
-            etp=getattr(args, "expert_tensor_parallel_size", None),
-            vpp=getattr(args, "virtual_pipeline_model_parallel_size", None),
-            order=getattr(args, "parallel_rank_order", "tp-cp-ep-dp-pp"),
-        )
+        layout = ParallelLayout.build(args.world_size, **config_from_values(given).parallel.degrees())
     if args.rank is not None:
         if not 0 <= args.rank < args.world_size:
             parser.error(f"--rank {args.rank}: must be in [0, {args.world_size})")

@@ -49,15 +49,5 @@ def init_distributed(config: ParallelConfig, info: ProcessInfo) -> tuple[Paralle
             timeout=datetime.timedelta(minutes=config.distributed_timeout_minutes),
             device_id=device if use_cuda else None,
         )
-    state = ParallelState.build(
-        tp=config.tensor_model_parallel_size,
-        pp=config.pipeline_model_parallel_size,
-        cp=config.context_parallel_size,
-        ep=config.expert_model_parallel_size,
-        etp=config.expert_tensor_parallel_size,
-        vpp=config.virtual_pipeline_model_parallel_size,
-        order=config.parallel_rank_order,
-        world_size=info.world_size,
-        rank=info.rank,
-    )
+    state = ParallelState.build(**config.degrees(), world_size=info.world_size, rank=info.rank)
     return state, device

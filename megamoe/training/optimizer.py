@@ -52,9 +52,6 @@ class MixedPrecisionAdamW:
             if master is not p:
                 p.copy_(master)
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "masters": [m.detach() for m in self.masters]}
-
 
 def _accumulate_into_main_grad(param: torch.Tensor) -> None:
     param.main_grad.add_(param.grad)

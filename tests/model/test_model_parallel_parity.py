@@ -33,7 +33,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg = Config()
     cfg.model.seq_length = 16
     cfg.training.micro_batch_size = 1
-    cfg.training.global_batch_size = 8
+    cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
     cfg.training.train_iters = 3
     cfg.training.clip_grad = 0.0
     cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)
@@ -94,7 +94,7 @@ def _parity(variant: str, layout: dict):
             everyone += [data.get(step - 1, j) for j in range(data.num_micro)]
         data.dp_rank = state.dp.rank
         got = train_step(model, opt, mine, step, cfg, state, None)
-        ref_cfg = make_config(variant, {})
+        ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size})
         want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
         assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
         assert abs(got.grad_norm - want.grad_norm) <= 1e-9 * want.grad_norm, (step, got.grad_norm, want.grad_norm)
@@ -121,7 +121,7 @@ EP_LAYOUTS = [dict(ep=2), dict(ep=4), dict(ep=2, etp=2), dict(tp=2, ep=4, etp=1)
 
 
 def _name(layout: dict) -> str:
-    return ",".join(k if v is True else f"{k}={v}" for k, v in layout.items())
+    return ",".join(k if v is True else f"{k}={v}" for k, v in layout.items() if k != "gbs")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -139,5 +139,5 @@ def test_expert_parallel_model_matches_single_process(workers, variant, dispatch
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 def test_expert_parallel_8_ranks(workers, dispatcher):
-    assert all(workers(8).run(_parity, "mtp_capacity", {"ep": 8, "dispatcher": dispatcher}))
+    assert all(workers(8).run(_parity, "mtp_capacity", {"ep": 8, "dispatcher": dispatcher, "gbs": 8}))
     assert all(workers(8).run(_parity, "gqa", {"tp": 2, "ep": 8, "etp": 1, "sp": True, "dispatcher": dispatcher}))
