@@ -35,8 +35,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         "transformer_impl", "fp8_format", "fp8_recipe",
         # fp16 loss scaling
         "fp16",
-        # pipeline and context parallelism, overlapped DP and the distributed optimizer
-        "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+        # virtual/uneven pipeline stages, context parallelism, overlapped DP, distributed optimizer
+        "virtual_pipeline_model_parallel_size",
         "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
         "decoder_last_pipeline_num_layers", "context_parallel_size", "use_distributed_optimizer",
         "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
@@ -196,6 +196,11 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
     if p.decoder_first_pipeline_num_layers is None and p.decoder_last_pipeline_num_layers is None:
         if m.num_layers % layout.pp:
             _fail(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {layout.pp}")
+    if layout.pp > 1 and m.mtp_num_layers:
+        _fail("--mtp-num-layers with --pipeline-model-parallel-size > 1 is not supported yet")
+    if layout.pp > 1 and not m.untie_embeddings_and_output_weights:
+        _fail("tied embeddings (--no-untie-embeddings-and-output-weights) with "
+              "--pipeline-model-parallel-size > 1 are not supported yet")
     if p.overlap_param_gather and not p.use_distributed_optimizer:
         _fail("--overlap-param-gather needs --use-distributed-optimizer")
     return layout

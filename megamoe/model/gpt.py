@@ -52,13 +52,16 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 @dataclass
 class ModelOutput:
-    """Sums over this rank's tokens; the training step normalises them over the global batch."""
+    """Sums over this rank's tokens; the training step normalises them over the global batch.
+    Stages before the last pipeline stage return their output activation in ``hidden`` and no
+    losses."""
 
-    lm_loss_sum: torch.Tensor
-    num_tokens: torch.Tensor
+    lm_loss_sum: Optional[torch.Tensor]
+    num_tokens: Optional[torch.Tensor]
     mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)
     mtp_num_tokens: list[torch.Tensor] = field(default_factory=list)
     moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer (MTP blocks last)
+    hidden: Optional[torch.Tensor] = None  # output activation for the next pipeline stage
 
 
 def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
@@ -93,7 +96,12 @@ class MTPModule(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """DeepSeek-V3-style MoE transformer (or GQA / dense variants) with tensor parallelism."""
+    """DeepSeek-V3-style MoE transformer (or GQA / dense variants) with tensor parallelism.
+
+    Under pipeline parallelism each rank builds its stage only: the embedding on the first
+    stage, ``num_layers / pp`` consecutive layers (named by their global index, so names and
+    initial weights match the single-process model), and the final norm, head and MTP modules
+    on the last stage."""
 
     def __init__(self, config: Config, state: ParallelState,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
@@ -109,24 +117,38 @@ class GPTModel(nn.Module):
         self.mtp_num_layers = m.mtp_num_layers
         kw = dict(device=device, dtype=dtype)
         init_fn = normal_init(m.init_method_std)
-        self.embed = VocabParallelEmbedding(self.padded_vocab, m.hidden_size, tp, sequence_parallel=sp,
-                                            init_fn=init_fn, **kw)
+        self.first_stage, self.last_stage = state.is_first_stage, state.is_last_stage
+        self.embed = None
+        if self.first_stage:
+            self.embed = VocabParallelEmbedding(self.padded_vocab, m.hidden_size, tp, sequence_parallel=sp,
+                                                init_fn=init_fn, **kw)
         self.rope = self._build_rope(config, device)
         num_blocks = m.num_layers + m.mtp_num_layers
         is_moe = parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers) if moe.num_experts else [False] * m.num_layers
         # MTP blocks use the FFN kind of the last decoder layer (MoE in DeepSeek-V3).
         is_moe = is_moe + [is_moe[-1]] * m.mtp_num_layers
-        blocks = [self._build_block(config, state, is_moe[i], num_blocks, **kw) for i in range(num_blocks)]
-        self.layers = nn.ModuleList(blocks[: m.num_layers])
-        self.norm = RMSNorm(m.hidden_size, m.norm_epsilon, sequence_parallel=sp, **kw)
-        self.head = None
-        if m.untie_embeddings_and_output_weights:
-            self.head = ColumnParallelLinear(m.hidden_size, self.padded_vocab, tp, sequence_parallel=sp,
-                                             init_fn=init_fn, **kw)
-        self.mtp = nn.ModuleList(
-            MTPModule(blocks[m.num_layers + k], m.hidden_size, m.norm_epsilon, sp, init_fn, **kw)
-            for k in range(m.mtp_num_layers)
-        )
+        per_stage = m.num_layers // state.pp.size
+        first = state.pp.rank * per_stage
+        # Global ordinal of each of this stage's MoE layers (MTP blocks count after the decoder).
+        moe_ordinal = {i: n for n, i in enumerate(i for i, flag in enumerate(is_moe) if flag)}
+        local = list(range(first, first + per_stage))
+        local += list(range(m.num_layers, num_blocks)) if self.last_stage else []
+        self.num_moe_layers = len(moe_ordinal)
+        self.moe_index = [moe_ordinal[i] for i in local if i in moe_ordinal]
+        self.layers = nn.ModuleDict({
+            str(i): self._build_block(config, state, is_moe[i], num_blocks, **kw) for i in range(first, first + per_stage)
+        })
+        self.norm = self.head = None
+        self.mtp = nn.ModuleList()
+        if self.last_stage:
+            self.norm = RMSNorm(m.hidden_size, m.norm_epsilon, sequence_parallel=sp, **kw)
+            if m.untie_embeddings_and_output_weights:
+                self.head = ColumnParallelLinear(m.hidden_size, self.padded_vocab, tp, sequence_parallel=sp,
+                                                 init_fn=init_fn, **kw)
+            self.mtp.extend(
+                MTPModule(self._build_block(config, state, is_moe[m.num_layers + k], num_blocks, **kw),
+                          m.hidden_size, m.norm_epsilon, sp, init_fn, **kw)
+                for k in range(m.mtp_num_layers))
 
     # ------------------------------------------------------------------ construction
 
@@ -206,7 +228,7 @@ class GPTModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def moe_layers(self) -> list[MoELayer]:
-        blocks = list(self.layers) + [mtp.block for mtp in self.mtp]
+        blocks = list(self.layers.values()) + [mtp.block for mtp in self.mtp]
         return [b.ffn for b in blocks if isinstance(b.ffn, MoELayer)]
 
     def _run_block(self, block, x, positions, rng_tracker):
@@ -232,16 +254,19 @@ class GPTModel(nn.Module):
         return (per_token * mask_SB).sum(), mask_SB.sum()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
-                rng_tracker: Optional[RNGStatesTracker] = None) -> ModelOutput:
-        """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``. Returns loss sums over this rank's tokens."""
+                rng_tracker: Optional[RNGStatesTracker] = None, hidden_in: Optional[torch.Tensor] = None) -> ModelOutput:
+        """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``. Returns loss sums over this rank's tokens.
+        ``hidden_in``: on a pipeline stage after the first, the previous stage's output."""
         tokens_SB, labels_SB = tokens.t(), labels.t()
         mask_SB = (torch.ones_like(labels_SB, dtype=torch.float32) if loss_mask is None else loss_mask.t().float())
         positions = torch.arange(tokens_SB.shape[0], device=tokens.device)
         stats: list[MoEStats] = []
-        x = self.embed(tokens_SB)
-        for block in self.layers:
+        x = self.embed(tokens_SB) if self.first_stage else hidden_in
+        for block in self.layers.values():
             x, s = self._run_block(block, x, positions, rng_tracker)
             stats += [s] if s is not None else []
+        if not self.last_stage:
+            return ModelOutput(None, None, moe_stats=stats, hidden=x)
         lm_sum, num_tokens = self._token_loss(x, self.norm, labels_SB, mask_SB)
         out = ModelOutput(lm_sum, num_tokens)
         hidden = x

@@ -21,6 +21,7 @@ from megamoe.config import Config
 from megamoe.data.mock import MarkovMockData
 from megamoe.model.gpt import GPTModel, materialize
 from megamoe.parallel import mappings
+from megamoe.parallel.pipeline_parallel import P2P, forward_only, one_forward_one_backward
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token, peak_tflops
@@ -75,31 +76,45 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
     ``step_time`` covers this function; the loop replaces it with the wall time between steps."""
     start = time.perf_counter()
     t, depths = config.training, config.model.mtp_num_layers
-    moe_layers = model.moe_layers()
     num_micro, dp = len(batches), state.dp.size * state.cp.size
     counts = _global_token_counts(batches, depths, state)
+    device = counts.device
     optimizer.zero_grad()
-    sums = torch.zeros(1 + depths, dtype=torch.float64, device=counts.device)
-    aux = torch.zeros(2, len(moe_layers), dtype=torch.float64, device=counts.device)
-    load = torch.zeros(len(moe_layers), config.moe.num_experts or 0, dtype=torch.float64, device=counts.device)
-    dropped = torch.zeros(len(moe_layers), dtype=torch.float64, device=counts.device)
-    for batch in batches:
-        out = model(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker)
-        loss = out.lm_loss_sum / counts[0]
-        for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
-            loss = loss + config.model.mtp_loss_scaling_factor / depths * mtp_sum / counts[k]
+    # Metrics, summed over micro-batches. MoE rows are indexed by the global MoE-layer ordinal,
+    # so the pipeline stages' rows can be summed over the pipeline group.
+    sums = torch.zeros(1 + depths, dtype=torch.float64, device=device)
+    aux = torch.zeros(2, model.num_moe_layers, dtype=torch.float64, device=device)
+    load = torch.zeros(model.num_moe_layers, config.moe.num_experts or 0, dtype=torch.float64, device=device)
+    dropped = torch.zeros(model.num_moe_layers, dtype=torch.float64, device=device)
+
+    def forward_step(j: int, hidden_in: Optional[torch.Tensor]):
+        batch = batches[j]
+        out = model(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker, hidden_in=hidden_in)
+        loss = torch.zeros((), dtype=torch.float32, device=device)
         for stats in out.moe_stats:
             loss = loss + (stats.aux_loss + stats.z_loss) / (num_micro * dp)
-        loss.backward()
-        with torch.no_grad():
-            sums[0] += out.lm_loss_sum.double()
+        if out.lm_loss_sum is not None:
+            loss = loss + out.lm_loss_sum / counts[0]
             for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
-                sums[k] += mtp_sum.double()
-            for i, stats in enumerate(out.moe_stats):
+                loss = loss + config.model.mtp_loss_scaling_factor / depths * mtp_sum / counts[k]
+        with torch.no_grad():
+            if out.lm_loss_sum is not None:
+                sums[0] += out.lm_loss_sum.double()
+                for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
+                    sums[k] += mtp_sum.double()
+            for i, stats in zip(model.moe_index, out.moe_stats):
                 aux[0, i] += stats.aux_loss.double()
                 aux[1, i] += stats.z_loss.double()
                 load[i] += stats.tokens_per_expert.double()
                 dropped[i] += stats.num_dropped.double()
+        return out.hidden, loss
+
+    if state.pp.size == 1:
+        for j in range(num_micro):
+            forward_step(j, None)[1].backward()
+    else:
+        p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, device)
+        one_forward_one_backward(forward_step, num_micro, p2p)
 
     finalize_grads(optimizer.params, state)
     grad_norm = global_grad_norm(optimizer.params, state)
@@ -107,16 +122,17 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
     lr = learning_rate(step, t)
     optimizer.step(lr)
 
-    # Reduce the metrics: loss shares over TP, sums over data-parallel ranks.
+    # Reduce the metrics: loss shares over TP, sums over data-parallel ranks and pipeline stages.
     mappings.all_reduce_(aux, state.tp)
     packed = torch.cat([sums, aux.flatten(), load.flatten(), dropped])
     mappings.all_reduce_(packed, state.dp_cp)
+    mappings.all_reduce_(packed, state.pp)
     sums, rest = packed[: 1 + depths], packed[1 + depths:]
     aux = rest[: aux.numel()].view_as(aux) / (num_micro * dp)
     load = rest[aux.numel(): aux.numel() + load.numel()].view_as(load)
     dropped = rest[aux.numel() + load.numel():]
-    for layer, layer_load in zip(moe_layers, load):
-        layer.gate.update_expert_bias(layer_load.float())
+    for layer, i in zip(model.moe_layers(), model.moe_index):
+        layer.gate.update_expert_bias(load[i].float())
     if counts.is_cuda:
         torch.cuda.synchronize(counts.device)
     return StepMetrics(
@@ -129,9 +145,17 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
         mtp_losses=[(sums[k] / counts[k]).item() for k in range(1, depths + 1)],
         aux_losses=aux[0].tolist(),
         z_losses=aux[1].tolist(),
-        tokens_per_expert=load.cpu().numpy() if len(moe_layers) else None,
+        tokens_per_expert=load.cpu().numpy() if model.num_moe_layers else None,
         dropped=dropped.tolist(),
     )
+
+
+def _activation_shape(config: Config, state: ParallelState) -> tuple[int, int, int]:
+    """[s, micro_batch, hidden] between pipeline stages (s / tp with sequence parallel)."""
+    s = config.model.seq_length
+    if config.parallel.sequence_parallel:
+        s //= state.tp.size
+    return (s, config.training.micro_batch_size, config.model.hidden_size)
 
 
 @torch.no_grad()
@@ -140,12 +164,20 @@ def evaluate(model: GPTModel, data: MicroBatches, config: Config, state: Paralle
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=data.device)
     for it in range(config.training.eval_iters):
-        for j in range(data.num_micro):
-            batch = data.get(it, j, offset=VALIDATION_OFFSET)
-            out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
-            total += torch.stack([out.lm_loss_sum.double(), out.num_tokens.double()])
+        batches = [data.get(it, j, offset=VALIDATION_OFFSET) for j in range(data.num_micro)]
+
+        def forward_step(j: int, hidden_in: Optional[torch.Tensor]):
+            b = batches[j]
+            out = model(b["tokens"], b["labels"], b["loss_mask"], hidden_in=hidden_in)
+            if out.lm_loss_sum is not None:
+                total.add_(torch.stack([out.lm_loss_sum.double(), out.num_tokens.double()]))
+            return out.hidden, None
+
+        p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, data.device)
+        forward_only(forward_step, data.num_micro, p2p)
     model.train()
     mappings.all_reduce_(total, state.dp_cp)
+    mappings.all_reduce_(total, state.pp)
     return (total[0] / total[1]).item()
 
 

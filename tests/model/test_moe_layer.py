@@ -129,7 +129,7 @@ def test_mtp_loss_predicts_depth_plus_one_ahead():
     t_SB, l_SB = tokens.t(), labels.t()
     pos = torch.arange(12)
     h = model.embed(t_SB)
-    for block in model.layers:
+    for block in model.layers.values():
         h, _ = block(h, pos)
     for k, mtp in enumerate(model.mtp, start=1):
         ahead = torch.cat([t_SB[k:], t_SB[:k]])  # token i+k at position i (tail is masked below)
@@ -147,7 +147,7 @@ def test_padded_vocabulary_is_masked():
     tokens, labels = torch.randint(0, 500, (2, 12)), torch.randint(0, 500, (2, 12))
     out = model(tokens, labels)
     h = model.embed(tokens.t())
-    for block in model.layers:
+    for block in model.layers.values():
         h, _ = block(h, torch.arange(12))
     logits = model.head(model.norm(h))[..., :500]  # only the real vocabulary
     expected = F.cross_entropy(logits.reshape(-1, 500), labels.t().reshape(-1), reduction="sum")
