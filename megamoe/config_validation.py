@@ -159,8 +159,10 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
     if moe.moe_aux_loss_coeff < 0 or (moe.moe_z_loss_coeff or 0) < 0:
         _fail("--moe-aux-loss-coeff and --moe-z-loss-coeff must not be negative")
     if moe.moe_grouped_gemm_impl == "te":
+        from megamoe.extensions.te import import_te
+
         try:
-            import transformer_engine.pytorch  # noqa: F401
+            import_te()
         except ImportError:
             _fail("--moe-grouped-gemm-impl te needs Transformer Engine, which is not installed "
                   "(pip install 'megamoe[te]'), or use --moe-grouped-gemm-impl torch")

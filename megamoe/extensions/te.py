@@ -43,8 +43,6 @@ class TEGroupedSwiGLU(nn.Module):
             self.fc1_weight(i).expert_tensor_parallel_dim = 0
             self.fc2_weight(i).expert_tensor_parallel_dim = 1
             self.fc1_weight(i).expert = self.fc2_weight(i).expert = True
-            # fc1 stacks [w1 slice; w3 slice]: gathering it over expert-TP needs the halves apart
-            self.fc1_weight(i).expert_fused_halves = True
 
     def fc1_weight(self, i: int) -> nn.Parameter:
         return getattr(self.fc1, f"weight{i}")

@@ -114,7 +114,6 @@ class GPTModel(nn.Module):
         self.vocab_size = config.data.vocab_size
         self.padded_vocab = padded_vocab_size(self.vocab_size, config.data.make_vocab_size_divisible_by, tp.size)
         self.recompute = m.recompute_granularity
-        self.mtp_num_layers = m.mtp_num_layers
         kw = dict(device=device, dtype=dtype)
         init_fn = normal_init(m.init_method_std)
         self.first_stage, self.last_stage = state.is_first_stage, state.is_last_stage
@@ -163,7 +162,7 @@ class GPTModel(nn.Module):
         return RotaryEmbedding(dim, m.max_position_embeddings or m.seq_length, m.rotary_base, yarn, device=device)
 
     def _build_block(self, config: Config, state: ParallelState, moe_layer: bool, num_blocks: int, device, dtype):
-        m, moe = config.model, config.moe
+        m = config.model
         sp = self.sequence_parallel
         kw = dict(device=device, dtype=dtype)
         init_fn = normal_init(m.init_method_std)

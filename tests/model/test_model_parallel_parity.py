@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megamoe.config import Config
 from megamoe.model.gpt import GPTModel, materialize
