@@ -24,6 +24,7 @@ from megamoe.config import (
     TrainingConfig,
     flag_name,
 )
+from megamoe.parallel.pipeline_parallel import stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
 
 # Flags that are declared (so --help lists them and launch scripts parse) but whose feature
@@ -37,8 +38,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         "fp16",
         # virtual/uneven pipeline stages, context parallelism, overlapped DP, distributed optimizer
         "virtual_pipeline_model_parallel_size",
-        "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
-        "decoder_last_pipeline_num_layers", "context_parallel_size", "use_distributed_optimizer",
+        "num_layers_per_virtual_pipeline_stage", "context_parallel_size", "use_distributed_optimizer",
         "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
         # datasets on disk and tokenizers
         "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "data_cache_path",
@@ -193,11 +193,19 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
         ffn = moe.moe_ffn_hidden_size or m.ffn_hidden_size
         if ffn % layout.etp:
             _fail(f"--moe-ffn-hidden-size {ffn} is not divisible by --expert-tensor-parallel-size {layout.etp}")
-    if (m.num_layers - (p.decoder_first_pipeline_num_layers or 0) - (p.decoder_last_pipeline_num_layers or 0)) < 0:
-        _fail("--decoder-first-pipeline-num-layers + --decoder-last-pipeline-num-layers exceed --num-layers")
-    if p.decoder_first_pipeline_num_layers is None and p.decoder_last_pipeline_num_layers is None:
-        if m.num_layers % layout.pp:
-            _fail(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {layout.pp}")
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    if (first is not None or last is not None) and layout.pp == 1:
+        _fail("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+    try:
+        ranges = stage_layer_ranges(m.num_layers, layout.pp, first, last)
+    except ValueError:
+        given = "".join(f" with {flag} {v}" for flag, v in (("--decoder-first-pipeline-num-layers", first),
+                                                           ("--decoder-last-pipeline-num-layers", last)) if v is not None)
+        _fail(f"--num-layers {m.num_layers} cannot be split over --pipeline-model-parallel-size {layout.pp} "
+              f"stages{given} (the other stages must get equal whole numbers of layers)")
+    if any(end <= start for start, end in ranges):
+        _fail(f"every pipeline stage needs at least one layer (--num-layers {m.num_layers}, "
+              f"--pipeline-model-parallel-size {layout.pp})")
     if layout.pp > 1 and m.mtp_num_layers:
         _fail("--mtp-num-layers with --pipeline-model-parallel-size > 1 is not supported yet")
     if layout.pp > 1 and not m.untie_embeddings_and_output_weights:

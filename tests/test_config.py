@@ -130,6 +130,11 @@ def _config(**fields) -> Config:
         (dict(data_path=["x"]), 1, "mutually exclusive"),
         (dict(min_lr=1.0), 1, "--min-lr 1.0 is larger than --lr"),
         (dict(qk_layernorm=True), 1, "--qk-layernorm applies to GQA"),
+        (dict(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=3),
+         2, "--num-layers 4 cannot be split over --pipeline-model-parallel-size 2 stages with "
+            "--decoder-first-pipeline-num-layers 3"),
+        (dict(decoder_last_pipeline_num_layers=1), 1, "need --pipeline-model-parallel-size > 1"),
+        (dict(pipeline_model_parallel_size=2, mtp_num_layers=1), 2, "--mtp-num-layers with --pipeline"),
         (dict(moe_router_pre_softmax=True), 1, "--moe-router-pre-softmax needs"),
         (dict(fp8_format="e4m3"), 1, "--fp8-format: not supported yet"),
     ],

@@ -34,6 +34,7 @@ from megamoe.model.rope import RotaryEmbedding, YarnScaling
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
+from megamoe.parallel.pipeline_parallel import stage_layer_ranges
 from megamoe.parallel.random import RNGStatesTracker
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor_parallel import (
@@ -99,7 +100,7 @@ class GPTModel(nn.Module):
     """DeepSeek-V3-style MoE transformer (or GQA / dense variants) with tensor parallelism.
 
     Under pipeline parallelism each rank builds its stage only: the embedding on the first
-    stage, ``num_layers / pp`` consecutive layers (named by their global index, so names and
+    stage, its consecutive layers (``stage_layer_ranges``; named by their global index, so names and
     initial weights match the single-process model), and the final norm, head and MTP modules
     on the last stage."""
 
@@ -126,16 +127,17 @@ class GPTModel(nn.Module):
         is_moe = parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers) if moe.num_experts else [False] * m.num_layers
         # MTP blocks use the FFN kind of the last decoder layer (MoE in DeepSeek-V3).
         is_moe = is_moe + [is_moe[-1]] * m.mtp_num_layers
-        per_stage = m.num_layers // state.pp.size
-        first = state.pp.rank * per_stage
+        p = config.parallel
+        first, end = stage_layer_ranges(m.num_layers, state.pp.size, p.decoder_first_pipeline_num_layers,
+                                        p.decoder_last_pipeline_num_layers)[state.pp.rank]
         # Global ordinal of each of this stage's MoE layers (MTP blocks count after the decoder).
         moe_ordinal = {i: n for n, i in enumerate(i for i, flag in enumerate(is_moe) if flag)}
-        local = list(range(first, first + per_stage))
+        local = list(range(first, end))
         local += list(range(m.num_layers, num_blocks)) if self.last_stage else []
         self.num_moe_layers = len(moe_ordinal)
         self.moe_index = [moe_ordinal[i] for i in local if i in moe_ordinal]
         self.layers = nn.ModuleDict({
-            str(i): self._build_block(config, state, is_moe[i], num_blocks, **kw) for i in range(first, first + per_stage)
+            str(i): self._build_block(config, state, is_moe[i], num_blocks, **kw) for i in range(first, end)
         })
         self.norm = self.head = None
         self.mtp = nn.ModuleList()

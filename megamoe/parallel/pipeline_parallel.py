@@ -150,3 +150,27 @@ def forward_only(forward_step: ForwardStep, num_micro: int, p2p: P2P) -> None:
         x = p2p.recv_forward()
         y, _ = forward_step(i, None if x is None else x.detach())
         p2p.send_forward(None if y is None else y.detach())
+
+
+def stage_layer_ranges(num_layers: int, pp: int, first: Optional[int] = None,
+                       last: Optional[int] = None) -> list[tuple[int, int]]:
+    """[start, end) of the layers on each pipeline stage.
+
+    ``first`` / ``last`` fix the first and last stages' layer counts (an embedding- or
+    head-heavy end gets fewer layers); the remaining layers split evenly over the other stages.
+    """
+    if pp == 1:
+        return [(0, num_layers)]
+    counts: list[Optional[int]] = [None] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    free = [i for i, c in enumerate(counts) if c is None]
+    rest = num_layers - sum(c for c in counts if c is not None)
+    if rest < 0 or (free and rest % len(free)) or (not free and rest):
+        raise ValueError(f"{num_layers} layers cannot be split over {pp} stages with first={first}, last={last}")
+    for i in free:
+        counts[i] = rest // len(free)
+    starts = [sum(counts[:i]) for i in range(pp)]
+    return [(s, s + c) for s, c in zip(starts, counts)]

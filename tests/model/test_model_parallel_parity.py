@@ -4,7 +4,7 @@ gathered), the weights after three optimizer steps and the expert-bias buffers.
 
 Layouts: TP 2 and 4 with and without sequence parallel; EP 2, 4 and 8; EP 2 with expert-TP 2;
 TP 2 for attention with EP 4 for experts (with and without SP); PP 2 and 4 (1F1B), PP 2 with
-TP 2 or EP 2, and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers; three model variants (sigmoid router with expert bias, dropless; softmax router with aux and z-loss;
+TP 2 or EP 2, uneven stages (1 + 3 layers), and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers; three model variants (sigmoid router with expert bias, dropless; softmax router with aux and z-loss;
 group-limited routing with capacity dropping and MTP).
 
 Every rank also builds the single-process reference from the same seed. The reference runs the
@@ -39,6 +39,8 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.sequence_parallel = layout.get("sp", False)
     cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
     cfg.parallel.pipeline_model_parallel_size = layout.get("pp", 1)
+    cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
+    cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
     cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
     if variant == "gqa":
@@ -143,7 +145,8 @@ def test_expert_parallel_8_ranks(workers, dispatcher):
     assert all(workers(8).run(_parity, "gqa", {"tp": 2, "ep": 8, "etp": 1, "sp": True, "dispatcher": dispatcher}))
 
 
-PP_LAYOUTS = [dict(pp=2), dict(pp=4), dict(pp=2, tp=2, sp=True), dict(pp=2, ep=2, dispatcher="alltoall")]
+PP_LAYOUTS = [dict(pp=2), dict(pp=4), dict(pp=2, tp=2, sp=True), dict(pp=2, ep=2, dispatcher="alltoall"),
+              dict(pp=2, last=3)]
 
 
 @pytest.mark.parametrize("variant", ["mla", "gqa"])  # MTP under pipeline parallelism is not supported yet

@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.pipeline_parallel import P2P, all_forward_all_backward, one_forward_one_backward
+from megamoe.parallel.pipeline_parallel import (
+    P2P,
+    all_forward_all_backward,
+    one_forward_one_backward,
+    stage_layer_ranges,
+)
 from megamoe.parallel.state import ParallelState
 
 DT = torch.float64
@@ -62,3 +67,14 @@ def test_1f1b_matches_all_forward_all_backward_and_bounds_activations(workers, w
         assert peak <= world - stage, (stage, peak)  # 1F1B: at most pp - stage in flight
         assert afab_peak == NUM_MICRO
     assert one[0][1] == world  # the first stage does reach the bound
+
+
+def test_stage_layer_ranges():
+    assert stage_layer_ranges(8, 1) == [(0, 8)]
+    assert stage_layer_ranges(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert stage_layer_ranges(8, 4, first=1, last=1) == [(0, 1), (1, 4), (4, 7), (7, 8)]
+    assert stage_layer_ranges(61, 4, first=13, last=16) == [(0, 13), (13, 29), (29, 45), (45, 61)]
+    assert stage_layer_ranges(4, 2, last=3) == [(0, 1), (1, 4)]
+    for bad in [dict(num_layers=8, pp=4, first=3), dict(num_layers=4, pp=2, first=3, last=3)]:
+        with pytest.raises(ValueError):
+            stage_layer_ranges(**bad)
