@@ -214,11 +214,10 @@ class TopKRouter(nn.Module):
 
         with torch.no_grad():
             routed_TE = torch.zeros_like(scores_TE).scatter_(1, experts_TK, 1.0)
-            counts_E = routed_TE.sum(0)
-            counts_BE = routed_TE.view(-1, num_seqs, self.num_experts).sum(0)
-            mappings.all_reduce_(counts_E, tokens)
+            counts_E = mappings.all_reduce_(routed_TE.sum(0), tokens)
+            counts_BE = None  # per-sequence counts: only the sequence-level loss needs them
             if self.load_balancing == "seq_aux_loss":
-                mappings.all_reduce_(counts_BE, tokens)
+                counts_BE = mappings.all_reduce_(routed_TE.view(-1, num_seqs, self.num_experts).sum(0), tokens)
 
         aux = self._balancing_loss(scores_TE, counts_E, counts_BE, num_seqs, tokens, dp)
         z = self._z_loss(logits_TE, tokens)

@@ -222,17 +222,6 @@ def reduce_scatter_to_sequence_region(x: torch.Tensor, group: Group, dim: int = 
     return x if group.size == 1 else _ReduceScatterToSequenceRegion.apply(x, group, dim)
 
 
-def scatter_to_sequence_region(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
-    """Replicated -> sequence parallel (e.g. after the embedding): keep this rank's slice."""
-    return scatter_to_region(x, group, dim)
-
-
-def gather_from_sequence_region_replicated(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
-    """Sequence parallel -> replicated (e.g. before a replicated head): all-gather; backward keeps
-    this rank's slice (every rank holds the full, identical gradient)."""
-    return gather_from_region(x, group, dim)
-
-
 def all_to_all(
     x: torch.Tensor,
     group: Group,
