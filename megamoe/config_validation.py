@@ -24,7 +24,7 @@ from megamoe.config import (
     TrainingConfig,
     flag_name,
 )
-from megamoe.parallel.pipeline_parallel import stage_layer_ranges
+from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
 
 # Flags that are declared (so --help lists them and launch scripts parse) but whose feature
@@ -36,9 +36,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         "transformer_impl", "fp8_format", "fp8_recipe",
         # fp16 loss scaling
         "fp16",
-        # virtual/uneven pipeline stages, context parallelism, overlapped DP, distributed optimizer
-        "virtual_pipeline_model_parallel_size",
-        "num_layers_per_virtual_pipeline_stage", "context_parallel_size", "use_distributed_optimizer",
+        # context parallelism, overlapped DP, distributed optimizer
+        "context_parallel_size", "use_distributed_optimizer",
         "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
         # datasets on disk and tokenizers
         "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "data_cache_path",
@@ -168,7 +167,30 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
                   "(pip install 'megamoe[te]'), or use --moe-grouped-gemm-impl torch")
 
 
+def resolve_virtual_pipeline(p: ParallelConfig, m: ModelConfig) -> None:
+    """Turn ``--num-layers-per-virtual-pipeline-stage`` into the virtual size (as Megatron-LM
+    does), so the rest of the code reads one field; a virtual size of 1 means no interleaving."""
+    per_chunk, vpp = p.num_layers_per_virtual_pipeline_stage, p.virtual_pipeline_model_parallel_size
+    if per_chunk is not None:
+        if vpp is not None:
+            _fail("--num-layers-per-virtual-pipeline-stage and --virtual-pipeline-model-parallel-size "
+                  "are alternatives: give one")
+        if p.decoder_first_pipeline_num_layers is not None or p.decoder_last_pipeline_num_layers is not None:
+            _fail("--num-layers-per-virtual-pipeline-stage needs even stages: use "
+                  "--virtual-pipeline-model-parallel-size with --decoder-first/last-pipeline-num-layers")
+        per_stage = m.num_layers // p.pipeline_model_parallel_size
+        if per_chunk <= 0 or m.num_layers % p.pipeline_model_parallel_size or per_stage % per_chunk:
+            _fail(f"--num-layers-per-virtual-pipeline-stage {per_chunk} does not divide the "
+                  f"{m.num_layers / p.pipeline_model_parallel_size:g} layers per stage (--num-layers "
+                  f"{m.num_layers}, --pipeline-model-parallel-size {p.pipeline_model_parallel_size})")
+        p.virtual_pipeline_model_parallel_size = per_stage // per_chunk
+        p.num_layers_per_virtual_pipeline_stage = None
+    if p.virtual_pipeline_model_parallel_size == 1:
+        p.virtual_pipeline_model_parallel_size = None
+
+
 def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_size: int) -> ParallelLayout:
+    resolve_virtual_pipeline(p, m)
     layout = ParallelLayout.build(world_size, **p.degrees())
     tp = layout.tp
     if m.num_attention_heads % tp:
@@ -206,11 +228,15 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
     if any(end <= start for start, end in ranges):
         _fail(f"every pipeline stage needs at least one layer (--num-layers {m.num_layers}, "
               f"--pipeline-model-parallel-size {layout.pp})")
-    if layout.pp > 1 and m.mtp_num_layers:
-        _fail("--mtp-num-layers with --pipeline-model-parallel-size > 1 is not supported yet")
-    if layout.pp > 1 and not m.untie_embeddings_and_output_weights:
-        _fail("tied embeddings (--no-untie-embeddings-and-output-weights) with "
-              "--pipeline-model-parallel-size > 1 are not supported yet")
+    if layout.vpp:
+        if layout.pp == 1:
+            _fail("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
+        try:
+            virtual_stage_layer_ranges(m.num_layers, layout.pp, layout.vpp, first, last)
+        except ValueError:
+            counts = [end - start for start, end in ranges]
+            _fail(f"--virtual-pipeline-model-parallel-size {layout.vpp} does not divide the layers of every "
+                  f"pipeline stage ({counts}; --num-layers {m.num_layers})")
     if p.overlap_param_gather and not p.use_distributed_optimizer:
         _fail("--overlap-param-gather needs --use-distributed-optimizer")
     return layout
@@ -221,6 +247,12 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
     if t.global_batch_size % (t.micro_batch_size * layout.dp):
         _fail(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
               f"{t.micro_batch_size} x data-parallel size {layout.dp}")
+    num_micro = t.global_batch_size // (t.micro_batch_size * layout.dp)
+    if layout.vpp and num_micro % layout.pp:
+        _fail(f"the interleaved pipeline (--virtual-pipeline-model-parallel-size {layout.vpp}) needs the "
+              f"micro-batches per step ({num_micro} = --global-batch-size {t.global_batch_size} / "
+              f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp})) to be a multiple "
+              f"of --pipeline-model-parallel-size {layout.pp}")
     if t.bf16 and t.fp16:
         _fail("--bf16 and --fp16 cannot both be set")
     if t.min_lr > t.lr:

@@ -134,7 +134,15 @@ def _config(**fields) -> Config:
          2, "--num-layers 4 cannot be split over --pipeline-model-parallel-size 2 stages with "
             "--decoder-first-pipeline-num-layers 3"),
         (dict(decoder_last_pipeline_num_layers=1), 1, "need --pipeline-model-parallel-size > 1"),
-        (dict(pipeline_model_parallel_size=2, mtp_num_layers=1), 2, "--mtp-num-layers with --pipeline"),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=4), 2,
+         r"--virtual-pipeline-model-parallel-size 4 does not divide the layers of every pipeline stage \(\[2, 2\]"),
+        (dict(virtual_pipeline_model_parallel_size=2), 1, "needs --pipeline-model-parallel-size > 1"),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, global_batch_size=6,
+              micro_batch_size=2), 2, r"micro-batches per step \(3 = .* multiple of --pipeline-model-parallel-size 2"),
+        (dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+              num_layers_per_virtual_pipeline_stage=1), 2, "are alternatives: give one"),
+        (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3), 2,
+         "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers per stage"),
         (dict(moe_router_pre_softmax=True), 1, "--moe-router-pre-softmax needs"),
         (dict(fp8_format="e4m3"), 1, "--fp8-format: not supported yet"),
     ],
@@ -148,6 +156,12 @@ def test_validation_errors_name_the_flags(fields, world, message):
 def test_te_backend_without_te_names_the_flag():
     with pytest.raises(ConfigError, match="--moe-grouped-gemm-impl te needs Transformer Engine"):
         validate(_config(moe_grouped_gemm_impl="te"), 1)
+
+
+def test_num_layers_per_virtual_stage_sets_the_virtual_size():
+    cfg = _config(num_layers=8, moe_layer_freq="1", pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2,
+                  global_batch_size=8, micro_batch_size=2)
+    assert validate(cfg, 2).vpp == 2 and cfg.parallel.virtual_pipeline_model_parallel_size == 2
 
 
 def test_not_supported_yet_is_an_error_not_a_no_op():

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
-# `moe` runs only that benchmark.
+# `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
+# (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -24,6 +25,16 @@ fi
 if [ "$mode" = moe ]; then
   python3 tools/bench_moe.py --json "$LOG/moe_ep1.json" 2>&1 | tail -10
   python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_moe.py --json "$LOG/moe_ep2.json" 2>&1 | tail -10
+fi
+if [ "$mode" = pp ]; then
+  [ "${1:-}" = bubble ] || python3 tools/check_parity.py --models mla --layouts tp=1 pp=2 pp=2,vpp=2 -- \
+    --mtp-num-layers 1 --no-untie-embeddings-and-output-weights 2>&1 | tee "$LOG/parity_pp_nccl.log" \
+    | grep -v "^ *\[" | tail -14
+  python3 tools/bench_pipeline.py 2>&1 | tee "$LOG/bubble_pp1.log" | tail -4
+  for layout in "" "--decoder-first-pipeline-num-layers 3" "--virtual-pipeline-model-parallel-size 2"; do
+    python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_pipeline.py \
+      --pipeline-model-parallel-size 2 $layout 2>&1 | tee -a "$LOG/bubble_pp2.log" | tail -5
+  done
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

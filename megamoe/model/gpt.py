@@ -34,7 +34,7 @@ from megamoe.model.rope import RotaryEmbedding, YarnScaling
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
-from megamoe.parallel.pipeline_parallel import stage_layer_ranges
+from megamoe.parallel.pipeline_parallel import virtual_stage_layer_ranges
 from megamoe.parallel.random import RNGStatesTracker
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor_parallel import (
@@ -62,6 +62,7 @@ class ModelOutput:
     mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)
     mtp_num_tokens: list[torch.Tensor] = field(default_factory=list)
     moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer (MTP blocks last)
+    moe_index: list[int] = field(default_factory=list)  # the global MoE-layer ordinal of each moe_stats
     hidden: Optional[torch.Tensor] = None  # output activation for the next pipeline stage
 
 
@@ -99,15 +100,19 @@ class MTPModule(nn.Module):
 class GPTModel(nn.Module):
     """DeepSeek-V3-style MoE transformer (or GQA / dense variants) with tensor parallelism.
 
-    Under pipeline parallelism each rank builds its stage only: the embedding on the first
-    stage, its consecutive layers (``stage_layer_ranges``; named by their global index, so names and
-    initial weights match the single-process model), and the final norm, head and MTP modules
-    on the last stage."""
+    Under pipeline parallelism each rank builds its own layers only, as ``vpp`` chunks
+    (``virtual_stage_layer_ranges``; one chunk without interleaving), named by their global
+    index so names and initial weights match the single-process model. The embedding lives on
+    the first stage, the final norm, head and MTP modules on the last. The last stage also keeps
+    a copy of the embedding when the head is tied to it or MTP reads it; the copy starts equal
+    (same name, same initialisation) and stays equal because ``finalize_grads`` sums the two
+    copies' gradients over the ``embd`` group.
+    """
 
     def __init__(self, config: Config, state: ParallelState,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        m, moe = config.model, config.moe
+        m, moe, p = config.model, config.moe, config.parallel
         self.config, self.state = config, state
         tp = state.tp
         sp = config.parallel.sequence_parallel and tp.size > 1
@@ -117,27 +122,37 @@ class GPTModel(nn.Module):
         self.recompute = m.recompute_granularity
         kw = dict(device=device, dtype=dtype)
         init_fn = normal_init(m.init_method_std)
+        self.num_chunks = state.layout.vpp or 1
         self.first_stage, self.last_stage = state.is_first_stage, state.is_last_stage
+        # The head tied to the embedding, and MTP, read the embedding on the last stage.
+        last_stage_reads_embedding = not m.untie_embeddings_and_output_weights or m.mtp_num_layers > 0
         self.embed = None
-        if self.first_stage:
+        if self.first_stage or (self.last_stage and last_stage_reads_embedding):
             self.embed = VocabParallelEmbedding(self.padded_vocab, m.hidden_size, tp, sequence_parallel=sp,
                                                 init_fn=init_fn, **kw)
+            if state.pp.size > 1 and last_stage_reads_embedding:
+                self.embed.weight.pipeline_shared_embedding = True  # summed over `embd` (finalize_grads)
         self.rope = self._build_rope(config, device)
         num_blocks = m.num_layers + m.mtp_num_layers
         is_moe = parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers) if moe.num_experts else [False] * m.num_layers
         # MTP blocks use the FFN kind of the last decoder layer (MoE in DeepSeek-V3).
         is_moe = is_moe + [is_moe[-1]] * m.mtp_num_layers
-        p = config.parallel
-        first, end = stage_layer_ranges(m.num_layers, state.pp.size, p.decoder_first_pipeline_num_layers,
-                                        p.decoder_last_pipeline_num_layers)[state.pp.rank]
-        # Global ordinal of each of this stage's MoE layers (MTP blocks count after the decoder).
+        chunk_ranges = virtual_stage_layer_ranges(m.num_layers, state.pp.size, self.num_chunks,
+                                                  p.decoder_first_pipeline_num_layers,
+                                                  p.decoder_last_pipeline_num_layers)[state.pp.rank]
+        self.chunk_layers = [[str(i) for i in range(start, end)] for start, end in chunk_ranges]
+        # Global ordinal of each MoE layer (MTP blocks count after the decoder), per chunk; MTP
+        # blocks belong to the last chunk.
         moe_ordinal = {i: n for n, i in enumerate(i for i, flag in enumerate(is_moe) if flag)}
-        local = list(range(first, end))
-        local += list(range(m.num_layers, num_blocks)) if self.last_stage else []
         self.num_moe_layers = len(moe_ordinal)
-        self.moe_index = [moe_ordinal[i] for i in local if i in moe_ordinal]
+        self.chunk_moe_index = [[moe_ordinal[int(i)] for i in names if int(i) in moe_ordinal]
+                                for names in self.chunk_layers]
+        if self.last_stage:
+            self.chunk_moe_index[-1] += [moe_ordinal[i] for i in range(m.num_layers, num_blocks) if i in moe_ordinal]
+        self.moe_index = [i for chunk in self.chunk_moe_index for i in chunk]  # in moe_layers() order
         self.layers = nn.ModuleDict({
-            str(i): self._build_block(config, state, is_moe[i], num_blocks, **kw) for i in range(first, end)
+            name: self._build_block(config, state, is_moe[int(name)], num_blocks, **kw)
+            for names in self.chunk_layers for name in names
         })
         self.norm = self.head = None
         self.mtp = nn.ModuleList()
@@ -255,21 +270,23 @@ class GPTModel(nn.Module):
         return (per_token * mask_SB).sum(), mask_SB.sum()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
-                rng_tracker: Optional[RNGStatesTracker] = None, hidden_in: Optional[torch.Tensor] = None) -> ModelOutput:
+                rng_tracker: Optional[RNGStatesTracker] = None, hidden_in: Optional[torch.Tensor] = None,
+                chunk: int = 0) -> ModelOutput:
         """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``. Returns loss sums over this rank's tokens.
-        ``hidden_in``: on a pipeline stage after the first, the previous stage's output."""
+        ``hidden_in``: except on the first (virtual) stage, the previous stage's output.
+        ``chunk``: which of this rank's model chunks to run (interleaved pipeline)."""
         tokens_SB, labels_SB = tokens.t(), labels.t()
         mask_SB = (torch.ones_like(labels_SB, dtype=torch.float32) if loss_mask is None else loss_mask.t().float())
         positions = torch.arange(tokens_SB.shape[0], device=tokens.device)
         stats: list[MoEStats] = []
-        x = self.embed(tokens_SB) if self.first_stage else hidden_in
-        for block in self.layers.values():
-            x, s = self._run_block(block, x, positions, rng_tracker)
+        x = self.embed(tokens_SB) if self.first_stage and chunk == 0 else hidden_in
+        for name in self.chunk_layers[chunk]:
+            x, s = self._run_block(self.layers[name], x, positions, rng_tracker)
             stats += [s] if s is not None else []
-        if not self.last_stage:
-            return ModelOutput(None, None, moe_stats=stats, hidden=x)
+        if not (self.last_stage and chunk == self.num_chunks - 1):
+            return ModelOutput(None, None, moe_stats=stats, moe_index=self.chunk_moe_index[chunk], hidden=x)
         lm_sum, num_tokens = self._token_loss(x, self.norm, labels_SB, mask_SB)
-        out = ModelOutput(lm_sum, num_tokens)
+        out = ModelOutput(lm_sum, num_tokens, moe_index=self.chunk_moe_index[chunk])
         hidden = x
         for depth, mtp in enumerate(self.mtp, start=1):
             # Depth k sees the token k positions ahead and predicts the one after it; the last k

@@ -6,7 +6,9 @@ Every parameter says which group owns its gradient:
   TP ranks hold partial sums: all-reduced over TP first;
 - ``param.expert``: routed-expert weights, summed over expert-DP (ranks holding the same slice
   of the same experts);
-- everything else: dense weights, summed over DP x CP.
+- everything else: dense weights, summed over DP x CP;
+- ``param.pipeline_shared_embedding``: the embedding, of which the last pipeline stage keeps a
+  copy (tied head, MTP); the two copies' gradients are then summed over the ``embd`` group.
 
 Losses are normalised by the global token count before backward, so reductions are sums.
 Reductions are coalesced: one flat buffer per group and dtype.
@@ -48,6 +50,9 @@ def finalize_grads(params: Iterable[torch.nn.Parameter], state: ParallelState) -
     _all_reduce_coalesced([main_grad(p) for p in params if getattr(p, "sequence_parallel", False)], state.tp)
     _all_reduce_coalesced([main_grad(p) for p in params if getattr(p, "expert", False)], state.edp)
     _all_reduce_coalesced([main_grad(p) for p in params if not getattr(p, "expert", False)], state.dp_cp)
+    if state.embd is not None:
+        _all_reduce_coalesced([main_grad(p) for p in params if getattr(p, "pipeline_shared_embedding", False)],
+                              state.embd)
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], state: ParallelState) -> float:
@@ -55,13 +60,15 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], state: ParallelState)
 
     Each rank's squared norms are divided by the number of ranks holding an identical copy
     (DP x CP for dense weights, times TP for TP-replicated ones; expert-DP for expert weights),
-    then summed over the whole world.
+    then summed over the whole world. The last stage's copy of the embedding is not counted.
     """
     params = list(params)
     device = main_grad(params[0]).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     dense_copies = state.dp.size * state.cp.size
     for p in params:
+        if getattr(p, "pipeline_shared_embedding", False) and not state.is_first_stage:
+            continue
         sq = main_grad(p).double().square().sum()
         if getattr(p, "expert", False):
             copies = state.edp.size

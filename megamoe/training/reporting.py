@@ -32,6 +32,7 @@ class StepMetrics:
     z_losses: list[float] = field(default_factory=list)
     tokens_per_expert: Optional[np.ndarray] = None  # [moe layers, experts] over the global batch
     dropped: list[float] = field(default_factory=list)
+    pipeline_wait: Optional[float] = None  # this rank's seconds blocked in pipeline exchanges (when timed)
 
 
 class Reporter:

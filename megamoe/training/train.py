@@ -21,7 +21,12 @@ from megamoe.config import Config
 from megamoe.data.mock import MarkovMockData
 from megamoe.model.gpt import GPTModel, materialize
 from megamoe.parallel import mappings
-from megamoe.parallel.pipeline_parallel import P2P, forward_only, one_forward_one_backward
+from megamoe.parallel.pipeline_parallel import (
+    P2P,
+    forward_only,
+    interleaved_one_forward_one_backward,
+    one_forward_one_backward,
+)
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token, peak_tflops
@@ -71,9 +76,11 @@ def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torc
 
 
 def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[dict], step: int,
-               config: Config, state: ParallelState, rng_tracker: Optional[RNGStatesTracker]) -> StepMetrics:
+               config: Config, state: ParallelState, rng_tracker: Optional[RNGStatesTracker],
+               time_pipeline: bool = False) -> StepMetrics:
     """One optimizer step over this rank's micro-batches; returns metrics reduced over the job.
-    ``step_time`` covers this function; the loop replaces it with the wall time between steps."""
+    ``step_time`` covers this function; the loop replaces it with the wall time between steps.
+    ``time_pipeline`` (benchmarks) measures this rank's time blocked in pipeline exchanges."""
     start = time.perf_counter()
     t, depths = config.training, config.model.mtp_num_layers
     num_micro, dp = len(batches), state.dp.size * state.cp.size
@@ -87,9 +94,10 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
     load = torch.zeros(model.num_moe_layers, config.moe.num_experts or 0, dtype=torch.float64, device=device)
     dropped = torch.zeros(model.num_moe_layers, dtype=torch.float64, device=device)
 
-    def forward_step(j: int, hidden_in: Optional[torch.Tensor]):
+    def forward_step(j: int, hidden_in: Optional[torch.Tensor], chunk: int = 0):
         batch = batches[j]
-        out = model(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker, hidden_in=hidden_in)
+        out = model(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker, hidden_in=hidden_in,
+                    chunk=chunk)
         loss = torch.zeros((), dtype=torch.float32, device=device)
         for stats in out.moe_stats:
             loss = loss + (stats.aux_loss + stats.z_loss) / (num_micro * dp)
@@ -102,18 +110,21 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
                 sums[0] += out.lm_loss_sum.double()
                 for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
                     sums[k] += mtp_sum.double()
-            for i, stats in zip(model.moe_index, out.moe_stats):
+            for i, stats in zip(out.moe_index, out.moe_stats):
                 aux[0, i] += stats.aux_loss.double()
                 aux[1, i] += stats.z_loss.double()
                 load[i] += stats.tokens_per_expert.double()
                 dropped[i] += stats.num_dropped.double()
         return out.hidden, loss
 
+    p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, device,
+              ring=model.num_chunks > 1, timed=time_pipeline)
     if state.pp.size == 1:
         for j in range(num_micro):
             forward_step(j, None)[1].backward()
+    elif model.num_chunks > 1:
+        interleaved_one_forward_one_backward(forward_step, num_micro, p2p, model.num_chunks)
     else:
-        p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, device)
         one_forward_one_backward(forward_step, num_micro, p2p)
 
     finalize_grads(optimizer.params, state)
@@ -147,6 +158,7 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
         z_losses=aux[1].tolist(),
         tokens_per_expert=load.cpu().numpy() if model.num_moe_layers else None,
         dropped=dropped.tolist(),
+        pipeline_wait=p2p.wait_seconds if time_pipeline else None,
     )
 
 
@@ -166,15 +178,16 @@ def evaluate(model: GPTModel, data: MicroBatches, config: Config, state: Paralle
     for it in range(config.training.eval_iters):
         batches = [data.get(it, j, offset=VALIDATION_OFFSET) for j in range(data.num_micro)]
 
-        def forward_step(j: int, hidden_in: Optional[torch.Tensor]):
+        def forward_step(j: int, hidden_in: Optional[torch.Tensor], chunk: int = 0):
             b = batches[j]
-            out = model(b["tokens"], b["labels"], b["loss_mask"], hidden_in=hidden_in)
+            out = model(b["tokens"], b["labels"], b["loss_mask"], hidden_in=hidden_in, chunk=chunk)
             if out.lm_loss_sum is not None:
                 total.add_(torch.stack([out.lm_loss_sum.double(), out.num_tokens.double()]))
             return out.hidden, None
 
-        p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, data.device)
-        forward_only(forward_step, data.num_micro, p2p)
+        p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, data.device,
+                  ring=model.num_chunks > 1)
+        forward_only(forward_step, data.num_micro, p2p, model.num_chunks)
     model.train()
     mappings.all_reduce_(total, state.dp_cp)
     mappings.all_reduce_(total, state.pp)

@@ -3,9 +3,12 @@ on gloo in float64: per-step loss, aux and z-losses, grad norm, every gradient (
 gathered), the weights after three optimizer steps and the expert-bias buffers.
 
 Layouts: TP 2 and 4 with and without sequence parallel; EP 2, 4 and 8; EP 2 with expert-TP 2;
-TP 2 for attention with EP 4 for experts (with and without SP); PP 2 and 4 (1F1B), PP 2 with
-TP 2 or EP 2, uneven stages (1 + 3 layers), and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers; three model variants (sigmoid router with expert bias, dropless; softmax router with aux and z-loss;
-group-limited routing with capacity dropping and MTP).
+TP 2 for attention with EP 4 for experts (with and without SP); PP 2 and 4 (1F1B), PP 2 x VPP 2
+and PP 2 x VPP 4 (interleaved), PP 2 with TP 2 or EP 2, uneven stages (1 + 3 layers), and
+PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
+expert bias, dropless; softmax router with aux and z-loss; group-limited routing with capacity
+dropping and MTP; the same with the output head tied to the embedding (under PP the last stage
+keeps a copy of the embedding, whose gradient is summed with the first stage's).
 
 Every rank also builds the single-process reference from the same seed. The reference runs the
 data-parallel ranks' micro-batches as its own micro-batches (gradient accumulation), which is
@@ -31,6 +34,9 @@ TOL = dict(rtol=1e-9, atol=1e-12)
 def make_config(variant: str, layout: dict) -> Config:
     cfg = Config()
     cfg.model.seq_length = 16
+    if "layers" in layout:  # the first layer dense, the rest MoE
+        cfg.model.num_layers = layout["layers"]
+        cfg.moe.moe_layer_freq = f"[0]*1+[1]*{layout['layers'] - 1}"
     cfg.training.micro_batch_size = 1
     cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
     cfg.training.train_iters = 3
@@ -39,6 +45,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.sequence_parallel = layout.get("sp", False)
     cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
     cfg.parallel.pipeline_model_parallel_size = layout.get("pp", 1)
+    cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
     cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
@@ -51,8 +58,9 @@ def make_config(variant: str, layout: dict) -> Config:
         cfg.moe.moe_router_load_balancing_type = "aux_loss"
         cfg.moe.moe_aux_loss_coeff = 1e-2
         cfg.moe.moe_z_loss_coeff = 1e-3
-    elif variant == "mtp_capacity":
+    elif variant in ("mtp_capacity", "mtp_tied"):
         cfg.model.mtp_num_layers = 1
+        cfg.model.untie_embeddings_and_output_weights = variant != "mtp_tied"
         cfg.model.q_lora_rank = 0
         cfg.moe.moe_expert_capacity_factor = 1.0
         cfg.moe.moe_router_num_groups, cfg.moe.moe_router_group_topk = 4, 2
@@ -95,7 +103,7 @@ def _parity(variant: str, layout: dict):
             everyone += [data.get(step - 1, j) for j in range(data.num_micro)]
         data.dp_rank = state.dp.rank
         got = train_step(model, opt, mine, step, cfg, state, None)
-        ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size})
+        ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size, "layers": cfg.model.num_layers})
         want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
         assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
         assert abs(got.grad_norm - want.grad_norm) <= 1e-9 * want.grad_norm, (step, got.grad_norm, want.grad_norm)
@@ -145,14 +153,19 @@ def test_expert_parallel_8_ranks(workers, dispatcher):
     assert all(workers(8).run(_parity, "gqa", {"tp": 2, "ep": 8, "etp": 1, "sp": True, "dispatcher": dispatcher}))
 
 
-PP_LAYOUTS = [dict(pp=2), dict(pp=4), dict(pp=2, tp=2, sp=True), dict(pp=2, ep=2, dispatcher="alltoall"),
-              dict(pp=2, last=3)]
+PP_LAYOUTS = [dict(pp=2), dict(pp=4), dict(pp=2, vpp=2), dict(pp=2, tp=2, sp=True),
+              dict(pp=2, ep=2, dispatcher="alltoall"), dict(pp=2, last=3)]
 
 
-@pytest.mark.parametrize("variant", ["mla", "gqa"])  # MTP under pipeline parallelism is not supported yet
+@pytest.mark.parametrize("variant", ["mla", "gqa", "mtp_tied"])  # mtp_tied: MTP and the head tied to the embedding
 @pytest.mark.parametrize("layout", PP_LAYOUTS, ids=_name)
 def test_pipeline_parallel_model_matches_single_process(workers, variant, layout):
     assert all(workers(4).run(_parity, variant, layout))
+
+
+def test_interleaved_pipeline_four_virtual_stages_per_rank(workers):
+    # 8 layers over pp 2 x vpp 4: every virtual stage holds one layer; 4 micro-batches per step
+    assert all(workers(2).run(_parity, "mtp_tied", {"pp": 2, "vpp": 4, "layers": 8}))
 
 
 def test_pipeline_tensor_expert_8_ranks(workers):
