@@ -36,8 +36,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         "transformer_impl", "fp8_format", "fp8_recipe",
         # fp16 loss scaling
         "fp16",
-        # context parallelism, overlapped DP, distributed optimizer
-        "context_parallel_size", "use_distributed_optimizer",
+        # overlapped DP, distributed optimizer
+        "use_distributed_optimizer",
         "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
         # datasets on disk and tokenizers
         "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "data_cache_path",
@@ -206,9 +206,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
     if layout.cp > 1 and m.seq_length % (2 * layout.cp):
         _fail(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {layout.cp}")
     if moe.num_experts is not None:
-        if tp > 1 and m.seq_length % tp:
-            _fail(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
-                  "(MoE layers split each sequence over the TP ranks)")
+        if tp > 1 and m.seq_length % (tp * layout.cp):
+            _fail(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} x "
+                  f"--context-parallel-size {layout.cp} (MoE layers split each rank's sequence share over "
+                  "the TP ranks)")
         if moe.num_experts % layout.ep:
             _fail(f"--num-experts {moe.num_experts} is not divisible by "
                   f"--expert-model-parallel-size {layout.ep}")

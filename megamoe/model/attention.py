@@ -1,8 +1,9 @@
 """Grouped-query attention (GQA) with tensor parallelism, and the attention core shared with MLA.
 
-Activations are ``[s, b, hidden]`` (``[s/tp, b, hidden]`` with sequence parallel). Query, key
-and value projections are column-parallel (this rank's heads), the output projection
-row-parallel; the sequence is gathered once for the three projections.
+Activations are ``[s, b, hidden]`` (``[s/tp, b, hidden]`` with sequence parallel; ``s`` is this
+rank's share of the sequence under context parallelism). Query, key and value projections are
+column-parallel (this rank's heads), the output projection row-parallel; the sequence is
+gathered once for the three projections. ``positions`` are the global positions of the tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from megamoe.model.norm import RMSNorm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
+from megamoe.parallel.context_parallel import context_parallel_attention, gather_sequence
 from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import ColumnParallelLinear, InitFn, RowParallelLinear, normal_init
@@ -48,13 +50,18 @@ def core_attention(
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def attend(q, k, v, softmax_scale, dropout_p, rng_tracker, recompute: bool) -> torch.Tensor:
+def attend(q, k, v, softmax_scale, dropout_p, rng_tracker, recompute: bool, cp: Optional[Group] = None) -> torch.Tensor:
     """``core_attention``, recomputed in backward instead of stored when ``recompute``
     (selective recompute; callers refuse it together with dropout, whose RNG stream it would
-    not replay)."""
+    not replay). With context parallelism (``cp`` of more than one rank) ``q`` holds this rank's
+    two chunks and ``k``, ``v`` the whole sequence (see ``parallel/context_parallel.py``)."""
+    if cp is not None and cp.size > 1:
+        core, args = context_parallel_attention, (q, k, v, cp, softmax_scale, dropout_p, rng_tracker)
+    else:
+        core, args = core_attention, (q, k, v, softmax_scale, dropout_p, rng_tracker)
     if recompute:
-        return checkpoint(core_attention, q, k, v, softmax_scale, dropout_p, rng_tracker, use_reentrant=False)
-    return core_attention(q, k, v, softmax_scale, dropout_p, rng_tracker)
+        return checkpoint(core, *args, use_reentrant=False)
+    return core(*args)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -69,6 +76,7 @@ class GroupedQueryAttention(nn.Module):
         rope: RotaryEmbedding,
         tp: Group,
         sequence_parallel: bool = False,
+        cp: Optional[Group] = None,
         qk_layernorm: bool = False,
         norm_eps: float = 1e-6,
         attention_dropout: float = 0.0,
@@ -81,7 +89,7 @@ class GroupedQueryAttention(nn.Module):
         if num_heads % tp.size or num_kv_heads % tp.size:
             raise ValueError(f"attention heads ({num_heads}) and key/value heads ({num_kv_heads}) must be "
                              f"divisible by the tensor-parallel size ({tp.size})")
-        self.tp, self.sequence_parallel = tp, sequence_parallel and tp.size > 1
+        self.tp, self.sequence_parallel, self.cp = tp, sequence_parallel and tp.size > 1, cp
         self.head_dim, self.rope = head_dim, rope
         self.num_local_heads, self.num_local_kv = num_heads // tp.size, num_kv_heads // tp.size
         self.attention_dropout = attention_dropout
@@ -105,5 +113,8 @@ class GroupedQueryAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
+        if self.cp is not None and self.cp.size > 1:  # every query needs the whole causal prefix
+            k, v = gather_sequence(k, self.cp), gather_sequence(v, self.cp)
         dropout = self.attention_dropout if self.training else 0.0
-        return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training))
+        return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training,
+                              self.cp))

@@ -51,7 +51,8 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 rng_tracker: Optional[RNGStatesTracker] = None) -> tuple[torch.Tensor, Optional[MoEStats]]:
         h = x + self._dropout(self.attn(self.attn_norm(x), positions, rng_tracker), rng_tracker)
-        out = self.ffn(self.ffn_norm(h))
+        # MoE layers order their tokens by position for capacity decisions
+        out = self.ffn(self.ffn_norm(h), positions) if isinstance(self.ffn, MoELayer) else self.ffn(self.ffn_norm(h))
         stats = None
         if isinstance(out, tuple):
             out, stats = out

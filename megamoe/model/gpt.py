@@ -33,6 +33,7 @@ from megamoe.model.norm import RMSNorm
 from megamoe.model.rope import RotaryEmbedding, YarnScaling
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
+from megamoe.parallel.context_parallel import sequence_shard_indices, shard_sequence
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
 from megamoe.parallel.pipeline_parallel import virtual_stage_layer_ranges
 from megamoe.parallel.random import RNGStatesTracker
@@ -189,12 +190,12 @@ class GPTModel(nn.Module):
         if m.multi_latent_attention:
             attn = MultiHeadLatentAttention(
                 m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim,
-                m.qk_pos_emb_head_dim, m.v_head_dim, self.rope, norm_eps=m.norm_epsilon,
+                m.qk_pos_emb_head_dim, m.v_head_dim, self.rope, cp=state.cp, norm_eps=m.norm_epsilon,
                 attention_dropout=m.attention_dropout, **common)
         else:
             attn = GroupedQueryAttention(
                 m.hidden_size, m.num_attention_heads, m.num_query_groups or m.num_attention_heads,
-                m.kv_channels or m.hidden_size // m.num_attention_heads, self.rope,
+                m.kv_channels or m.hidden_size // m.num_attention_heads, self.rope, cp=state.cp,
                 qk_layernorm=m.qk_layernorm, norm_eps=m.norm_epsilon, attention_dropout=m.attention_dropout, **common)
         attn.recompute_core = m.recompute_granularity == "selective"
         if moe_layer:
@@ -227,7 +228,8 @@ class GPTModel(nn.Module):
             dispatcher = AllToAllDispatcher(state.ep, state.etp, E, pad)
         else:
             dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, pad)
-        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.moe_shared_expert_overlap)
+        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.moe_shared_expert_overlap,
+                        token_group=state.tp_cp)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -272,32 +274,34 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
                 rng_tracker: Optional[RNGStatesTracker] = None, hidden_in: Optional[torch.Tensor] = None,
                 chunk: int = 0) -> ModelOutput:
-        """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``. Returns loss sums over this rank's tokens.
+        """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``, whole sequences. Returns loss sums over
+        this rank's tokens (its share of each sequence under context parallelism).
         ``hidden_in``: except on the first (virtual) stage, the previous stage's output.
         ``chunk``: which of this rank's model chunks to run (interleaved pipeline)."""
+        cp = self.state.cp
         tokens_SB, labels_SB = tokens.t(), labels.t()
         mask_SB = (torch.ones_like(labels_SB, dtype=torch.float32) if loss_mask is None else loss_mask.t().float())
-        positions = torch.arange(tokens_SB.shape[0], device=tokens.device)
+        positions = sequence_shard_indices(tokens_SB.shape[0], cp.size, cp.rank, tokens.device)
         stats: list[MoEStats] = []
-        x = self.embed(tokens_SB) if self.first_stage and chunk == 0 else hidden_in
+        x = self.embed(shard_sequence(tokens_SB, cp)) if self.first_stage and chunk == 0 else hidden_in
         for name in self.chunk_layers[chunk]:
             x, s = self._run_block(self.layers[name], x, positions, rng_tracker)
             stats += [s] if s is not None else []
         if not (self.last_stage and chunk == self.num_chunks - 1):
             return ModelOutput(None, None, moe_stats=stats, moe_index=self.chunk_moe_index[chunk], hidden=x)
-        lm_sum, num_tokens = self._token_loss(x, self.norm, labels_SB, mask_SB)
+        lm_sum, num_tokens = self._token_loss(x, self.norm, shard_sequence(labels_SB, cp), shard_sequence(mask_SB, cp))
         out = ModelOutput(lm_sum, num_tokens, moe_index=self.chunk_moe_index[chunk])
         hidden = x
         for depth, mtp in enumerate(self.mtp, start=1):
             # Depth k sees the token k positions ahead and predicts the one after it; the last k
-            # positions have no such token and are masked.
-            ahead = torch.roll(tokens_SB, -depth, dims=0)
-            depth_labels = torch.roll(labels_SB, -depth, dims=0)
+            # positions have no such token and are masked. Shifted on whole sequences, then sharded.
+            ahead = shard_sequence(torch.roll(tokens_SB, -depth, dims=0), cp)
+            depth_labels = shard_sequence(torch.roll(labels_SB, -depth, dims=0), cp)
             depth_mask = torch.roll(mask_SB, -depth, dims=0)
             depth_mask[-depth:] = 0.0
             hidden, s = mtp(hidden, self.embed(ahead), positions, rng_tracker)
             stats += [s] if s is not None else []
-            loss_sum, count = self._token_loss(hidden, mtp.norm, depth_labels, depth_mask)
+            loss_sum, count = self._token_loss(hidden, mtp.norm, depth_labels, shard_sequence(depth_mask, cp))
             out.mtp_loss_sums.append(loss_sum)
             out.mtp_num_tokens.append(count)
         out.moe_stats = stats

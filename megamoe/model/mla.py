@@ -12,12 +12,17 @@ With sequence parallel the down-projections run on this rank's sequence shard an
 up-projections gather the (small) latents, not the hidden states. The shared rope key feeds
 this rank's heads only, so its gradient is a partial sum over TP: it enters the TP region
 through ``enter_tensor_region`` like every other replicated input.
+
+Context parallel: by default the ranks exchange the normalised latent and the rotated rope key
+(``kv_lora_rank + qk_pos_emb_head_dim`` values per token) and each expands the whole sequence's
+keys and values itself; ``cp_exchange="expanded"`` exchanges the expanded keys and values
+instead (for measuring the trade-off: ``tools/bench_cp.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -26,6 +31,7 @@ from megamoe.model.attention import attend
 from megamoe.model.norm import RMSNorm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
+from megamoe.parallel.context_parallel import gather_sequence
 from megamoe.parallel.random import RNGStatesTracker
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import (
@@ -52,6 +58,8 @@ class MultiHeadLatentAttention(nn.Module):
         rope: RotaryEmbedding,
         tp: Group,
         sequence_parallel: bool = False,
+        cp: Optional[Group] = None,
+        cp_exchange: Literal["latent", "expanded"] = "latent",
         norm_eps: float = 1e-6,
         attention_dropout: float = 0.0,
         init_fn: InitFn = normal_init(0.02),
@@ -64,6 +72,8 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"attention heads ({num_heads}) must be divisible by the tensor-parallel size ({tp.size})")
         sp = sequence_parallel and tp.size > 1
         self.tp, self.sequence_parallel, self.rope = tp, sp, rope
+        self.cp = cp if cp is not None and cp.size > 1 else None
+        self.cp_exchange = cp_exchange
         self.num_local_heads = num_heads // tp.size
         self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim = kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim, v_head_dim
         self.attention_dropout = attention_dropout
@@ -81,7 +91,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_a = ReplicatedLinear(hidden_size, kv_lora_rank + qk_pos_emb_head_dim,
                                       grad_partial_over_tp=sp, init_fn=init_fn, **common)
         self.kv_norm = RMSNorm(kv_lora_rank, norm_eps, sequence_parallel=sp, **common)
-        self.wkv_b = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_head_dim + v_head_dim), **column)
+        # wkv_b's input enters the TP region in forward (so context parallel can gather it first)
+        self.wkv_b = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_head_dim + v_head_dim), input_comm=False,
+                                          **column)
         self.wo = RowParallelLinear(num_heads * v_head_dim, hidden_size, tp=tp, sequence_parallel=sp,
                                     init_fn=output_init_fn, **common)
 
@@ -92,14 +104,20 @@ class MultiHeadLatentAttention(nn.Module):
         heads = self.num_local_heads
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_b") else self.wq(x)
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.wkv_b(self.kv_norm(latent))
-        s, b = kv.shape[0], kv.shape[1]
-        q_nope, q_rope = q.view(s, b, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        k_nope, v = kv.view(s, b, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        latent = mappings.enter_tensor_region(self.kv_norm(latent), self.tp, self.sequence_parallel)
         k_rope = mappings.enter_tensor_region(k_rope.contiguous(), self.tp, self.sequence_parallel)
-        q_rope = self.rope(q_rope, positions)
-        k_rope = self.rope(k_rope.unsqueeze(2), positions).expand(s, b, heads, self.rope_dim)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope], dim=-1)
+        s, b = latent.shape[0], latent.shape[1]
+        k_rope = self.rope(k_rope.unsqueeze(2), positions)  # [s, b, 1, rope_dim]
+        if self.cp is not None and self.cp_exchange == "latent":
+            latent, k_rope = gather_sequence(latent, self.cp), gather_sequence(k_rope, self.cp)
+        kv = self.wkv_b(latent)
+        s_kv = kv.shape[0]  # the whole sequence once the latent is gathered
+        q_nope, q_rope = q.view(s, b, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        k_nope, v = kv.view(s_kv, b, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, self.rope(q_rope, positions)], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(s_kv, b, heads, self.rope_dim)], dim=-1)
+        if self.cp is not None and self.cp_exchange == "expanded":
+            k, v = gather_sequence(k, self.cp), gather_sequence(v.contiguous(), self.cp)
         dropout = self.attention_dropout if self.training else 0.0
-        return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training))
+        return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training,
+                              self.cp))

@@ -7,7 +7,9 @@ Token ownership: inside the layer every rank of the TP group works on a differen
 sequence. With sequence parallel that is already the case; without it the replicated input is
 sliced on entry and the output all-gathered on exit. So the router's gradients are partial
 sums over TP (``weight.sequence_parallel``) and expert gradients are partial sums over
-expert-DP, whatever the layout.
+expert-DP, whatever the layout. With context parallelism the micro-batch's tokens are spread
+over TP x CP: the router's statistics (``token_group``) cover all of them, so the balancing
+losses, sequence-level ones included, see whole sequences.
 
 Dispatch: ``megamoe/parallel/expert_parallel.py`` (all-gather or all-to-all, chosen by
 ``--moe-token-dispatcher-type``).
@@ -52,19 +54,25 @@ class MoELayer(nn.Module):
         dp: Optional[Group] = None,
         sequence_parallel: bool = False,
         shared_expert_overlap: bool = True,
+        token_group: Optional[Group] = None,
     ):
         super().__init__()
         self.gate, self.experts, self.shared_experts = router, experts, shared_experts
         self.dispatcher = dispatcher
         self.tp, self.dp = tp, dp
+        self.token_group = token_group or tp  # the ranks sharing one micro-batch's tokens
         self.sequence_parallel = sequence_parallel and tp.size > 1
         self.shared_expert_overlap = shared_expert_overlap
         self._side_stream: Optional[torch.cuda.Stream] = None
 
     # ----------------------------------------------------------------------------- stages
 
-    def route(self, x_SBD: torch.Tensor) -> Routing:
-        return self.gate(x_SBD.reshape(-1, x_SBD.shape[-1]), x_SBD.shape[1], self.tp, self.dp)
+    def route(self, x_SBD: torch.Tensor, positions_S: Optional[torch.Tensor] = None) -> Routing:
+        order_T = None
+        if positions_S is not None and self.gate.capacity_factor is not None and self.token_group.size > 1:
+            B = x_SBD.shape[1]
+            order_T = (positions_S[:, None] * B + torch.arange(B, device=positions_S.device)).reshape(-1)
+        return self.gate(x_SBD.reshape(-1, x_SBD.shape[-1]), x_SBD.shape[1], self.token_group, self.dp, order_T)
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         return self.dispatcher.dispatch(x_TD, routing.probs_TK, routing.experts_TK, routing.kept_TK,
@@ -101,12 +109,15 @@ class MoELayer(nn.Module):
         out.record_stream(main)  # its memory is used on the main stream from here on
         return out
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """``x``: ``[s, b, D]`` (``[s/tp, b, D]`` with sequence parallel)."""
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEStats]:
+        """``x``: ``[s, b, D]`` (``[s/tp, b, D]`` with sequence parallel); ``positions``: the
+        global positions of the ``s`` tokens (orders the tokens for capacity decisions)."""
         shared = self._shared_start(x)
         tokens_sharded = self.sequence_parallel or self.tp.size == 1
         x_own = x if tokens_sharded else mappings.scatter_to_region(x, self.tp, dim=0)
-        routing = self.route(x_own)
+        if positions is not None and self.tp.size > 1:
+            positions = positions.chunk(self.tp.size)[self.tp.rank]  # the slice x_own holds
+        routing = self.route(x_own, positions)
         x_TD = x_own.reshape(-1, x_own.shape[-1])
         rows_ND, tokens_per_expert, handle = self.dispatch(x_TD, routing)
         y_ND = self.experts(rows_ND, tokens_per_expert)

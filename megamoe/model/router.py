@@ -13,12 +13,13 @@ Scope of the balancing statistics (the same in every parallel layout):
 - z-loss: mean over the micro-batch's tokens of ``logsumexp(logits) ** 2``;
 - capacity: ``ceil(factor * tokens_in_micro_batch * K / E)`` per expert, decided over the whole
   micro-batch, keeping the highest-probability pairs (``probs``) or the earliest tokens
-  (``position``); ties go to the earlier token.
+  (``position``); ties go to the earlier token (position-major, then sequence in the batch).
 
 Tokens of one micro-batch may be spread over the ``tokens`` group (TP ranks, each holding a
-contiguous slice of the sequence dimension). Counts are all-reduced over it; each rank returns
-its *share* of every loss, so the shares sum to the loss and each rank backpropagates only
-through its own tokens' probabilities.
+slice of the sequence dimension; with context parallelism TP x CP ranks). Counts are
+all-reduced over it; each rank returns its *share* of every loss, so the shares sum to the loss
+and each rank backpropagates only through its own tokens' probabilities. Where order matters
+(capacity), tokens are ordered by their place in the micro-batch (``order_T``), not by rank.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class TopKRouter(nn.Module):
     def capacity(self, num_tokens_scope: int) -> int:
         return math.ceil(self.capacity_factor * num_tokens_scope * self.topk / self.num_experts)
 
-    def _keep_mask(self, probs_TK, experts_TK, tokens: Group):
+    def _keep_mask(self, probs_TK, experts_TK, tokens: Group, order_T: Optional[torch.Tensor]):
         """Which (token, k) pairs fit their expert's capacity, decided over the micro-batch."""
         T = probs_TK.shape[0]
         all_probs = mappings.all_gather(probs_TK.detach(), tokens, dim=0)
@@ -181,10 +182,14 @@ class TopKRouter(nn.Module):
         capacity = self.capacity(all_probs.shape[0])
         flat_e, flat_p = all_experts.reshape(-1), all_probs.reshape(-1)
         n = flat_e.numel()
+        # pairs in micro-batch order (token, then k): the tie-break, and the order for "position"
+        order = torch.arange(n, device=flat_e.device)
+        if order_T is not None:
+            all_order_T = mappings.all_gather(order_T, tokens, dim=0)
+            order = torch.sort((all_order_T[:, None] * self.topk + torch.arange(self.topk, device=flat_e.device))
+                               .reshape(-1), stable=True).indices
         if self.drop_policy == "probs":
-            order = torch.sort(flat_p, descending=True, stable=True).indices
-        else:
-            order = torch.arange(n, device=flat_e.device)
+            order = order[torch.sort(flat_p[order], descending=True, stable=True).indices]
         order = order[torch.sort(flat_e[order], stable=True).indices]  # grouped by expert
         counts = torch.bincount(flat_e, minlength=self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
@@ -197,11 +202,14 @@ class TopKRouter(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x_TD: torch.Tensor, num_seqs: int, tokens: Group, dp: Optional[Group] = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, num_seqs: int, tokens: Group, dp: Optional[Group] = None,
+                order_T: Optional[torch.Tensor] = None) -> Routing:
         """Route this rank's tokens ``x_TD`` (``[S, B]`` flattened sequence-major).
 
-        ``tokens``: the group over which the micro-batch's tokens are spread (each rank a
-        contiguous slice of the sequence); ``dp``: the data-parallel group for global_aux_loss.
+        ``tokens``: the group over which the micro-batch's tokens are spread; ``dp``: the
+        data-parallel group for global_aux_loss; ``order_T``: each token's place in the
+        micro-batch (``position * B + sequence``), when the ranks' slices are not simply
+        consecutive (context parallelism); unset means group order then local order.
         """
         logits_TE = F.linear(upcast(x_TD), upcast(self.weight))
         if self.score_function == "softmax":
@@ -224,7 +232,7 @@ class TopKRouter(nn.Module):
         kept_TK, capacity = None, None
         num_dropped = counts_E.new_zeros(())
         if self.capacity_factor is not None:
-            kept_TK, capacity, num_dropped = self._keep_mask(probs_TK, experts_TK, tokens)
+            kept_TK, capacity, num_dropped = self._keep_mask(probs_TK, experts_TK, tokens, order_T)
             probs_TK = probs_TK * kept_TK
         return Routing(probs_TK, experts_TK, kept_TK, capacity, aux, z, counts_E, num_dropped.float())
 

@@ -65,14 +65,15 @@ class MicroBatches:
 
 
 def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torch.Tensor:
-    """[1 + depths] loss-token counts over the global batch: main loss, then each MTP depth."""
+    """[1 + depths] loss-token counts over the global batch: main loss, then each MTP depth.
+    Batches hold whole sequences (the model shards them over CP), so this sums over DP only."""
     counts = torch.zeros(1 + mtp_depths, dtype=torch.float64, device=batches[0]["loss_mask"].device)
     for b in batches:
         mask = b["loss_mask"].double()
         counts[0] += mask.sum()
         for k in range(1, mtp_depths + 1):
             counts[k] += mask[:, k:].sum()
-    return mappings.all_reduce_(counts, state.dp_cp)
+    return mappings.all_reduce_(counts, state.dp)
 
 
 def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[dict], step: int,
@@ -83,7 +84,8 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
     ``time_pipeline`` (benchmarks) measures this rank's time blocked in pipeline exchanges."""
     start = time.perf_counter()
     t, depths = config.training, config.model.mtp_num_layers
-    num_micro, dp = len(batches), state.dp.size * state.cp.size
+    # Balancing losses: the TP x CP ranks of a micro-batch hold shares that sum to its loss.
+    num_micro, dp = len(batches), state.dp.size
     counts = _global_token_counts(batches, depths, state)
     device = counts.device
     optimizer.zero_grad()
@@ -134,14 +136,15 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
     optimizer.step(lr)
 
     # Reduce the metrics: loss shares over TP, sums over data-parallel ranks and pipeline stages.
+    # Loss sums and aux shares are split over CP ranks; expert loads are whole on each of them.
     mappings.all_reduce_(aux, state.tp)
     packed = torch.cat([sums, aux.flatten(), load.flatten(), dropped])
     mappings.all_reduce_(packed, state.dp_cp)
     mappings.all_reduce_(packed, state.pp)
     sums, rest = packed[: 1 + depths], packed[1 + depths:]
     aux = rest[: aux.numel()].view_as(aux) / (num_micro * dp)
-    load = rest[aux.numel(): aux.numel() + load.numel()].view_as(load)
-    dropped = rest[aux.numel() + load.numel():]
+    load = rest[aux.numel(): aux.numel() + load.numel()].view_as(load) / state.cp.size
+    dropped = rest[aux.numel() + load.numel():] / state.cp.size
     for layer, i in zip(model.moe_layers(), model.moe_index):
         layer.gate.update_expert_bias(load[i].float())
     if counts.is_cuda:
@@ -163,8 +166,8 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
 
 
 def _activation_shape(config: Config, state: ParallelState) -> tuple[int, int, int]:
-    """[s, micro_batch, hidden] between pipeline stages (s / tp with sequence parallel)."""
-    s = config.model.seq_length
+    """[s, micro_batch, hidden] between pipeline stages (s / cp, then / tp with sequence parallel)."""
+    s = config.model.seq_length // state.cp.size
     if config.parallel.sequence_parallel:
         s //= state.tp.size
     return (s, config.training.micro_batch_size, config.model.hidden_size)

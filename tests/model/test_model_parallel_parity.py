@@ -45,6 +45,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.sequence_parallel = layout.get("sp", False)
     cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
     cfg.parallel.pipeline_model_parallel_size = layout.get("pp", 1)
+    cfg.parallel.context_parallel_size = layout.get("cp", 1)
     cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
     cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
@@ -58,6 +59,15 @@ def make_config(variant: str, layout: dict) -> Config:
         cfg.moe.moe_router_load_balancing_type = "aux_loss"
         cfg.moe.moe_aux_loss_coeff = 1e-2
         cfg.moe.moe_z_loss_coeff = 1e-3
+    elif variant == "seq_aux_position":  # per-sequence balancing and first-come capacity see whole sequences
+        cfg.model.multi_latent_attention = False
+        cfg.model.num_attention_heads, cfg.model.num_query_groups = 8, 2
+        cfg.moe.moe_router_score_function = "softmax"
+        cfg.moe.moe_router_enable_expert_bias = False
+        cfg.moe.moe_router_load_balancing_type = "seq_aux_loss"
+        cfg.moe.moe_aux_loss_coeff = 1e-2
+        cfg.moe.moe_expert_capacity_factor = 1.0
+        cfg.moe.moe_token_drop_policy = "position"
     elif variant in ("mtp_capacity", "mtp_tied"):
         cfg.model.mtp_num_layers = 1
         cfg.model.untie_embeddings_and_output_weights = variant != "mtp_tied"
@@ -163,6 +173,16 @@ def test_pipeline_parallel_model_matches_single_process(workers, variant, layout
     assert all(workers(4).run(_parity, variant, layout))
 
 
+CP_LAYOUTS = [dict(cp=2), dict(cp=4), dict(cp=2, tp=2, sp=True), dict(cp=2, tp=2),
+              dict(cp=2, ep=2, dispatcher="alltoall")]
+
+
+@pytest.mark.parametrize("variant", ["mla", "gqa", "mtp_capacity", "seq_aux_position"])
+@pytest.mark.parametrize("layout", CP_LAYOUTS, ids=_name)
+def test_context_parallel_model_matches_single_process(workers, variant, layout):
+    assert all(workers(4).run(_parity, variant, layout))
+
+
 def test_interleaved_pipeline_four_virtual_stages_per_rank(workers):
     # 8 layers over pp 2 x vpp 4: every virtual stage holds one layer; 4 micro-batches per step
     assert all(workers(2).run(_parity, "mtp_tied", {"pp": 2, "vpp": 4, "layers": 8}))
@@ -171,3 +191,9 @@ def test_interleaved_pipeline_four_virtual_stages_per_rank(workers):
 def test_pipeline_tensor_expert_8_ranks(workers):
     layout = {"pp": 2, "tp": 2, "ep": 2, "dispatcher": "alltoall", "sp": True}
     assert all(workers(8).run(_parity, "mla", layout))
+
+
+def test_every_dimension_at_once_8_ranks(workers):
+    # attention: TP 2 (+SP) x CP 2 x PP 2; experts: EP 2 x expert-DP 2 (expert-TP 1); MLA + MTP + capacity
+    layout = {"tp": 2, "sp": True, "cp": 2, "pp": 2, "ep": 2, "etp": 1, "dispatcher": "alltoall"}
+    assert all(workers(8).run(_parity, "mtp_capacity", layout))
