@@ -5,6 +5,7 @@
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
 # (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
+# `cp` needs two GPUs: NCCL parity of CP=2 (GQA, MLA) and the attention benchmark at CP 1 and 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -35,6 +36,13 @@ if [ "$mode" = pp ]; then
     python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_pipeline.py \
       --pipeline-model-parallel-size 2 $layout 2>&1 | tee -a "$LOG/bubble_pp2.log" | tail -5
   done
+fi
+if [ "$mode" = cp ]; then
+  python3 tools/check_parity.py --models mla gqa --layouts tp=1 cp=2 2>&1 | tee "$LOG/parity_cp_nccl.log" \
+    | grep -v "^ *\[" | tail -16
+  python3 tools/bench_cp.py --kernels 2>&1 | tee "$LOG/bench_cp1.log" | grep -v -i warn | tail -12
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_cp.py 2>&1 \
+    | tee "$LOG/bench_cp2.log" | grep -v -i warn | tail -5
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

@@ -87,6 +87,12 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if k.shape[2] != q.shape[2]:  # GQA: give every query head its key/value head
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:
+        # MLA (qk 192, v 128): flash attention, the only fast kernel for bottom-right causal
+        # masks, needs equal head dims. Zero-padding v costs a little; without it the fallback
+        # kernel is 4x slower on H200 (docs/benchmarks.md).
+        v = F.pad(v, (0, q.shape[-1] - dv))
     fork = rng_tracker.fork(TENSOR_PARALLEL_STREAM) if (dropout_p and rng_tracker) else contextlib.nullcontext()
     outs = []
     with fork:
@@ -95,5 +101,5 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             mask = causal_lower_right(qh.shape[2], kh.shape[2])
             outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p,
                                                        scale=softmax_scale))
-    out = torch.cat(outs, dim=2)  # [b, heads, s/cp, dv]
+    out = torch.cat(outs, dim=2)[..., :dv]  # [b, heads, s/cp, dv]
     return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Benchmark one attention layer under context parallelism: forward + backward time per layer
+at CP = world size, against the same sequence on one GPU.
+
+    python tools/bench_cp.py                                   # CP=1: the whole sequence on one GPU
+    torchrun --nproc-per-node 2 tools/bench_cp.py              # CP=2
+
+Layers: DeepSeek-V2-Lite MLA (hidden 2048, 16 heads, kv_lora 512, qk 128 + rope 64, v 128),
+with the latent exchange and with the expanded-KV exchange, and a GQA layer (hidden 2048,
+16 heads, 4 key/value heads, head dim 128). bf16, one sequence of ``--seq-length`` tokens.
+Prints the median over ``--iters`` runs, the attention throughput (whole-sequence tokens per
+second, so CP=1 and CP=2 compare directly) and the bytes each rank all-gathers per layer.
+
+``--kernels`` (one GPU) also times the attention kernels alone, forward + backward, 16 heads:
+a CP=2 rank's longest block (S/4 queries against S keys, causal aligned bottom-right) against
+the whole-sequence causal square, and the MLA block with and without padding v to 192.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megamoe.model.attention import GroupedQueryAttention  # noqa: E402
+from megamoe.model.mla import MultiHeadLatentAttention  # noqa: E402
+from megamoe.model.rope import RotaryEmbedding  # noqa: E402
+from megamoe.parallel.context_parallel import sequence_shard_indices  # noqa: E402
+from megamoe.parallel.state import ParallelState  # noqa: E402
+
+
+def build(kind: str, state: ParallelState, seq: int, device):
+    kw = dict(device=device, dtype=torch.bfloat16)
+    if kind.startswith("mla"):
+        rope = RotaryEmbedding(64, seq, 10000.0, device=device)
+        layer = MultiHeadLatentAttention(2048, 16, None, 512, 128, 64, 128, rope, state.tp, cp=state.cp,
+                                         cp_exchange="expanded" if kind == "mla-expanded" else "latent", **kw)
+        per_token = (512 + 64) if kind == "mla-latent" else 16 * (128 + 64 + 128)
+    else:
+        rope = RotaryEmbedding(128, seq, 10000.0, device=device)
+        layer = GroupedQueryAttention(2048, 16, 4, 128, rope, state.tp, cp=state.cp, **kw)
+        per_token = 2 * 4 * 128
+    for module in layer.modules():
+        init = getattr(module, "init_weights", None)
+        if init is not None:
+            init(torch.Generator(device=device).manual_seed(0))
+    exchanged = (state.cp.size - 1) / state.cp.size * seq * per_token * 2 if state.cp.size > 1 else 0
+    return layer, exchanged
+
+
+def time_layer(layer, x, positions, iters: int) -> float:
+    times = []
+    for _ in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        layer(x, positions).float().square().mean().backward()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[3:])
+
+
+def kernel_comparison(seq: int, iters: int, device) -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    def timed(q_len, k_len, dqk, dv, lower_right, pad_v=False) -> float:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 16, n, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for n, d in ((q_len, dqk), (k_len, dqk), (k_len, dv)))
+        mask = causal_lower_right(q_len, k_len) if lower_right else None
+
+        def run():
+            vv = F.pad(v, (0, dqk - dv)) if pad_v else v
+            out = F.scaled_dot_product_attention(q, k, vv, attn_mask=mask, is_causal=not lower_right)
+            out[..., :dv].float().sum().backward()
+
+        times = []
+        for _ in range(iters + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times[2:])
+
+    rows = [
+        ("causal square, S x S, d 128", timed(seq, seq, 128, 128, False)),
+        ("bottom-right, S/4 x S, d 128", timed(seq // 4, seq, 128, 128, True)),
+        ("causal square, S x S, MLA 192/128", timed(seq, seq, 192, 128, False)),
+        ("bottom-right, S/4 x S, MLA 192/128", timed(seq // 4, seq, 192, 128, True)),
+        ("bottom-right, S/4 x S, MLA, v padded", timed(seq // 4, seq, 192, 128, True, pad_v=True)),
+    ]
+    print(f"\nattention kernels alone, S = {seq}, 16 heads, fwd+bwd")
+    for name, ms in rows:
+        print(f"{name:<40}{ms:>10.2f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-length", type=int, default=32768)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--kernels", action="store_true", help="Also time the attention kernels alone.")
+    args = parser.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl", device_id=device)
+    state = ParallelState.build(cp=world)
+    positions = sequence_shard_indices(args.seq_length, world, state.cp.rank, device)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(positions.numel(), 1, 2048, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+    if rank == 0:
+        print(f"CP={world}, sequence {args.seq_length} tokens ({positions.numel()} per rank), bf16, fwd+bwd, "
+              f"median of {args.iters}")
+        print(f"{'layer':<14}{'ms / layer':>12}{'tokens/s':>14}{'MB gathered per rank':>22}")
+    for kind in ("mla-latent", "mla-expanded", "gqa"):
+        layer, exchanged = build(kind, state, args.seq_length, device)
+        ms = time_layer(layer, x, positions, args.iters)
+        if rank == 0:
+            print(f"{kind:<14}{ms:>12.2f}{args.seq_length / ms * 1e3:>14,.0f}{exchanged / 1e6:>22.1f}", flush=True)
+        del layer
+        x.grad = None
+    if args.kernels and rank == 0:
+        kernel_comparison(args.seq_length, args.iters, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
