@@ -80,6 +80,11 @@ def iter_lines(paths: list[str], json_keys: list[str]) -> Iterator[str]:
 def train(args) -> None:
     import sentencepiece as spm
 
+    # A first pass reports malformed input with its line number (inside the trainer's iterator an
+    # exception would surface as sentencepiece's own error).
+    num_lines = sum(1 for _ in iter_lines(args.input, args.json_keys))
+    if num_lines == 0:
+        raise ValueError(f"--input {' '.join(args.input)}: no text found (--json-keys {' '.join(args.json_keys)})")
     out = Path(args.model_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp")

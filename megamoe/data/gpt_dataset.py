@@ -5,9 +5,10 @@ Megatron-LM's semantics (``megatron/core/datasets/gpt_dataset.py``):
 - ``--split 969,30,1`` divides the documents (contiguous ranges, weights normalised) into
   train / validation / test.
 - The number of epochs is the least that yields the samples asked for.
-- Document index [epochs * docs] int32: the split's documents, repeated per epoch and shuffled
-  with ``numpy.random.RandomState(seed)``. When the last epoch is needed for fewer than 80% of
-  its samples, it is shuffled separately, so the partial epoch does not favour some documents.
+- Document index [epochs * docs] int32: the split's documents once per epoch, the whole array
+  shuffled with ``numpy.random.RandomState(seed)``. When the last epoch is needed for fewer
+  than 80% of its samples, it is shuffled separately (and its samples too), so that a partial
+  epoch does not favour some documents.
 - Sample index [samples + 1, 2]: where each sample of ``seq_length + 1`` tokens starts
   (position in the document index, token offset); samples run across document boundaries and
   consecutive samples share one token (the last label is the next sample's first input).
