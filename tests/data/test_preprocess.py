@@ -5,12 +5,15 @@ failed or interrupted run leaves no output that looks valid."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import preprocess_data
-from conftest import english_docs, write_jsonl
+from conftest import ROOT, english_docs, write_jsonl
 from megamoe.data import preprocess as engine
 from megamoe.data.indexed_dataset import IndexedDataset
 from megamoe.data.tokenizers import SentencePieceTokenizer
@@ -122,3 +125,26 @@ def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, needle):
         preprocess_data.main([x for kv in base.items() for x in kv])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_leaves_nothing_valid_looking(tmp_path, sig):
+    """Killed while writing: SIGKILL leaves only temporary names; SIGTERM cleans up entirely."""
+    rng = np.random.default_rng(0)
+    line = json.dumps({"text": " ".join(map(str, rng.integers(0, 1000, size=400)))}) + "\n"
+    (tmp_path / "in.jsonl").write_text(line * 8_000)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
+                             "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "NullTokenizer",
+                             "--vocab-size", "1000", "--log-interval", "500"], stderr=subprocess.PIPE, text=True)
+    for err_line in proc.stderr:  # wait until documents are being written
+        if err_line.startswith("processed"):
+            break
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "o_text_document.bin" not in names and "o_text_document.idx" not in names
+    if sig == signal.SIGTERM:
+        assert names == ["in.jsonl"]
+    else:
+        assert all(".tmp" in n for n in names if n != "in.jsonl")
