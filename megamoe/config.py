@@ -249,15 +249,15 @@ class DataConfig:
     mock_data: Optional[bool] = None
     """Train on synthetic tokens drawn from a fixed random Markov chain (no files needed). Unset means mock data unless --data-path is given."""
     data_path: Optional[list[str]] = None
-    """Dataset prefixes (.bin/.idx), optionally weighted: 'PATH' or '0.3 PATH_A 0.7 PATH_B'."""
+    """Indexed datasets (PREFIX.bin/.idx from tools/preprocess_data.py): 'PREFIX', or weighted for blending: '0.3 PREFIX_A 0.7 PREFIX_B'."""
     split: str = "969,30,1"
-    """Train/validation/test split of the documents, as relative weights."""
+    """Train/validation/test split of each dataset's documents, as relative weights (contiguous ranges, as in Megatron)."""
     tokenizer_type: Literal["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"] = (
         "NullTokenizer"
     )
     """Tokenizer kind."""
     tokenizer_model: Optional[str] = None
-    """Path of the tokenizer model file (sentencepiece .model or tokenizer.json)."""
+    """The tokenizer's file: a sentencepiece .model, or a local Hugging Face tokenizer.json (or its directory)."""
     vocab_size: int = 512
     """Vocabulary size of mock data and of the NullTokenizer (which adds one end-of-document id); other tokenizers bring their own."""
     make_vocab_size_divisible_by: int = 128
