@@ -252,6 +252,8 @@ def validate_data(d: DataConfig, t: TrainingConfig) -> None:
     if d.uses_mock_data:
         if d.tokenizer_type != "NullTokenizer" or d.tokenizer_model is not None:
             _fail("--tokenizer-type and --tokenizer-model apply to --data-path; mock data uses --vocab-size")
+        if d.data_cache_path is not None:
+            _fail("--data-cache-path applies to --data-path (mock data has no indices to cache)")
         return
     try:
         blend = parse_blend(d.data_path)

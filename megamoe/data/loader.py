@@ -44,13 +44,17 @@ class OffsetSource:
 class TokenBatches:
     """Batches of a dataset whose items are [seq_length + 1] token arrays."""
 
-    def __init__(self, dataset: Union[GPTDataset, BlendedDataset], seq_length: int):
-        self.dataset, self.seq_length = dataset, seq_length
+    def __init__(self, dataset: Union[GPTDataset, BlendedDataset], seq_length: int, vocab_size: int):
+        self.dataset, self.seq_length, self.vocab_size = dataset, seq_length, vocab_size
 
     def batch(self, indices: Sequence[int], device: Union[torch.device, str] = "cpu") -> dict[str, torch.Tensor]:
         """{"tokens", "labels"}: [m, seq] int64, inputs and next tokens; "loss_mask": [m, seq]
         float32 ones (Megatron's default: end-of-document tokens are not masked)."""
-        seq = torch.from_numpy(np.stack([self.dataset[int(i)] for i in indices]))  # [m, seq + 1]
+        array = np.stack([self.dataset[int(i)] for i in indices])  # [m, seq + 1] int64
+        if array.size and array.max() >= self.vocab_size:  # else the embedding would silently mask it
+            raise ValueError(f"token id {array.max()} in the data is outside the tokenizer's vocabulary of "
+                             f"{self.vocab_size}: was the dataset made with another --tokenizer-model?")
+        seq = torch.from_numpy(array)
         return {
             "tokens": seq[:, :-1].to(device),
             "labels": seq[:, 1:].to(device),
@@ -130,4 +134,4 @@ def build_data_source(config: Config, split: str = "train") -> Union[MarkovMockD
             dataset = build_dataset(config, split, num_samples)
     else:
         dataset = build_dataset(config, split, num_samples)
-    return TokenBatches(dataset, config.model.seq_length)
+    return TokenBatches(dataset, config.model.seq_length, build_tokenizer(config.data).vocab_size)

@@ -131,9 +131,16 @@ def _batches(path: str, begin: int, end: int, first_line_no: int) -> Iterator[li
 
 
 def _count_lines(path: str, begin: int, end: int) -> int:
+    """Line breaks in bytes [begin, end) of the file (the lines of a partition)."""
+    count = 0
     with open(path, "rb") as f:
         f.seek(begin)
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(min(16 << 20, end - f.tell())) or None, None))
+        while f.tell() < end:
+            chunk = f.read(min(16 << 20, end - f.tell()))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+    return count
 
 
 # ---------------------------------------------------------------------------------------------

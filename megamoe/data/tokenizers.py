@@ -128,7 +128,10 @@ class HuggingFaceTokenizer(Tokenizer):
 def _configured_eos(config_file: Path) -> Optional[str]:
     if not config_file.is_file():
         return None
-    eos = json.loads(config_file.read_text()).get("eos_token")
+    try:
+        eos = json.loads(config_file.read_text()).get("eos_token")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"--tokenizer-model: {config_file} is not a JSON object") from None
     return eos.get("content") if isinstance(eos, dict) else eos
 
 

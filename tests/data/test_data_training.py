@@ -111,6 +111,7 @@ def test_data_flag_validation(null_dataset, sp_model, tmp_path):
         (_set(real, tokenizer_model=sp_model), "--tokenizer-model is not used by --tokenizer-type NullTokenizer"),
         (_set(Config(), tokenizer_type="SentencePieceTokenizer"), "apply to --data-path; mock data uses --vocab-size"),
         (_set(real, num_workers=0), "--num-workers: not supported yet"),
+        (_set(Config(), data_cache_path=str(tmp_path)), "--data-cache-path applies to --data-path"),
     ]
     for cfg, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -127,3 +128,12 @@ def test_pretrain_reports_a_missing_dataset_in_one_line():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--data-path /nonexistent/corpus_text_document: " in proc.stderr
+
+
+def test_tokens_outside_the_vocabulary_are_an_error(null_dataset, tmp_path):
+    prefix, _ = null_dataset  # ids up to 50 (the end-of-document id of --vocab-size 50)
+    cfg = tiny_config(prefix, str(tmp_path / "cache"))
+    cfg.data.vocab_size = 20
+    data = MicroBatches(cfg, ParallelState.single(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary of 21"):
+        data.get(0, 0)
