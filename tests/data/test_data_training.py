@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from datagen import ROOT
 from megamoe.config import Config, ConfigError
 from megamoe.config_validation import validate
 from megamoe.data.loader import with_tokenizer_vocab

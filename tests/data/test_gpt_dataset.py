@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import preprocess_data
-from conftest import null_token_docs, write_jsonl
+from datagen import null_token_docs, write_jsonl
 from megamoe.config import Config
 from megamoe.data.gpt_dataset import GPTDataset, parse_split, split_document_ranges
 from megamoe.data.indexed_dataset import IndexedDataset

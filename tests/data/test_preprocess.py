@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import preprocess_data
-from conftest import ROOT, english_docs, write_jsonl
+from datagen import ROOT, english_docs, write_jsonl
 from megamoe.data import preprocess as engine
 from megamoe.data.indexed_dataset import IndexedDataset
 from megamoe.data.tokenizers import SentencePieceTokenizer

@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 import train_tokenizer
-from conftest import english_docs
+from datagen import english_docs
 from megamoe.config import DataConfig
 from megamoe.data.tokenizers import HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer, build_tokenizer
 
