@@ -246,26 +246,31 @@ class TrainingConfig:
 class DataConfig:
     """Training data and tokenizer."""
 
-    mock_data: bool = True
-    """Train on synthetic tokens drawn from a fixed random Markov chain (no files needed)."""
+    mock_data: Optional[bool] = None
+    """Train on synthetic tokens drawn from a fixed random Markov chain (no files needed). Unset means mock data unless --data-path is given."""
     data_path: Optional[list[str]] = None
-    """Dataset prefixes (.bin/.idx), optionally weighted: 'PATH' or '0.3 PATH_A 0.7 PATH_B'."""
+    """Indexed datasets (PREFIX.bin/.idx from tools/preprocess_data.py): 'PREFIX', or weighted for blending: '0.3 PREFIX_A 0.7 PREFIX_B'."""
     split: str = "969,30,1"
-    """Train/validation/test split of the documents, as relative weights."""
+    """Train/validation/test split of each dataset's documents, as relative weights (contiguous ranges, as in Megatron)."""
     tokenizer_type: Literal["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"] = (
         "NullTokenizer"
     )
     """Tokenizer kind."""
     tokenizer_model: Optional[str] = None
-    """Path of the tokenizer model file (sentencepiece .model or tokenizer.json)."""
+    """The tokenizer's file: a sentencepiece .model, or a local Hugging Face tokenizer.json (or its directory)."""
     vocab_size: int = 512
-    """Vocabulary size for the NullTokenizer and mock data."""
+    """Vocabulary size of mock data and of the NullTokenizer (which adds one end-of-document id); other tokenizers bring their own."""
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this (times TP) for efficient vocab-parallel GEMMs."""
     data_cache_path: Optional[str] = None
     """Where dataset index caches go (unset means next to the data)."""
     num_workers: int = 2
     """Data-loader worker processes."""
+
+    @property
+    def uses_mock_data(self) -> bool:
+        """Mock data when --mock-data is set, or when neither it nor --data-path is given."""
+        return self.mock_data if self.mock_data is not None else not self.data_path
 
 
 @dataclass

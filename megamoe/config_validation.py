@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 
 from megamoe.config import (
     SECTIONS,
@@ -24,6 +25,10 @@ from megamoe.config import (
     TrainingConfig,
     flag_name,
 )
+from megamoe.data.blended_dataset import parse_blend
+from megamoe.data.gpt_dataset import split_document_ranges
+from megamoe.data.indexed_dataset import exists, idx_path, read_header
+from megamoe.data.tokenizers import build_tokenizer
 from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
 
@@ -39,8 +44,7 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         # overlapped DP, distributed optimizer
         "use_distributed_optimizer",
         "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
-        # datasets on disk and tokenizers
-        "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "data_cache_path",
+        # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
         "num_workers",
         # checkpoints
         "save", "load", "save_interval", "no_load_optim", "no_load_rng",
@@ -266,19 +270,56 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
         _fail(f"--clip-grad {t.clip_grad}: must be 0 (off) or positive")
 
 
-def validate_data(d: DataConfig) -> None:
-    if d.mock_data and d.data_path:
-        _fail("--mock-data and --data-path are mutually exclusive (use --no-mock-data with --data-path)")
-    if not d.mock_data and not d.data_path:
-        _fail("--data-path is required unless --mock-data is set")
-    parts = d.split.replace("/", ",").split(",")
-    try:
-        weights = [float(x) for x in parts]
-    except ValueError:
-        raise ConfigError(f"--split {d.split}: expected comma-separated weights such as 969,30,1") from None
-    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        _fail(f"--split {d.split}: expected up to three non-negative weights with a positive sum")
+def validate_data(d: DataConfig, t: TrainingConfig) -> None:
+    """Mock vs real data, the dataset files, the split and the tokenizer. Reads only file
+    headers (and the tokenizer's model file)."""
     _positive(d, "vocab_size", "make_vocab_size_divisible_by")
+    if d.mock_data and d.data_path:
+        _fail("--mock-data and --data-path are mutually exclusive (--data-path alone trains on real data)")
+    if d.mock_data is False and not d.data_path:
+        _fail("--no-mock-data needs --data-path")
+    try:
+        split_document_ranges(d.split, 1)
+    except ValueError as err:
+        _fail(str(err))
+    if d.uses_mock_data:
+        if d.tokenizer_type != "NullTokenizer" or d.tokenizer_model is not None:
+            _fail("--tokenizer-type and --tokenizer-model apply to --data-path; mock data uses --vocab-size")
+        if d.data_cache_path is not None:
+            _fail("--data-cache-path applies to --data-path (mock data has no indices to cache)")
+        return
+    try:
+        blend = parse_blend(d.data_path)
+    except ValueError as err:
+        _fail(str(err))
+    for _, prefix in blend:
+        if not exists(prefix):
+            _fail(f"--data-path {prefix}: {prefix}.bin and {prefix}.idx are needed (made by tools/preprocess_data.py)")
+        try:
+            _, num_sequences, _ = read_header(idx_path(prefix))
+        except ValueError as err:
+            _fail(f"--data-path {prefix}: {err}")
+        ranges = split_document_ranges(d.split, num_sequences)
+        for name, wanted, r in (("training", True, ranges[0]), ("validation", t.eval_iters > 0, ranges[1])):
+            if wanted and (r is None or r[0] == r[1]):
+                hint = " or set --eval-iters 0" if name == "validation" else ""
+                _fail(f"--split {d.split} leaves the {name} split of {prefix} ({num_sequences} documents) "
+                      f"empty; give it a larger weight{hint}")
+    if d.tokenizer_type == "NullTokenizer":
+        if d.tokenizer_model is not None:
+            _fail("--tokenizer-model is not used by --tokenizer-type NullTokenizer (which reads --vocab-size)")
+    else:
+        if d.tokenizer_model is None:
+            _fail(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+        if d.vocab_size != DataConfig().vocab_size:
+            _fail(f"--vocab-size is for mock data and the NullTokenizer; the {d.tokenizer_type} "
+                  "takes its vocabulary from --tokenizer-model")
+    try:
+        build_tokenizer(d)
+    except ValueError as err:
+        _fail(str(err))
+    if d.data_cache_path is not None and os.path.exists(d.data_cache_path) and not os.path.isdir(d.data_cache_path):
+        _fail(f"--data-cache-path {d.data_cache_path}: exists and is not a directory")
 
 
 def validate_logging(log: LoggingConfig) -> None:
@@ -297,7 +338,7 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     validate_moe(config.moe, config.model)
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
     validate_training(config.training, layout)
-    validate_data(config.data)
+    validate_data(config.data, config.training)
     validate_logging(config.logging)
     validate_checkpoint(config.checkpoint)
     check_not_supported_yet(config)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from megamoe.config import Config
-from megamoe.data.mock import MarkovMockData
+from megamoe.data.loader import build_data_source, with_tokenizer_vocab
 from megamoe.model.gpt import GPTModel, materialize
 from megamoe.parallel import mappings
 from megamoe.parallel.pipeline_parallel import (
@@ -35,8 +35,6 @@ from megamoe.training.optimizer import MixedPrecisionAdamW
 from megamoe.training.reporting import Reporter, StepMetrics
 from megamoe.training.schedule import learning_rate
 
-VALIDATION_OFFSET = 2**40  # mock validation samples live in their own index range
-
 
 def build_model(config: Config, state: ParallelState, device: torch.device) -> GPTModel:
     """Build on the meta device, materialise on ``device``, then initialise (layout-invariant)."""
@@ -50,17 +48,18 @@ def build_model(config: Config, state: ParallelState, device: torch.device) -> G
 
 class MicroBatches:
     """Which samples each rank reads: Megatron's order. Micro-step ``j`` of step ``it`` gives
-    data-parallel rank ``d`` samples ``it*G + j*m*dp + d*m ... + m`` (G global, m micro batch)."""
+    data-parallel rank ``d`` samples ``it*G + j*m*dp + d*m ... + m`` (G global, m micro batch)
+    of ``split`` ('train' or 'valid'): mock data, or the datasets of --data-path."""
 
-    def __init__(self, config: Config, state: ParallelState, device: torch.device):
+    def __init__(self, config: Config, state: ParallelState, device: torch.device, split: str = "train"):
         t = config.training
-        self.data = MarkovMockData(config.data.vocab_size, config.model.seq_length, t.seed)
+        self.data = build_data_source(config, split)
         self.micro, self.global_batch = t.micro_batch_size, t.global_batch_size
         self.dp, self.dp_rank, self.device = state.dp.size, state.dp.rank, device
         self.num_micro = self.global_batch // (self.micro * self.dp)
 
-    def get(self, step: int, micro_step: int, offset: int = 0) -> dict[str, torch.Tensor]:
-        start = offset + step * self.global_batch + micro_step * self.micro * self.dp + self.dp_rank * self.micro
+    def get(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        start = step * self.global_batch + micro_step * self.micro * self.dp + self.dp_rank * self.micro
         return self.data.batch(list(range(start, start + self.micro)), self.device)
 
 
@@ -175,11 +174,11 @@ def _activation_shape(config: Config, state: ParallelState) -> tuple[int, int, i
 
 @torch.no_grad()
 def evaluate(model: GPTModel, data: MicroBatches, config: Config, state: ParallelState) -> float:
-    """Mean validation lm loss over ``--eval-iters`` global batches of held-out mock samples."""
+    """Mean validation lm loss over the first ``--eval-iters`` global batches of the validation data."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=data.device)
     for it in range(config.training.eval_iters):
-        batches = [data.get(it, j, offset=VALIDATION_OFFSET) for j in range(data.num_micro)]
+        batches = [data.get(it, j) for j in range(data.num_micro)]
 
         def forward_step(j: int, hidden_in: Optional[torch.Tensor], chunk: int = 0):
             b = batches[j]
@@ -199,11 +198,13 @@ def evaluate(model: GPTModel, data: MicroBatches, config: Config, state: Paralle
 
 def train(config: Config, state: ParallelState, device: torch.device) -> list[StepMetrics]:
     """Build everything and run ``--train-iters`` steps; returns the per-step metrics."""
+    config = with_tokenizer_vocab(config)  # real data: the model's vocabulary is the tokenizer's
     rng_tracker = model_parallel_seed(config.training.seed, state, device)
     model = build_model(config, state, device)
     model.train()
     optimizer = MixedPrecisionAdamW(model, config.training)
     data = MicroBatches(config, state, device)
+    valid_data = MicroBatches(config, state, device, "valid") if config.training.eval_iters else None
     fpt = flops_per_token(config, model.padded_vocab)
     is_writer = state.rank == 0
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -234,7 +235,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
             reporter.log_step(metrics)
             history.append(metrics)
             if t.eval_iters and (step % t.eval_interval == 0 or step == t.train_iters):
-                valid = evaluate(model, data, config, state)
+                valid = evaluate(model, valid_data, config, state)
                 reporter.print(f" validation loss at iteration {step}: lm loss value: {valid:.5E} | "
                                f"lm loss PPL: {np.exp(min(valid, 50)):.5E} |")
                 if reporter.writer is not None:

@@ -1,0 +1,82 @@
+"""Tokenizers: one interface, Megatron's NullTokenizer conventions, sentencepiece and local
+Hugging Face files, and tools/train_tokenizer.py."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+import train_tokenizer
+from datagen import english_docs
+from megamoe.config import DataConfig
+from megamoe.data.tokenizers import HuggingFaceTokenizer, NullTokenizer, SentencePieceTokenizer, build_tokenizer
+
+
+def test_null_tokenizer_is_megatrons():
+    tok = build_tokenizer(DataConfig(tokenizer_type="NullTokenizer", vocab_size=100))
+    assert isinstance(tok, NullTokenizer)
+    assert tok.vocab_size == 101 and tok.eod == 100  # the end-of-document id is appended to the vocabulary
+    assert tok.tokenize("3 1  4\n1") == [3, 1, 4, 1] and tok.detokenize([3, 1, 4]) == "3 1 4"
+    with pytest.raises(ValueError, match="--vocab-size 100"):
+        tok.tokenize("100")
+
+
+def test_sentencepiece_round_trip_and_byte_fallback(sp_model):
+    tok = build_tokenizer(DataConfig(tokenizer_type="SentencePieceTokenizer", tokenizer_model=sp_model))
+    assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size == 320 and tok.eod == 2
+    text = "the  quick fox\n\tjumps — 日本 42"  # unseen characters fall back to bytes
+    ids = tok.tokenize(text)
+    assert tok.detokenize(ids) == text and 0 not in ids  # never <unk>
+    assert pickle.loads(pickle.dumps(tok)).tokenize(text) == ids  # workers reload the model file
+
+
+def test_train_tokenizer_from_text_and_unigram(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(english_docs(100, seed=3)))
+    assert train_tokenizer.main(["--input", str(tmp_path / "a.txt"), "--model-prefix", str(tmp_path / "u"),
+                                 "--vocab-size", "300", "--model-type", "unigram", "--num-threads", "1"]) == 0
+    tok = SentencePieceTokenizer(str(tmp_path / "u.model"))
+    assert tok.vocab_size == 300 and tok.detokenize(tok.tokenize("bold queens")) == "bold queens"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "u.model", "u.vocab"]  # no temporaries left
+
+
+def test_train_tokenizer_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_tokenizer.main(["--input", "/nonexistent", "--model-prefix", str(tmp_path / "t")])
+    assert "--input /nonexistent: no such file" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
+    assert train_tokenizer.main(["--input", str(tmp_path / "bad.jsonl"), "--model-prefix", str(tmp_path / "t"),
+                                 "--vocab-size", "300"]) == 1
+    assert "bad.jsonl line 2: not valid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_tokenizer_errors_name_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer-model"):
+        build_tokenizer(DataConfig(tokenizer_type="SentencePieceTokenizer"))
+    with pytest.raises(ValueError, match="--tokenizer-model /nope.model: no such file"):
+        build_tokenizer(DataConfig(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nope.model"))
+    with pytest.raises(ValueError, match="--tokenizer-model .*no tokenizer.json"):
+        build_tokenizer(DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path)))
+
+
+def test_hugging_face_tokenizer_from_a_local_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")  # optional at run time; in the dev extra
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(english_docs(100), trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = build_tokenizer(DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path)))
+    assert isinstance(tok, HuggingFaceTokenizer) and tok.eod == 1 and tok.vocab_size == hf.get_vocab_size()
+    text = "the lazy dog\nsings"
+    assert tok.detokenize(tok.tokenize(text)) == text
+    assert pickle.loads(pickle.dumps(tok)).tokenize(text) == tok.tokenize(text)
+    # an eos_token in tokenizer_config.json wins over the usual names
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<unk>"}}))
+    assert HuggingFaceTokenizer(str(tmp_path / "tokenizer.json")).eod == 0
