@@ -36,9 +36,8 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         "transformer_impl", "fp8_format", "fp8_recipe",
         # fp16 loss scaling
         "fp16",
-        # context parallelism, overlapped DP, distributed optimizer
-        "context_parallel_size", "use_distributed_optimizer",
-        "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
+        # context parallelism
+        "context_parallel_size",
         # datasets on disk and tokenizers
         "mock_data", "data_path", "split", "tokenizer_type", "tokenizer_model", "data_cache_path",
         "num_workers",
@@ -239,6 +238,7 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
                   f"pipeline stage ({counts}; --num-layers {m.num_layers})")
     if p.overlap_param_gather and not p.use_distributed_optimizer:
         _fail("--overlap-param-gather needs --use-distributed-optimizer")
+    _positive(p, "ddp_bucket_size")
     return layout
 
 
