@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
 # (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
+# `dp` needs two GPUs: the NCCL tier of the bucket tests, NCCL parity of DP 2 with overlapped
+# reduction and the distributed optimizer, and how much of the gradient reduction hides behind
+# backward (tools/bench_dp.py on the V2-Lite proxy at DP 2); a few minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -35,6 +38,14 @@ if [ "$mode" = pp ]; then
     python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_pipeline.py \
       --pipeline-model-parallel-size 2 $layout 2>&1 | tee -a "$LOG/bubble_pp2.log" | tail -5
   done
+fi
+if [ "$mode" = dp ]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/parallel/test_data_parallel.py 2>&1 \
+    | tee "$LOG/gpu_tests_dp.log" | tail -4
+  python3 tools/check_parity.py --models mla --layouts tp=1 dp=2 dp=2,overlap,bucket=200000 dp=2,distopt \
+    dp=2,distopt,overlap,gather,bucket=200000 2>&1 | tee "$LOG/parity_dp_nccl.log" | grep -v "^ *\[" | tail -22
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_dp.py 2>&1 \
+    | tee "$LOG/bench_dp.log" | tail -6
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

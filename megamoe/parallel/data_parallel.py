@@ -276,6 +276,12 @@ class DataParallelGrads:
         for b in self.buckets:
             b.wait_grad_reduce()
 
+    def remove_hooks(self) -> None:
+        """Stop accumulating into these buffers (benchmarks that compare several setups)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
     # -- accounting
 
     def grad_bytes(self) -> int:

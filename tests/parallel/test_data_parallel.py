@@ -1,6 +1,7 @@
 """Gradient buckets and the distributed optimizer on a toy model: the buffer layout (no process
 group), then on 2 gloo ranks: every bucket is reduced exactly once per step, during the last
-micro-batch's backward with --overlap-grad-reduce and after backward without it; a parameter
+micro-batch's backward with --overlap-grad-reduce and after backward without it (gloo, and NCCL
+where two GPUs are present); a parameter
 without a gradient in the last micro-batch (or ever) hangs nothing; reduce-scatter leaves the
 summed shard; the overlapped parameter all-gather completes before a module's forward; and
 the distributed optimizer's memory per rank. Full-model parity (DP 2 / 4, overlap, ZeRO-1, EP,
@@ -17,6 +18,7 @@ from megamoe.config import ParallelConfig, TrainingConfig
 from megamoe.parallel import data_parallel
 from megamoe.parallel.data_parallel import ALIGN, DataParallelGrads
 from megamoe.parallel.state import GROUP_KINDS, Group, ParallelLayout, ParallelState
+from megamoe.testing.distributed import worker_device
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.optimizer import MixedPrecisionAdamW
 
@@ -37,11 +39,12 @@ class Toy(nn.Module):
     """Four linear layers; ``skip`` leaves layer 2 out of the forward; ``unused`` never runs
     (registered first, so it sits in the last bucket in backward order)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
         super().__init__()
         torch.manual_seed(0)
         self.unused = nn.Linear(3, 3, dtype=DT)
         self.layers = nn.ModuleList(nn.Linear(12, 12, dtype=DT) for _ in range(4))
+        self.to(device)
 
     def forward(self, x, skip: bool = False):
         for i, layer in enumerate(self.layers):
@@ -79,14 +82,14 @@ def test_buffer_layout_without_processes():
     assert [(buf.name, len(buf.buckets)) for buf in single.buffers] == [("dense", 1)]
 
 
-def _inputs(rank: int, j: int) -> torch.Tensor:
-    return torch.randn(5, 12, dtype=DT, generator=torch.Generator().manual_seed(100 * rank + j))
+def _inputs(rank: int, j: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randn(5, 12, dtype=DT, generator=torch.Generator().manual_seed(100 * rank + j)).to(device)
 
 
-def _reference_grads(state: ParallelState, num_micro: int, skip_last: bool) -> list[torch.Tensor]:
-    ref = Toy()
+def _reference_grads(state: ParallelState, num_micro: int, skip_last: bool, device) -> list[torch.Tensor]:
+    ref = Toy(device)
     for j in range(num_micro):
-        ref(_inputs(state.rank, j), skip=skip_last and j == num_micro - 1).backward()
+        ref(_inputs(state.rank, j, device), skip=skip_last and j == num_micro - 1).backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in ref.parameters()]
     for g in grads:
         dist.all_reduce(g)
@@ -95,8 +98,8 @@ def _reference_grads(state: ParallelState, num_micro: int, skip_last: bool) -> l
 
 def _bucket_reduction(overlap: bool, reduce_scatter: bool, skip_last: bool):
     """Two steps of three micro-batches; records which phase every collective ran in."""
-    state = ParallelState.build()
-    model = Toy()
+    state, device = ParallelState.build(), worker_device()
+    model = Toy(device)
     grads = DataParallelGrads(list(model.parameters()), state, overlap=overlap, reduce_scatter=reduce_scatter,
                               bucket_size=150)
     phase, calls = ["start"], []
@@ -115,14 +118,14 @@ def _bucket_reduction(overlap: bool, reduce_scatter: bool, skip_last: bool):
             grads.start_step(3)
             for j in range(3):
                 phase[0] = f"micro{j}"
-                model(_inputs(state.rank, j), skip=skip_last and j == 2).backward()
+                model(_inputs(state.rank, j, device), skip=skip_last and j == 2).backward()
             phase[0] = "finish"
             grads.finish()
     finally:
         dist.all_reduce, data_parallel._reduce_scatter_single = saved
     in_backward = [b.launched_in_backward for b in grads.buckets]
     launches = [b.num_launches for b in grads.buckets]
-    want = _reference_grads(state, 3, skip_last)
+    want = _reference_grads(state, 3, skip_last, device)
     for p, g in zip(model.parameters(), want):
         b, lo, hi = next((b, lo, hi) for b in grads.buckets for q, lo, hi in b.ranges if q is p)
         got, expect = b.grad_data[lo:hi], g.flatten()
@@ -135,8 +138,9 @@ def _bucket_reduction(overlap: bool, reduce_scatter: bool, skip_last: bool):
 
 @pytest.mark.parametrize("reduce_scatter", [False, True], ids=["all-reduce", "reduce-scatter"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["after-backward", "overlap"])
-def test_each_bucket_is_reduced_once_per_step(workers, overlap, reduce_scatter):
-    for calls, in_backward, launches, num_buckets in workers(2).run(_bucket_reduction, overlap, reduce_scatter, False):
+def test_each_bucket_is_reduced_once_per_step(workers, backend, overlap, reduce_scatter):
+    results = workers(2, backend).run(_bucket_reduction, overlap, reduce_scatter, False)
+    for calls, in_backward, launches, num_buckets in results:
         assert num_buckets >= 4
         assert launches == [2] * num_buckets  # two steps, once each
         assert len(calls) == num_buckets  # the second step's collectives
@@ -149,9 +153,9 @@ def test_each_bucket_is_reduced_once_per_step(workers, overlap, reduce_scatter):
             assert calls == ["finish"] * num_buckets and not any(in_backward)
 
 
-def test_a_parameter_without_a_last_gradient_hangs_nothing(workers):
+def test_a_parameter_without_a_last_gradient_hangs_nothing(workers, backend):
     # layer 2 skips the last micro-batch; `unused` never gets a gradient
-    for calls, in_backward, launches, num_buckets in workers(2).run(_bucket_reduction, True, True, True):
+    for calls, in_backward, launches, num_buckets in workers(2, backend).run(_bucket_reduction, True, True, True):
         assert launches == [2] * num_buckets and len(calls) == num_buckets
         # Buckets start in one order on every rank: those behind layer 3 (first in backward)
         # during backward; layer 2's and everything after it (layers 1, 0, unused) at finish.
