@@ -8,7 +8,7 @@ buffer                  parameters                        reduction (all sums)
 ======================  ================================  =======================================
 ``dense``               attention, dense MLP, embedding,  over DP x CP (``state.dp_cp``)
                         head, shared experts
-``expert``              routed experts (``param.expert``) over expert-DP (``state.edp``)
+``expert``              routed experts (``expert``)       over expert-DP (``state.edp``)
 ``dense_tp``            ``param.sequence_parallel``       over TP first (partial sums of this
                         (norms, router, MLA down-proj.)   rank's tokens), then over DP x CP
 ``dense_embd``          ``pipeline_shared_embedding``     over the ``embd`` group first (the
@@ -247,8 +247,8 @@ class DataParallelGrads:
         count = self._counts[param] = self._counts.get(param, 0) + 1
         if count > self._num_micro:
             raise RuntimeError(
-                f"a parameter received gradient {count} in a step announced as {self._num_micro} "
-                "micro-batches (start_step); its bucket's reduction had already started")
+                f"a parameter received its gradient number {count} in a step announced as "
+                f"{self._num_micro} micro-batches (start_step); its bucket's reduction had already started")
         if count == self._num_micro:
             bucket.num_ready += 1
             while self._next < len(self.buckets):
