@@ -174,13 +174,17 @@ class ParallelConfig:
     parallel_rank_order: str = "tp-cp-ep-dp-pp"
     """Order of the dimensions in the rank numbering, innermost (neighbouring ranks) first."""
     use_distributed_optimizer: bool = False
-    """Shard fp32 master weights and optimizer state over data-parallel ranks (ZeRO-1)."""
+    """Shard fp32 master weights and Adam states over data-parallel ranks (ZeRO-1): DP x CP for
+    dense weights, expert-DP for experts; gradients are reduce-scattered, parameters all-gathered."""
     overlap_grad_reduce: bool = False
-    """Start each gradient bucket's reduction as soon as its gradients are ready."""
+    """Start each gradient bucket's reduction during the last micro-batch's backward, as soon as
+    all its gradients are final, instead of after backward."""
     overlap_param_gather: bool = False
-    """Distributed optimizer: overlap the parameter all-gather with the next forward."""
+    """Distributed optimizer: leave the parameter all-gathers in flight after the step; each
+    module waits for its own parameters just before its next forward."""
     ddp_bucket_size: Optional[int] = None
-    """Gradient bucket size in elements (unset means a size chosen from the model)."""
+    """Gradient bucket size in elements. Unset means max(40M, 1M x data-parallel size), one
+    bucket per buffer for small models."""
     distributed_backend: Literal["nccl", "gloo"] = "nccl"
     """torch.distributed backend; gloo is used automatically when no GPU is present."""
     distributed_timeout_minutes: int = 10

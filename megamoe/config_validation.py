@@ -41,9 +41,6 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         "transformer_impl", "fp8_format", "fp8_recipe",
         # fp16 loss scaling
         "fp16",
-        # overlapped DP, distributed optimizer
-        "use_distributed_optimizer",
-        "overlap_grad_reduce", "overlap_param_gather", "ddp_bucket_size",
         # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
         "num_workers",
         # checkpoints
@@ -244,6 +241,7 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
                   f"pipeline stage ({counts}; --num-layers {m.num_layers})")
     if p.overlap_param_gather and not p.use_distributed_optimizer:
         _fail("--overlap-param-gather needs --use-distributed-optimizer")
+    _positive(p, "ddp_bucket_size")
     return layout
 
 

@@ -146,6 +146,8 @@ def _config(**fields) -> Config:
          "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers per stage"),
         (dict(moe_router_pre_softmax=True), 1, "--moe-router-pre-softmax needs"),
         (dict(fp8_format="e4m3"), 1, "--fp8-format: not supported yet"),
+        (dict(overlap_param_gather=True), 1, "--overlap-param-gather needs --use-distributed-optimizer"),
+        (dict(ddp_bucket_size=0), 1, "--ddp-bucket-size 0: must be positive"),
     ],
 )
 def test_validation_errors_name_the_flags(fields, world, message):

@@ -33,8 +33,7 @@ from megamoe.cli import exit_on_config_error, parse_config  # noqa: E402
 from megamoe.config_validation import validate  # noqa: E402
 from megamoe.parallel.launch import init_distributed, process_info_from_env  # noqa: E402
 from megamoe.parallel.random import model_parallel_seed  # noqa: E402
-from megamoe.training.optimizer import MixedPrecisionAdamW  # noqa: E402
-from megamoe.training.train import MicroBatches, build_model, train_step  # noqa: E402
+from megamoe.training.train import MicroBatches, build_model, build_optimizer, train_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import PROXY  # noqa: E402
@@ -55,7 +54,7 @@ def main() -> int:
     state, device = init_distributed(config.parallel, info)
     rng_tracker = model_parallel_seed(config.training.seed, state, device)
     model = build_model(config, state, device)
-    optimizer = MixedPrecisionAdamW(model, config.training)
+    optimizer = build_optimizer(model, config, state)
     data = MicroBatches(config, state, device)
     rows = []
     for step in range(1, args.iters + 1):

@@ -9,7 +9,9 @@ layout's, and the tool exits 1 when any relative difference exceeds ``--rtol``.
     python tools/check_parity.py --models mla --layouts tp=1 tp=2,sp -- --bf16
 
 A layout is comma-separated ``key=value`` items: tp, pp, cp, ep, etp, dp (extra data-parallel
-replicas), vpp, dispatcher; ``sp`` alone turns on sequence parallel. The world size is
+replicas), vpp, dispatcher, bucket (``--ddp-bucket-size``); switches alone: ``sp`` (sequence
+parallel), ``distopt`` (distributed optimizer), ``overlap`` (overlapped gradient reduction),
+``gather`` (overlapped parameter all-gather). The world size is
 ``tp * pp * cp * dp``. Every run uses micro-batch 2 and global batch 8 (so up to 4 data-parallel
 ranks fit); arguments after ``--`` go to every run of ``pretrain_moe.py`` and override them.
 """
@@ -43,6 +45,13 @@ FLAGS = {
     "ep": "--expert-model-parallel-size",
     "etp": "--expert-tensor-parallel-size",
     "dispatcher": "--moe-token-dispatcher-type",
+    "bucket": "--ddp-bucket-size",
+}
+SWITCHES = {
+    "sp": "--sequence-parallel",
+    "distopt": "--use-distributed-optimizer",
+    "overlap": "--overlap-grad-reduce",
+    "gather": "--overlap-param-gather",
 }
 
 
@@ -51,8 +60,8 @@ def layout_args(layout: str) -> tuple[list[str], int]:
     flags, degrees = [], {"tp": 1, "pp": 1, "cp": 1, "dp": 1}
     for item in filter(None, layout.split(",")):
         key, _, value = item.partition("=")
-        if key == "sp" and not value:
-            flags.append("--sequence-parallel")
+        if key in SWITCHES and not value:
+            flags.append(SWITCHES[key])
         elif key == "dp":
             degrees["dp"] = int(value)
         elif key in FLAGS and value:
@@ -61,7 +70,7 @@ def layout_args(layout: str) -> tuple[list[str], int]:
                 degrees[key] = int(value)
         else:
             raise SystemExit(f"check_parity.py: error: bad layout item '{item}' in '{layout}' "
-                             f"(use {', '.join(FLAGS)}, dp=N or sp)")
+                             f"(use {', '.join(FLAGS)}, dp=N or one of {', '.join(SWITCHES)})")
     return flags, degrees["tp"] * degrees["pp"] * degrees["cp"] * degrees["dp"]
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
 # (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
 # `cp` needs two GPUs: NCCL parity of CP=2 (GQA, MLA) and the attention benchmark at CP 1 and 2.
+# `dp` needs two GPUs: the NCCL tier of the bucket tests, NCCL parity of DP 2 with overlapped
+# reduction and the distributed optimizer, and how much of the gradient reduction hides behind
+# backward (tools/bench_dp.py on the V2-Lite proxy at DP 2); a few minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -43,6 +46,14 @@ if [ "$mode" = cp ]; then
   python3 tools/bench_cp.py --kernels 2>&1 | tee "$LOG/bench_cp1.log" | grep -v -i warn | tail -12
   python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_cp.py 2>&1 \
     | tee "$LOG/bench_cp2.log" | grep -v -i warn | tail -5
+fi
+if [ "$mode" = dp ]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/parallel/test_data_parallel.py 2>&1 \
+    | tee "$LOG/gpu_tests_dp.log" | tail -4
+  python3 tools/check_parity.py --models mla --layouts tp=1 dp=2 dp=2,overlap,bucket=200000 dp=2,distopt \
+    dp=2,distopt,overlap,gather,bucket=200000 2>&1 | tee "$LOG/parity_dp_nccl.log" | grep -v "^ *\[" | tail -22
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_dp.py 2>&1 \
+    | tee "$LOG/bench_dp.log" | tail -6
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

@@ -106,7 +106,7 @@ class GPTModel(nn.Module):
     index so names and initial weights match the single-process model. The embedding lives on
     the first stage, the final norm, head and MTP modules on the last. The last stage also keeps
     a copy of the embedding when the head is tied to it or MTP reads it; the copy starts equal
-    (same name, same initialisation) and stays equal because ``finalize_grads`` sums the two
+    (same name, same initialisation) and stays equal because the gradient buffers sum the two
     copies' gradients over the ``embd`` group.
     """
 
@@ -132,7 +132,7 @@ class GPTModel(nn.Module):
             self.embed = VocabParallelEmbedding(self.padded_vocab, m.hidden_size, tp, sequence_parallel=sp,
                                                 init_fn=init_fn, **kw)
             if state.pp.size > 1 and last_stage_reads_embedding:
-                self.embed.weight.pipeline_shared_embedding = True  # summed over `embd` (finalize_grads)
+                self.embed.weight.pipeline_shared_embedding = True  # summed over `embd` (parallel/data_parallel.py)
         self.rope = self._build_rope(config, device)
         num_blocks = m.num_layers + m.mtp_num_layers
         is_moe = parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers) if moe.num_experts else [False] * m.num_layers

@@ -1,44 +1,133 @@
-"""AdamW with float32 master weights and float32 gradient accumulation.
+"""AdamW with float32 master weights over bucketed float32 main gradients.
 
 Model parameters keep the training dtype (bfloat16 or float32). Every backward adds the
-parameter's gradient into ``param.main_grad`` (float32) through a post-accumulate hook and
-frees ``param.grad``, so micro-batches accumulate in float32 as Megatron does. The optimizer
-updates float32 master copies (the parameters themselves in float32 training) and copies the
-result back. Norm weights, biases and other 1-D parameters get no weight decay.
+parameter's gradient into ``param.main_grad`` (float32, a view into a contiguous bucketed buffer
+of :mod:`megamoe.parallel.data_parallel`) through a post-accumulate hook and frees
+``param.grad``, so micro-batches accumulate in float32 as Megatron does. The optimizer updates
+float32 master copies (the parameters themselves in float32 training) and copies the result
+back. Norm weights, biases and other 1-D parameters get no weight decay.
+
+Two optimizers share one interface, which is all ``train_step`` uses::
+
+    optimizer.zero_grad(num_micro)      # before the first micro-batch
+    ...                                 # forward / backward of each micro-batch
+    optimizer.finish_grad_sync()        # every main gradient reduced over its data-parallel group
+    norm = optimizer.clip_grad_norm(max_norm)
+    optimizer.step(lr)
+
+:class:`MixedPrecisionAdamW` (here) keeps whole masters and Adam states on every rank and
+all-reduces gradients; the distributed optimizer (ZeRO-1, ``distributed_optimizer.py``) shards
+them over the data-parallel ranks.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-from megamoe.config import TrainingConfig
+from megamoe.config import ParallelConfig, TrainingConfig
 from megamoe.numerics import upcast
+from megamoe.parallel.data_parallel import DataParallelGrads
+from megamoe.parallel.state import ParallelState
+from megamoe.training.grads import clip_grads_, global_grad_norm
 
 
-class MixedPrecisionAdamW:
-    """AdamW over float32 masters of ``model``'s parameters (fused kernel on CUDA)."""
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
-    def __init__(self, model: nn.Module, t: TrainingConfig):
+
+def adamw(masters: list[torch.Tensor], decay: list[bool], t: TrainingConfig) -> Optional[torch.optim.AdamW]:
+    """torch AdamW over ``masters`` (fused on CUDA); weight decay where ``decay``. None when
+    there is nothing to update (a rank whose shards hold no parameter)."""
+    groups = [{"params": [m for m, d in zip(masters, decay) if d], "weight_decay": t.weight_decay},
+              {"params": [m for m, d in zip(masters, decay) if not d], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        return None
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             fused=masters[0].is_cuda)
+
+
+class Optimizer:
+    """What the training step needs from an optimizer (see the module docstring).
+
+    Subclasses set ``params``, ``state``, ``grads`` (a :class:`DataParallelGrads`),
+    ``dp_sharded`` and ``optimizer`` (the torch optimizer), and implement ``grad_pieces``,
+    ``step`` and ``master_bytes``.
+    """
+
+    params: list[nn.Parameter]
+    state: ParallelState
+    grads: DataParallelGrads
+    dp_sharded: bool
+    optimizer: Optional[torch.optim.Optimizer]
+
+    def zero_grad(self, num_micro: Optional[int] = None) -> None:
+        """Zero the main gradients. ``num_micro``: backward passes in this step, which lets
+        ``--overlap-grad-reduce`` start a bucket's reduction after its last one (None: reduce
+        everything in :meth:`finish_grad_sync`)."""
+        for p in self.params:
+            p.grad = None
+        self.grads.start_step(num_micro)
+
+    def finish_grad_sync(self) -> None:
+        """After the last micro-batch: every main gradient summed over the ranks sharing it
+        (with the distributed optimizer, this rank's shard of it)."""
+        self.grads.finish()
+
+    def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(param, reduced gradient)`` for the gradients this rank updates."""
+        raise NotImplementedError
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global gradient norm; gradients are scaled down to ``max_norm`` (0: no clipping)."""
+        pieces = self.grad_pieces()
+        norm = global_grad_norm(pieces, self.state, self.dp_sharded)
+        clip_grads_([g for _, g in pieces], max_norm, norm)
+        return norm
+
+    def step(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def finish_param_sync(self) -> None:
+        """Wait until every parameter holds its updated value (``--overlap-param-gather``
+        leaves all-gathers in flight after ``step``)."""
+
+    def master_bytes(self) -> int:
+        raise NotImplementedError
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank allocates, from the tensors themselves: model parameters, main
+        gradients, float32 masters (0 when the parameters are their own), Adam states."""
+        states = [v for s in (self.optimizer.state.values() if self.optimizer else ()) for v in s.values()
+                  if torch.is_tensor(v)]
+        params = self.grads.param_bytes() or tensor_bytes(self.params)
+        return {"params": params, "main_grads": self.grads.grad_bytes(), "masters": self.master_bytes(),
+                "adam_states": tensor_bytes(states)}
+
+
+class MixedPrecisionAdamW(Optimizer):
+    """AdamW over float32 masters of ``model``'s parameters; gradients all-reduced in buckets
+    (``--overlap-grad-reduce``, ``--ddp-bucket-size`` from ``parallel``)."""
+
+    dp_sharded = False
+
+    def __init__(self, model: nn.Module, t: TrainingConfig, state: ParallelState,
+                 parallel: Optional[ParallelConfig] = None):
+        parallel = parallel or ParallelConfig()
+        self.state = state
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grads = DataParallelGrads(self.params, state, overlap=parallel.overlap_grad_reduce,
+                                       bucket_size=parallel.ddp_bucket_size)
         # float32 (or float64, in tests) parameters are their own masters
         self.masters_are_params = all(upcast(p).dtype == p.dtype for p in self.params)
-        for p in self.params:
-            p.main_grad = torch.zeros_like(p, dtype=upcast(p).dtype)
-            p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
         self.masters = self.params if self.masters_are_params else [upcast(p.detach()).clone() for p in self.params]
-        decay = [m for p, m in zip(self.params, self.masters) if p.ndim >= 2]
-        no_decay = [m for p, m in zip(self.params, self.masters) if p.ndim < 2]
-        fused = self.params[0].is_cuda
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused,
-        )
+        self.optimizer = adamw(self.masters, [p.ndim >= 2 for p in self.params], t)
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.main_grad.zero_()
-            p.grad = None
+    def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [(p, p.main_grad) for p in self.params]
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -52,7 +141,5 @@ class MixedPrecisionAdamW:
             if master is not p:
                 p.copy_(master)
 
-
-def _accumulate_into_main_grad(param: torch.Tensor) -> None:
-    param.main_grad.add_(param.grad)
-    param.grad = None
+    def master_bytes(self) -> int:
+        return 0 if self.masters_are_params else tensor_bytes(self.masters)

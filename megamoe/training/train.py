@@ -30,8 +30,8 @@ from megamoe.parallel.pipeline_parallel import (
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token, peak_tflops
-from megamoe.training.grads import clip_grads_, finalize_grads, global_grad_norm
-from megamoe.training.optimizer import MixedPrecisionAdamW
+from megamoe.training.distributed_optimizer import DistributedOptimizer
+from megamoe.training.optimizer import MixedPrecisionAdamW, Optimizer
 from megamoe.training.reporting import Reporter, StepMetrics
 from megamoe.training.schedule import learning_rate
 
@@ -44,6 +44,13 @@ def build_model(config: Config, state: ParallelState, device: torch.device) -> G
     model = materialize(model, device)
     model.init_weights(config.training.seed)
     return model
+
+
+def build_optimizer(model: GPTModel, config: Config, state: ParallelState) -> Optimizer:
+    """AdamW with float32 masters: sharded over data-parallel ranks with
+    ``--use-distributed-optimizer``, else whole on every rank."""
+    kind = DistributedOptimizer if config.parallel.use_distributed_optimizer else MixedPrecisionAdamW
+    return kind(model, config.training, state, config.parallel)
 
 
 class MicroBatches:
@@ -75,7 +82,7 @@ def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torc
     return mappings.all_reduce_(counts, state.dp)
 
 
-def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[dict], step: int,
+def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step: int,
                config: Config, state: ParallelState, rng_tracker: Optional[RNGStatesTracker],
                time_pipeline: bool = False) -> StepMetrics:
     """One optimizer step over this rank's micro-batches; returns metrics reduced over the job.
@@ -87,7 +94,7 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
     num_micro, dp = len(batches), state.dp.size
     counts = _global_token_counts(batches, depths, state)
     device = counts.device
-    optimizer.zero_grad()
+    optimizer.zero_grad(num_micro)  # knowing the count lets --overlap-grad-reduce start buckets early
     # Metrics, summed over micro-batches. MoE rows are indexed by the global MoE-layer ordinal,
     # so the pipeline stages' rows can be summed over the pipeline group.
     sums = torch.zeros(1 + depths, dtype=torch.float64, device=device)
@@ -128,9 +135,8 @@ def train_step(model: GPTModel, optimizer: MixedPrecisionAdamW, batches: list[di
     else:
         one_forward_one_backward(forward_step, num_micro, p2p)
 
-    finalize_grads(optimizer.params, state)
-    grad_norm = global_grad_norm(optimizer.params, state)
-    clip_grads_(optimizer.params, t.clip_grad, grad_norm)
+    optimizer.finish_grad_sync()
+    grad_norm = optimizer.clip_grad_norm(t.clip_grad)
     lr = learning_rate(step, t)
     optimizer.step(lr)
 
@@ -202,7 +208,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     rng_tracker = model_parallel_seed(config.training.seed, state, device)
     model = build_model(config, state, device)
     model.train()
-    optimizer = MixedPrecisionAdamW(model, config.training)
+    optimizer = build_optimizer(model, config, state)
     data = MicroBatches(config, state, device)
     valid_data = MicroBatches(config, state, device, "valid") if config.training.eval_iters else None
     fpt = flops_per_token(config, model.padded_vocab)
@@ -241,5 +247,6 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
                 if reporter.writer is not None:
                     reporter.writer.add_scalar("validation/lm-loss", valid, step)
                 last = time.perf_counter()
+    optimizer.finish_param_sync()
     reporter.close()
     return history

@@ -24,8 +24,9 @@ from megamoe.config import Config
 from megamoe.model.gpt import GPTModel, materialize
 from megamoe.parallel import mappings
 from megamoe.parallel.state import ParallelState
+from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.optimizer import MixedPrecisionAdamW
-from megamoe.training.train import MicroBatches, train_step
+from megamoe.training.train import MicroBatches, build_optimizer, train_step
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -40,7 +41,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.training.micro_batch_size = 1
     cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
     cfg.training.train_iters = 3
-    cfg.training.clip_grad = 0.0
+    cfg.training.clip_grad = layout.get("clip", 0.0)
     cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)
     cfg.parallel.sequence_parallel = layout.get("sp", False)
     cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
@@ -51,6 +52,10 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
     cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
+    cfg.parallel.use_distributed_optimizer = layout.get("distopt", False)
+    cfg.parallel.overlap_grad_reduce = layout.get("overlap", False)
+    cfg.parallel.overlap_param_gather = layout.get("gather", False)
+    cfg.parallel.ddp_bucket_size = layout.get("bucket")
     if variant == "gqa":
         cfg.model.multi_latent_attention = False
         cfg.model.num_attention_heads, cfg.model.num_query_groups = 8, 4
@@ -96,13 +101,25 @@ def gather_full(t: torch.Tensor, param: torch.nn.Parameter, state: ParallelState
     return t
 
 
+def reduced_main_grads(opt) -> dict:
+    """Every parameter's summed main gradient. The distributed optimizer sums only this rank's
+    shard of each bucket, so the summed shards are all-gathered."""
+    if not isinstance(opt, DistributedOptimizer):
+        return {p: p.main_grad for p in opt.params}
+    grads = {}
+    for bucket in opt.grads.buckets:
+        full = mappings.all_gather(bucket.shard(bucket.grad_data).clone(), bucket.group)
+        grads.update({p: full[lo:hi].view_as(p) for p, lo, hi in bucket.ranges})
+    return grads
+
+
 def _parity(variant: str, layout: dict):
     cfg = make_config(variant, layout)
     p = cfg.parallel
     state = ParallelState.build(**p.degrees())
     single = ParallelState.single()
     model, ref = build(cfg, state), build(cfg, single)
-    opt, ref_opt = MixedPrecisionAdamW(model, cfg.training), MixedPrecisionAdamW(ref, cfg.training)
+    opt, ref_opt = build_optimizer(model, cfg, state), MixedPrecisionAdamW(ref, cfg.training, single)
     data = MicroBatches(cfg, state, torch.device("cpu"))
     for step in range(1, cfg.training.train_iters + 1):
         mine = [data.get(step - 1, j) for j in range(data.num_micro)]
@@ -113,18 +130,20 @@ def _parity(variant: str, layout: dict):
             everyone += [data.get(step - 1, j) for j in range(data.num_micro)]
         data.dp_rank = state.dp.rank
         got = train_step(model, opt, mine, step, cfg, state, None)
-        ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size, "layers": cfg.model.num_layers})
+        ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size, "layers": cfg.model.num_layers,
+                                        "clip": cfg.training.clip_grad})
         want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
         assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
         assert abs(got.grad_norm - want.grad_norm) <= 1e-9 * want.grad_norm, (step, got.grad_norm, want.grad_norm)
         for a, b in zip(got.aux_losses + got.z_losses + got.mtp_losses, want.aux_losses + want.z_losses + want.mtp_losses):
             assert abs(a - b) <= 1e-9 * abs(b) + 1e-15, (step, a, b)
-        ref_params = dict(ref.named_parameters())
+        ref_params, grads = dict(ref.named_parameters()), reduced_main_grads(opt)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(gather_full(p.main_grad, p, state), ref_params[name].main_grad, **TOL,
+            torch.testing.assert_close(gather_full(grads[p], p, state), ref_params[name].main_grad, **TOL,
                                        msg=f"grad {name} step {step}")
         if got.tokens_per_expert is not None:
             assert (got.tokens_per_expert == want.tokens_per_expert).all()
+    opt.finish_param_sync()
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(gather_full(p.detach(), p, state), ref_params[name].detach(), **TOL,
@@ -194,6 +213,37 @@ def test_pipeline_tensor_expert_8_ranks(workers):
 
 
 def test_every_dimension_at_once_8_ranks(workers):
-    # attention: TP 2 (+SP) x CP 2 x PP 2; experts: EP 2 x expert-DP 2 (expert-TP 1); MLA + MTP + capacity
-    layout = {"tp": 2, "sp": True, "cp": 2, "pp": 2, "ep": 2, "etp": 1, "dispatcher": "alltoall"}
+    # attention: TP 2 (+SP) x CP 2 x PP 2; experts: EP 2 x expert-DP 2 (expert-TP 1); MLA + MTP +
+    # capacity; the distributed optimizer shards dense weights over DP x CP = 2 and experts over
+    # expert-DP 2, with overlapped reduction in several buckets
+    layout = {"tp": 2, "sp": True, "cp": 2, "pp": 2, "ep": 2, "etp": 1, "dispatcher": "alltoall",
+              "distopt": True, "overlap": True, "gather": True, "bucket": 50_000}
     assert all(workers(8).run(_parity, "mtp_capacity", layout))
+
+
+# Data parallel (DP = world / model-parallel size): bucketed main gradients, reduced after
+# backward or overlapped with it (--overlap-grad-reduce), whole optimizer or ZeRO-1
+# (--use-distributed-optimizer, + --overlap-param-gather). Buckets of 50k elements (the model has 1.1M) give each
+# buffer several buckets. With the distributed optimizer the gradients compared are the summed
+# shards, all-gathered; the weights after three steps check the sharded update and the gather.
+B = 50_000
+DP_LAYOUTS = [
+    (2, "mla", dict(bucket=B)),  # dp 2, 2 micro-batches per rank
+    (2, "mla", dict(overlap=True, bucket=B)),
+    (2, "mla", dict(distopt=True, bucket=B)),
+    (2, "mla", dict(distopt=True, overlap=True, gather=True, bucket=B)),
+    (2, "gqa", dict(distopt=True, overlap=True, bucket=B, gbs=8, clip=0.05)),  # 4 micro-batches, clipped
+    (4, "mla", dict(bucket=B)),  # dp 4, 1 micro-batch per rank
+    (4, "mla", dict(overlap=True, bucket=B)),
+    (4, "mla", dict(distopt=True)),  # default bucket size: one bucket per buffer
+    (4, "mla", dict(distopt=True, overlap=True, bucket=B)),
+    (4, "mla", dict(ep=2, dispatcher="alltoall", distopt=True, overlap=True, bucket=B)),  # experts over edp 2
+    (4, "mla", dict(tp=2, sp=True, distopt=True, overlap=True, bucket=B)),  # SP weights: TP then DP
+    (4, "mtp_tied", dict(pp=2, distopt=True, overlap=True, gather=True, bucket=B, gbs=8)),  # 1F1B, embd
+    (4, "mtp_tied", dict(pp=2, vpp=2, distopt=True, overlap=True, bucket=B, gbs=8)),  # interleaved
+]
+
+
+@pytest.mark.parametrize("world, variant, layout", DP_LAYOUTS, ids=lambda x: _name(x) if isinstance(x, dict) else str(x))
+def test_data_parallel_matches_single_process(workers, world, variant, layout):
+    assert all(workers(world).run(_parity, variant, layout))

@@ -1,0 +1,293 @@
+"""Data parallelism: main gradients in contiguous buckets, reduced across data-parallel ranks.
+
+Every trainable parameter's float32 main gradient (``param.main_grad``, float64 in float64
+runs) is a view into one contiguous buffer per reduction kind and parameter dtype:
+
+======================  ================================  =======================================
+buffer                  parameters                        reduction (all sums)
+======================  ================================  =======================================
+``dense``               attention, dense MLP, embedding,  over DP x CP (``state.dp_cp``)
+                        head, shared experts
+``expert``              routed experts (``expert``)       over expert-DP (``state.edp``)
+``dense_tp``            ``param.sequence_parallel``       over TP first (partial sums of this
+                        (norms, router, MLA down-proj.)   rank's tokens), then over DP x CP
+``dense_embd``          ``pipeline_shared_embedding``     over the ``embd`` group first (the
+                        (the embedding and the last       first and last stage's copies), then
+                        stage's copy of it)               over DP x CP
+======================  ================================  =======================================
+
+``dense_tp`` and ``dense_embd`` exist only when their first group has more than one rank. Their
+first reduction runs after the last backward, so their DP reduction waits for it: reducing them
+over DP during backward would be fine for plain all-reduces (sums commute), but with the
+distributed optimizer a reduce-scatter leaves only this rank's shard summed, and the embedding
+copies sit at different offsets of the first and last stage's buffers. They are small (norm and
+router weights) or computed last in backward anyway (the embedding).
+
+Parameters fill a buffer in reverse registration order (about the order backward produces
+their gradients) and are grouped into buckets of at least ``bucket_size`` elements (a parameter
+never straddles two buckets). Each bucket is padded to a multiple of ``ALIGN x group size``
+elements, so every rank's shard of it starts 256-byte aligned (float32). A bucket is reduced by
+one collective: an all-reduce, or with the distributed optimizer a reduce-scatter after which
+this rank's shard (``Bucket.shard``) holds the sum and the rest of the bucket its own
+unreduced gradients.
+
+With ``overlap``, a post-accumulate-grad hook counts each parameter's backward passes in the
+step; when every parameter of a bucket has received its last micro-batch's gradient the bucket's
+reduction starts asynchronously, overlapping the rest of backward. Earlier micro-batches only
+accumulate. Buckets start in one fixed order (backward order, the same on every rank), a bucket
+never before the ones ahead of it, so every communicator sees its collectives in the same order
+on all its ranks even when some parameter gets no gradient on some rank (an expert without
+tokens, an unused weight): such a bucket, and those behind it, simply start in
+:meth:`DataParallelGrads.finish`, which starts whatever has not started and waits for all.
+
+Bucket size (``--ddp-bucket-size``): unset means Megatron-LM's ``max(40M, 1M x group size)``
+elements, which for small models is one bucket per buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megamoe.numerics import upcast
+
+# torch 2.13 renamed the tensor-form collectives; mappings.py picks the name this torch has.
+from megamoe.parallel.mappings import _all_gather_single, _reduce_scatter_single
+from megamoe.parallel.state import Group, ParallelState
+
+ALIGN = 64  # elements: bucket shards start on 256-byte boundaries (float32)
+
+
+def default_bucket_size(group_size: int) -> int:
+    """Megatron-LM's default: large enough that bandwidth, not latency, dominates."""
+    return max(40_000_000, 1_000_000 * group_size)
+
+
+def _launch(fn, *args, group: Group):
+    return fn(*args, group=group.process_group, async_op=True)
+
+
+class Bucket:
+    """Consecutive parameters of one buffer whose gradients are reduced by one collective.
+
+    ``ranges`` holds ``(param, start, end)`` offsets relative to the bucket. ``grad_data`` (and
+    ``param_data`` when the buffer holds the parameters too) are views of the buffer.
+    """
+
+    def __init__(self, buffer: "GradBuffer", index: int, start: int, end: int,
+                 ranges: list[tuple[torch.nn.Parameter, int, int]]):
+        self.buffer, self.index, self.group = buffer, index, buffer.group
+        self.start, self.end, self.ranges = start, end, ranges
+        self.params = [p for p, _, _ in ranges]
+        self.grad_data = buffer.grad_data[start:end]
+        self.param_data = None if buffer.param_data is None else buffer.param_data[start:end]
+        assert (end - start) % self.group.size == 0
+        self.shard_size = (end - start) // self.group.size
+        self.shard_start = self.group.rank * self.shard_size  # this rank's shard, bucket offsets
+        self.order = 0  # position in the launch order (set by DataParallelGrads)
+        self.num_ready = 0  # parameters whose last micro-batch gradient has arrived this step
+        self.num_launches = 0  # lifetime count (tests check there is one per step)
+        self.launched_in_backward = False
+        self._grad_work = self._grad_scratch = None
+        self._param_work = self._param_send = None
+
+    @property
+    def deferred(self) -> bool:
+        return self.buffer.pre_group is not None
+
+    def shard(self, data: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``data`` (this bucket's grad or param data)."""
+        return data[self.shard_start:self.shard_start + self.shard_size]
+
+    # -- gradients
+
+    def start_grad_reduce(self, reduce_scatter: bool) -> None:
+        self.num_launches += 1
+        if self.group.size == 1:
+            return
+        if reduce_scatter:
+            # Into a scratch tensor, copied into the shard on wait: NCCL allows the in-place
+            # form, other backends need not.
+            self._grad_scratch = torch.empty_like(self.shard(self.grad_data))
+            self._grad_work = _launch(_reduce_scatter_single, self._grad_scratch, self.grad_data, group=self.group)
+        else:
+            self._grad_work = _launch(dist.all_reduce, self.grad_data, group=self.group)
+
+    def wait_grad_reduce(self) -> None:
+        if self._grad_work is not None:
+            self._grad_work.wait()
+            if self._grad_scratch is not None:
+                self.shard(self.grad_data).copy_(self._grad_scratch)
+        self._grad_work = self._grad_scratch = None
+
+    # -- parameters (distributed optimizer)
+
+    def start_param_gather(self, shard: torch.Tensor) -> None:
+        """Write every rank's updated shard (``shard``: this rank's, in the parameter dtype)
+        into ``param_data``, asynchronously."""
+        self.wait_param_gather()
+        if self.group.size == 1:
+            self.param_data.copy_(shard)
+            return
+        self._param_work = _launch(_all_gather_single, self.param_data, shard, group=self.group)
+        self._param_send = shard  # kept alive until the gather completes
+
+    def wait_param_gather(self) -> None:
+        if self._param_work is not None:
+            self._param_work.wait()
+        self._param_work = self._param_send = None
+
+
+class GradBuffer:
+    """Main gradients (and optionally the parameters) of parameters reduced over one group.
+
+    ``params`` in buffer order. ``pre_group``: a group to sum over before ``group`` (see the
+    module docstring). With ``hold_params`` the parameters' storage moves into ``param_data``
+    (same layout as the gradients), so a bucket's all-gather writes them in place.
+    """
+
+    def __init__(self, name: str, params: list[torch.nn.Parameter], group: Group, pre_group: Optional[Group],
+                 bucket_size: int, hold_params: bool = False):
+        self.name, self.group, self.pre_group = name, group, pre_group
+        dtype, device = params[0].dtype, params[0].device
+        assert all(p.dtype == dtype for p in params)
+        pad_to = ALIGN * group.size
+        layout, ranges, start, offset = [], [], 0, 0
+        for p in params:
+            ranges.append((p, offset - start, offset - start + p.numel()))
+            offset += p.numel()
+            if offset - start >= bucket_size or p is params[-1]:
+                end = -(-offset // pad_to) * pad_to
+                layout.append((start, end, ranges))
+                ranges, start, offset = [], end, end
+        self.numel = offset
+        self.grad_data = torch.zeros(self.numel, dtype=upcast(params[0]).dtype, device=device)
+        self.param_data = torch.zeros(self.numel, dtype=dtype, device=device) if hold_params else None
+        self.buckets = [Bucket(self, i, s, e, r) for i, (s, e, r) in enumerate(layout)]
+        for bucket in self.buckets:
+            for p, lo, hi in bucket.ranges:
+                p.main_grad = bucket.grad_data[lo:hi].view_as(p)
+                if hold_params:
+                    view = bucket.param_data[lo:hi].view_as(p)
+                    view.copy_(p.detach())
+                    p.data = view
+
+
+def _kind(p: torch.nn.Parameter, state: ParallelState) -> tuple[str, Group, Optional[Group]]:
+    """(buffer name, reduction group, group summed over first) of one parameter."""
+    if getattr(p, "expert", False):
+        return "expert", state.edp, None
+    if getattr(p, "sequence_parallel", False) and state.tp.size > 1:
+        return "dense_tp", state.dp_cp, state.tp
+    if getattr(p, "pipeline_shared_embedding", False) and state.embd is not None and state.embd.size > 1:
+        return "dense_embd", state.dp_cp, state.embd
+    return "dense", state.dp_cp, None
+
+
+class DataParallelGrads:
+    """The main gradients of ``params`` in bucketed buffers, and their reduction.
+
+    Per step: :meth:`start_step` (zero, say how many micro-batches), backward passes (the hooks
+    accumulate and, with ``overlap``, start buckets), :meth:`finish` (every bucket reduced).
+    ``reduce_scatter``: the distributed optimizer's reduction (only this rank's shard of each
+    bucket is summed); ``hold_params``: parameters become views of contiguous buffers.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], state: ParallelState, overlap: bool = False,
+                 reduce_scatter: bool = False, bucket_size: Optional[int] = None, hold_params: bool = False):
+        self.overlap, self.reduce_scatter = overlap, reduce_scatter
+        ordered = list(reversed(list(params)))  # about the order backward produces gradients
+        position = {p: i for i, p in enumerate(ordered)}
+        grouped: dict[tuple[str, torch.dtype], list] = {}
+        kinds = {}
+        for p in ordered:
+            name, group, pre_group = _kind(p, state)
+            grouped.setdefault((name, p.dtype), []).append(p)
+            kinds[name] = (group, pre_group)
+        self.buffers = []
+        for (name, dtype), members in grouped.items():
+            group, pre_group = kinds[name]
+            size = bucket_size or default_bucket_size(group.size)
+            self.buffers.append(GradBuffer(name, members, group, pre_group, size, hold_params))
+        # One launch order for all buffers: by the backward position of each bucket's last
+        # parameter; deferred buckets (reduced only after their first group) go last.
+        buckets = [b for buf in self.buffers for b in buf.buckets]
+        self.buckets = sorted(buckets, key=lambda b: (b.deferred, max(position[p] for p in b.params)))
+        for i, b in enumerate(self.buckets):
+            b.order = i
+        self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        self._counts: dict[torch.nn.Parameter, int] = {}
+        self._num_micro: Optional[int] = None
+        self._next = 0  # first bucket in self.buckets not launched this step
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in ordered]
+
+    # -- per step
+
+    def start_step(self, num_micro: Optional[int] = None) -> None:
+        """Zero the main gradients before the first micro-batch. With ``overlap``,
+        ``num_micro`` backward passes are expected per parameter (None: no overlap this step)."""
+        for buf in self.buffers:
+            buf.grad_data.zero_()
+        for b in self.buckets:
+            b.num_ready, b.launched_in_backward = 0, False
+        self._counts.clear()
+        self._next = 0
+        self._num_micro = num_micro if self.overlap else None
+
+    def _on_grad(self, param: torch.nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self._num_micro is None:
+            return
+        bucket = self._bucket_of[param]
+        if bucket.deferred:
+            return
+        count = self._counts[param] = self._counts.get(param, 0) + 1
+        if count > self._num_micro:
+            raise RuntimeError(
+                f"a parameter received its gradient number {count} in a step announced as "
+                f"{self._num_micro} micro-batches (start_step); its bucket's reduction had already started")
+        if count == self._num_micro:
+            bucket.num_ready += 1
+            while self._next < len(self.buckets):
+                b = self.buckets[self._next]
+                if b.deferred or b.num_ready < len(b.params):
+                    break
+                b.launched_in_backward = True
+                b.start_grad_reduce(self.reduce_scatter)
+                self._next += 1
+
+    def finish(self) -> None:
+        """After the last backward: start every bucket not started yet (after summing the
+        deferred buffers over their first group), then wait for all of them."""
+        self._num_micro = None
+        for b in self.buckets[self._next:]:
+            if not b.deferred:
+                b.start_grad_reduce(self.reduce_scatter)
+        for buf in self.buffers:
+            if buf.pre_group is not None and buf.pre_group.size > 1:
+                dist.all_reduce(buf.grad_data, group=buf.pre_group.process_group)
+        for b in self.buckets[self._next:]:
+            if b.deferred:
+                b.start_grad_reduce(self.reduce_scatter)
+        self._next = len(self.buckets)
+        for b in self.buckets:
+            b.wait_grad_reduce()
+
+    def remove_hooks(self) -> None:
+        """Stop accumulating into these buffers (benchmarks that compare several setups)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- accounting
+
+    def grad_bytes(self) -> int:
+        return sum(buf.grad_data.numel() * buf.grad_data.element_size() for buf in self.buffers)
+
+    def param_bytes(self) -> int:
+        """Bytes of the parameter buffers (0 unless ``hold_params``)."""
+        return sum(buf.param_data.numel() * buf.param_data.element_size()
+                   for buf in self.buffers if buf.param_data is not None)

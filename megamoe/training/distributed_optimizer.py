@@ -1,0 +1,122 @@
+"""The distributed optimizer (``--use-distributed-optimizer``, ZeRO-1): float32 master weights
+and Adam states sharded over the data-parallel ranks of each parameter's group.
+
+Parameters and their main gradients live in the contiguous bucketed buffers of
+:mod:`megamoe.parallel.data_parallel` (the model's parameters are views of the parameter
+buffers). Each bucket is cut into one equal shard per rank of its group (DP x CP for dense
+weights, expert-DP for expert weights); this rank owns one shard of every bucket. Per step:
+
+1. gradients are reduce-scattered bucket by bucket (during backward with
+   ``--overlap-grad-reduce``), leaving each shard summed on its owner;
+2. the grad norm counts every owned element once (TP-replicated weights still divided by TP)
+   and clipping scales the owned elements;
+3. AdamW updates this rank's masters: one float32 tensor per piece of a parameter inside the
+   shard, so weight decay follows the parameter (none for 1-D weights) as without sharding;
+4. each bucket's updated shards are all-gathered into the parameter buffer, in place. With
+   ``--overlap-param-gather`` the all-gathers are left in flight and a forward pre-hook waits
+   for a module's buckets just before it first runs, overlapping the next forward.
+
+AdamW is elementwise, so updating shards gives exactly the update of the whole tensor.
+Memory per parameter on each rank: parameter + float32 main gradient as without sharding, and
+``12 / DP`` bytes for the float32 master (4) and Adam's two moments (8) instead of 12.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+import torch
+import torch.nn as nn
+
+from megamoe.config import ParallelConfig, TrainingConfig
+from megamoe.numerics import upcast
+from megamoe.parallel.data_parallel import Bucket, DataParallelGrads
+from megamoe.parallel.state import ParallelState
+from megamoe.training.optimizer import Optimizer, adamw, tensor_bytes
+
+
+class Piece:
+    """The part ``[lo, hi)`` (bucket offsets) of ``param`` inside this rank's shard of ``bucket``,
+    with its float32 master."""
+
+    def __init__(self, param: nn.Parameter, bucket: Bucket, lo: int, hi: int):
+        self.param, self.bucket, self.lo, self.hi = param, bucket, lo, hi
+        self.master = bucket.param_data[lo:hi].to(dtype=upcast(param).dtype, copy=True)
+
+    @property
+    def grad(self) -> torch.Tensor:
+        return self.bucket.grad_data[self.lo:self.hi]
+
+
+class DistributedOptimizer(Optimizer):
+    """AdamW over this rank's shards of ``model``'s parameters (see the module docstring)."""
+
+    dp_sharded = True
+
+    def __init__(self, model: nn.Module, t: TrainingConfig, state: ParallelState, parallel: ParallelConfig):
+        self.state = state
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grads = DataParallelGrads(self.params, state, overlap=parallel.overlap_grad_reduce, reduce_scatter=True,
+                                       bucket_size=parallel.ddp_bucket_size, hold_params=True)
+        self.pieces: dict[Bucket, list[Piece]] = {}
+        for bucket in self.grads.buckets:
+            first, last = bucket.shard_start, bucket.shard_start + bucket.shard_size
+            self.pieces[bucket] = [Piece(p, bucket, max(lo, first), min(hi, last))
+                                   for p, lo, hi in bucket.ranges if max(lo, first) < min(hi, last)]
+        everything = [piece for pieces in self.pieces.values() for piece in pieces]
+        self.optimizer = adamw([x.master for x in everything], [x.param.ndim >= 2 for x in everything], t)
+        self.overlap_param_gather = parallel.overlap_param_gather
+        self._hooks = self._register_gather_hooks(model) if self.overlap_param_gather else []
+
+    def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [(x.param, x.grad) for pieces in self.pieces.values() for x in pieces]
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.finish_param_sync()
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for pieces in self.pieces.values():
+                for x in pieces:
+                    x.master.grad = x.grad
+            self.optimizer.step()
+        # Gather in forward order (buckets are in backward order), so the first modules'
+        # parameters arrive first.
+        for bucket in reversed(self.grads.buckets):
+            shard = bucket.shard(bucket.param_data)
+            send = shard.clone()  # the padding keeps its zeros
+            for x in self.pieces[bucket]:
+                x.master.grad = None
+                send[x.lo - bucket.shard_start:x.hi - bucket.shard_start].copy_(x.master)
+            bucket.start_param_gather(send)
+        if not self.overlap_param_gather:
+            self.finish_param_sync()
+
+    def finish_param_sync(self) -> None:
+        for bucket in self.grads.buckets:
+            bucket.wait_param_gather()
+
+    def master_bytes(self) -> int:
+        return tensor_bytes(x.master for pieces in self.pieces.values() for x in pieces)
+
+    def _register_gather_hooks(self, model: nn.Module) -> list:
+        """Forward pre-hooks that wait for the all-gathers of a module's own parameters."""
+        owner = {p: b for b in self.grads.buckets for p in b.params}
+
+        def wait(buckets: list[Bucket], module, args) -> None:
+            for b in buckets:
+                b.wait_param_gather()
+
+        hooks = []
+        for module in model.modules():
+            buckets = sorted({owner[p] for p in module.parameters(recurse=False) if p in owner},
+                             key=lambda b: b.order)
+            if buckets:
+                hooks.append(module.register_forward_pre_hook(partial(wait, buckets)))
+        # The last pipeline stage's embedding copy can be read by the tied output head without
+        # the embedding module running, so the model itself waits for it.
+        shared = sorted({b for p, b in owner.items() if getattr(p, "pipeline_shared_embedding", False)},
+                        key=lambda b: b.order)
+        if shared:
+            hooks.append(model.register_forward_pre_hook(partial(wait, shared)))
+        return hooks

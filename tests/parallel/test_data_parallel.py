@@ -1,0 +1,203 @@
+"""Gradient buckets and the distributed optimizer on a toy model: the buffer layout (no process
+group), then on 2 gloo ranks: every bucket is reduced exactly once per step, during the last
+micro-batch's backward with --overlap-grad-reduce and after backward without it (gloo, and NCCL
+where two GPUs are present); a parameter
+without a gradient in the last micro-batch (or ever) hangs nothing; reduce-scatter leaves the
+summed shard; the overlapped parameter all-gather completes before a module's forward; and
+the distributed optimizer's memory per rank. Full-model parity (DP 2 / 4, overlap, ZeRO-1, EP,
+PP, TP + SP) is in tests/model/test_model_parallel_parity.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megamoe.config import ParallelConfig, TrainingConfig
+from megamoe.parallel import data_parallel
+from megamoe.parallel.data_parallel import ALIGN, DataParallelGrads
+from megamoe.parallel.state import GROUP_KINDS, Group, ParallelLayout, ParallelState
+from megamoe.testing.distributed import worker_device
+from megamoe.training.distributed_optimizer import DistributedOptimizer
+from megamoe.training.optimizer import MixedPrecisionAdamW
+
+DT = torch.float64
+
+
+def fake_state(world_size: int, rank: int = 0, **degrees) -> ParallelState:
+    """A ParallelState with groups but no process groups (layout tests only: no collectives)."""
+    layout = ParallelLayout.build(world_size, **degrees)
+    groups = {}
+    for kind in (*GROUP_KINDS, "embd"):
+        mine = [g for g in layout.groups(kind) if rank in g]
+        groups[kind] = Group(kind, tuple(mine[0]), mine[0].index(rank)) if mine else None
+    return ParallelState(layout, rank, groups)
+
+
+class Toy(nn.Module):
+    """Four linear layers; ``skip`` leaves layer 2 out of the forward; ``unused`` never runs
+    (registered first, so it sits in the last bucket in backward order)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.unused = nn.Linear(3, 3, dtype=DT)
+        self.layers = nn.ModuleList(nn.Linear(12, 12, dtype=DT) for _ in range(4))
+        self.to(device)
+
+    def forward(self, x, skip: bool = False):
+        for i, layer in enumerate(self.layers):
+            if not (skip and i == 2):
+                x = torch.tanh(layer(x))
+        return x.square().sum()
+
+
+def test_buffer_layout_without_processes():
+    model = Toy()
+    model.layers[1].weight.expert = True
+    model.layers[3].weight.sequence_parallel = True
+    model.layers[0].weight.pipeline_shared_embedding = True
+    state = fake_state(8, rank=0, tp=2, pp=2)  # dp 2, embd = first and last stage
+    params = list(model.parameters())
+    grads = DataParallelGrads(params, state, bucket_size=150)
+    names = {buf.name: buf for buf in grads.buffers}
+    assert set(names) == {"dense", "expert", "dense_tp", "dense_embd"}
+    special = {id(model.layers[i].weight) for i in (0, 1, 3)}
+    assert [id(p) for b in names["dense"].buckets for p in b.params] == [id(p) for p in reversed(params)
+                                                                       if id(p) not in special]
+    for buf in grads.buffers:
+        assert buf.group is (state.edp if buf.name == "expert" else state.dp_cp)
+        for b in buf.buckets:
+            assert (b.end - b.start) % (ALIGN * b.group.size) == 0
+            sizes = [hi - lo for _, lo, hi in b.ranges]
+            # a bucket closes as soon as it holds bucket_size elements
+            assert sum(sizes[:-1]) < 150 and (sum(sizes) >= 150 or b is buf.buckets[-1])
+            for p, lo, hi in b.ranges:
+                assert p.main_grad.data_ptr() == b.grad_data[lo:].data_ptr() and p.main_grad.shape == p.shape
+    # deferred buffers (summed over TP / embd first) come last in the launch order
+    assert [b.deferred for b in grads.buckets] == sorted(b.deferred for b in grads.buckets)
+    # a world of one: no TP / embd buffers, one bucket with the default size
+    single = DataParallelGrads(list(Toy().parameters()), ParallelState.single())
+    assert [(buf.name, len(buf.buckets)) for buf in single.buffers] == [("dense", 1)]
+
+
+def _inputs(rank: int, j: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randn(5, 12, dtype=DT, generator=torch.Generator().manual_seed(100 * rank + j)).to(device)
+
+
+def _reference_grads(state: ParallelState, num_micro: int, skip_last: bool, device) -> list[torch.Tensor]:
+    ref = Toy(device)
+    for j in range(num_micro):
+        ref(_inputs(state.rank, j, device), skip=skip_last and j == num_micro - 1).backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in ref.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+    return grads
+
+
+def _bucket_reduction(overlap: bool, reduce_scatter: bool, skip_last: bool):
+    """Two steps of three micro-batches; records which phase every collective ran in."""
+    state, device = ParallelState.build(), worker_device()
+    model = Toy(device)
+    grads = DataParallelGrads(list(model.parameters()), state, overlap=overlap, reduce_scatter=reduce_scatter,
+                              bucket_size=150)
+    phase, calls = ["start"], []
+    saved = dist.all_reduce, data_parallel._reduce_scatter_single
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(phase[0])
+            return fn(*args, **kwargs)
+        return wrapped
+
+    dist.all_reduce, data_parallel._reduce_scatter_single = counting(saved[0]), counting(saved[1])
+    try:
+        for _ in range(2):
+            calls.clear()
+            grads.start_step(3)
+            for j in range(3):
+                phase[0] = f"micro{j}"
+                model(_inputs(state.rank, j, device), skip=skip_last and j == 2).backward()
+            phase[0] = "finish"
+            grads.finish()
+    finally:
+        dist.all_reduce, data_parallel._reduce_scatter_single = saved
+    in_backward = [b.launched_in_backward for b in grads.buckets]
+    launches = [b.num_launches for b in grads.buckets]
+    want = _reference_grads(state, 3, skip_last, device)
+    for p, g in zip(model.parameters(), want):
+        b, lo, hi = next((b, lo, hi) for b in grads.buckets for q, lo, hi in b.ranges if q is p)
+        got, expect = b.grad_data[lo:hi], g.flatten()
+        if reduce_scatter:  # only this rank's shard is summed
+            s0, s1 = max(lo, b.shard_start), min(hi, b.shard_start + b.shard_size)
+            got, expect = b.grad_data[s0:s1], expect[s0 - lo:s1 - lo] if s0 < s1 else expect[:0]
+        torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+    return calls, in_backward, launches, len(grads.buckets)
+
+
+@pytest.mark.parametrize("reduce_scatter", [False, True], ids=["all-reduce", "reduce-scatter"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["after-backward", "overlap"])
+def test_each_bucket_is_reduced_once_per_step(workers, backend, overlap, reduce_scatter):
+    results = workers(2, backend).run(_bucket_reduction, overlap, reduce_scatter, False)
+    for calls, in_backward, launches, num_buckets in results:
+        assert num_buckets >= 4
+        assert launches == [2] * num_buckets  # two steps, once each
+        assert len(calls) == num_buckets  # the second step's collectives
+        if overlap:
+            # nothing before the last micro-batch's backward; all of it during that backward
+            # except the last bucket, whose `unused` weight never gets a gradient: at finish
+            assert calls == ["micro2"] * (num_buckets - 1) + ["finish"]
+            assert in_backward == [True] * (num_buckets - 1) + [False]
+        else:
+            assert calls == ["finish"] * num_buckets and not any(in_backward)
+
+
+def test_a_parameter_without_a_last_gradient_hangs_nothing(workers, backend):
+    # layer 2 skips the last micro-batch; `unused` never gets a gradient
+    for calls, in_backward, launches, num_buckets in workers(2, backend).run(_bucket_reduction, True, True, True):
+        assert launches == [2] * num_buckets and len(calls) == num_buckets
+        # Buckets start in one order on every rank: those behind layer 3 (first in backward)
+        # during backward; layer 2's and everything after it (layers 1, 0, unused) at finish.
+        assert 0 < in_backward.count(True) < num_buckets
+        assert in_backward == sorted(in_backward, reverse=True)
+        assert calls == ["micro2"] * in_backward.count(True) + ["finish"] * in_backward.count(False)
+
+
+def _optimizer_memory_and_gather(dp_shard: bool):
+    state = ParallelState.build()
+    model = Toy()
+    t = TrainingConfig()
+    p = ParallelConfig(use_distributed_optimizer=dp_shard, overlap_param_gather=dp_shard, ddp_bucket_size=150)
+    opt = (DistributedOptimizer if dp_shard else MixedPrecisionAdamW)(model, t, state, p)
+    opt.zero_grad(1)
+    model(_inputs(state.rank, 0)).backward()
+    opt.finish_grad_sync()
+    opt.step(1e-2)
+    in_flight = sum(b._param_work is not None for b in opt.grads.buckets)
+    model.layers[0](_inputs(0, 0))  # the pre-hook waits for layer 0's buckets only
+    waited = [b for b in opt.grads.buckets if any(q is model.layers[0].weight for q in b.params)]
+    assert all(b._param_work is None for b in waited)
+    opt.finish_param_sync()
+    # every rank holds the same updated weights
+    flat = torch.cat([q.detach().flatten() for q in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(state.dp.size)]
+    dist.all_gather(everyone, flat)
+    assert all(torch.equal(everyone[0], x) for x in everyone)
+    return in_flight, opt.memory_bytes(), sum(q.numel() for q in model.parameters())
+
+
+def test_distributed_optimizer_memory_and_lazy_gather(workers):
+    plain = workers(2).run(_optimizer_memory_and_gather, False)
+    sharded = workers(2).run(_optimizer_memory_and_gather, True)
+    n = plain[0][2]
+    assert plain[0][0] == 0 and sharded[0][0] > 0  # the all-gathers were left in flight after step()
+    for _, mem, _ in plain:  # float64 parameters are their own masters; Adam: two moments
+        assert mem["masters"] == 0 and 16 * n <= mem["adam_states"] <= 16 * n + 8 * 64
+        assert mem["main_grads"] >= 8 * n
+    # sharded: every element's master and moments on exactly one rank, about half on each
+    assert sum(mem["masters"] for _, mem, _ in sharded) == 8 * n
+    for _, mem, _ in sharded:
+        assert abs(mem["masters"] - 4 * n) <= 8 * ALIGN * 2 * 3
+        assert 2 * mem["masters"] <= mem["adam_states"] <= 2 * mem["masters"] + 8 * 64
+        assert mem["main_grads"] == mem["params"]  # float64 parameter and gradient buffers, same layout
