@@ -154,26 +154,39 @@ def _parity(variant: str, layout: dict):
     return True
 
 
-VARIANTS = ["mla", "gqa", "mtp_capacity"]
-TP_LAYOUTS = [dict(tp=2), dict(tp=2, sp=True), dict(tp=4), dict(tp=4, sp=True)]
-EP_LAYOUTS = [dict(ep=2), dict(ep=4), dict(ep=2, etp=2), dict(tp=2, ep=4, etp=1), dict(tp=2, ep=4, etp=1, sp=True)]
+def _name(case) -> str:
+    if isinstance(case, str):
+        return case
+    return ",".join(k if v is True else f"{k}={v}" for k, v in case.items() if k != "gbs")
 
 
-def _name(layout: dict) -> str:
-    return ",".join(k if v is True else f"{k}={v}" for k, v in layout.items() if k != "gbs")
+# (variant, layout) pairs: every layout once, every variant under every dimension; the suite
+# must stay fast on two cores, so the full cross product is not run.
+TP_CASES = [
+    ("mla", dict(tp=2)), ("gqa", dict(tp=2)), ("mtp_capacity", dict(tp=2)),
+    ("mla", dict(tp=2, sp=True)), ("gqa", dict(tp=2, sp=True)), ("mtp_capacity", dict(tp=2, sp=True)),
+    ("gqa", dict(tp=4)), ("mla", dict(tp=4, sp=True)), ("mtp_capacity", dict(tp=4, sp=True)),
+]
+EP_CASES = [
+    (variant, dict(ep=2, dispatcher=dispatcher))
+    for variant in ("mla", "gqa", "mtp_capacity") for dispatcher in ("allgather", "alltoall")
+] + [
+    ("gqa", dict(ep=4, dispatcher="alltoall")), ("mtp_capacity", dict(ep=4, dispatcher="allgather")),
+    ("mla", dict(ep=2, etp=2, dispatcher="alltoall")), ("mtp_capacity", dict(ep=2, etp=2, dispatcher="allgather")),
+    ("gqa", dict(tp=2, ep=4, etp=1, dispatcher="alltoall")),
+    ("mtp_capacity", dict(tp=2, ep=4, etp=1, sp=True, dispatcher="alltoall")),
+    ("mla", dict(tp=2, ep=4, etp=1, sp=True, dispatcher="allgather")),
+]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("layout", TP_LAYOUTS, ids=_name)
+@pytest.mark.parametrize("variant, layout", TP_CASES, ids=_name)
 def test_tensor_parallel_model_matches_single_process(workers, variant, layout):
     assert all(workers(4).run(_parity, variant, layout))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
-@pytest.mark.parametrize("layout", EP_LAYOUTS, ids=_name)
-def test_expert_parallel_model_matches_single_process(workers, variant, dispatcher, layout):
-    assert all(workers(4).run(_parity, variant, {**layout, "dispatcher": dispatcher}))
+@pytest.mark.parametrize("variant, layout", EP_CASES, ids=_name)
+def test_expert_parallel_model_matches_single_process(workers, variant, layout):
+    assert all(workers(4).run(_parity, variant, layout))
 
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
@@ -182,22 +195,34 @@ def test_expert_parallel_8_ranks(workers, dispatcher):
     assert all(workers(8).run(_parity, "gqa", {"tp": 2, "ep": 8, "etp": 1, "sp": True, "dispatcher": dispatcher}))
 
 
-PP_LAYOUTS = [dict(pp=2), dict(pp=4), dict(pp=2, vpp=2), dict(pp=2, tp=2, sp=True),
-              dict(pp=2, ep=2, dispatcher="alltoall"), dict(pp=2, last=3)]
+# mtp_tied: MTP and the output head tied to the embedding (the last stage's embedding copy)
+PP_CASES = [
+    ("mla", dict(pp=2)), ("gqa", dict(pp=2)), ("mtp_tied", dict(pp=2)),
+    ("gqa", dict(pp=4)), ("mtp_tied", dict(pp=4)),
+    ("mla", dict(pp=2, vpp=2)), ("mtp_tied", dict(pp=2, vpp=2)),
+    ("gqa", dict(pp=2, tp=2, sp=True)), ("mtp_tied", dict(pp=2, tp=2, sp=True)),
+    ("mla", dict(pp=2, ep=2, dispatcher="alltoall")),
+    ("mtp_tied", dict(pp=2, last=3)), ("gqa", dict(pp=2, first=3)),
+]
 
 
-@pytest.mark.parametrize("variant", ["mla", "gqa", "mtp_tied"])  # mtp_tied: MTP and the head tied to the embedding
-@pytest.mark.parametrize("layout", PP_LAYOUTS, ids=_name)
+@pytest.mark.parametrize("variant, layout", PP_CASES, ids=_name)
 def test_pipeline_parallel_model_matches_single_process(workers, variant, layout):
     assert all(workers(4).run(_parity, variant, layout))
 
 
-CP_LAYOUTS = [dict(cp=2), dict(cp=4), dict(cp=2, tp=2, sp=True), dict(cp=2, tp=2),
-              dict(cp=2, ep=2, dispatcher="alltoall")]
+# seq_aux_position: sequence-level balancing loss and first-come capacity, both of which must
+# see whole sequences although CP shards them
+CP_CASES = [
+    ("mla", dict(cp=2)), ("gqa", dict(cp=2)), ("mtp_capacity", dict(cp=2)), ("seq_aux_position", dict(cp=2)),
+    ("mla", dict(cp=4)), ("seq_aux_position", dict(cp=4)),
+    ("gqa", dict(cp=2, tp=2, sp=True)), ("mtp_capacity", dict(cp=2, tp=2, sp=True)),
+    ("seq_aux_position", dict(cp=2, tp=2)),
+    ("mla", dict(cp=2, ep=2, dispatcher="alltoall")), ("seq_aux_position", dict(cp=2, ep=2, dispatcher="allgather")),
+]
 
 
-@pytest.mark.parametrize("variant", ["mla", "gqa", "mtp_capacity", "seq_aux_position"])
-@pytest.mark.parametrize("layout", CP_LAYOUTS, ids=_name)
+@pytest.mark.parametrize("variant, layout", CP_CASES, ids=_name)
 def test_context_parallel_model_matches_single_process(workers, variant, layout):
     assert all(workers(4).run(_parity, variant, layout))
 
@@ -244,6 +269,6 @@ DP_LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("world, variant, layout", DP_LAYOUTS, ids=lambda x: _name(x) if isinstance(x, dict) else str(x))
+@pytest.mark.parametrize("world, variant, layout", DP_LAYOUTS, ids=lambda x: _name(x) if not isinstance(x, int) else str(x))
 def test_data_parallel_matches_single_process(workers, world, variant, layout):
     assert all(workers(world).run(_parity, variant, layout))
