@@ -10,7 +10,8 @@ between calls, so a test module pays the start-up (importing torch on every rank
 - A rank that raises is reported with its own traceback; ranks left waiting in a collective
   are then killed.
 - Every call has a timeout; a hang is reported with the ranks that did not finish.
-- Worker processes are always terminated on close, on error and at interpreter exit.
+- Worker processes are always terminated on close, on error and at interpreter exit, and exit
+  on their own when the parent process dies (a killed run leaves no spinning workers).
 
 Functions passed in must be picklable (defined at module level), as processes are spawned.
 """
@@ -22,6 +23,7 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -37,6 +39,19 @@ class DistributedTestError(RuntimeError):
     """One or more ranks failed, died or timed out."""
 
 
+def _exit_with_parent(poll_s: float = 2.0) -> None:
+    """Die when the parent does (killed test run, CI timeout): otherwise a worker blocked in a
+    collective or a queue would outlive it and keep spinning."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker_main(
     rank: int,
     world_size: int,
@@ -47,6 +62,7 @@ def _worker_main(
     results: "mp.Queue",
 ) -> None:
     torch.set_num_threads(1)
+    _exit_with_parent()
     try:
         store = dist.TCPStore(_HOST, port, world_size=None, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
