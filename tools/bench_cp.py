@@ -19,7 +19,6 @@ the whole-sequence causal square, and the MLA block with and without padding v t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -29,10 +28,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megamoe.config import ParallelConfig  # noqa: E402
 from megamoe.model.attention import GroupedQueryAttention  # noqa: E402
 from megamoe.model.mla import MultiHeadLatentAttention  # noqa: E402
 from megamoe.model.rope import RotaryEmbedding  # noqa: E402
 from megamoe.parallel.context_parallel import sequence_shard_indices  # noqa: E402
+from megamoe.parallel.launch import init_distributed, process_info_from_env  # noqa: E402
 from megamoe.parallel.state import ParallelState  # noqa: E402
 
 
@@ -110,13 +111,9 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--kernels", action="store_true", help="Also time the attention kernels alone.")
     args = parser.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl", device_id=device)
-    state = ParallelState.build(cp=world)
+    info = process_info_from_env()
+    world, rank = info.world_size, info.rank
+    state, device = init_distributed(ParallelConfig(context_parallel_size=world), info)
     positions = sequence_shard_indices(args.seq_length, world, state.cp.rank, device)
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(positions.numel(), 1, 2048, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()

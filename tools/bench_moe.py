@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -29,12 +28,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megamoe.config import ParallelConfig  # noqa: E402
 from megamoe.model.experts import GroupedExperts  # noqa: E402
 from megamoe.model.mlp import MLP  # noqa: E402
 from megamoe.model.moe import MoELayer  # noqa: E402
 from megamoe.model.router import TopKRouter  # noqa: E402
 from megamoe.parallel import mappings  # noqa: E402
 from megamoe.parallel.expert_parallel import AllToAllDispatcher  # noqa: E402
+from megamoe.parallel.launch import init_distributed, process_info_from_env  # noqa: E402
 from megamoe.parallel.state import ParallelState  # noqa: E402
 
 
@@ -74,13 +75,10 @@ def main() -> None:
     parser.add_argument("--backend", default="torch", choices=["loop", "torch", "te"])
     parser.add_argument("--json", default=None, help="Write the results here (rank 0).")
     args = parser.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl", device_id=device)
-    state = ParallelState.build(ep=world, etp=1)
+    info = process_info_from_env()
+    world, rank = info.world_size, info.rank
+    state, device = init_distributed(
+        ParallelConfig(expert_model_parallel_size=world, expert_tensor_parallel_size=1), info)
     layer = build(state, device, args)
     torch.manual_seed(rank)
     x = torch.randn(args.seq, args.batch, 2048, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -33,7 +33,7 @@ from megamoe.model.norm import RMSNorm
 from megamoe.model.rope import RotaryEmbedding, YarnScaling
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
-from megamoe.parallel.context_parallel import sequence_shard_indices, shard_sequence
+from megamoe.parallel.context_parallel import sequence_shard_indices
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
 from megamoe.parallel.pipeline_parallel import virtual_stage_layer_ranges
 from megamoe.parallel.random import RNGStatesTracker
@@ -282,26 +282,30 @@ class GPTModel(nn.Module):
         tokens_SB, labels_SB = tokens.t(), labels.t()
         mask_SB = (torch.ones_like(labels_SB, dtype=torch.float32) if loss_mask is None else loss_mask.t().float())
         positions = sequence_shard_indices(tokens_SB.shape[0], cp.size, cp.rank, tokens.device)
+
+        def shard(t_SB: torch.Tensor) -> torch.Tensor:  # this CP rank's tokens of a whole-sequence tensor
+            return t_SB if cp.size == 1 else t_SB.index_select(0, positions)
+
         stats: list[MoEStats] = []
-        x = self.embed(shard_sequence(tokens_SB, cp)) if self.first_stage and chunk == 0 else hidden_in
+        x = self.embed(shard(tokens_SB)) if self.first_stage and chunk == 0 else hidden_in
         for name in self.chunk_layers[chunk]:
             x, s = self._run_block(self.layers[name], x, positions, rng_tracker)
             stats += [s] if s is not None else []
         if not (self.last_stage and chunk == self.num_chunks - 1):
             return ModelOutput(None, None, moe_stats=stats, moe_index=self.chunk_moe_index[chunk], hidden=x)
-        lm_sum, num_tokens = self._token_loss(x, self.norm, shard_sequence(labels_SB, cp), shard_sequence(mask_SB, cp))
+        lm_sum, num_tokens = self._token_loss(x, self.norm, shard(labels_SB), shard(mask_SB))
         out = ModelOutput(lm_sum, num_tokens, moe_index=self.chunk_moe_index[chunk])
         hidden = x
         for depth, mtp in enumerate(self.mtp, start=1):
             # Depth k sees the token k positions ahead and predicts the one after it; the last k
             # positions have no such token and are masked. Shifted on whole sequences, then sharded.
-            ahead = shard_sequence(torch.roll(tokens_SB, -depth, dims=0), cp)
-            depth_labels = shard_sequence(torch.roll(labels_SB, -depth, dims=0), cp)
+            ahead = shard(torch.roll(tokens_SB, -depth, dims=0))
+            depth_labels = shard(torch.roll(labels_SB, -depth, dims=0))
             depth_mask = torch.roll(mask_SB, -depth, dims=0)
             depth_mask[-depth:] = 0.0
             hidden, s = mtp(hidden, self.embed(ahead), positions, rng_tracker)
             stats += [s] if s is not None else []
-            loss_sum, count = self._token_loss(hidden, mtp.norm, depth_labels, shard_sequence(depth_mask, cp))
+            loss_sum, count = self._token_loss(hidden, mtp.norm, depth_labels, shard(depth_mask))
             out.mtp_loss_sums.append(loss_sum)
             out.mtp_num_tokens.append(count)
         out.moe_stats = stats

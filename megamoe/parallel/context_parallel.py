@@ -29,6 +29,7 @@ which costs one extra ``wkv_b`` GEMM over ``S`` instead of ``S / cp`` tokens. Se
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -60,9 +61,10 @@ def shard_sequence(x: torch.Tensor, cp: Group, dim: int = 0) -> torch.Tensor:
     return x.index_select(dim, sequence_shard_indices(x.shape[dim], cp.size, cp.rank, x.device))
 
 
-def _sequence_order(cp_size: int, chunk: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _sequence_order(cp_size: int, chunk: int, device: torch.device) -> torch.Tensor:
     """Row order that turns the all-gathered shards (rank 0's two chunks, rank 1's, ...) into
-    sequence order."""
+    sequence order. Cached: every attention layer gathers K and V with the same order."""
     gathered = torch.cat([sequence_shard_indices(2 * cp_size * chunk, cp_size, r, device) for r in range(cp_size)])
     return torch.argsort(gathered)
 

@@ -56,21 +56,18 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.overlap_grad_reduce = layout.get("overlap", False)
     cfg.parallel.overlap_param_gather = layout.get("gather", False)
     cfg.parallel.ddp_bucket_size = layout.get("bucket")
-    if variant == "gqa":
+    if variant in ("gqa", "seq_aux_position"):  # GQA, softmax router, balancing losses
         cfg.model.multi_latent_attention = False
-        cfg.model.num_attention_heads, cfg.model.num_query_groups = 8, 4
+        cfg.model.num_attention_heads = 8
+        cfg.model.num_query_groups = 4 if variant == "gqa" else 2
         cfg.moe.moe_router_score_function = "softmax"
         cfg.moe.moe_router_enable_expert_bias = False
-        cfg.moe.moe_router_load_balancing_type = "aux_loss"
         cfg.moe.moe_aux_loss_coeff = 1e-2
+    if variant == "gqa":
+        cfg.moe.moe_router_load_balancing_type = "aux_loss"
         cfg.moe.moe_z_loss_coeff = 1e-3
     elif variant == "seq_aux_position":  # per-sequence balancing and first-come capacity see whole sequences
-        cfg.model.multi_latent_attention = False
-        cfg.model.num_attention_heads, cfg.model.num_query_groups = 8, 2
-        cfg.moe.moe_router_score_function = "softmax"
-        cfg.moe.moe_router_enable_expert_bias = False
         cfg.moe.moe_router_load_balancing_type = "seq_aux_loss"
-        cfg.moe.moe_aux_loss_coeff = 1e-2
         cfg.moe.moe_expert_capacity_factor = 1.0
         cfg.moe.moe_token_drop_policy = "position"
     elif variant in ("mtp_capacity", "mtp_tied"):
