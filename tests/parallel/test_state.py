@@ -172,6 +172,32 @@ def test_process_groups_contain_their_members(workers, kwargs):
             assert value == sum(2**r for r in members), (rank, kind)
 
 
+def _threads_after_rebuilding(kwargs_list, repeats):
+    import os
+
+    first = ParallelState.build(**kwargs_list[0])
+    for _ in range(repeats):
+        for kwargs in kwargs_list:
+            again = ParallelState.build(**kwargs)
+    threads = len(os.listdir(f"/proc/{os.getpid()}/task"))
+    # the same rank set is the same process group, whichever state asked for it
+    assert ParallelState.build(**kwargs_list[0]).tp.process_group is first.tp.process_group
+    assert again.dp.size >= 1
+    return threads
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_rebuilding_states_reuses_process_groups(workers):
+    """Each process group keeps threads that poll while idle: a pool that built a new group per
+    state (one per test) spun at ~14% of a core per rank after 40 states. Identical rank sets
+    must share one group, so building more states adds no threads."""
+    layouts = [dict(tp=2), dict(tp=2, ep=2), dict(pp=2, ep=2), dict(cp=2, tp=2)]
+    workers(4).run(_threads_after_rebuilding, layouts, 1)  # the pool's own threads start on first use
+    few = workers(4).run(_threads_after_rebuilding, layouts, 2)
+    many = workers(4).run(_threads_after_rebuilding, layouts, 20)
+    assert many == few, (few, many)
+
+
 def test_single_process_state():
     state = ParallelState.single()
     assert state.tp.size == state.ep.size == state.pp.size == 1
