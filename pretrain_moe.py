@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pretrain a Mixture-of-Experts language model.
 
-    python pretrain_moe.py                                   # tiny DeepSeek-V3-style model, CPU, mock data
+    python pretrain_moe.py                                   # tiny dense GPT, CPU, mock data
+    python pretrain_moe.py --config examples/configs/demo.yaml   # the tiny DeepSeek-V3-style demo model
     torchrun --nproc-per-node 4 pretrain_moe.py --tensor-model-parallel-size 2 --sequence-parallel
     torchrun --nproc-per-node 8 pretrain_moe.py --config examples/configs/deepseek_v2_lite.yaml
 
@@ -16,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megamoe.cli import exit_on_config_error, parse_config
-from megamoe.config_validation import validate
-from megamoe.parallel.launch import init_distributed, process_info_from_env
+from megamoe.config_validation import notices, validate
+from megamoe.parallel.launch import configure_logging, init_distributed, process_info_from_env
 from megamoe.training.train import train
 
 PROG = "pretrain_moe.py"
@@ -25,9 +26,13 @@ PROG = "pretrain_moe.py"
 
 def main(argv: list[str] | None = None) -> int:
     info = process_info_from_env()
+    configure_logging(info.rank)
     with exit_on_config_error(PROG):
         config = parse_config(argv, prog=PROG)
         validate(config, info.world_size)
+        if info.rank == 0:
+            for line in notices(config):
+                print(f"> notice: {line}", flush=True)
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.world_size)))
     state, device = init_distributed(config.parallel, info)

@@ -59,10 +59,13 @@ setup(
         "sentencepiece",
         "tensorboard",
         "pyyaml",
+        # the expert-load heat map in tensorboard (rendered headless; skipped if missing)
+        "matplotlib>=3.6",
+        # --tokenizer-type HuggingFaceTokenizer (DeepSeek, Qwen, Mixtral ship tokenizer.json)
+        "tokenizers",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        # tokenizers: the Hugging Face tokenizer tests (the library is optional at run time).
-        "dev": ["pytest>=7", "pybind11>=2.10", "tokenizers"],
+        "dev": ["pytest>=7", "pybind11>=2.10"],
     },
 )

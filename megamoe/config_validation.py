@@ -8,7 +8,6 @@ layout tool and training agree on what is valid.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
 
@@ -29,6 +28,7 @@ from megamoe.data.blended_dataset import parse_blend
 from megamoe.data.gpt_dataset import split_document_ranges
 from megamoe.data.indexed_dataset import exists, idx_path, read_header
 from megamoe.data.tokenizers import build_tokenizer
+from megamoe.model.args import dense_ffn_hidden_size, num_kv_heads, parse_moe_layer_freq
 from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
 
@@ -70,39 +70,14 @@ def check_not_supported_yet(config: Config, unsupported: frozenset[str] = NOT_SU
                 _fail(f"{flag_name(f.name)}: not supported yet")
 
 
-def parse_moe_layer_freq(spec: str, num_layers: int) -> list[bool]:
-    """Which layers are MoE, from Megatron's --moe-layer-freq: 'N' or a pattern '[0]*1+[1]*3'."""
-    flag = f"--moe-layer-freq {spec}"
-    try:
-        tree = ast.parse(spec.strip(), mode="eval").body
-    except SyntaxError:
-        raise ConfigError(f"{flag}: expected an integer or a list pattern such as '[0]*1+[1]*3'") from None
-
-    def evaluate(node: ast.AST):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.List):
-            return [evaluate(e) for e in node.elts]
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-            left, right = evaluate(node.left), evaluate(node.right)
-            return left + right if isinstance(node.op, ast.Add) else left * right
-        raise ConfigError(f"{flag}: only integers, lists, + and * are allowed")
-
-    value = evaluate(tree)
-    if isinstance(value, int):
-        if value < 1:
-            _fail(f"{flag}: must be at least 1")
-        return [i % value == 0 for i in range(num_layers)]
-    if len(value) != num_layers or any(v not in (0, 1) for v in value):
-        _fail(f"{flag}: the pattern must hold one 0 or 1 per layer ({num_layers} from --num-layers)")
-    return [bool(v) for v in value]
-
-
 def validate_model(m: ModelConfig) -> None:
     _positive(m, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
               "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rotary_base")
-    if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
+    _check_megatron_defaults_not_built(m)
+    if m.group_query_attention and m.multi_latent_attention:
+        _fail("--group-query-attention and --multi-latent-attention are alternatives: give one")
+    if m.group_query_attention and m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
         _fail(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
               f"--num-query-groups {m.num_query_groups}")
     if m.q_lora_rank is not None and m.q_lora_rank < 0:
@@ -117,12 +92,7 @@ def validate_model(m: ModelConfig) -> None:
         _fail(f"--mtp-num-layers {m.mtp_num_layers}: must be 0 or more")
     if m.mtp_num_layers >= m.seq_length:
         _fail(f"--mtp-num-layers {m.mtp_num_layers} must be smaller than --seq-length {m.seq_length}")
-    if m.recompute_granularity and (m.attention_dropout or m.hidden_dropout):
-        _fail("--recompute-granularity with --attention-dropout or --hidden-dropout is not supported yet "
-              "(recomputation would not replay the dropout masks)")
     if m.multi_latent_attention:
-        if m.qk_layernorm:
-            _fail("--qk-layernorm applies to GQA; MLA normalises its latents (--no-multi-latent-attention for GQA)")
         if m.qk_pos_emb_head_dim % 2:
             _fail(f"--qk-pos-emb-head-dim {m.qk_pos_emb_head_dim}: must be even (RoPE rotates pairs)")
     else:
@@ -132,11 +102,24 @@ def validate_model(m: ModelConfig) -> None:
                   "must be even (RoPE rotates pairs)")
 
 
+def _check_megatron_defaults_not_built(m: ModelConfig) -> None:
+    """Megatron-LM choices megamoe does not build: asked for, they are an error, never ignored."""
+    if m.position_embedding_type not in (None, "rope"):
+        _fail(f"--position-embedding-type {m.position_embedding_type}: not supported; megamoe builds rotary "
+              "position embeddings only (--position-embedding-type rope, with YaRN scaling by --rope-type yarn)")
+    if m.add_bias_linear:
+        _fail("--add-bias-linear: not supported; megamoe's linear layers have no biases (--disable-bias-linear)")
+    if m.rotary_percent != 1.0:
+        _fail(f"--rotary-percent {m.rotary_percent}: not supported; megamoe rotates whole heads (1.0 only)")
+
+
 def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
-    if moe.num_experts is None:
+    for name in ("num_experts", "moe_shared_expert_intermediate_size"):  # 0 means none, as unset does
+        if (getattr(moe, name) or 0) < 0:
+            _fail(f"{flag_name(name)} {getattr(moe, name)}: must be positive, or 0 / None for none")
+    if not moe.num_experts:
         return
-    _positive(moe, "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
-              "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
+    _positive(moe, "moe_router_topk", "moe_ffn_hidden_size", "moe_router_num_groups", "moe_router_group_topk",
               "moe_expert_capacity_factor", "moe_router_topk_scaling_factor")
     parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers)
     if moe.moe_router_topk > moe.num_experts:
@@ -152,13 +135,11 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
         if moe.moe_router_topk > group_topk * (moe.num_experts // groups):
             _fail(f"--moe-router-topk {moe.moe_router_topk} exceeds the experts in "
                   f"--moe-router-group-topk {group_topk} groups of {moe.num_experts // groups}")
-    if moe.moe_router_pre_softmax and moe.moe_router_score_function != "softmax":
-        _fail("--moe-router-pre-softmax needs --moe-router-score-function softmax")
     if moe.moe_pad_expert_input_to_capacity and moe.moe_expert_capacity_factor is None:
         _fail("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if moe.moe_aux_loss_coeff < 0 or (moe.moe_z_loss_coeff or 0) < 0:
         _fail("--moe-aux-loss-coeff and --moe-z-loss-coeff must not be negative")
-    if moe.moe_grouped_gemm_impl == "te":
+    if moe.expert_backend == "te":
         from megamoe.extensions.te import import_te
 
         try:
@@ -197,16 +178,21 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
     if m.num_attention_heads % tp:
         _fail(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
               f"--tensor-model-parallel-size {tp}")
-    if not m.multi_latent_attention and m.num_query_groups is not None and m.num_query_groups % tp:
-        _fail(f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
-    if m.ffn_hidden_size % tp:
-        _fail(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    kv_heads = num_kv_heads(m)
+    if not m.multi_latent_attention and kv_heads % tp:
+        _fail(f"the {kv_heads} key/value heads (--num-query-groups with --group-query-attention) are not "
+              f"divisible by --tensor-model-parallel-size {tp}")
+    dense_ffn = m.ffn_hidden_size or dense_ffn_hidden_size(m.hidden_size, m.swiglu)
+    if dense_ffn % tp:
+        _fail(f"--ffn-hidden-size {dense_ffn} is not divisible by --tensor-model-parallel-size {tp}")
     if p.sequence_parallel and m.seq_length % (tp * layout.cp):
         _fail(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} x "
               f"--context-parallel-size {layout.cp} (needed by --sequence-parallel)")
     if layout.cp > 1 and m.seq_length % (2 * layout.cp):
         _fail(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {layout.cp}")
-    if moe.num_experts is not None:
+    if not moe.num_experts and (layout.ep > 1 or (p.expert_tensor_parallel_size or 1) > 1):
+        _fail("--expert-model-parallel-size and --expert-tensor-parallel-size need routed experts (--num-experts)")
+    if moe.num_experts:
         if tp > 1 and m.seq_length % (tp * layout.cp):
             _fail(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} x "
                   f"--context-parallel-size {layout.cp} (MoE layers split each rank's sequence share over "
@@ -214,7 +200,7 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
         if moe.num_experts % layout.ep:
             _fail(f"--num-experts {moe.num_experts} is not divisible by "
                   f"--expert-model-parallel-size {layout.ep}")
-        ffn = moe.moe_ffn_hidden_size or m.ffn_hidden_size
+        ffn = moe.moe_ffn_hidden_size or dense_ffn
         if ffn % layout.etp:
             _fail(f"--moe-ffn-hidden-size {ffn} is not divisible by --expert-tensor-parallel-size {layout.etp}")
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
@@ -309,9 +295,6 @@ def validate_data(d: DataConfig, t: TrainingConfig) -> None:
     else:
         if d.tokenizer_model is None:
             _fail(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
-        if d.vocab_size != DataConfig().vocab_size:
-            _fail(f"--vocab-size is for mock data and the NullTokenizer; the {d.tokenizer_type} "
-                  "takes its vocabulary from --tokenizer-model")
     try:
         build_tokenizer(d)
     except ValueError as err:
@@ -328,6 +311,36 @@ def validate_checkpoint(c: CheckpointConfig) -> None:
     _positive(c, "save_interval")
     if c.save_interval is not None and c.save is None:
         _fail("--save-interval needs --save")
+
+
+def notices(config: Config) -> list[str]:
+    """One line for each choice a run relies on without saying so, where Megatron-LM would
+    build something else or where a flag has no effect; printed once at start."""
+    m, moe, d = config.model, config.moe, config.data
+    out = []
+    if m.position_embedding_type is None:
+        out.append("position embeddings are rotary: Megatron-LM's default, learned absolute embeddings, is not "
+                   "built (--position-embedding-type rope says so and silences this)")
+    if m.add_bias_linear is None:
+        out.append("linear layers have no biases: Megatron-LM's default, --add-bias-linear, is not built "
+                   "(--disable-bias-linear says so and silences this)")
+    if m.num_query_groups is not None and not m.group_query_attention and not m.multi_latent_attention:
+        out.append(f"--num-query-groups {m.num_query_groups} is ignored without --group-query-attention (as in "
+                   f"Megatron-LM): attention has {m.num_attention_heads} key/value heads")
+    if m.multi_latent_attention and not m.qk_layernorm:
+        out.append("multi-latent attention without --qk-layernorm has no latent norms (as in Megatron-LM; "
+                   "DeepSeek's models have them)")
+    if moe.num_experts and moe.moe_router_pre_softmax and moe.moe_router_score_function != "softmax":
+        out.append("--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid")
+    if moe.num_experts and moe.moe_grouped_gemm_impl is None and not moe.moe_grouped_gemm:
+        out.append("routed experts run one GEMM per expert (Megatron-LM's default); --moe-grouped-gemm runs "
+                   "them as grouped GEMMs")
+    if not d.uses_mock_data:
+        vocab = build_tokenizer(d).vocab_size
+        if d.vocab_size not in (vocab, DataConfig().vocab_size):
+            out.append(f"--vocab-size {d.vocab_size} is replaced by the vocabulary of --tokenizer-model "
+                       f"{d.tokenizer_model} ({vocab} ids)")
+    return out
 
 
 def validate(config: Config, world_size: int) -> ParallelLayout:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from megamoe.cli import build_parser, load_yaml_values, parse_config, parse_values
-from megamoe.config import SECTIONS, Config, ConfigError, field_docs, flag_name
-from megamoe.config_validation import check_not_supported_yet, parse_moe_layer_freq, validate
+from megamoe.config import SECTIONS, Config, ConfigError, field_docs, flag_name, section_of
+from megamoe.config_validation import check_not_supported_yet, notices, validate
+from megamoe.model.args import dense_ffn_hidden_size, gpt_args, parse_moe_layer_freq
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,10 @@ MEGATRON_FLAGS = """
 --mtp-loss-scaling-factor --data-path --split --tokenizer-type --tokenizer-model --vocab-size
 --mock-data --save --load --save-interval --eval-interval --eval-iters --tensorboard-dir
 --log-interval --recompute-granularity --fp8-format --fp8-recipe --transformer-impl
+--use-mcore-models --disable-bias-linear --normalization --position-embedding-type --no-position-embedding
+--swiglu --group-query-attention --rotary-percent --kv-channels --moe-grouped-gemm --moe-router-dtype
+--attention-softmax-in-fp32 --no-masked-softmax-fusion --no-rope-fusion --no-bias-swiglu-fusion
+--recompute-activations --moe-layer-recompute
 """.split()
 
 
@@ -63,6 +68,103 @@ def test_cli_values_types_and_booleans():
     assert cfg.data.data_path == ["0.3", "a", "0.7", "b"]
     assert cfg.moe.moe_router_score_function == "softmax"
     assert parse_config([]) == Config()
+
+
+# Megatron-LM's defaults (megatron/training/arguments.py, parsed with no flags, at the commit named
+# in tests/megatron/megatron_scripts.py) for every flag megamoe shares and builds the same way.
+MEGATRON_DEFAULTS = dict(
+    kv_channels=None, max_position_embeddings=None, ffn_hidden_size=None, group_query_attention=False,
+    normalization="LayerNorm", norm_epsilon=1e-5, swiglu=False, qk_layernorm=False, rotary_percent=1.0,
+    rotary_base=10000, rope_type=None, rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0,
+    multi_latent_attention=False, q_lora_rank=None, kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64,
+    v_head_dim=128, untie_embeddings_and_output_weights=False, init_method_std=0.02, attention_dropout=0.1,
+    hidden_dropout=0.1, mtp_loss_scaling_factor=0.1, recompute_granularity=None, fp8_recipe="delayed",
+    num_experts=None, moe_layer_freq="1", moe_ffn_hidden_size=None, moe_shared_expert_intermediate_size=None,
+    moe_router_topk=2, moe_router_score_function="softmax", moe_router_pre_softmax=False,
+    moe_router_num_groups=None, moe_router_group_topk=None, moe_router_topk_scaling_factor=None,
+    moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+    moe_router_enable_expert_bias=False, moe_router_bias_update_rate=1e-3, moe_expert_capacity_factor=None,
+    moe_pad_expert_input_to_capacity=False, moe_token_drop_policy="probs", moe_token_dispatcher_type="allgather",
+    moe_grouped_gemm=False, moe_shared_expert_overlap=False, moe_layer_recompute=False,
+    tensor_model_parallel_size=1, sequence_parallel=False, pipeline_model_parallel_size=1,
+    context_parallel_size=1, expert_model_parallel_size=1, expert_tensor_parallel_size=None,
+    use_distributed_optimizer=False, overlap_grad_reduce=False, overlap_param_gather=False,
+    distributed_backend="nccl", distributed_timeout_minutes=10, min_lr=0.0, lr_warmup_iters=0,
+    lr_decay_style="linear", lr_decay_iters=None, lr_wsd_decay_iters=None, lr_wsd_decay_style="exponential",
+    optimizer="adam", weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=1.0,
+    seed=1234, bf16=False, fp16=False, eval_interval=None, eval_iters=100, data_path=None,
+    make_vocab_size_divisible_by=128, log_interval=100, tensorboard_dir=None, save=None, load=None,
+    save_interval=None,
+)
+
+
+def test_defaults_are_megatrons():
+    """Where Megatron has the flag and megamoe builds its default, the defaults agree, so a launch
+    script that leaves a flag out builds the same model and optimizer. (Megatron requires the
+    sizes, batch sizes, lr and iterations; megamoe defaults them small for a bare run.)"""
+    config = Config()
+    got = {name: getattr(getattr(config, section_of(name)), name) for name in MEGATRON_DEFAULTS}
+    assert got == MEGATRON_DEFAULTS
+
+
+def test_megatron_spellings_and_unset_values():
+    cfg = parse_config(["--disable-bias-linear", "--recompute-activations", "--no-masked-softmax-fusion",
+                        "--use-mcore-models", "--attention-softmax-in-fp32", "--no-position-embedding"])
+    assert cfg.model.add_bias_linear is False and cfg.model.recompute_granularity == "selective"
+    assert cfg.megatron.no_masked_softmax_fusion and cfg.megatron.use_mcore_models
+    # an optional value is unset with None (over a preset's), a size also with 0 as Megatron spells it
+    preset = ["--config", str(ROOT / "examples/configs/deepseek_v3.yaml")]
+    cfg = parse_config(preset + ["--moe-shared-expert-intermediate-size", "None", "--q-lora-rank", "none",
+                                 "--moe-router-topk-scaling-factor", "None", "--rope-type", "None"])
+    assert cfg.moe.moe_shared_expert_intermediate_size is None and cfg.model.q_lora_rank is None
+    assert cfg.moe.moe_router_topk_scaling_factor is None and cfg.model.rope_type is None
+    dense = parse_config(preset + ["--num-experts", "0"])
+    validate(dense, 1)
+    assert gpt_args(dense).moe is None and not any(gpt_args(dense).moe_layers)
+    assert gpt_args(parse_config(preset + ["--moe-shared-expert-intermediate-size", "0"])).moe.shared_ffn_hidden_size is None
+    with pytest.raises(SystemExit):
+        parse_config(["--num-layers", "None"])  # a required size cannot be unset
+
+
+def test_bare_config_is_a_dense_megatron_gpt():
+    config = Config()
+    validate(config, 1)
+    args = gpt_args(config)
+    assert args.moe is None and args.attention.kind == "gqa" and args.attention.num_kv_heads == 4
+    assert (args.normalization, args.swiglu, args.tie_embeddings) == ("LayerNorm", False, True)
+    assert args.ffn_hidden_size == 4 * 128 and args.attention.yarn is None
+    assert dense_ffn_hidden_size(4096, swiglu=True) == 10880  # Megatron's rule: int(8h/3 / 64) * 64
+    said = notices(config)
+    assert len(said) == 2 and "learned absolute" in said[0] and "--disable-bias-linear" in said[1]
+    # --num-query-groups needs --group-query-attention, as in Megatron
+    assert gpt_args(_config(num_query_groups=2)).attention.num_kv_heads == 4
+    assert any("--num-query-groups 2 is ignored" in n for n in notices(_config(num_query_groups=2)))
+    gqa = _config(num_query_groups=2, group_query_attention=True)
+    assert gpt_args(gqa).attention.num_kv_heads == 2 and not any("ignored" in n for n in notices(gqa))
+    assert gpt_args(_config(group_query_attention=True)).attention.num_kv_heads == 1  # Megatron's default 1
+    # MLA takes YaRN unless told otherwise (Megatron's rule); a factor of 1 is plain RoPE
+    assert gpt_args(_config(multi_latent_attention=True, rotary_scaling_factor=40.0)).attention.yarn.factor == 40.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--position-embedding-type", "learned_absolute"], "--position-embedding-type learned_absolute: not supported"),
+    (["--add-bias-linear"], "--add-bias-linear: not supported; megamoe's linear layers have no biases"),
+    (["--rotary-percent", "0.5"], "--rotary-percent 0.5: not supported; megamoe rotates whole heads"),
+    (["--group-query-attention", "--multi-latent-attention"], "are alternatives: give one"),
+    (["--expert-model-parallel-size", "2"], "need routed experts"),
+    (["--num-experts", "-1"], "--num-experts -1: must be positive, or 0 / None for none"),
+])
+def test_megatron_values_megamoe_cannot_build_are_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(parse_config(argv), 2 if "--expert-model-parallel-size" in argv else 1)
+
+
+def test_unknown_choice_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--normalization", "BatchNorm"], prog="pretrain_moe.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--normalization: invalid choice: 'BatchNorm' (choose from LayerNorm, RMSNorm)" in err
 
 
 def test_yaml_sections_and_flat_keys_with_cli_override(tmp_path):
@@ -123,14 +225,13 @@ def _config(**fields) -> Config:
         (dict(num_experts=4, moe_router_topk=6), 1, "--moe-router-topk 6 is larger than --num-experts 4"),
         (dict(num_experts=6, expert_model_parallel_size=4), 4, "--num-experts 6 is not divisible"),
         (dict(global_batch_size=6, micro_batch_size=4), 1, "--global-batch-size 6"),
-        (dict(num_attention_heads=6, tensor_model_parallel_size=4), 4, "--num-attention-heads 6"),
+        (dict(num_attention_heads=6, hidden_size=96, tensor_model_parallel_size=4), 4, "--num-attention-heads 6"),
         (dict(bf16=True, fp16=True), 1, "--bf16 and --fp16"),
-        (dict(moe_router_num_groups=4), 1, "--moe-router-group-topk must be given together"),
-        (dict(moe_router_num_groups=3, moe_router_group_topk=1), 1, "--moe-router-num-groups 3"),
+        (dict(num_experts=8, moe_router_num_groups=4), 1, "--moe-router-group-topk must be given together"),
+        (dict(num_experts=8, moe_router_num_groups=3, moe_router_group_topk=1), 1, "--moe-router-num-groups 3"),
         (dict(mock_data=True, data_path=["x"]), 1, "mutually exclusive"),
         (dict(data_path=["x"]), 1, "--data-path x: x.bin and x.idx are needed"),
         (dict(min_lr=1.0), 1, "--min-lr 1.0 is larger than --lr"),
-        (dict(qk_layernorm=True), 1, "--qk-layernorm applies to GQA"),
         (dict(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=3, decoder_last_pipeline_num_layers=3),
          2, "--num-layers 4 cannot be split over --pipeline-model-parallel-size 2 stages with "
             "--decoder-first-pipeline-num-layers 3"),
@@ -144,7 +245,6 @@ def _config(**fields) -> Config:
               num_layers_per_virtual_pipeline_stage=1), 2, "are alternatives: give one"),
         (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3), 2,
          "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers per stage"),
-        (dict(moe_router_pre_softmax=True), 1, "--moe-router-pre-softmax needs"),
         (dict(fp8_format="e4m3"), 1, "--fp8-format: not supported yet"),
         (dict(overlap_param_gather=True), 1, "--overlap-param-gather needs --use-distributed-optimizer"),
         (dict(ddp_bucket_size=0), 1, "--ddp-bucket-size 0: must be positive"),
@@ -158,7 +258,7 @@ def test_validation_errors_name_the_flags(fields, world, message):
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TE is installed here")
 def test_te_backend_without_te_names_the_flag():
     with pytest.raises(ConfigError, match="--moe-grouped-gemm-impl te needs Transformer Engine"):
-        validate(_config(moe_grouped_gemm_impl="te"), 1)
+        validate(_config(num_experts=8, moe_grouped_gemm_impl="te"), 1)
 
 
 def test_num_layers_per_virtual_stage_sets_the_virtual_size():
@@ -193,6 +293,7 @@ def _run(*args: str, env_world: int | None = None) -> subprocess.CompletedProces
         (["--no-such-flag"], None, "unrecognized arguments: --no-such-flag"),
         (["--lr", "fast"], None, "argument --lr: invalid float value"),
         (["--config", "/nonexistent.yaml"], None, "--config /nonexistent.yaml: no such file"),
+        (["--rotary-percent", "0.5"], None, "--rotary-percent 0.5: not supported"),
     ],
 )
 def test_pretrain_bad_input_is_one_line_exit_2(argv, world, needle):

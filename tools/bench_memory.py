@@ -7,7 +7,7 @@ training step (Adam allocates its moments on the first step); then each rank sum
 ``numel x element_size`` of the model parameters, the float32 main-gradient buffers, the
 float32 master weights and Adam's states, and divides by the model's parameter count.
 
-    python tools/bench_memory.py                          # default tiny model, bf16, DP 1 / 2 / 4
+    python tools/bench_memory.py                          # the demo model, bf16, DP 1 / 2 / 4
     python tools/bench_memory.py --dp 1 2 --hidden-size 256   # other flags go to the training config
 
 Expected: bf16 parameters 2, main gradients 4, and 12 bytes of optimizer state (master 4 + Adam
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from megamoe.cli import parse_config  # noqa: E402
 from megamoe.config_validation import validate  # noqa: E402
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bf16", action="store_true", help="float32 parameters (their own masters).")
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     extra = [a for a in extra if a != "--"]
-    base = (["--bf16"] if not args.no_bf16 else []) + ["--global-batch-size", str(max(args.dp)),
-                                                       "--micro-batch-size", "1", "--eval-iters", "0"] + extra
+    demo = ["--config", str(ROOT / "examples" / "configs" / "demo.yaml")]
+    base = demo + (["--bf16"] if not args.no_bf16 else []) + [
+        "--global-batch-size", str(max(args.dp)), "--micro-batch-size", "1", "--eval-iters", "0"] + extra
     print(f"{'optimizer':<13}{'DP':>3}{'params':>10}{'main grad':>11}{'master':>9}{'Adam m+v':>10}"
           f"{'optimizer':>11}{'total':>8}   (bytes per parameter, max over ranks)")
     for distributed in (False, True):

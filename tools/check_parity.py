@@ -5,7 +5,7 @@ Each layout is launched with torchrun (gloo on CPU, NCCL on GPUs) on the same mo
 data; the per-iteration lm loss and grad norm of every layout are compared with the first
 layout's, and the tool exits 1 when any relative difference exceeds ``--rtol``.
 
-    python tools/check_parity.py                       # TP 1 / 2 / 2+SP / 4, GQA and MLA, 3 iterations
+    python tools/check_parity.py                       # TP 1 / 2 / 2+SP / 4; MLA, GQA, dense; 3 iterations
     python tools/check_parity.py --models mla --layouts tp=1 tp=2,sp -- --bf16
 
 A layout is comma-separated ``key=value`` items: tp, pp, cp, ep, etp, dp (extra data-parallel
@@ -28,13 +28,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+DEMO = ["--config", str(ROOT / "examples" / "configs" / "demo.yaml")]
 MODELS = {
-    # The tiny DeepSeek-V3-style default: MLA, shared + routed experts, sigmoid router with bias.
-    "mla": [],
+    # The quick start's tiny DeepSeek-V3-style model: MLA, shared + routed experts, sigmoid router with bias.
+    "mla": DEMO,
     # GQA (8 heads, 4 key/value heads) with a softmax router and the micro-batch aux loss.
-    "gqa": ["--no-multi-latent-attention", "--num-attention-heads", "8", "--num-query-groups", "4",
-            "--moe-router-score-function", "softmax", "--no-moe-router-enable-expert-bias",
-            "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2"],
+    "gqa": DEMO + ["--no-multi-latent-attention", "--no-qk-layernorm", "--num-attention-heads", "8",
+                   "--group-query-attention", "--num-query-groups", "4", "--moe-router-score-function", "softmax",
+                   "--no-moe-router-enable-expert-bias", "--moe-router-load-balancing-type", "aux_loss",
+                   "--moe-aux-loss-coeff", "1e-2"],
+    # The bare run: Megatron-LM's default dense GPT (LayerNorm, GeLU, tied head), without dropout,
+    # whose masks differ between layouts by design.
+    "dense": ["--attention-dropout", "0", "--hidden-dropout", "0"],
 }
 DEFAULT_LAYOUTS = ["tp=1", "tp=2", "tp=2,sp", "tp=4"]
 FLAGS = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--output-prefix", required=True, help="outputs are {prefix}_{key}_document.bin/.idx")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenise, one dataset each (default: text)")
     p.add_argument("--tokenizer-type", required=True,
-                   choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
+                   choices=typing.get_args(typing.get_type_hints(DataConfig)["tokenizer_type"]))
     p.add_argument("--tokenizer-model", help="sentencepiece .model, or tokenizer.json / its directory")
     p.add_argument("--vocab-size", type=int, help="NullTokenizer: ids are 0..VOCAB_SIZE-1, eod is VOCAB_SIZE")
     p.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document token")

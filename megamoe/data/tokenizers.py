@@ -18,6 +18,10 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+# Megatron-LM's names for a sentencepiece model: today they build the same tokenizer (plain
+# sentencepiece ids, eos ends a document, no BOS), and so does megamoe.
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+
 # End-of-text tokens of common Hugging Face tokenizers, tried in order when no
 # tokenizer_config.json names one.
 _KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
@@ -145,9 +149,9 @@ def build_tokenizer(data_config) -> Tokenizer:
         return NullTokenizer(data_config.vocab_size)
     if model is None:
         raise ValueError(f"--tokenizer-type {kind} needs --tokenizer-model")
-    if kind == "SentencePieceTokenizer":
+    if kind in SENTENCEPIECE_TYPES:
         return SentencePieceTokenizer(model)
     if kind == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(model)
-    raise ValueError(f"--tokenizer-type {kind}: expected NullTokenizer, SentencePieceTokenizer "
+    raise ValueError(f"--tokenizer-type {kind}: expected NullTokenizer, {', '.join(SENTENCEPIECE_TYPES)} "
                      "or HuggingFaceTokenizer")

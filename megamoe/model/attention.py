@@ -15,13 +15,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from megamoe.model.norm import RMSNorm
+from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import context_parallel_attention, gather_sequence
-from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker
+from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker, recompute_with_rng
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import ColumnParallelLinear, InitFn, RowParallelLinear, normal_init
 
@@ -52,15 +51,15 @@ def core_attention(
 
 def attend(q, k, v, softmax_scale, dropout_p, rng_tracker, recompute: bool, cp: Optional[Group] = None) -> torch.Tensor:
     """``core_attention``, recomputed in backward instead of stored when ``recompute``
-    (selective recompute; callers refuse it together with dropout, whose RNG stream it would
-    not replay). With context parallelism (``cp`` of more than one rank) ``q`` holds this rank's
-    two chunks and ``k``, ``v`` the whole sequence (see ``parallel/context_parallel.py``)."""
+    (selective recompute, which replays the dropout masks). With context parallelism (``cp`` of
+    more than one rank) ``q`` holds this rank's two chunks and ``k``, ``v`` the whole sequence
+    (see ``parallel/context_parallel.py``)."""
     if cp is not None and cp.size > 1:
         core, args = context_parallel_attention, (q, k, v, cp, softmax_scale, dropout_p, rng_tracker)
     else:
         core, args = core_attention, (q, k, v, softmax_scale, dropout_p, rng_tracker)
     if recompute:
-        return checkpoint(core, *args, use_reentrant=False)
+        return recompute_with_rng(core, *args, rng_tracker=rng_tracker)
     return core(*args)
 
 
@@ -78,6 +77,7 @@ class GroupedQueryAttention(nn.Module):
         sequence_parallel: bool = False,
         cp: Optional[Group] = None,
         qk_layernorm: bool = False,
+        normalization: str = "RMSNorm",
         norm_eps: float = 1e-6,
         attention_dropout: float = 0.0,
         init_fn: InitFn = normal_init(0.02),
@@ -100,9 +100,9 @@ class GroupedQueryAttention(nn.Module):
         self.wk = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
         self.wv = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
         self.wo = RowParallelLinear(num_heads * head_dim, hidden_size, init_fn=output_init_fn, **kw)
-        # QK-norm (Qwen3): per-head RMSNorm on queries and keys; heads are local, so no SP partials.
-        self.q_norm = RMSNorm(head_dim, norm_eps, device=device, dtype=dtype) if qk_layernorm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps, device=device, dtype=dtype) if qk_layernorm else None
+        # QK-norm (Qwen3): a per-head norm on queries and keys; heads are local, so no SP partials.
+        self.q_norm = build_norm(normalization, head_dim, norm_eps, device=device, dtype=dtype) if qk_layernorm else None
+        self.k_norm = build_norm(normalization, head_dim, norm_eps, device=device, dtype=dtype) if qk_layernorm else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rng_tracker: Optional[RNGStatesTracker] = None) -> torch.Tensor:
         x = mappings.enter_tensor_region(x, self.tp, self.sequence_parallel)

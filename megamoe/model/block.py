@@ -13,12 +13,16 @@ from megamoe.model.attention import GroupedQueryAttention
 from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.mlp import MLP
 from megamoe.model.moe import MoELayer, MoEStats
-from megamoe.model.norm import RMSNorm
-from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker
+from megamoe.model.norm import build_norm
+from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker, recompute_with_rng
 
 
 class TransformerBlock(nn.Module):
-    """``h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h))`` (DeepSeek names)."""
+    """``h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h))`` (DeepSeek names).
+
+    ``recompute_ffn``: recompute a MoE FFN in backward instead of keeping its activations
+    (``--moe-layer-recompute``).
+    """
 
     def __init__(
         self,
@@ -28,16 +32,20 @@ class TransformerBlock(nn.Module):
         norm_eps: float,
         sequence_parallel: bool,
         hidden_dropout: float = 0.0,
+        normalization: str = "RMSNorm",
+        recompute_ffn: bool = False,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        self.attn_norm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        norm = dict(sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.attn_norm = build_norm(normalization, hidden_size, norm_eps, **norm)
         self.attn = attn
-        self.ffn_norm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.ffn_norm = build_norm(normalization, hidden_size, norm_eps, **norm)
         self.ffn = ffn
         self.sequence_parallel = sequence_parallel
         self.hidden_dropout = hidden_dropout
+        self.recompute_ffn = recompute_ffn
 
     def _dropout(self, x: torch.Tensor, rng_tracker: Optional[RNGStatesTracker]) -> torch.Tensor:
         if not (self.hidden_dropout and self.training):
@@ -51,8 +59,12 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 rng_tracker: Optional[RNGStatesTracker] = None) -> tuple[torch.Tensor, Optional[MoEStats]]:
         h = x + self._dropout(self.attn(self.attn_norm(x), positions, rng_tracker), rng_tracker)
-        # MoE layers order their tokens by position for capacity decisions
-        out = self.ffn(self.ffn_norm(h), positions) if isinstance(self.ffn, MoELayer) else self.ffn(self.ffn_norm(h))
+        if not isinstance(self.ffn, MoELayer):
+            out = self.ffn(self.ffn_norm(h))
+        elif self.recompute_ffn and self.training:
+            out = recompute_with_rng(self.ffn, self.ffn_norm(h), positions, rng_tracker=rng_tracker)
+        else:  # MoE layers order their tokens by position for capacity decisions
+            out = self.ffn(self.ffn_norm(h), positions)
         stats = None
         if isinstance(out, tuple):
             out, stats = out

@@ -1,10 +1,11 @@
-"""Routed experts: this rank's SwiGLU FFNs behind one interface, several GEMM backends.
+"""Routed experts: this rank's expert MLPs (SwiGLU, or GeLU without ``gated``) behind one
+interface, several GEMM backends.
 
 Shape legend: N dispatched token rows (sorted by local expert), D hidden, F this rank's slice
 of the expert FFN (``ffn / etp``), E local experts.
 
-Weights are stacked per local expert, DeepSeek names: ``w1`` [E, F, D], ``w3`` [E, F, D],
-``w2`` [E, D, F]. Expert-TP shards F. Every expert parameter carries ``param.expert = True``
+Weights are stacked per local expert, DeepSeek names: ``w1`` [E, F, D], ``w3`` [E, F, D] (gated
+only), ``w2`` [E, D, F]. Expert-TP shards F. Every expert parameter carries ``param.expert = True``
 (its gradient is reduced over expert-DP, not DP) and ``param.expert_tensor_parallel_dim``.
 
 Backends:
@@ -49,19 +50,24 @@ def grouped_mm_unsupported_reason(x: torch.Tensor, *weights: torch.Tensor) -> Op
     return None
 
 
-def _swiglu_loop(x_ND, w1_EFD, w3_EFD, w2_EDF, counts: list[int]) -> torch.Tensor:
+def activate(h1: torch.Tensor, h3: Optional[torch.Tensor]) -> torch.Tensor:
+    """The expert activation: SwiGLU ``silu(h1) * h3``, or GeLU of ``h1`` when not gated."""
+    return F.gelu(h1) if h3 is None else F.silu(h1) * h3
+
+
+def _mlp_loop(x_ND, w1_EFD, w3_EFD, w2_EDF, counts: list[int]) -> torch.Tensor:
     outs = []
     for e, x_e in enumerate(x_ND.split(counts)):
-        h = F.silu(x_e @ w1_EFD[e].t()) * (x_e @ w3_EFD[e].t())
+        h = activate(x_e @ w1_EFD[e].t(), None if w3_EFD is None else x_e @ w3_EFD[e].t())
         outs.append(h @ w2_EDF[e].t())
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
 
 
-def _swiglu_grouped_mm(x_ND, w1_EFD, w3_EFD, w2_EDF, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+def _mlp_grouped_mm(x_ND, w1_EFD, w3_EFD, w2_EDF, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
     h1 = torch._grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs=offsets)
-    h3 = torch._grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets)
-    return torch._grouped_mm(F.silu(h1) * h3, w2_EDF.transpose(-2, -1), offs=offsets)
+    h3 = None if w3_EFD is None else torch._grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets)
+    return torch._grouped_mm(activate(h1, h3), w2_EDF.transpose(-2, -1), offs=offsets)
 
 
 class GroupedExperts(nn.Module):
@@ -78,6 +84,7 @@ class GroupedExperts(nn.Module):
         backend: ExpertBackend = "torch",
         init_fn: InitFn = normal_init(0.02),
         output_init_fn: InitFn = normal_init(0.02),
+        gated: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -86,22 +93,23 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"expert FFN size {ffn_hidden_size} is not divisible by the expert-TP size {etp.size}")
         self.num_experts, self.num_local_experts, self.first_expert = num_experts, num_local_experts, first_expert
         self.hidden_size, self.ffn_hidden_size, self.etp = hidden_size, ffn_hidden_size, etp
-        self.backend = backend
+        self.backend, self.gated = backend, gated
         self.init_fn, self.output_init_fn = init_fn, output_init_fn
         f_local = ffn_hidden_size // etp.size
         kw = dict(device=device, dtype=dtype)
         self.te = None
         if backend == "te":
-            from megamoe.extensions.te import TEGroupedSwiGLU
+            from megamoe.extensions.te import TEGroupedMLP
 
-            self.te = TEGroupedSwiGLU(num_local_experts, hidden_size, f_local, **kw)
+            self.te = TEGroupedMLP(num_local_experts, hidden_size, f_local, gated, **kw)
             return
         self.w1 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw))
-        self.w3 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw))
+        self.w3 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw)) if gated else None
         self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw))
         for param, dim in ((self.w1, 1), (self.w3, 1), (self.w2, 2)):
-            param.expert = True
-            param.expert_tensor_parallel_dim = dim
+            if param is not None:
+                param.expert = True
+                param.expert_tensor_parallel_dim = dim
 
     def init_weights(self, generator: torch.Generator) -> None:
         """Each expert's full weights come from its own seed, so they do not depend on which
@@ -112,30 +120,34 @@ class GroupedExperts(nn.Module):
         for i in range(self.num_local_experts):
             e = self.first_expert + i
             g = torch.Generator(device=device).manual_seed((base * 1_000_003 + e) % (2**63))
-            w1, w3, w2 = (torch.empty(F_, D, device=device), torch.empty(F_, D, device=device),
-                          torch.empty(D, F_, device=device))
+            w1, w2 = torch.empty(F_, D, device=device), torch.empty(D, F_, device=device)
+            w3 = torch.empty(F_, D, device=device) if self.gated else None
             self.init_fn(w1, g)
-            self.init_fn(w3, g)
+            if w3 is not None:
+                self.init_fn(w3, g)
             self.output_init_fn(w2, g)
-            shard = (w1.chunk(self.etp.size, 0)[self.etp.rank], w3.chunk(self.etp.size, 0)[self.etp.rank],
+            shard = (w1.chunk(self.etp.size, 0)[self.etp.rank],
+                     None if w3 is None else w3.chunk(self.etp.size, 0)[self.etp.rank],
                      w2.chunk(self.etp.size, 1)[self.etp.rank])
             if self.te is not None:
                 self.te.load_expert(i, *shard)
                 continue
             with torch.no_grad():
                 for param, value in zip((self.w1, self.w3, self.w2), shard):
-                    param[i].copy_(value)
+                    if param is not None:
+                        param[i].copy_(value)
 
     def stacked(self, grads: bool = False) -> dict[str, torch.Tensor]:
-        """This rank's expert weights (or main gradients) as ``w1`` [E, F, D], ``w3``, ``w2`` [E, D, F],
-        whatever the backend stores."""
+        """This rank's expert weights (or main gradients) as ``w1`` [E, F, D], ``w3`` (gated),
+        ``w2`` [E, D, F], whatever the backend stores."""
         if self.te is not None:
             return self.te.stacked(grads)
         pick = (lambda p: p.main_grad if hasattr(p, "main_grad") else p.grad) if grads else (lambda p: p.detach())
-        return {"w1": pick(self.w1), "w3": pick(self.w3), "w2": pick(self.w2)}
+        names = ("w1", "w3", "w2") if self.gated else ("w1", "w2")
+        return {name: pick(getattr(self, name)) for name in names}
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of each row with its expert; rows are grouped by expert in local order.
+        """The MLP of each row's expert; rows are grouped by expert in local order.
 
         Returns this rank's partial sum over the expert-TP shards of F.
         """
@@ -144,13 +156,14 @@ class GroupedExperts(nn.Module):
         if self.backend == "torch":
             reason = grouped_mm_unsupported_reason(x_ND, self.w1, self.w2)
             if reason is None:
-                return _swiglu_grouped_mm(x_ND, self.w1, self.w3, self.w2, tokens_per_expert)
+                return _mlp_grouped_mm(x_ND, self.w1, self.w3, self.w2, tokens_per_expert)
             if reason not in _warned:
                 _warned.add(reason)
                 log.warning("expert backend 'torch' runs the loop instead: %s", reason)
         counts = tokens_per_expert.tolist()  # host sync: the loop needs the split sizes
-        return _swiglu_loop(x_ND, self.w1, self.w3, self.w2, counts)
+        return _mlp_loop(x_ND, self.w1, self.w3, self.w2, counts)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_local_experts}/{self.num_experts} from {self.first_expert}, "
-                f"D={self.hidden_size}, F={self.ffn_hidden_size}/{self.etp.size}, backend={self.backend}")
+                f"D={self.hidden_size}, F={self.ffn_hidden_size}/{self.etp.size}, backend={self.backend}, "
+                f"{'swiglu' if self.gated else 'gelu'}")

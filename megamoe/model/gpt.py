@@ -19,24 +19,21 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from megamoe.config import Config
-from megamoe.config_validation import parse_moe_layer_freq
+from megamoe.model.args import GPTArgs
 from megamoe.model.attention import GroupedQueryAttention
 from megamoe.model.block import TransformerBlock
 from megamoe.model.experts import GroupedExperts
 from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.mlp import MLP
 from megamoe.model.moe import MoELayer, MoEStats
-from megamoe.model.norm import RMSNorm
-from megamoe.model.rope import RotaryEmbedding, YarnScaling
+from megamoe.model.norm import Norm, build_norm
+from megamoe.model.rope import RotaryEmbedding
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import sequence_shard_indices
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
-from megamoe.parallel.pipeline_parallel import virtual_stage_layer_ranges
-from megamoe.parallel.random import RNGStatesTracker
+from megamoe.parallel.random import RNGStatesTracker, recompute_with_rng
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -83,15 +80,16 @@ class MTPModule(nn.Module):
     the embedding of the token ``depth`` positions ahead, run one transformer layer, and predict
     with the shared head (behind this module's own final norm)."""
 
-    def __init__(self, block: TransformerBlock, hidden_size: int, norm_eps: float, sequence_parallel: bool,
-                 init_fn, device=None, dtype=None):
+    def __init__(self, block: TransformerBlock, hidden_size: int, normalization: str, norm_eps: float,
+                 sequence_parallel: bool, init_fn, device=None, dtype=None):
         super().__init__()
-        self.enorm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
-        self.hnorm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        norm = dict(sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.enorm = build_norm(normalization, hidden_size, norm_eps, **norm)
+        self.hnorm = build_norm(normalization, hidden_size, norm_eps, **norm)
         self.eh_proj = ReplicatedLinear(2 * hidden_size, hidden_size, grad_partial_over_tp=sequence_parallel,
                                         init_fn=init_fn, device=device, dtype=dtype)
         self.block = block
-        self.norm = RMSNorm(hidden_size, norm_eps, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.norm = build_norm(normalization, hidden_size, norm_eps, **norm)
 
     def forward(self, hidden, embedded_ahead, positions, rng_tracker=None):
         x = self.eh_proj(torch.cat([self.enorm(embedded_ahead), self.hnorm(hidden)], dim=-1))
@@ -99,48 +97,46 @@ class MTPModule(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """DeepSeek-V3-style MoE transformer (or GQA / dense variants) with tensor parallelism.
+    """A decoder-only transformer, dense or MoE, with multi-head / grouped-query or latent
+    attention, in every parallel layout.
 
-    Under pipeline parallelism each rank builds its own layers only, as ``vpp`` chunks
-    (``virtual_stage_layer_ranges``; one chunk without interleaving), named by their global
-    index so names and initial weights match the single-process model. The embedding lives on
-    the first stage, the final norm, head and MTP modules on the last. The last stage also keeps
-    a copy of the embedding when the head is tied to it or MTP reads it; the copy starts equal
-    (same name, same initialisation) and stays equal because the gradient buffers sum the two
-    copies' gradients over the ``embd`` group.
+    ``args`` is the model (:func:`megamoe.model.args.gpt_args` resolves it from the flags);
+    ``chunk_ranges`` the ``[start, end)`` decoder-layer ranges this rank holds, one per model
+    chunk (``virtual_stage_layer_ranges``; default: every layer, one chunk). Layers are named by
+    their global index so names and initial weights match the single-process model. The
+    embedding lives on the first stage, the final norm, head and MTP modules on the last. The
+    last stage also keeps a copy of the embedding when the head is tied to it or MTP reads it;
+    the copy starts equal (same name, same initialisation) and stays equal because the gradient
+    buffers sum the two copies' gradients over the ``embd`` group.
     """
 
-    def __init__(self, config: Config, state: ParallelState,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+    def __init__(self, args: GPTArgs, state: ParallelState, chunk_ranges: Optional[list[tuple[int, int]]] = None,
+                 sequence_parallel: bool = False, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
-        m, moe, p = config.model, config.moe, config.parallel
-        self.config, self.state = config, state
+        self.args, self.state = args, state
         tp = state.tp
-        sp = config.parallel.sequence_parallel and tp.size > 1
+        sp = sequence_parallel and tp.size > 1
         self.sequence_parallel = sp
-        self.vocab_size = config.data.vocab_size
-        self.padded_vocab = padded_vocab_size(self.vocab_size, config.data.make_vocab_size_divisible_by, tp.size)
-        self.recompute = m.recompute_granularity
+        self.vocab_size = args.vocab_size
+        self.padded_vocab = padded_vocab_size(self.vocab_size, args.make_vocab_size_divisible_by, tp.size)
+        self.recompute = args.recompute_granularity
         kw = dict(device=device, dtype=dtype)
-        init_fn = normal_init(m.init_method_std)
-        self.num_chunks = state.layout.vpp or 1
+        init_fn = normal_init(args.init_method_std)
+        chunk_ranges = chunk_ranges or [(0, args.num_layers)]
+        self.num_chunks = len(chunk_ranges)
         self.first_stage, self.last_stage = state.is_first_stage, state.is_last_stage
         # The head tied to the embedding, and MTP, read the embedding on the last stage.
-        last_stage_reads_embedding = not m.untie_embeddings_and_output_weights or m.mtp_num_layers > 0
+        last_stage_reads_embedding = args.tie_embeddings or args.mtp_num_layers > 0
         self.embed = None
         if self.first_stage or (self.last_stage and last_stage_reads_embedding):
-            self.embed = VocabParallelEmbedding(self.padded_vocab, m.hidden_size, tp, sequence_parallel=sp,
+            self.embed = VocabParallelEmbedding(self.padded_vocab, args.hidden_size, tp, sequence_parallel=sp,
                                                 init_fn=init_fn, **kw)
             if state.pp.size > 1 and last_stage_reads_embedding:
                 self.embed.weight.pipeline_shared_embedding = True  # summed over `embd` (parallel/data_parallel.py)
-        self.rope = self._build_rope(config, device)
-        num_blocks = m.num_layers + m.mtp_num_layers
-        is_moe = parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers) if moe.num_experts else [False] * m.num_layers
-        # MTP blocks use the FFN kind of the last decoder layer (MoE in DeepSeek-V3).
-        is_moe = is_moe + [is_moe[-1]] * m.mtp_num_layers
-        chunk_ranges = virtual_stage_layer_ranges(m.num_layers, state.pp.size, self.num_chunks,
-                                                  p.decoder_first_pipeline_num_layers,
-                                                  p.decoder_last_pipeline_num_layers)[state.pp.rank]
+        a = args.attention
+        self.rope = RotaryEmbedding(a.rope_dim, a.max_positions, a.rope_base, a.yarn, device=device)
+        is_moe = args.moe_layers
         self.chunk_layers = [[str(i) for i in range(start, end)] for start, end in chunk_ranges]
         # Global ordinal of each MoE layer (MTP blocks count after the decoder), per chunk; MTP
         # blocks belong to the last chunk.
@@ -149,86 +145,74 @@ class GPTModel(nn.Module):
         self.chunk_moe_index = [[moe_ordinal[int(i)] for i in names if int(i) in moe_ordinal]
                                 for names in self.chunk_layers]
         if self.last_stage:
-            self.chunk_moe_index[-1] += [moe_ordinal[i] for i in range(m.num_layers, num_blocks) if i in moe_ordinal]
+            self.chunk_moe_index[-1] += [moe_ordinal[i] for i in range(args.num_layers, args.num_blocks)
+                                         if i in moe_ordinal]
         self.moe_index = [i for chunk in self.chunk_moe_index for i in chunk]  # in moe_layers() order
         self.layers = nn.ModuleDict({
-            name: self._build_block(config, state, is_moe[int(name)], num_blocks, **kw)
+            name: self._build_block(args, state, is_moe[int(name)], **kw)
             for names in self.chunk_layers for name in names
         })
         self.norm = self.head = None
         self.mtp = nn.ModuleList()
         if self.last_stage:
-            self.norm = RMSNorm(m.hidden_size, m.norm_epsilon, sequence_parallel=sp, **kw)
-            if m.untie_embeddings_and_output_weights:
-                self.head = ColumnParallelLinear(m.hidden_size, self.padded_vocab, tp, sequence_parallel=sp,
+            self.norm = build_norm(args.normalization, args.hidden_size, args.norm_eps, sequence_parallel=sp, **kw)
+            if not args.tie_embeddings:
+                self.head = ColumnParallelLinear(args.hidden_size, self.padded_vocab, tp, sequence_parallel=sp,
                                                  init_fn=init_fn, **kw)
             self.mtp.extend(
-                MTPModule(self._build_block(config, state, is_moe[m.num_layers + k], num_blocks, **kw),
-                          m.hidden_size, m.norm_epsilon, sp, init_fn, **kw)
-                for k in range(m.mtp_num_layers))
+                MTPModule(self._build_block(args, state, is_moe[args.num_layers + k], **kw),
+                          args.hidden_size, args.normalization, args.norm_eps, sp, init_fn, **kw)
+                for k in range(args.mtp_num_layers))
 
     # ------------------------------------------------------------------ construction
 
-    @staticmethod
-    def _build_rope(config: Config, device) -> RotaryEmbedding:
-        m = config.model
-        dim = m.qk_pos_emb_head_dim if m.multi_latent_attention else (m.kv_channels or m.hidden_size // m.num_attention_heads)
-        yarn = None
-        if m.rope_type == "yarn":
-            yarn = YarnScaling(m.rotary_scaling_factor, m.original_max_position_embeddings,
-                               m.beta_fast, m.beta_slow, m.mscale, m.mscale_all_dim)
-        return RotaryEmbedding(dim, m.max_position_embeddings or m.seq_length, m.rotary_base, yarn, device=device)
-
-    def _build_block(self, config: Config, state: ParallelState, moe_layer: bool, num_blocks: int, device, dtype):
-        m = config.model
-        sp = self.sequence_parallel
+    def _build_block(self, args: GPTArgs, state: ParallelState, moe_layer: bool, device, dtype):
+        sp, a = self.sequence_parallel, args.attention
         kw = dict(device=device, dtype=dtype)
-        init_fn = normal_init(m.init_method_std)
+        init_fn = normal_init(args.init_method_std)
         # Output projections start smaller so the residual stream's variance does not grow with depth.
-        output_init_fn = normal_init(m.init_method_std / math.sqrt(2.0 * num_blocks))
+        output_init_fn = normal_init(args.init_method_std / math.sqrt(2.0 * args.num_blocks))
         common = dict(tp=state.tp, sequence_parallel=sp, init_fn=init_fn, output_init_fn=output_init_fn, **kw)
-        if m.multi_latent_attention:
+        norm = dict(qk_layernorm=a.qk_layernorm, normalization=args.normalization, norm_eps=args.norm_eps)
+        if a.kind == "mla":
             attn = MultiHeadLatentAttention(
-                m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim,
-                m.qk_pos_emb_head_dim, m.v_head_dim, self.rope, cp=state.cp, norm_eps=m.norm_epsilon,
-                attention_dropout=m.attention_dropout, **common)
+                args.hidden_size, a.num_heads, a.q_lora_rank, a.kv_lora_rank, a.qk_head_dim,
+                a.qk_pos_emb_head_dim, a.v_head_dim, self.rope, cp=state.cp, attention_dropout=a.dropout,
+                **norm, **common)
         else:
             attn = GroupedQueryAttention(
-                m.hidden_size, m.num_attention_heads, m.num_query_groups or m.num_attention_heads,
-                m.kv_channels or m.hidden_size // m.num_attention_heads, self.rope, cp=state.cp,
-                qk_layernorm=m.qk_layernorm, norm_eps=m.norm_epsilon, attention_dropout=m.attention_dropout, **common)
-        attn.recompute_core = m.recompute_granularity == "selective"
+                args.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, self.rope, cp=state.cp,
+                attention_dropout=a.dropout, **norm, **common)
+        attn.recompute_core = args.recompute_granularity == "selective"
         if moe_layer:
-            ffn = self._build_moe(config, state, init_fn, output_init_fn, **kw)
+            ffn = self._build_moe(args, state, init_fn, output_init_fn, **kw)
         else:
-            ffn = MLP(m.hidden_size, m.ffn_hidden_size, **common)
-        return TransformerBlock(attn, ffn, m.hidden_size, m.norm_epsilon, sp, m.hidden_dropout, **kw)
+            ffn = MLP(args.hidden_size, args.ffn_hidden_size, gated=args.swiglu, **common)
+        return TransformerBlock(attn, ffn, args.hidden_size, args.norm_eps, sp, args.hidden_dropout,
+                                normalization=args.normalization, recompute_ffn=moe_layer and args.moe.recompute, **kw)
 
-    def _build_moe(self, config: Config, state: ParallelState, init_fn, output_init_fn, device, dtype) -> MoELayer:
-        m, moe = config.model, config.moe
-        sp = self.sequence_parallel
+    def _build_moe(self, args: GPTArgs, state: ParallelState, init_fn, output_init_fn, device, dtype) -> MoELayer:
+        moe, sp = args.moe, self.sequence_parallel
         E = moe.num_experts
         router = TopKRouter(
-            m.hidden_size, E, moe.moe_router_topk, moe.moe_router_score_function, moe.moe_router_pre_softmax,
-            moe.moe_router_num_groups, moe.moe_router_group_topk, moe.moe_router_topk_scaling_factor,
-            moe.moe_router_load_balancing_type, moe.moe_aux_loss_coeff, moe.moe_z_loss_coeff,
-            moe.moe_router_enable_expert_bias, moe.moe_router_bias_update_rate, moe.moe_expert_capacity_factor,
-            moe.moe_token_drop_policy, grad_partial_over_tp=state.tp.size > 1, init_fn=init_fn,
+            args.hidden_size, E, moe.topk, moe.score_function, moe.pre_softmax, moe.num_groups, moe.group_topk,
+            moe.topk_scaling_factor, moe.load_balancing, moe.aux_loss_coeff, moe.z_loss_coeff,
+            moe.enable_expert_bias, moe.bias_update_rate, moe.capacity_factor, moe.drop_policy,
+            grad_partial_over_tp=state.tp.size > 1, init_fn=init_fn, router_dtype=moe.router_dtype,
             device=device, dtype=dtype)
         num_local = E // state.ep.size
         experts = GroupedExperts(
-            E, num_local, state.ep.rank * num_local, m.hidden_size, moe.moe_ffn_hidden_size or m.ffn_hidden_size,
-            state.etp, moe.moe_grouped_gemm_impl, init_fn, output_init_fn, device=device, dtype=dtype)
+            E, num_local, state.ep.rank * num_local, args.hidden_size, moe.ffn_hidden_size, state.etp,
+            moe.expert_backend, init_fn, output_init_fn, gated=args.swiglu, device=device, dtype=dtype)
         shared = None
-        if moe.moe_shared_expert_intermediate_size:
-            shared = MLP(m.hidden_size, moe.moe_shared_expert_intermediate_size, state.tp, sp,
-                         init_fn, output_init_fn, device=device, dtype=dtype)
-        pad = moe.moe_pad_expert_input_to_capacity
-        if moe.moe_token_dispatcher_type == "alltoall":
-            dispatcher = AllToAllDispatcher(state.ep, state.etp, E, pad)
+        if moe.shared_ffn_hidden_size:
+            shared = MLP(args.hidden_size, moe.shared_ffn_hidden_size, state.tp, sp, init_fn, output_init_fn,
+                         gated=args.swiglu, device=device, dtype=dtype)
+        if moe.dispatcher == "alltoall":
+            dispatcher = AllToAllDispatcher(state.ep, state.etp, E, moe.pad_to_capacity)
         else:
-            dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, pad)
-        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.moe_shared_expert_overlap,
+            dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, moe.pad_to_capacity)
+        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.shared_expert_overlap,
                         token_group=state.tp_cp)
 
     @torch.no_grad()
@@ -251,10 +235,10 @@ class GPTModel(nn.Module):
 
     def _run_block(self, block, x, positions, rng_tracker):
         if self.recompute == "full" and self.training:
-            return checkpoint(block, x, positions, rng_tracker, use_reentrant=False)
+            return recompute_with_rng(block, x, positions, rng_tracker, rng_tracker=rng_tracker)
         return block(x, positions, rng_tracker)
 
-    def _logits(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, norm: Norm) -> torch.Tensor:
         x = norm(hidden)
         if self.head is not None:
             logits = self.head(x)

@@ -3,6 +3,9 @@
     q      = wq_b(q_norm(wq_a(x)))           (or wq(x) when q_lora_rank is 0)
     latent, k_rope = split(wkv_a(x))         latent: kv_lora_rank, k_rope: one rope key for all heads
     k_nope, v      = split(wkv_b(kv_norm(latent)))
+
+The latent norms ``q_norm`` and ``kv_norm`` exist with ``qk_layernorm`` (DeepSeek's models have
+them; Megatron-LM builds them only with ``--qk-layernorm``, and so does megamoe).
     q = [q_nope, rope(q_rope)], k = [k_nope, rope(k_rope) broadcast over heads]
     out = wo(softmax(q k^T * scale) v)
 
@@ -28,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from megamoe.model.attention import attend
-from megamoe.model.norm import RMSNorm
+from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import gather_sequence
@@ -60,6 +63,8 @@ class MultiHeadLatentAttention(nn.Module):
         sequence_parallel: bool = False,
         cp: Optional[Group] = None,
         cp_exchange: Literal["latent", "expanded"] = "latent",
+        qk_layernorm: bool = True,
+        normalization: str = "RMSNorm",
         norm_eps: float = 1e-6,
         attention_dropout: float = 0.0,
         init_fn: InitFn = normal_init(0.02),
@@ -82,15 +87,19 @@ class MultiHeadLatentAttention(nn.Module):
         q_dim = num_heads * (qk_head_dim + qk_pos_emb_head_dim)
         common = dict(device=device, dtype=dtype)
         column = dict(tp=tp, sequence_parallel=sp, init_fn=init_fn, **common)
+
+        def latent_norm(dim: int):
+            return build_norm(normalization, dim, norm_eps, sequence_parallel=sp, **common) if qk_layernorm else nn.Identity()
+
         if q_lora_rank:
             self.wq_a = ReplicatedLinear(hidden_size, q_lora_rank, grad_partial_over_tp=sp, init_fn=init_fn, **common)
-            self.q_norm = RMSNorm(q_lora_rank, norm_eps, sequence_parallel=sp, **common)
+            self.q_norm = latent_norm(q_lora_rank)
             self.wq_b = ColumnParallelLinear(q_lora_rank, q_dim, **column)
         else:
             self.wq = ColumnParallelLinear(hidden_size, q_dim, **column)
         self.wkv_a = ReplicatedLinear(hidden_size, kv_lora_rank + qk_pos_emb_head_dim,
                                       grad_partial_over_tp=sp, init_fn=init_fn, **common)
-        self.kv_norm = RMSNorm(kv_lora_rank, norm_eps, sequence_parallel=sp, **common)
+        self.kv_norm = latent_norm(kv_lora_rank)
         # wkv_b's input enters the TP region in forward (so context parallel can gather it first)
         self.wkv_b = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_head_dim + v_head_dim), input_comm=False,
                                           **column)

@@ -1,4 +1,8 @@
-"""RMSNorm, computed in (at least) float32 whatever the activation dtype."""
+"""RMSNorm and LayerNorm, computed in (at least) float32 whatever the activation dtype.
+
+``build_norm`` picks one by ``--normalization``; every norm of the model (block norms, final
+norm, MTP norms, MLA's latent norms, GQA's QK-norms) is built through it.
+"""
 
 from __future__ import annotations
 
@@ -32,3 +36,40 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(upcast(x), (self.dim,), upcast(self.weight), self.eps)
         return y.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """``(x - mean(x)) / std(x) * weight + bias`` (Megatron-LM's default normalisation).
+
+    Both parameters carry ``sequence_parallel`` like RMSNorm's weight.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, sequence_parallel: bool = False,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.weight.sequence_parallel = self.bias.sequence_parallel = sequence_parallel
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(upcast(x), (self.dim,), upcast(self.weight), upcast(self.bias), self.eps)
+        return y.to(x.dtype)
+
+
+Norm = RMSNorm | LayerNorm
+
+
+def build_norm(kind: str, dim: int, eps: float, sequence_parallel: bool = False,
+               device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Norm:
+    """The norm ``--normalization`` names ('RMSNorm' or 'LayerNorm')."""
+    if kind == "RMSNorm":
+        return RMSNorm(dim, eps, sequence_parallel, device=device, dtype=dtype)
+    if kind == "LayerNorm":
+        return LayerNorm(dim, eps, sequence_parallel, device=device, dtype=dtype)
+    raise ValueError(f"--normalization {kind}: expected RMSNorm or LayerNorm")

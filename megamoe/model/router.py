@@ -1,5 +1,6 @@
 """Top-k router: scores, (group-limited) expert choice, probabilities, balancing losses,
-aux-loss-free expert bias and capacity dropping. All router math is float32.
+aux-loss-free expert bias and capacity dropping. All router math is float32, or float64 with
+``router_dtype`` (``--moe-router-dtype fp64``); never the activations' bf16.
 
 Shape legend: T tokens on this rank, E experts, K experts per token, G expert groups,
 B sequences, S tokens of one sequence on this rank.
@@ -32,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamoe.numerics import upcast
 from megamoe.parallel import mappings
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import InitFn, init_sharded_, normal_init
@@ -76,10 +76,12 @@ class TopKRouter(nn.Module):
         drop_policy: Literal["probs", "position"] = "probs",
         grad_partial_over_tp: bool = False,
         init_fn: InitFn = normal_init(0.02),
+        router_dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        self.router_dtype = router_dtype
         self.num_experts, self.topk = num_experts, topk
         self.score_function, self.pre_softmax = score_function, pre_softmax
         self.num_groups, self.group_topk = num_groups, group_topk
@@ -211,7 +213,8 @@ class TopKRouter(nn.Module):
         micro-batch (``position * B + sequence``), when the ranks' slices are not simply
         consecutive (context parallelism); unset means group order then local order.
         """
-        logits_TE = F.linear(upcast(x_TD), upcast(self.weight))
+        math_dtype = torch.promote_types(x_TD.dtype, self.router_dtype)
+        logits_TE = F.linear(x_TD.to(math_dtype), self.weight.to(math_dtype))
         if self.score_function == "softmax":
             scores_TE = torch.softmax(logits_TE, dim=-1)
         else:

@@ -4,6 +4,7 @@ and build the :class:`~megamoe.parallel.state.ParallelState`."""
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -29,6 +30,18 @@ def process_info_from_env() -> ProcessInfo:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return ProcessInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return ProcessInfo(0, 1, 0)
+
+
+def configure_logging(rank: int) -> None:
+    """Warnings once per job, not once per rank: rank 0 shows warnings (megamoe's log records
+    and Python ``warnings``, which are routed into logging); the other ranks show errors only.
+    Every rank hits the same warning in the same place, so rank 0's copy stands for all."""
+    logging.captureWarnings(True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("> %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 
 
 def init_distributed(config: ParallelConfig, info: ProcessInfo) -> tuple[ParallelState, torch.device]:

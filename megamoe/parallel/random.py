@@ -16,9 +16,10 @@ checkpoints (:meth:`RNGStatesTracker.state_dict`) and activation recomputation r
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from megamoe.parallel.state import ParallelState
 
@@ -72,11 +73,35 @@ class RNGStatesTracker:
             self._states[name] = _get_state(self.device)
             _set_state(self.device, saved)
 
+    @contextlib.contextmanager
+    def replaying(self, states: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run the block from earlier stream states (activation recomputation), then put the
+        current ones back, so the replay neither sees nor disturbs later draws."""
+        current = self._states
+        self._states = {name: state.clone() for name, state in states.items()}
+        try:
+            yield
+        finally:
+            self._states = current
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: state.clone() for name, state in self._states.items()}
 
     def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
         self._states = {name: state.clone() for name, state in states.items()}
+
+
+def recompute_with_rng(fn: Callable[..., Any], *args: Any, rng_tracker: Optional[RNGStatesTracker] = None) -> Any:
+    """``fn(*args)`` under activation checkpointing, recomputed in backward with the same random
+    numbers: torch's checkpoint replays the default stream; this also replays the tracker's
+    named streams (dropout on TP shards), which have advanced by the time backward runs."""
+    if rng_tracker is None:
+        return checkpoint(fn, *args, use_reentrant=False)
+
+    def contexts():  # called once, when the forward pass enters the checkpointed region
+        return contextlib.nullcontext(), rng_tracker.replaying(rng_tracker.state_dict())
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
 
 def model_parallel_seed(seed: int, state: ParallelState, device: torch.device | str = "cpu") -> RNGStatesTracker:

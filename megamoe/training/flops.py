@@ -12,45 +12,42 @@ For the 4-layer DeepSeek-V2-Lite proxy in shared/gpu/README.md (seq 4096) this g
 
 from __future__ import annotations
 
-from megamoe.config import Config
-from megamoe.config_validation import parse_moe_layer_freq
+from megamoe.model.args import AttentionArgs, GPTArgs
 
 
-def _attention_macs_per_token(config: Config) -> float:
-    m = config.model
-    s, H = m.seq_length, m.num_attention_heads
-    if m.multi_latent_attention:
-        qk = m.qk_head_dim + m.qk_pos_emb_head_dim
-        q = m.hidden_size * m.q_lora_rank + m.q_lora_rank * H * qk if m.q_lora_rank else m.hidden_size * H * qk
-        proj = q + m.hidden_size * (m.kv_lora_rank + m.qk_pos_emb_head_dim) \
-            + m.kv_lora_rank * H * (m.qk_head_dim + m.v_head_dim) + H * m.v_head_dim * m.hidden_size
-        core = (s / 2) * H * (qk + m.v_head_dim)
+def _attention_macs_per_token(a: AttentionArgs, hidden: int, seq_length: int) -> float:
+    s, H = seq_length, a.num_heads
+    if a.kind == "mla":
+        qk = a.qk_head_dim + a.qk_pos_emb_head_dim
+        q = hidden * a.q_lora_rank + a.q_lora_rank * H * qk if a.q_lora_rank else hidden * H * qk
+        proj = q + hidden * (a.kv_lora_rank + a.qk_pos_emb_head_dim) \
+            + a.kv_lora_rank * H * (a.qk_head_dim + a.v_head_dim) + H * a.v_head_dim * hidden
+        core = (s / 2) * H * (qk + a.v_head_dim)
     else:
-        hd = m.kv_channels or m.hidden_size // H
-        kv = m.num_query_groups or H
-        proj = m.hidden_size * hd * (2 * H + 2 * kv)
-        core = (s / 2) * H * 2 * hd
+        proj = hidden * a.head_dim * (2 * H + 2 * a.num_kv_heads)
+        core = (s / 2) * H * 2 * a.head_dim
     return proj + core
 
 
-def _ffn_macs_per_token(config: Config, moe_layer: bool) -> float:
-    m, moe = config.model, config.moe
+def _ffn_macs_per_token(args: GPTArgs, moe_layer: bool) -> float:
+    matrices = 3 if args.swiglu else 2  # SwiGLU: w1, w3, w2; GeLU: w1, w2
     if not moe_layer:
-        return 3 * m.hidden_size * m.ffn_hidden_size
-    ffn = moe.moe_ffn_hidden_size or m.ffn_hidden_size
-    routed = moe.moe_router_topk * 3 * m.hidden_size * ffn
-    shared = 3 * m.hidden_size * (moe.moe_shared_expert_intermediate_size or 0)
-    return m.hidden_size * moe.num_experts + routed + shared
+        return matrices * args.hidden_size * args.ffn_hidden_size
+    moe = args.moe
+    routed = moe.topk * matrices * args.hidden_size * moe.ffn_hidden_size
+    shared = matrices * args.hidden_size * (moe.shared_ffn_hidden_size or 0)
+    return args.hidden_size * moe.num_experts + routed + shared
 
 
-def flops_per_token(config: Config, padded_vocab: int) -> float:
+def flops_per_token(args: GPTArgs, seq_length: int, padded_vocab: int) -> float:
     """Training (forward + backward) model FLOPs per token."""
-    m, moe = config.model, config.moe
-    is_moe = parse_moe_layer_freq(moe.moe_layer_freq, m.num_layers) if moe.num_experts else [False] * m.num_layers
-    head = m.hidden_size * padded_vocab
-    macs = head + sum(_attention_macs_per_token(config) + _ffn_macs_per_token(config, x) for x in is_moe)
-    mtp_block = _attention_macs_per_token(config) + _ffn_macs_per_token(config, is_moe[-1])
-    macs += m.mtp_num_layers * (2 * m.hidden_size * m.hidden_size + mtp_block + head)
+    h = args.hidden_size
+    attention = _attention_macs_per_token(args.attention, h, seq_length)
+    head = h * padded_vocab
+    decoder = args.moe_layers[: args.num_layers]
+    macs = head + sum(attention + _ffn_macs_per_token(args, x) for x in decoder)
+    mtp_block = attention + _ffn_macs_per_token(args, decoder[-1])
+    macs += args.mtp_num_layers * (2 * h * h + mtp_block + head)
     return 3 * 2 * macs
 
 

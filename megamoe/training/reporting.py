@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from megamoe.config import Config
+from megamoe.training.heatmap import expert_load_heatmap
 
 
 @dataclass
@@ -39,8 +40,10 @@ class Reporter:
     """Prints Megatron-style lines and writes tensorboard (and an optional JSON-lines file)."""
 
     def __init__(self, config: Config, flops_per_token: float, world_size: int, is_writer: bool,
-                 peak_tflops: Optional[float], device: torch.device):
+                 peak_tflops: Optional[float], device: torch.device, moe_layer_names: Optional[list[str]] = None):
         self.config, self.flops_per_token, self.world_size = config, flops_per_token, world_size
+        self.moe_layer_names = moe_layer_names  # heat-map row labels: each MoE layer's place in the model
+        self._heatmap_unavailable = False
         self.is_writer, self.peak_tflops, self.device = is_writer, peak_tflops, device
         self.ep_size = config.parallel.expert_model_parallel_size
         self.writer = None
@@ -152,21 +155,22 @@ class Reporter:
                     w.add_scalar(f"moe/ep-rank-max-over-mean/layer-{layer}", float(row.max() / max(row.mean(), 1e-9)), it)
                     w.add_histogram(f"moe/tokens-per-ep-rank/layer-{layer}", row, it)
             if it % self.config.logging.moe_expert_load_image_interval == 0:
-                w.add_image("moe/expert-load-heatmap", expert_load_heatmap(load), it, dataformats="HWC")
+                self._write_heatmap(load, it)
         w.flush()
+
+    def _write_heatmap(self, load: np.ndarray, it: int) -> None:
+        if self._heatmap_unavailable:
+            return
+        try:
+            image = expert_load_heatmap(load, self.ep_size, self.moe_layer_names, it)
+        except ImportError:
+            self._heatmap_unavailable = True
+            self.print(" > the expert-load heat map needs matplotlib (pip install matplotlib); it is skipped")
+            return
+        self.writer.add_image("moe/expert-load-heatmap", image, it, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
-
-
-def expert_load_heatmap(load: np.ndarray, cell: int = 8) -> np.ndarray:
-    """An RGB image [layers * cell, experts * cell, 3]: blue under-loaded, white balanced, red
-    over-loaded (load / mean load per layer, clipped to [0, 2])."""
-    ratio = np.clip(load / np.maximum(load.mean(1, keepdims=True), 1e-9), 0.0, 2.0)
-    over, under = np.clip(ratio - 1, 0, 1), np.clip(1 - ratio, 0, 1)
-    rgb = np.stack([1 - under, 1 - over - under, 1 - over], axis=-1)
-    rgb = np.clip(rgb, 0, 1)
-    return np.repeat(np.repeat((rgb * 255).astype(np.uint8), cell, axis=0), cell, axis=1)

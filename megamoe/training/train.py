@@ -19,6 +19,7 @@ import torch
 
 from megamoe.config import Config
 from megamoe.data.loader import build_data_source, with_tokenizer_vocab
+from megamoe.model.args import gpt_args
 from megamoe.model.gpt import GPTModel, materialize
 from megamoe.parallel import mappings
 from megamoe.parallel.pipeline_parallel import (
@@ -26,6 +27,7 @@ from megamoe.parallel.pipeline_parallel import (
     forward_only,
     interleaved_one_forward_one_backward,
     one_forward_one_backward,
+    virtual_stage_layer_ranges,
 )
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
@@ -36,11 +38,18 @@ from megamoe.training.reporting import Reporter, StepMetrics
 from megamoe.training.schedule import learning_rate
 
 
-def build_model(config: Config, state: ParallelState, device: torch.device) -> GPTModel:
-    """Build on the meta device, materialise on ``device``, then initialise (layout-invariant)."""
-    dtype = torch.bfloat16 if config.training.bf16 else torch.float32
+def build_model(config: Config, state: ParallelState, device: torch.device | str,
+                dtype: Optional[torch.dtype] = None) -> GPTModel:
+    """This rank's part of the model: built on the meta device, materialised on ``device``,
+    then initialised (layout-invariant). ``dtype`` defaults to bf16 with --bf16, else fp32."""
+    if dtype is None:
+        dtype = torch.bfloat16 if config.training.bf16 else torch.float32
+    p = config.parallel
+    chunks = virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
+                                        p.decoder_first_pipeline_num_layers,
+                                        p.decoder_last_pipeline_num_layers)[state.pp.rank]
     with torch.device("meta"):
-        model = GPTModel(config, state, dtype=dtype)
+        model = GPTModel(gpt_args(config), state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype)
     model = materialize(model, device)
     model.init_weights(config.training.seed)
     return model
@@ -170,6 +179,12 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     )
 
 
+def moe_layer_names(args) -> list[str]:
+    """Each MoE layer's label in the logs: its decoder layer index, or ``mtpK`` for MTP depth K."""
+    return [str(i) if i < args.num_layers else f"mtp{i - args.num_layers + 1}"
+            for i, moe in enumerate(args.moe_layers) if moe]
+
+
 def _activation_shape(config: Config, state: ParallelState) -> tuple[int, int, int]:
     """[s, micro_batch, hidden] between pipeline stages (s / cp, then / tp with sequence parallel)."""
     s = config.model.seq_length // state.cp.size
@@ -211,10 +226,10 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     optimizer = build_optimizer(model, config, state)
     data = MicroBatches(config, state, device)
     valid_data = MicroBatches(config, state, device, "valid") if config.training.eval_iters else None
-    fpt = flops_per_token(config, model.padded_vocab)
+    fpt = flops_per_token(model.args, config.model.seq_length, model.padded_vocab)
     is_writer = state.rank == 0
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    reporter = Reporter(config, fpt, state.layout.world_size, is_writer, peak, device)
+    reporter = Reporter(config, fpt, state.layout.world_size, is_writer, peak, device, moe_layer_names(model.args))
     n_params = sum(p.numel() for p in model.parameters())
     reporter.print(f"> model: {n_params:,} parameters on rank 0; {fpt / 1e9:.3f} GFLOPs per token (fwd+bwd); "
                    f"{data.num_micro} micro-batches of {data.micro} per step per data-parallel rank")
@@ -240,7 +255,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
             metrics.step_time, last = now - last, now
             reporter.log_step(metrics)
             history.append(metrics)
-            if t.eval_iters and (step % t.eval_interval == 0 or step == t.train_iters):
+            if t.eval_iters and ((t.eval_interval and step % t.eval_interval == 0) or step == t.train_iters):
                 valid = evaluate(model, valid_data, config, state)
                 reporter.print(f" validation loss at iteration {step}: lm loss value: {valid:.5E} | "
                                f"lm loss PPL: {np.exp(min(valid, 50)):.5E} |")

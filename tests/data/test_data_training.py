@@ -13,14 +13,15 @@ import torch
 
 from datagen import ROOT
 from megamoe.config import Config, ConfigError
-from megamoe.config_validation import validate
+from megamoe.config_validation import notices, validate
 from megamoe.data.loader import with_tokenizer_vocab
 from megamoe.parallel.state import ParallelState
+from megamoe.testing.presets import preset
 from megamoe.training.train import MicroBatches, train
 
 
 def tiny_config(prefix: str, cache: str) -> Config:
-    cfg = Config()
+    cfg = preset("demo")
     m = cfg.model
     m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.seq_length = 2, 32, 64, 2, 16
     m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim = 16, 16, 8, 8, 8
@@ -96,6 +97,10 @@ def test_data_flag_validation(null_dataset, sp_model, tmp_path):
     sp = _set(real, tokenizer_type="SentencePieceTokenizer", tokenizer_model=sp_model, vocab_size=512)
     validate(sp, 1)
     assert with_tokenizer_vocab(sp).data.vocab_size == 320
+    # a preset's vocabulary gives way to the tokenizer's, and the run says so
+    assert any("--vocab-size 102400 is replaced by the vocabulary of --tokenizer-model" in n and "(320 ids)" in n
+               for n in notices(_set(sp, vocab_size=102400)))
+    assert not any("--vocab-size" in n for n in notices(_set(sp, vocab_size=320)))
     cases = [
         (_set(real, mock_data=True), "--mock-data and --data-path are mutually exclusive"),
         (_set(Config(), mock_data=False), "--no-mock-data needs --data-path"),
@@ -107,7 +112,6 @@ def test_data_flag_validation(null_dataset, sp_model, tmp_path):
         (_set(real, split="0,1,0", eval_iters=0), "leaves the training split"),
         (_set(real, tokenizer_type="SentencePieceTokenizer"), "needs --tokenizer-model"),
         (_set(sp, tokenizer_model="/none.model"), "--tokenizer-model /none.model: no such file"),
-        (_set(sp, vocab_size=320), "--vocab-size is for mock data and the NullTokenizer"),
         (_set(real, tokenizer_model=sp_model), "--tokenizer-model is not used by --tokenizer-type NullTokenizer"),
         (_set(Config(), tokenizer_type="SentencePieceTokenizer"), "apply to --data-path; mock data uses --vocab-size"),
         (_set(real, num_workers=0), "--num-workers: not supported yet"),

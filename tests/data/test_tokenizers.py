@@ -80,3 +80,44 @@ def test_hugging_face_tokenizer_from_a_local_file(tmp_path):
     # an eos_token in tokenizer_config.json wins over the usual names
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<unk>"}}))
     assert HuggingFaceTokenizer(str(tmp_path / "tokenizer.json")).eod == 0
+
+
+def test_hugging_face_directory_preprocesses_with_its_ids(tmp_path):
+    """tools/preprocess_data.py with --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR:
+    the dataset holds the tokenizer's ids, each document ended by its end-of-text id."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import preprocess_data
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from datagen import write_jsonl
+    from megamoe.data.indexed_dataset import IndexedDataset
+
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.train_from_iterator(english_docs(100), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    hf.save(str(tmp_path / "tok" / "tokenizer.json"))
+    docs = english_docs(12, seed=5)
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "hf"),
+                                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "tok"),
+                                 "--append-eod", "--log-interval", "0"]) == 0
+    data = IndexedDataset(str(tmp_path / "hf_text_document"))
+    tok = HuggingFaceTokenizer(str(tmp_path / "tok"))
+    assert len(data) == len(docs)
+    for i, doc in enumerate(docs):
+        ids = data[i].tolist()
+        assert ids == hf.encode(doc, add_special_tokens=False).ids + [1]
+        assert tok.detokenize(ids[:-1]) == doc
+
+
+def test_megatron_sentencepiece_names_are_one_tokenizer(sp_model):
+    """Megatron-LM's SentencePieceTokenizer, GPTSentencePieceTokenizer and Llama2Tokenizer build
+    one tokenizer today (plain ids, eos ends a document, no BOS), and so do megamoe's."""
+    text = "bold queens sing"
+    made = [build_tokenizer(DataConfig(tokenizer_type=kind, tokenizer_model=sp_model))
+            for kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")]
+    assert {tuple(t.tokenize(text)) for t in made} == {tuple(made[0].sp.encode(text))}
+    assert {(t.vocab_size, t.eod) for t in made} == {(320, made[0].sp.eos_id())}

@@ -8,7 +8,9 @@ and PP 2 x VPP 4 (interleaved), PP 2 with TP 2 or EP 2, uneven stages (1 + 3 lay
 PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
 expert bias, dropless; softmax router with aux and z-loss; group-limited routing with capacity
 dropping and MTP; the same with the output head tied to the embedding (under PP the last stage
-keeps a copy of the embedding, whose gradient is summed with the first stage's).
+keeps a copy of the embedding, whose gradient is summed with the first stage's); and a dense
+model with Megatron-LM's default structure (LayerNorm, GeLU MLPs, multi-head attention, tied
+head) under TP 2 (+SP) and PP 2 (+TP 2 +SP).
 
 Every rank also builds the single-process reference from the same seed. The reference runs the
 data-parallel ranks' micro-batches as its own micro-batches (gradient accumulation), which is
@@ -21,19 +23,20 @@ import pytest
 import torch
 
 from megamoe.config import Config
-from megamoe.model.gpt import GPTModel, materialize
+from megamoe.model.gpt import GPTModel
 from megamoe.parallel import mappings
 from megamoe.parallel.state import ParallelState
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.optimizer import MixedPrecisionAdamW
-from megamoe.training.train import MicroBatches, build_optimizer, train_step
+from megamoe.testing.presets import preset
+from megamoe.training.train import MicroBatches, build_model, build_optimizer, train_step
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 
 def make_config(variant: str, layout: dict) -> Config:
-    cfg = Config()
+    cfg = preset("demo")
     cfg.model.seq_length = 16
     if "layers" in layout:  # the first layer dense, the rest MoE
         cfg.model.num_layers = layout["layers"]
@@ -57,8 +60,8 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.overlap_param_gather = layout.get("gather", False)
     cfg.parallel.ddp_bucket_size = layout.get("bucket")
     if variant in ("gqa", "seq_aux_position"):  # GQA, softmax router, balancing losses
-        cfg.model.multi_latent_attention = False
-        cfg.model.num_attention_heads = 8
+        cfg.model.multi_latent_attention, cfg.model.qk_layernorm = False, False
+        cfg.model.num_attention_heads, cfg.model.group_query_attention = 8, True
         cfg.model.num_query_groups = 4 if variant == "gqa" else 2
         cfg.moe.moe_router_score_function = "softmax"
         cfg.moe.moe_router_enable_expert_bias = False
@@ -70,6 +73,11 @@ def make_config(variant: str, layout: dict) -> Config:
         cfg.moe.moe_router_load_balancing_type = "seq_aux_loss"
         cfg.moe.moe_expert_capacity_factor = 1.0
         cfg.moe.moe_token_drop_policy = "position"
+    elif variant == "dense":  # Megatron-LM's default GPT: no experts, LayerNorm, GeLU, MHA, tied head
+        cfg.moe.num_experts = None
+        cfg.model.multi_latent_attention, cfg.model.qk_layernorm = False, False
+        cfg.model.normalization, cfg.model.swiglu, cfg.model.ffn_hidden_size = "LayerNorm", False, None
+        cfg.model.untie_embeddings_and_output_weights = False
     elif variant in ("mtp_capacity", "mtp_tied"):
         cfg.model.mtp_num_layers = 1
         cfg.model.untie_embeddings_and_output_weights = variant != "mtp_tied"
@@ -80,11 +88,7 @@ def make_config(variant: str, layout: dict) -> Config:
 
 
 def build(cfg: Config, state: ParallelState) -> GPTModel:
-    with torch.device("meta"):
-        model = GPTModel(cfg, state, dtype=DT)
-    model = materialize(model, "cpu")
-    model.init_weights(cfg.training.seed)
-    return model
+    return build_model(cfg, state, "cpu", dtype=DT)
 
 
 def gather_full(t: torch.Tensor, param: torch.nn.Parameter, state: ParallelState) -> torch.Tensor:
@@ -163,6 +167,7 @@ TP_CASES = [
     ("mla", dict(tp=2)), ("gqa", dict(tp=2)), ("mtp_capacity", dict(tp=2)),
     ("mla", dict(tp=2, sp=True)), ("gqa", dict(tp=2, sp=True)), ("mtp_capacity", dict(tp=2, sp=True)),
     ("gqa", dict(tp=4)), ("mla", dict(tp=4, sp=True)), ("mtp_capacity", dict(tp=4, sp=True)),
+    ("dense", dict(tp=2)), ("dense", dict(tp=2, sp=True)),
 ]
 EP_CASES = [
     (variant, dict(ep=2, dispatcher=dispatcher))
@@ -200,6 +205,7 @@ PP_CASES = [
     ("gqa", dict(pp=2, tp=2, sp=True)), ("mtp_tied", dict(pp=2, tp=2, sp=True)),
     ("mla", dict(pp=2, ep=2, dispatcher="alltoall")),
     ("mtp_tied", dict(pp=2, last=3)), ("gqa", dict(pp=2, first=3)),
+    ("dense", dict(pp=2)), ("dense", dict(pp=2, tp=2, sp=True)),
 ]
 
 

@@ -9,12 +9,15 @@ import torch.nn.functional as F
 
 from megamoe.config import Config
 from megamoe.model.experts import GroupedExperts
-from megamoe.model.gpt import GPTModel, materialize
+from megamoe.model.gpt import GPTModel
 from megamoe.model.mlp import MLP
 from megamoe.model.moe import MoELayer
 from megamoe.model.router import TopKRouter
 from megamoe.parallel.expert_parallel import AllGatherDispatcher
+from megamoe.parallel.random import model_parallel_seed
 from megamoe.parallel.state import ParallelState
+from megamoe.testing.presets import preset
+from megamoe.training.train import build_model
 
 DT = torch.float64
 SINGLE = ParallelState.single()
@@ -104,7 +107,7 @@ def test_backends_agree_on_gpu(backend):
 
 
 def tiny_config(**model) -> Config:
-    cfg = Config()
+    cfg = preset("demo")
     cfg.model.seq_length = 12
     for k, v in model.items():
         setattr(cfg.model, k, v)
@@ -112,11 +115,8 @@ def tiny_config(**model) -> Config:
 
 
 def build(cfg: Config, state=SINGLE) -> GPTModel:
-    with torch.device("meta"):
-        model = GPTModel(cfg, state, dtype=DT)
-    model = materialize(model, "cpu")
-    model.init_weights(7)
-    return model
+    cfg.training.seed = 7
+    return build_model(cfg, state, "cpu", dtype=DT)
 
 
 def test_mtp_loss_predicts_depth_plus_one_ahead():
@@ -163,30 +163,51 @@ def test_tied_embeddings_share_the_table():
     assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("granularity", ["full", "selective"])
-def test_recompute_gives_the_same_loss_and_gradients(granularity, monkeypatch):
+@pytest.mark.parametrize("granularity, dropout", [("full", 0.0), ("selective", 0.0), ("full", 0.2),
+                                                  ("selective", 0.2), ("moe", 0.2)])
+def test_recompute_gives_the_same_loss_and_gradients(granularity, dropout, monkeypatch):
+    """Recomputation changes no number, dropout included: the replayed forward draws the same
+    masks from the default stream and from the tracker's tensor-parallel stream (attention
+    dropout forks into it), although both have advanced by the time backward runs."""
     import megamoe.model.attention as attention
 
-    calls = []
-    original = attention.core_attention
-    monkeypatch.setattr(attention, "core_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    cfg = tiny_config(mtp_num_layers=1)
+    calls = {"attention": 0, "route": 0}
+    original_core, original_route = attention.core_attention, MoELayer.route
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(attention, "core_attention", count("attention", original_core))
+    monkeypatch.setattr(MoELayer, "route", count("route", original_route))
+    cfg = tiny_config(mtp_num_layers=1, attention_dropout=dropout, hidden_dropout=dropout)
     plain = build(cfg)
-    cfg.model.recompute_granularity = granularity
+    if granularity == "moe":
+        cfg.moe.moe_layer_recompute = True
+    else:
+        cfg.model.recompute_granularity = granularity
     recomputed = build(cfg)
     tokens, labels = torch.randint(0, 512, (2, 12)), torch.randint(0, 512, (2, 12))
     losses, counts = [], []
     for model in (plain, recomputed):
         model.train()
-        calls.clear()
-        out = model(tokens, labels)
+        for key in calls:
+            calls[key] = 0
+        tracker = model_parallel_seed(5, SINGLE)  # the same streams for both runs
+        out = model(tokens, labels, rng_tracker=tracker)
         loss = out.lm_loss_sum + out.mtp_loss_sums[0] + sum(s.aux_loss for s in out.moe_stats)
         loss.backward()
         losses.append(loss.detach())
-        counts.append(len(calls))
-    # 4 decoder layers + 1 MTP block; recomputation runs the decoder layers' attention again
-    # (full recompute covers the decoder layers, selective every attention core).
-    assert counts[0] == 5 and counts[1] == (9 if granularity == "full" else 10)
+        counts.append(dict(calls))
+    # 4 decoder layers (3 MoE) + 1 MTP block (MoE); recomputation runs the decoder layers'
+    # attention again (full recompute covers the decoder layers, selective every attention
+    # core), or every MoE layer's routing (--moe-layer-recompute).
+    assert counts[0] == {"attention": 5, "route": 4}
+    expected = {"full": {"attention": 9, "route": 7}, "selective": {"attention": 10, "route": 4},
+                "moe": {"attention": 5, "route": 8}}[granularity]
+    assert counts[1] == expected
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
     for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14, msg=name)

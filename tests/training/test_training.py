@@ -17,10 +17,11 @@ from megamoe.cli import config_from_values, load_yaml_values
 from megamoe.config import Config
 from megamoe.config_validation import validate
 from megamoe.data.mock import MarkovMockData
+from megamoe.model.args import gpt_args
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token
-from megamoe.training.reporting import expert_load_heatmap
+from megamoe.training.heatmap import expert_load_figure, figure_to_rgb
 from megamoe.training.schedule import learning_rate
 from megamoe.training.train import train
 
@@ -58,7 +59,7 @@ def test_flops_match_the_megatron_figure_for_the_v2_lite_proxy():
     by_hand = 6 * (head + 4 * attn + dense + 3 * moe)
     cfg = config_from_values(load_yaml_values(str(PRESETS / "deepseek_v2_lite.yaml")))
     cfg.model.num_layers, cfg.moe.moe_layer_freq = 4, "[0]*1+[1]*3"
-    got = flops_per_token(cfg, V)
+    got = flops_per_token(gpt_args(cfg), s, V)
     assert math.isclose(got, by_hand, rel_tol=1e-12)
     assert round(got / 1e9, 2) == 3.49
     assert round(6 * head / got, 2) == 0.36 and round(6 * 3 * 6 * 3 * D * 1408 / got, 2) == 0.27
@@ -96,7 +97,7 @@ def test_presets_have_the_published_parameter_counts(name):
     cfg.data.make_vocab_size_divisible_by = 1  # count the released (unpadded) vocabulary
     validate(cfg, world_size=1)
     with torch.device("meta"):
-        model = GPTModel(cfg, ParallelState.single())
+        model = GPTModel(gpt_args(cfg), ParallelState.single())
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
     bias = sum(b.numel() for n, b in model.named_buffers() if n.endswith("gate.bias") and not n.startswith("mtp."))
     assert params + bias == PUBLISHED[name]
@@ -113,11 +114,26 @@ def test_tiny_presets_train(preset):
     assert losses[-1] < losses[0]
 
 
-def test_default_run_learns_and_reports(tmp_path):
-    """`python pretrain_moe.py` with no flags (plus a report directory): the loss falls well
+def test_bare_run_is_a_small_dense_gpt_that_learns():
+    """`python pretrain_moe.py` with no flags: Megatron's default structure at a small size, the
+    two notices for Megatron defaults megamoe does not build, one log line (interval 100, and
+    always the last iteration) and the validation at the end."""
+    proc = subprocess.run([sys.executable, "pretrain_moe.py"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("> notice:") == 2 and "learned absolute embeddings" in out and "--disable-bias-linear" in out
+    lines = [line for line in out.splitlines() if "lm loss:" in line]
+    assert len(lines) == 1 and "iteration       40/      40" in lines[0] and "load balancing" not in lines[0]
+    assert float(lines[0].split("lm loss: ")[1].split()[0]) < 4.0 < math.log(512)
+    assert "validation loss at iteration 40" in out
+
+
+def test_demo_run_learns_and_reports(tmp_path):
+    """The quick start's model on mock data (plus a report directory): the loss falls well
     below ln(vocab) and tensorboard and the metrics file are written."""
     tb, metrics = tmp_path / "tb", tmp_path / "metrics.jsonl"
-    proc = subprocess.run([sys.executable, "pretrain_moe.py", "--tensorboard-dir", str(tb),
+    proc = subprocess.run([sys.executable, "pretrain_moe.py", "--config", "examples/configs/demo.yaml",
+                           "--log-interval", "5", "--tensorboard-dir", str(tb),
                            "--metrics-file", str(metrics), "--moe-expert-load-image-interval", "10"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -131,11 +147,28 @@ def test_default_run_learns_and_reports(tmp_path):
     assert any(tb.iterdir()) and f"> tensorboard: {tb}" in proc.stdout
 
 
-def test_expert_load_heatmap_colours():
-    img = expert_load_heatmap(np.array([[2.0, 2.0], [4.0, 0.0]]), cell=1)
-    assert img.shape == (2, 2, 3)
-    assert (img[0, 0] == 255).all()  # balanced: white
-    assert tuple(img[1, 0]) == (255, 0, 0) and tuple(img[1, 1]) == (0, 0, 255)  # over: red, under: blue
+@pytest.mark.parametrize("layers, experts, ep", [(4, 8, 2), (60, 256, 8)])
+def test_expert_load_heatmap_is_labelled_and_marks_the_straggler(layers, experts, ep):
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(0)
+    load = rng.uniform(50, 150, size=(layers, experts))
+    load[:, experts // ep: 2 * experts // ep] *= 3  # EP rank 1's experts get the most tokens
+    load[0, 0] = 0.0
+    names = [str(i + 1) for i in range(layers)]
+    fig = expert_load_figure(load, ep, names, iteration=7)
+    ax, ax_ep, bar = fig.axes
+    assert ax.get_xlabel() == "expert" and ax.get_ylabel() == "MoE layer" and ax_ep.get_xlabel() == "EP rank"
+    assert "straggler: rank 1" in ax_ep.get_title() and "iteration 7" in fig._suptitle.get_text()
+    assert "1 = balanced" in bar.get_ylabel()
+    xticks = [t.get_text() for t in ax.get_xticklabels()]
+    yticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert xticks[0] == "0" and 2 <= len(xticks) <= 16 and yticks[0] == "1" and len(yticks) <= 16
+    assert (len(ax.texts) == layers * experts) == (layers * experts <= 256)  # small grids carry values
+    img = figure_to_rgb(fig)
+    assert img.dtype == np.uint8 and img.shape[2] == 3 and img.shape[1] >= 600
+    red = (img[..., 0] > 150) & (img[..., 2] < 100)
+    blue = (img[..., 2] > 150) & (img[..., 0] < 100)
+    assert red.any() and blue.any()  # over- and under-loaded cells are coloured apart
 
 
 def test_check_parity_verdicts(monkeypatch, capsys):

@@ -1,0 +1,249 @@
+"""Megatron-LM's own MoE launch flags (megatron_scripts.py) run unchanged and build the model
+Megatron builds: the parameter count (computed independently here from the architecture, and
+checked against the released checkpoints), the attention kind, the shared experts and the
+router. Each also trains a few steps at 2 ranks, with only its sizes shrunk (appended flags win)
+and its layout folded onto 2 ranks.
+
+Only placeholders are filled in: data and tokenizer paths. The tokenizers are made here with the
+scripts' tokenizer types and the published vocabulary sizes (a sentencepiece word model of 32000
+pieces for Mixtral's Llama2Tokenizer; Hugging Face tokenizer.json directories for the others),
+so the vocabulary, and Megatron's padding of it (--make-vocab-size-divisible-by 1187 turns
+Qwen3's 151669 ids into 151936 rows), comes out as Megatron's would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from megamoe.cli import parse_config
+from megamoe.config import ConfigError
+from megamoe.config_validation import notices, validate
+from megamoe.data.indexed_dataset import IndexedDatasetWriter
+from megamoe.data.loader import with_tokenizer_vocab
+from megamoe.model.args import gpt_args
+from megamoe.model.attention import GroupedQueryAttention
+from megamoe.model.gpt import GPTModel
+from megamoe.model.mla import MultiHeadLatentAttention
+from megamoe.model.norm import RMSNorm
+from megamoe.parallel.state import ParallelState
+from megamoe.training.train import train
+from megatron_scripts import script_argv, without_checkpoint_flags
+
+# ---------------------------------------------------------------------------------------------
+# What Megatron builds from each script: the released models' shapes, written out by hand.
+
+SHAPES = {
+    "mixtral": dict(vocab=32000, hidden=4096, layers=32, dense_layers=0, attention="gqa", heads=32, kv_heads=8,
+                    head_dim=128, qk_norm=False, experts=8, topk=2, expert_ffn=14336, shared_ffn=0,
+                    score="softmax", pre_softmax=False, expert_bias=False, published=46_702_792_704),
+    "deepseek_v2_lite": dict(vocab=102400, hidden=2048, layers=27, dense_layers=1, dense_ffn=10944, attention="mla",
+                             heads=16, q_lora=0, kv_lora=512, qk=128, rope=64, v=128, experts=64, topk=6,
+                             expert_ffn=1408, shared_ffn=2816, score="softmax", pre_softmax=True, expert_bias=False,
+                             published=15_706_484_224),
+    "qwen3_30b_a3b": dict(vocab=151936, hidden=2048, layers=48, dense_layers=0, attention="gqa", heads=32,
+                          kv_heads=4, head_dim=128, qk_norm=True, experts=128, topk=8, expert_ffn=768, shared_ffn=0,
+                          score="softmax", pre_softmax=False, expert_bias=False, published=30_532_122_624),
+    "deepseek_v3": dict(vocab=129280, hidden=7168, layers=61, dense_layers=3, dense_ffn=18432, attention="mla",
+                        heads=128, q_lora=1536, kv_lora=512, qk=128, rope=64, v=128, experts=256, topk=8,
+                        expert_ffn=2048, shared_ffn=2048, score="sigmoid", pre_softmax=False, expert_bias=True,
+                        published=671_026_419_200),
+}
+# The tokenizers' own vocabularies; Qwen3's is padded to 151936 by the script's divisor.
+TOKENIZER_VOCAB = {"mixtral": 32000, "deepseek_v2_lite": 102400, "qwen3_30b_a3b": 151669, "deepseek_v3": 129280}
+
+
+def independent_parameter_count(s: dict) -> int:
+    """Weights of an RMSNorm / SwiGLU / untied-head MoE transformer, from its shape alone."""
+    h = s["hidden"]
+    if s["attention"] == "gqa":
+        d = s["head_dim"]
+        attention = h * s["heads"] * d + 2 * h * s["kv_heads"] * d + s["heads"] * d * h
+        attention += 2 * d if s["qk_norm"] else 0
+    else:  # MLA with its latent norms
+        qk = s["qk"] + s["rope"]
+        q = h * s["q_lora"] + s["q_lora"] + s["q_lora"] * s["heads"] * qk if s["q_lora"] else h * s["heads"] * qk
+        attention = q + h * (s["kv_lora"] + s["rope"]) + s["kv_lora"] + s["kv_lora"] * s["heads"] * (s["qk"] + s["v"])
+        attention += s["heads"] * s["v"] * h
+    moe = s["experts"] * h + s["experts"] * 3 * h * s["expert_ffn"] + 3 * h * s["shared_ffn"]
+    moe += s["experts"] if s["expert_bias"] else 0  # DeepSeek-V3 releases the routing bias as a weight
+    dense = 3 * h * s.get("dense_ffn", 0)
+    layers = s["layers"] * (2 * h + attention) + s["dense_layers"] * dense + (s["layers"] - s["dense_layers"]) * moe
+    return 2 * s["vocab"] * h + h + layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers and data
+
+
+def _sentencepiece_words(path: Path, vocab: int) -> str:
+    """A sentencepiece word model with exactly ``vocab`` pieces (3 specials + words)."""
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(vocab + 1000)]
+    lines = []
+    for _ in range(3):  # every word three times, in random lines of 20
+        order = rng.permutation(len(words))
+        lines += [" ".join(words[j] for j in order[i:i + 20]) for i in range(0, len(words), 20)]
+    (path / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(input=str(path / "corpus.txt"), model_prefix=str(path / "llama2"), vocab_size=vocab,
+                                   model_type="word", num_threads=1, minloglevel=2)
+    return str(path / "llama2.model")
+
+
+def _hugging_face_dir(path: Path, vocab: int) -> str:
+    """A Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json) with exactly
+    ``vocab`` ids, made with the tokenizers library, as DeepSeek and Qwen ship theirs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    table = {"<unk>": 0, "<|endoftext|>": 1}
+    table.update({f"w{i}": i + 2 for i in range(vocab - 2)})
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return str(path)
+
+
+def _dataset(prefix: Path, num_docs: int, vocab: int) -> str:
+    """An indexed dataset of short random documents; 25000 of them leave Mixtral's --split
+    99990,8,2 a validation document."""
+    rng = np.random.default_rng(1)
+    writer = IndexedDatasetWriter(str(prefix), np.int32)
+    for _ in range(num_docs):
+        writer.add_document(rng.integers(0, vocab, size=int(rng.integers(8, 40))))
+    writer.finalize()
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("megatron")
+    full = {"mixtral": _sentencepiece_words(d, TOKENIZER_VOCAB["mixtral"])}
+    for name in ("deepseek_v2_lite", "qwen3_30b_a3b", "deepseek_v3"):
+        full[name] = _hugging_face_dir(d / name, TOKENIZER_VOCAB[name])
+    (d / "small").mkdir()
+    small = {"mixtral": _sentencepiece_words(d / "small", 300), "hf": _hugging_face_dir(d / "small_hf", 300)}
+    return dict(full=full, small=small, data=_dataset(d / "docs", 25_000, 300), dir=str(d))
+
+
+def _argv(name: str, tokenizer: str, files: dict) -> list[str]:
+    paths = dict(TOKENIZER_MODEL=tokenizer, DATA_PATH=files["data"], CHECKPOINT_PATH=files["dir"] + "/ckpt")
+    argv = without_checkpoint_flags(script_argv(name, **paths))
+    if name != "mixtral":  # the modelopt confs leave the tokenizer path and the data to their caller
+        argv += ["--tokenizer-model", tokenizer, "--data-path", files["data"]]
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# Full size: the model Megatron builds
+
+WORLD = {"mixtral": 32}  # pp 4 x ep 8 needs dp 8; the confs set no parallel degrees
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_full_size_flags_build_megatrons_model(name, files):
+    shape = SHAPES[name]
+    argv = _argv(name, files["full"][name], files)
+    config = parse_config(argv)
+    validate(config, WORLD.get(name, 1))
+    config = with_tokenizer_vocab(config)
+    args = gpt_args(config)
+    with torch.device("meta"):
+        model = GPTModel(args, ParallelState.single())
+    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers()
+                                                             if n.endswith("gate.bias"))
+    assert model.padded_vocab == shape["vocab"]
+    assert independent_parameter_count(shape) == shape["published"]  # the formula, against the release
+    assert params == shape["published"]
+    # structure: norms, attention, FFN kinds, router
+    assert isinstance(model.norm, RMSNorm) and args.swiglu and not args.tie_embeddings
+    block = model.layers["0"]
+    if shape["attention"] == "gqa":
+        assert isinstance(block.attn, GroupedQueryAttention)
+        assert block.attn.num_local_kv == shape["kv_heads"] and block.attn.head_dim == shape["head_dim"]
+        assert (block.attn.q_norm is not None) == shape["qk_norm"]
+    else:
+        assert isinstance(block.attn, MultiHeadLatentAttention) and isinstance(block.attn.kv_norm, RMSNorm)
+        assert hasattr(block.attn, "wq_a") == bool(shape["q_lora"])
+        assert block.attn.rope.softmax_scale_multiplier > 1  # YaRN (MLA's default rope type), factor 40
+    moe_layers = [layer.ffn for layer in model.layers.values() if hasattr(layer.ffn, "gate")]
+    assert len(moe_layers) == shape["layers"] - shape["dense_layers"]
+    assert not any(hasattr(model.layers[str(i)].ffn, "gate") for i in range(shape["dense_layers"]))
+    gate = moe_layers[0].gate
+    assert (gate.num_experts, gate.topk, gate.score_function) == (shape["experts"], shape["topk"], shape["score"])
+    assert gate.pre_softmax == shape["pre_softmax"] and (gate.bias is not None) == shape["expert_bias"]
+    assert (moe_layers[0].shared_experts is not None) == bool(shape["shared_ffn"])
+    grouped = "--moe-grouped-gemm" in argv
+    assert moe_layers[0].experts.backend == ("torch" if grouped else "loop")  # Megatron: SequentialMLP
+    # Every structural flag the script gives is one megamoe builds, so the notices only point out
+    # what Megatron also does without being asked: one GEMM per expert without --moe-grouped-gemm,
+    # and DeepSeek-R1's --moe-router-pre-softmax, which sigmoid scores ignore.
+    expected = []
+    if name == "deepseek_v3":
+        expected.append("--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid")
+    if not grouped:
+        expected.append("routed experts run one GEMM per expert (Megatron-LM's default); --moe-grouped-gemm runs "
+                        "them as grouped GEMMs")
+    assert notices(config) == expected
+
+
+def test_checkpoint_flags_are_refused_until_checkpoints_land(files):
+    argv = script_argv("mixtral", TOKENIZER_MODEL=files["full"]["mixtral"], DATA_PATH=files["data"],
+                       CHECKPOINT_PATH=files["dir"] + "/ckpt")
+    with pytest.raises(ConfigError, match="--save: not supported yet"):
+        validate(parse_config(argv), 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny size at 2 ranks: the flags train
+
+MOE_TINY = ["--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2"]
+TINY = {
+    # pp 4 x ep 8 folded to pp 2; the script's distributed optimizer and overlaps stay
+    "mixtral": ["--num-layers", "2", "--num-query-groups", "2", "--pipeline-model-parallel-size", "2",
+                "--expert-model-parallel-size", "1",
+                *MOE_TINY],
+    # experts over EP 2 (sequence parallel is a no-op without TP, as in Megatron)
+    "deepseek_v2_lite": ["--num-layers", "3", "--moe-layer-freq", "([0]+[1]*2)", "--kv-lora-rank", "16",
+                         "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16",
+                         "--moe-shared-expert-intermediate-size", "32", "--expert-model-parallel-size", "2",
+                         *MOE_TINY, "--moe-router-topk", "3"],
+    # attention over TP 2 with sequence parallel
+    "qwen3_30b_a3b": ["--num-layers", "2", "--kv-channels", "16", "--num-query-groups", "2",
+                      "--tensor-model-parallel-size", "2", *MOE_TINY],
+    # EP 2 with group-limited routing, recomputation and the dropout it replays (the conf sets
+    # no dropout, so Megatron's 0.1 applies)
+    "deepseek_v3": ["--num-layers", "3", "--moe-layer-freq", "[0]*1+[1]*2", "--q-lora-rank", "32",
+                    "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim",
+                    "16", "--moe-shared-expert-intermediate-size", "32", "--expert-model-parallel-size", "2",
+                    "--num-experts", "16", "--moe-ffn-hidden-size", "32"],
+}
+COMMON_TINY = ["--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "32",
+               "--max-position-embeddings", "64", "--global-batch-size", "4", "--train-iters", "3", "--eval-iters", "2"]
+
+
+def _train(argv: list[str]):
+    config = parse_config(argv)
+    validate(config, dist.get_world_size())
+    state = ParallelState.build(**config.parallel.degrees())
+    history = train(config, state, torch.device("cpu"))
+    return [m.lm_loss for m in history]
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_script_trains_at_two_ranks(name, files, workers, tmp_path):
+    tokenizer = files["small"]["mixtral" if name == "mixtral" else "hf"]
+    argv = _argv(name, tokenizer, files) + COMMON_TINY + TINY[name]
+    argv += ["--tensorboard-dir", str(tmp_path / "tb")] if name == "mixtral" else []
+    losses = workers(2).run(_train, argv)
+    assert losses[0] == losses[1] and len(losses[0]) == 3  # every rank reports the job's losses
+    assert all(math.isfinite(x) and 4.0 < x < 7.0 for x in losses[0]), losses[0]  # ln(300) = 5.7
