@@ -190,8 +190,8 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
               f"--context-parallel-size {layout.cp} (needed by --sequence-parallel)")
     if layout.cp > 1 and m.seq_length % (2 * layout.cp):
         _fail(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {layout.cp}")
-    if not moe.num_experts and (layout.ep > 1 or (p.expert_tensor_parallel_size or 1) > 1):
-        _fail("--expert-model-parallel-size and --expert-tensor-parallel-size need routed experts (--num-experts)")
+    if not moe.num_experts and layout.ep > 1:
+        _fail(f"--expert-model-parallel-size {layout.ep} needs routed experts (--num-experts)")
     if moe.num_experts:
         if tp > 1 and m.seq_length % (tp * layout.cp):
             _fail(f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} x "

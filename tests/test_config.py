@@ -151,7 +151,7 @@ def test_bare_config_is_a_dense_megatron_gpt():
     (["--add-bias-linear"], "--add-bias-linear: not supported; megamoe's linear layers have no biases"),
     (["--rotary-percent", "0.5"], "--rotary-percent 0.5: not supported; megamoe rotates whole heads"),
     (["--group-query-attention", "--multi-latent-attention"], "are alternatives: give one"),
-    (["--expert-model-parallel-size", "2"], "need routed experts"),
+    (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size 2 needs routed experts"),
     (["--num-experts", "-1"], "--num-experts -1: must be positive, or 0 / None for none"),
 ])
 def test_megatron_values_megamoe_cannot_build_are_errors(argv, message):
