@@ -44,6 +44,8 @@ class TEGroupedMLP(nn.Module):
             self.fc1_weight(i).expert_tensor_parallel_dim = 0
             self.fc2_weight(i).expert_tensor_parallel_dim = 1
             self.fc1_weight(i).expert = self.fc2_weight(i).expert = True
+            if gated:
+                self.fc1_weight(i).fused_halves = 2  # [w1 shard; w3 shard], as the other backends
 
     def fc1_weight(self, i: int) -> nn.Parameter:
         return getattr(self.fc1, f"weight{i}")
@@ -68,5 +70,9 @@ class TEGroupedMLP(nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         m_splits = tokens_per_expert.tolist()  # host sync: GroupedLinear takes host split sizes
         h = self.fc1(x_ND, m_splits)
-        h = F.silu(h[:, : self.ffn_local]) * h[:, self.ffn_local:] if self.gated else F.gelu(h)
+        if self.gated:  # [gate | up] halves, as megamoe.model.experts.activate_fc1
+            h1, h3 = h.chunk(2, dim=-1)
+            h = F.silu(h1) * h3
+        else:
+            h = F.gelu(h)
         return self.fc2(h, m_splits)

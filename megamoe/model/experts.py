@@ -4,9 +4,13 @@ interface, several GEMM backends.
 Shape legend: N dispatched token rows (sorted by local expert), D hidden, F this rank's slice
 of the expert FFN (``ffn / etp``), E local experts.
 
-Weights are stacked per local expert, DeepSeek names: ``w1`` [E, F, D], ``w3`` [E, F, D] (gated
-only), ``w2`` [E, D, F]. Expert-TP shards F. Every expert parameter carries ``param.expert = True``
-(its gradient is reduced over expert-DP, not DP) and ``param.expert_tensor_parallel_dim``.
+Weights are stacked per local expert: ``w13`` [E, 2F, D], each expert's gate (``w1``, DeepSeek's
+name) and up (``w3``) projections stacked so one grouped GEMM computes both, and ``w2`` [E, D, F].
+GeLU experts (not ``gated``) have ``w1`` [E, F, D] instead of ``w13``. Expert-TP shards F: every
+expert-TP rank holds its own slice of the gate and of the up projection, ``[w1 shard; w3 shard]``,
+so the two halves of ``w13`` are sharded separately (``param.fused_halves = 2``); TE's ``fc1``
+weights use the same layout. Every expert parameter carries ``param.expert = True`` (its
+gradient is reduced over expert-DP, not DP) and ``param.expert_tensor_parallel_dim``.
 
 Backends:
 
@@ -50,24 +54,23 @@ def grouped_mm_unsupported_reason(x: torch.Tensor, *weights: torch.Tensor) -> Op
     return None
 
 
-def activate(h1: torch.Tensor, h3: Optional[torch.Tensor]) -> torch.Tensor:
-    """The expert activation: SwiGLU ``silu(h1) * h3``, or GeLU of ``h1`` when not gated."""
-    return F.gelu(h1) if h3 is None else F.silu(h1) * h3
+def activate_fc1(h_NF: torch.Tensor, gated: bool) -> torch.Tensor:
+    """The activation of the first GEMM's output: SwiGLU of its [gate | up] halves, or GeLU."""
+    if not gated:
+        return F.gelu(h_NF)
+    h1, h3 = h_NF.chunk(2, dim=-1)
+    return F.silu(h1) * h3
 
 
-def _mlp_loop(x_ND, w1_EFD, w3_EFD, w2_EDF, counts: list[int]) -> torch.Tensor:
-    outs = []
-    for e, x_e in enumerate(x_ND.split(counts)):
-        h = activate(x_e @ w1_EFD[e].t(), None if w3_EFD is None else x_e @ w3_EFD[e].t())
-        outs.append(h @ w2_EDF[e].t())
+def _mlp_loop(x_ND, fc1_EFD, w2_EDF, gated: bool, counts: list[int]) -> torch.Tensor:
+    outs = [activate_fc1(x_e @ fc1_EFD[e].t(), gated) @ w2_EDF[e].t() for e, x_e in enumerate(x_ND.split(counts))]
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
 
 
-def _mlp_grouped_mm(x_ND, w1_EFD, w3_EFD, w2_EDF, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+def _mlp_grouped_mm(x_ND, fc1_EFD, w2_EDF, gated: bool, tokens_per_expert: torch.Tensor) -> torch.Tensor:
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-    h1 = torch._grouped_mm(x_ND, w1_EFD.transpose(-2, -1), offs=offsets)
-    h3 = None if w3_EFD is None else torch._grouped_mm(x_ND, w3_EFD.transpose(-2, -1), offs=offsets)
-    return torch._grouped_mm(activate(h1, h3), w2_EDF.transpose(-2, -1), offs=offsets)
+    h = torch._grouped_mm(x_ND, fc1_EFD.transpose(-2, -1), offs=offsets)  # gate and up in one GEMM
+    return torch._grouped_mm(activate_fc1(h, gated), w2_EDF.transpose(-2, -1), offs=offsets)
 
 
 class GroupedExperts(nn.Module):
@@ -103,13 +106,15 @@ class GroupedExperts(nn.Module):
 
             self.te = TEGroupedMLP(num_local_experts, hidden_size, f_local, gated, **kw)
             return
-        self.w1 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw))
-        self.w3 = nn.Parameter(torch.empty(num_local_experts, f_local, hidden_size, **kw)) if gated else None
+        fc1 = nn.Parameter(torch.empty(num_local_experts, (2 if gated else 1) * f_local, hidden_size, **kw))
+        self.fc1_name = "w13" if gated else "w1"
+        self.register_parameter(self.fc1_name, fc1)
         self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw))
-        for param, dim in ((self.w1, 1), (self.w3, 1), (self.w2, 2)):
-            if param is not None:
-                param.expert = True
-                param.expert_tensor_parallel_dim = dim
+        for param, dim in ((fc1, 1), (self.w2, 2)):
+            param.expert = True
+            param.expert_tensor_parallel_dim = dim
+        if gated:
+            fc1.fused_halves = 2  # [w1 shard; w3 shard] on every expert-TP rank
 
     def init_weights(self, generator: torch.Generator) -> None:
         """Each expert's full weights come from its own seed, so they do not depend on which
@@ -133,9 +138,13 @@ class GroupedExperts(nn.Module):
                 self.te.load_expert(i, *shard)
                 continue
             with torch.no_grad():
-                for param, value in zip((self.w1, self.w3, self.w2), shard):
-                    if param is not None:
-                        param[i].copy_(value)
+                self.fc1[i].copy_(shard[0] if shard[1] is None else torch.cat([shard[0], shard[1]]))
+                self.w2[i].copy_(shard[2])
+
+    @property
+    def fc1(self) -> nn.Parameter:
+        """The first GEMM's weight: ``w13`` (gated) or ``w1``."""
+        return getattr(self, self.fc1_name)
 
     def stacked(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """This rank's expert weights (or main gradients) as ``w1`` [E, F, D], ``w3`` (gated),
@@ -143,8 +152,11 @@ class GroupedExperts(nn.Module):
         if self.te is not None:
             return self.te.stacked(grads)
         pick = (lambda p: p.main_grad if hasattr(p, "main_grad") else p.grad) if grads else (lambda p: p.detach())
-        names = ("w1", "w3", "w2") if self.gated else ("w1", "w2")
-        return {name: pick(getattr(self, name)) for name in names}
+        fc1, w2 = pick(self.fc1), pick(self.w2)
+        if not self.gated:
+            return {"w1": fc1, "w2": w2}
+        w1, w3 = fc1.chunk(2, dim=1)
+        return {"w1": w1, "w3": w3, "w2": w2}
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """The MLP of each row's expert; rows are grouped by expert in local order.
@@ -154,14 +166,14 @@ class GroupedExperts(nn.Module):
         if self.te is not None:
             return self.te(x_ND, tokens_per_expert)
         if self.backend == "torch":
-            reason = grouped_mm_unsupported_reason(x_ND, self.w1, self.w2)
+            reason = grouped_mm_unsupported_reason(x_ND, self.fc1, self.w2)
             if reason is None:
-                return _mlp_grouped_mm(x_ND, self.w1, self.w3, self.w2, tokens_per_expert)
+                return _mlp_grouped_mm(x_ND, self.fc1, self.w2, self.gated, tokens_per_expert)
             if reason not in _warned:
                 _warned.add(reason)
                 log.warning("expert backend 'torch' runs the loop instead: %s", reason)
         counts = tokens_per_expert.tolist()  # host sync: the loop needs the split sizes
-        return _mlp_loop(x_ND, self.w1, self.w3, self.w2, counts)
+        return _mlp_loop(x_ND, self.fc1, self.w2, self.gated, counts)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_local_experts}/{self.num_experts} from {self.first_expert}, "

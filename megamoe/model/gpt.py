@@ -7,7 +7,8 @@ the parameter's name, from the full (unsharded) tensor, so every parallel layout
 weights of the single-process model.
 
 The vocabulary is padded for efficient vocab-parallel GEMMs; padded logits are masked to -inf,
-so the padding (which depends on TP) never changes the loss.
+so the padding (which depends on TP) never changes the loss. The head and the loss are one fused,
+chunked operation (``parallel/cross_entropy.py``): the full logits are never materialised.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from megamoe.model.rope import RotaryEmbedding
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import sequence_shard_indices
+from megamoe.parallel.cross_entropy import linear_cross_entropy
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
 from megamoe.parallel.random import RNGStatesTracker, recompute_with_rng
 from megamoe.parallel.state import ParallelState
@@ -40,7 +42,6 @@ from megamoe.parallel.tensor_parallel import (
     ReplicatedLinear,
     VocabParallelEmbedding,
     normal_init,
-    vocab_parallel_cross_entropy,
 )
 
 
@@ -238,22 +239,15 @@ class GPTModel(nn.Module):
             return recompute_with_rng(block, x, positions, rng_tracker, rng_tracker=rng_tracker)
         return block(x, positions, rng_tracker)
 
-    def _logits(self, hidden: torch.Tensor, norm: Norm) -> torch.Tensor:
-        x = norm(hidden)
-        if self.head is not None:
-            logits = self.head(x)
-        else:  # tied: the embedding table is the head's weight, split over TP the same way
-            x = mappings.enter_tensor_region(x, self.state.tp, self.sequence_parallel)
-            logits = torch.nn.functional.linear(x, self.embed.weight)
-        local = logits.shape[-1]
-        first_padded = self.vocab_size - self.state.tp.rank * local
-        if first_padded < local:  # this shard holds padding: mask it out of the softmax
-            logits[..., max(first_padded, 0):] = float("-inf")
-        return logits
-
-    def _token_loss(self, hidden, norm, labels_SB, mask_SB):
-        per_token = vocab_parallel_cross_entropy(self._logits(hidden, norm), labels_SB, self.state.tp)
-        return (per_token * mask_SB).sum(), mask_SB.sum()
+    def _token_loss(self, hidden, norm: Norm, labels_SB, mask_SB):
+        """(loss sum over this rank's tokens, their count): the output projection (the head, or
+        the embedding table when tied, split over TP the same way) fused with the vocab-parallel
+        cross entropy, in chunks of tokens (``parallel/cross_entropy.py``)."""
+        x = mappings.enter_tensor_region(norm(hidden), self.state.tp, self.sequence_parallel)
+        weight = self.head.weight if self.head is not None else self.embed.weight
+        loss_sum = linear_cross_entropy(x.flatten(0, 1), weight, labels_SB.flatten(), mask_SB.flatten(),
+                                        self.state.tp, self.vocab_size)
+        return loss_sum, mask_SB.sum()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
                 rng_tracker: Optional[RNGStatesTracker] = None, hidden_in: Optional[torch.Tensor] = None,

@@ -6,10 +6,11 @@ L = E / ep experts on this rank, N rows (token copies) handed to the local exper
 Both dispatchers take this rank's tokens ``x_TD`` with the router's ``probs_TK``,
 ``experts_TK`` and optional ``kept_TK`` (capacity), and return rows grouped by local expert
 plus a handle; ``combine`` takes the experts' output rows (partial sums over expert-TP) and
-returns ``[T, D]``: the probability-weighted sum over each token's kept experts.
+returns ``[T, D]``: the probability-weighted sum over each token's kept experts. Copying tokens
+to rows and summing rows into tokens are the gathers of ``permutation.py`` (no atomics).
 
 - :class:`AllGatherDispatcher` all-gathers tokens and routing over ``etp x ep`` and keeps the
-  pairs of the local experts; combine scatters the weighted rows into the gathered token order
+  pairs of the local experts; combine sums the weighted rows into the gathered token order
   and reduce-scatters over ``etp x ep`` (which also sums the expert-TP partials).
 - :class:`AllToAllDispatcher` permutes the pairs by expert, exchanges per-expert counts and then
   the rows over EP with variable splits, all-gathers them over expert-TP (as a variable all-to-all),
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 
 from megamoe.parallel import mappings
+from megamoe.parallel.permutation import combine_rows, permute_tokens, row_of_pair
 from megamoe.parallel.state import Group
 
 
@@ -37,6 +39,7 @@ class DispatchHandle:
 
     pair_index: torch.Tensor  # per row: its (token, k) pair in the (gathered) [T, K] order; padding rows: T*K
     probs_TK: torch.Tensor  # combine weights of the (gathered) tokens (differentiable)
+    row_TK: torch.Tensor  # the inverse: each pair's row, -1 for a dropped pair
     # all-to-all only
     restore: Optional[torch.Tensor] = None  # row order after sorting by local expert -> received order
     ep_send: Optional[list[int]] = None
@@ -59,18 +62,6 @@ def _sort_pairs(experts_TK: torch.Tensor, kept_TK: Optional[torch.Tensor], first
     pair = mine.nonzero().squeeze(1)
     order = torch.sort(local[pair], stable=True).indices
     return pair[order], local[pair][order]
-
-
-def _weighted_sum(y_ND: torch.Tensor, pair_index: torch.Tensor, probs_TK: torch.Tensor) -> torch.Tensor:
-    """Un-permute rows to their (token, k) pairs and take each token's probability-weighted sum.
-
-    Rows land in a dense [T, K, D] buffer (unique indices, no atomics; pairs without a row, i.e.
-    dropped ones, stay zero) and one batched [1, K] x [K, D] product per token sums them,
-    accumulating in float32 inside the GEMM.
-    """
-    T, K = probs_TK.shape
-    pairs = y_ND.new_zeros(T * K + 1, y_ND.shape[1]).index_copy(0, pair_index, y_ND)[: T * K]
-    return torch.bmm(probs_TK.to(y_ND.dtype).unsqueeze(1), pairs.view(T, K, -1)).squeeze(1)
 
 
 def pad_rows_to_capacity(rows, tokens_per_group, pair_index, capacity, scratch_index):
@@ -101,15 +92,17 @@ class AllGatherDispatcher:
         kept_all = None if kept_TK is None else mappings.all_gather(kept_TK, g, dim=0)
         pair, expert = _sort_pairs(experts_all, kept_all, self.first, self.L, self.E)
         tokens_per_expert = torch.bincount(expert, minlength=self.L)
-        rows = x_all[pair // K]
+        row_TK = row_of_pair(pair, probs_all.numel()).view(-1, K)
+        rows = permute_tokens(x_all, pair, row_TK)
         if self.pad_to_capacity and capacity is not None:
             # each gathered rank's micro-batch slice may fill an expert's capacity
             rows, tokens_per_expert, pair = pad_rows_to_capacity(
                 rows, tokens_per_expert, pair, capacity * g.size, probs_all.numel())
-        return rows, tokens_per_expert, DispatchHandle(pair, probs_all)
+            row_TK = row_of_pair(pair, probs_all.numel()).view(-1, K)
+        return rows, tokens_per_expert, DispatchHandle(pair, probs_all, row_TK)
 
     def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
-        out = _weighted_sum(y_ND, handle.pair_index, handle.probs_TK)
+        out = combine_rows(y_ND, handle.probs_TK, handle.pair_index, handle.row_TK)
         return mappings.reduce_scatter_to_sequence_region(out, self.group, dim=0)
 
 
@@ -126,10 +119,12 @@ class AllToAllDispatcher:
         # 1. permute this rank's kept pairs by global expert (= by destination EP rank)
         pair, expert = _sort_pairs(experts_TK, kept_TK, 0, self.E, self.E)
         counts_E = torch.bincount(expert, minlength=self.E)
-        rows = x_TD[pair // K]
+        row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
+        rows = permute_tokens(x_TD, pair, row_TK)
         padded = self.pad_to_capacity and capacity is not None
         if padded:
             rows, counts_E, pair = pad_rows_to_capacity(rows, counts_E, pair, capacity, probs_TK.numel())
+            row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
         if padded:  # every split is static: no count exchange, no host sync
             recv_counts = counts_E.new_full((self.etp.size, self.ep.size, self.L), capacity)
             ep_send = ep_recv = [self.L * capacity] * self.ep.size
@@ -156,7 +151,7 @@ class AllToAllDispatcher:
         local_expert = local_expert.repeat_interleave(recv_counts.flatten().to(device), output_size=sum(etp_sizes))
         order = torch.sort(local_expert, stable=True).indices
         tokens_per_expert = recv_counts.sum((0, 1)).to(device)
-        handle = DispatchHandle(pair, probs_TK, restore=order, ep_send=ep_send, ep_recv=ep_recv,
+        handle = DispatchHandle(pair, probs_TK, row_TK, restore=order, ep_send=ep_send, ep_recv=ep_recv,
                                 etp_sizes=etp_sizes)
         return received[order], tokens_per_expert, handle
 
@@ -167,4 +162,4 @@ class AllToAllDispatcher:
             y = mappings.all_to_all(y, self.etp, [mine] * self.etp.size, handle.etp_sizes)
             y = y.view(self.etp.size, mine, -1).sum(0)  # sum the expert-TP partials
         y = mappings.all_to_all(y, self.ep, handle.ep_send, handle.ep_recv)
-        return _weighted_sum(y, handle.pair_index, handle.probs_TK)
+        return combine_rows(y, handle.probs_TK, handle.pair_index, handle.row_TK)

@@ -1,4 +1,4 @@
-"""Tensor-parallel layers (Megatron split) and the vocab-parallel cross entropy.
+"""Tensor-parallel layers (Megatron split). The vocab-parallel loss is in ``cross_entropy.py``.
 
 Shapes are sequence first: activations are ``[s, b, h]``. With sequence parallel, the
 activations between TP regions are sharded along ``s`` (each rank holds ``s / tp`` rows), a
@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamoe.numerics import upcast
 from megamoe.parallel import mappings
 from megamoe.parallel.state import Group
 
@@ -235,50 +234,6 @@ class VocabParallelEmbedding(nn.Module):
             local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
             out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return mappings.exit_tensor_region(out, self.tp, self.sequence_parallel)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross entropy over logits whose last dimension is split over TP, without gathering them."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, tp: Group):
-        # One float32 working copy of the logits becomes, in place, the shifted logits, their
-        # exponentials and the softmax saved for backward (logits are the largest activation).
-        work = logits.to(upcast(logits).dtype, copy=True)
-        local_vocab = work.shape[-1]
-        vocab_start = tp.rank * local_vocab
-        logits_max = work.amax(dim=-1)
-        mappings.all_reduce_(logits_max, tp, op=torch.distributed.ReduceOp.MAX)
-        work.sub_(logits_max.unsqueeze(-1))
-
-        outside = (target < vocab_start) | (target >= vocab_start + local_vocab)
-        local_target = (target - vocab_start).masked_fill(outside, 0)
-        target_logit = work.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = target_logit.masked_fill(outside, 0.0)
-        mappings.all_reduce_(target_logit, tp)
-
-        work.exp_()
-        sum_exp = work.sum(dim=-1)
-        mappings.all_reduce_(sum_exp, tp)
-        loss = sum_exp.log() - target_logit
-
-        work.div_(sum_exp.unsqueeze(-1))  # softmax
-        ctx.save_for_backward(work, local_target, outside)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        # The saved softmax is turned into the gradient in place (backward runs once).
-        grad, local_target, outside = ctx.saved_tensors
-        inside = (~outside).to(grad.dtype)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -inside.unsqueeze(-1))
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: Group) -> torch.Tensor:
-    """Per-token cross entropy (float32) of logits ``[..., V / tp]`` against ids ``[...]``."""
-    return _VocabParallelCrossEntropy.apply(logits, target, tp)
 
 
 def all_reduce_sequence_parallel_grads(module: nn.Module, tp: Group) -> None:

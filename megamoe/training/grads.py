@@ -26,11 +26,14 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
     owns. Each rank's squared norms are divided by the number of ranks holding an identical
     copy: DP x CP for dense weights and expert-DP for expert weights (unless sharded over
     them), times TP for TP-replicated dense weights; then summed over the whole world. The last
-    stage's copy of the embedding is not counted.
+    stage's copy of the embedding is not counted. Per-tensor norms use the multi-tensor
+    ``torch._foreach_norm`` kernels in the gradients' dtype, so no float64 copy of a gradient
+    is made.
     """
-    total, device = None, None
+    device = None
     dense_copies = 1 if dp_sharded else state.dp.size * state.cp.size
     expert_copies = 1 if dp_sharded else state.edp.size
+    by_copies: dict[int, list[torch.Tensor]] = {}
     for p, g in grads:
         device = g.device
         if getattr(p, "pipeline_shared_embedding", False) and not state.is_first_stage:
@@ -39,10 +42,14 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
             copies = expert_copies
         else:
             copies = dense_copies * (1 if hasattr(p, "tensor_parallel_dim") else state.tp.size)
-        sq = g.double().square().sum() / copies
-        total = sq if total is None else total + sq
-    if total is None:  # a rank whose shards hold nothing (tiny models, many ranks)
-        total = torch.zeros((), dtype=torch.float64, device=device or _default_device())
+        if g.numel():
+            by_copies.setdefault(copies, []).append(g)
+    total = torch.zeros((), dtype=torch.float64, device=device or _default_device())
+    for copies, tensors in by_copies.items():
+        # one multi-tensor kernel per group: each gradient's norm in its own dtype (float32 main
+        # gradients), squared and summed in float64
+        norms = torch.stack(torch._foreach_norm(tensors)).double()
+        total += norms.square().sum() / copies
     if dist.is_initialized() and state.layout.world_size > 1:
         dist.all_reduce(total)
     return math.sqrt(total.item())

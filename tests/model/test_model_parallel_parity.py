@@ -97,7 +97,10 @@ def gather_full(t: torch.Tensor, param: torch.nn.Parameter, state: ParallelState
     if hasattr(param, "tensor_parallel_dim"):
         t = mappings.all_gather(t.contiguous(), state.tp, dim=param.tensor_parallel_dim)
     if getattr(param, "expert", False):
-        t = mappings.all_gather(t.contiguous(), state.etp, dim=param.expert_tensor_parallel_dim)
+        dim = param.expert_tensor_parallel_dim
+        # a fused [gate; up] weight: each expert-TP rank holds a slice of each half
+        halves = t.chunk(getattr(param, "fused_halves", 1), dim=dim)
+        t = torch.cat([mappings.all_gather(h.contiguous(), state.etp, dim=dim) for h in halves], dim=dim)
         t = mappings.all_gather(t.contiguous(), state.ep, dim=0)
     return t
 

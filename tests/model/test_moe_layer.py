@@ -24,11 +24,11 @@ SINGLE = ParallelState.single()
 
 
 def make_layer(shared: bool = True, capacity: float | None = None, pad: bool = False, backend="loop",
-               device="cpu", dtype=DT, E=6, K=2, D=16, F_=24) -> MoELayer:
+               device="cpu", dtype=DT, E=6, K=2, D=16, F_=24, gated: bool = True) -> MoELayer:
     torch.manual_seed(0)
     router = TopKRouter(D, E, K, score_function="softmax", capacity_factor=capacity, device=device, dtype=dtype)
-    experts = GroupedExperts(E, E, 0, D, F_, SINGLE.etp, backend=backend, device=device, dtype=dtype)
-    mlp = MLP(D, 20, SINGLE.tp, device=device, dtype=dtype) if shared else None
+    experts = GroupedExperts(E, E, 0, D, F_, SINGLE.etp, backend=backend, gated=gated, device=device, dtype=dtype)
+    mlp = MLP(D, 20, SINGLE.tp, gated=gated, device=device, dtype=dtype) if shared else None
     layer = MoELayer(router, experts, mlp, AllGatherDispatcher(SINGLE.etp_ep, E, E, 0, pad), SINGLE.tp)
     for i, (_, mod) in enumerate(layer.named_modules()):
         if hasattr(mod, "init_weights") and mod is not layer:
@@ -46,18 +46,25 @@ def explicit(layer: MoELayer, x_SBD: torch.Tensor) -> torch.Tensor:
             e = routing.experts_TK[t, k].item()
             if routing.kept_TK is not None and not routing.kept_TK[t, k]:
                 continue
-            h = F.silu(ex.w1[e] @ x_TD[t]) * (ex.w3[e] @ x_TD[t])
+            w = ex.stacked()
+            if ex.gated:  # SwiGLU
+                h = F.silu(w["w1"][e] @ x_TD[t]) * (w["w3"][e] @ x_TD[t])
+            else:  # GeLU
+                h = F.gelu(w["w1"][e] @ x_TD[t])
             out[t] += routing.probs_TK[t, k] * (ex.w2[e] @ h)
     out = out.view_as(x_SBD)
     if layer.shared_experts is not None:
         m = layer.shared_experts
-        out = out + (F.silu(x_SBD @ m.w1.weight.T) * (x_SBD @ m.w3.weight.T)) @ m.w2.weight.T
+        if m.w3 is not None:
+            out = out + (F.silu(x_SBD @ m.w1.weight.T) * (x_SBD @ m.w3.weight.T)) @ m.w2.weight.T
+        else:
+            out = out + F.gelu(x_SBD @ m.w1.weight.T) @ m.w2.weight.T
     return out
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_moe_equals_per_token_sum(shared):
-    layer = make_layer(shared=shared)
+@pytest.mark.parametrize("shared, gated", [(False, True), (True, True), (True, False)])
+def test_moe_equals_per_token_sum(shared, gated):
+    layer = make_layer(shared=shared, gated=gated)
     x = torch.randn(5, 3, 16, dtype=DT)
     out, stats = layer(x)
     torch.testing.assert_close(out, explicit(layer, x), rtol=1e-12, atol=1e-12)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megamoe.parallel import tensor_parallel as tpl
+from megamoe.parallel.cross_entropy import linear_cross_entropy
 from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.distributed import worker_device
@@ -108,19 +109,34 @@ def _embedding(tp: int, sp: bool):
 
 
 def _cross_entropy(tp: int):
+    """The fused head + loss against F.linear and F.cross_entropy on the whole vocabulary: loss,
+    input gradient and the weight shard's gradient, with chunks that do not divide the tokens,
+    padding rows past the real vocabulary, and ignored (weight 0) tokens."""
     state, device = _state(tp), worker_device()
     r, n = state.tp.rank, state.tp.size
-    logits = torch.randn(S, B, VOCAB, dtype=DT, device=device, generator=_gen(device, 4)) * 3
-    target = torch.randint(0, VOCAB, (S, B), device=device, generator=_gen(device, 5))
-    weights = torch.rand(S, B, dtype=DT, device=device, generator=_gen(device, 6))
-    ref_logits = logits.clone().requires_grad_()
-    ref = F.cross_entropy(ref_logits.reshape(-1, VOCAB), target.reshape(-1), reduction="none").reshape(S, B)
+    real = VOCAB - 5  # the last 5 rows are padding
+    x = torch.randn(S * B, IN, dtype=DT, device=device, generator=_gen(device, 4))
+    w_full = torch.randn(VOCAB, IN, dtype=DT, device=device, generator=_gen(device, 7)) * 2
+    target = torch.randint(0, real, (S * B,), device=device, generator=_gen(device, 5))
+    weights = torch.rand(S * B, dtype=DT, device=device, generator=_gen(device, 6))
+    weights[3] = 0.0
+    x_ref, w_ref = x.clone().requires_grad_(), w_full.clone().requires_grad_()
+    ref = F.cross_entropy(F.linear(x_ref, w_ref)[:, :real], target, reduction="none")
     (ref * weights).sum().backward()
-    mine = logits.chunk(n, -1)[r].clone().requires_grad_()
-    loss = tpl.vocab_parallel_cross_entropy(mine, target, state.tp)
-    (loss * weights).sum().backward()
-    torch.testing.assert_close(loss.to(DT), ref, rtol=1e-6, atol=1e-6)  # computed in float32
-    torch.testing.assert_close(mine.grad, ref_logits.grad.chunk(n, -1)[r], rtol=1e-5, atol=1e-7)
+    for chunk in (5, S * B):
+        x_mine = x.clone().requires_grad_()
+        w_mine = w_full.chunk(n, 0)[r].clone().requires_grad_()
+        loss = linear_cross_entropy(x_mine, w_mine, target, weights, state.tp, real, chunk=chunk)
+        (3.0 * loss).backward()
+        torch.testing.assert_close(loss, (ref * weights).sum().detach(), **TOL)
+        # x is the same on every TP rank: each rank's input gradient is its vocabulary shard's part
+        grad_x = x_mine.grad.clone()
+        dist.all_reduce(grad_x, group=state.tp.process_group)
+        torch.testing.assert_close(grad_x, 3.0 * x_ref.grad, **TOL)
+        torch.testing.assert_close(w_mine.grad, 3.0 * w_ref.grad.chunk(n, 0)[r], **TOL)
+    with torch.no_grad():  # evaluation computes the same loss without preparing gradients
+        torch.testing.assert_close(linear_cross_entropy(x, w_full.chunk(n, 0)[r], target, weights, state.tp, real),
+                                   (ref * weights).sum().detach(), **TOL)
     return True
 
 
@@ -142,11 +158,16 @@ def test_tensor_parallel_layers_match_torch(workers, backend, tp):
 
 def test_cross_entropy_single_process_matches_torch():
     state = ParallelState.single()
-    logits = torch.randn(5, 7, dtype=DT) * 4
+    x, w = torch.randn(5, 3, dtype=DT), torch.randn(7, 3, dtype=DT) * 4
     target = torch.randint(0, 7, (5,))
-    ref = F.cross_entropy(logits, target, reduction="none")
-    got = tpl.vocab_parallel_cross_entropy(logits, target, state.tp)
-    torch.testing.assert_close(got.to(DT), ref, rtol=1e-6, atol=1e-6)
+    ref = F.cross_entropy(F.linear(x, w), target, reduction="sum")
+    got = linear_cross_entropy(x, w, target, torch.ones(5, dtype=DT), state.tp, 7, chunk=2)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    # bf16 weights and activations: the loss is float32, as the unfused one was
+    bf16 = linear_cross_entropy(x.bfloat16(), w.bfloat16(), target, torch.ones(5), state.tp, 7)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, F.cross_entropy(F.linear(x.bfloat16(), w.bfloat16()).float(), target,
+                                                     reduction="sum"), rtol=1e-5, atol=1e-5)
 
 
 def _dropout_streams():
