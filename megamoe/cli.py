@@ -72,11 +72,15 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             raise ConfigError(f"{where} is {value!r}; {flag_name(name)} must be one of {list(choices)}")
         return value
     if typing.get_origin(tp) is list:
+        element = typing.get_args(tp)[0]
         if isinstance(value, str):
             value = value.split()
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list ({flag_name(name)})")
-        return [str(v) for v in value]
+        try:
+            return [element(v) for v in value]
+        except ValueError:
+            raise ConfigError(f"{where}: {flag_name(name)} takes {element.__name__} values") from None
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} is {value!r}; {flag_name(name)} must be true or false")
@@ -135,7 +139,9 @@ def _add_field(group: argparse._ArgumentGroup, name: str, tp: Any, default: Any,
         else:
             kwargs.update(action=argparse.BooleanOptionalAction, help=f"{doc} (default: {shown})")
     elif typing.get_origin(tp) is list:
-        kwargs.update(nargs="+", metavar="VALUE", help=f"{doc} (default: {shown})")
+        element = typing.get_args(tp)[0]
+        kwargs.update(nargs="*" if element is int else "+", type=element, metavar=element.__name__.upper(),
+                      help=f"{doc} (default: {shown})")
     else:
         if typing.get_origin(tp) is Literal:
             names = [str(c) for c in typing.get_args(tp)] + (["None"] if optional else [])

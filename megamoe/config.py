@@ -272,6 +272,8 @@ class TrainingConfig:
     """Train in bfloat16 with fp32 master weights and fp32 gradient accumulation."""
     fp16: bool = False
     """Train in float16 with loss scaling."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile (per block, as torchtitan does). CUDA only: elsewhere the run says so once and stays eager."""
     eval_interval: Optional[int] = None
     """Run validation every this many iterations. Unset means only after the last iteration."""
     eval_iters: int = 100
@@ -320,6 +322,16 @@ class LoggingConfig:
     """Write a per-layer expert-load heat map to tensorboard every this many iterations."""
     metrics_file: Optional[str] = None
     """Also write every iteration's losses, learning rate and grad norm to this JSON-lines file."""
+    profile: bool = False
+    """Profile iterations profile-step-start + 1 .. profile-step-end with torch.profiler: a trace for Perfetto or TensorBoard, and a summary of the time by model stage and kernel (also cudaProfilerStart/Stop for nsys)."""
+    profile_step_start: int = 10
+    """Profiling starts after this many iterations."""
+    profile_step_end: int = 12
+    """Profiling stops after this iteration."""
+    profile_ranks: list[int] = field(default_factory=list)
+    """Global ranks that profile. Empty means every rank (Megatron-LM's default)."""
+    profile_dir: Optional[str] = None
+    """Where the trace (rank-R.json.gz) and summary go. Unset means <tensorboard-dir>/../torch_profile, as Megatron-LM writes it."""
 
 
 @dataclass
@@ -365,6 +377,8 @@ class MegatronConfig:
     """No-op: torch's scaled-dot-product attention uses FlashAttention wherever it applies."""
     no_position_embedding: bool = False
     """No-op: megamoe never adds learned absolute position embeddings (Megatron-LM deprecates this flag in favour of --position-embedding-type)."""
+    use_pytorch_profiler: bool = False
+    """No-op: --profile always writes a torch.profiler trace (and brackets it for nsys too)."""
 
 
 # Shown under the megatron section of --help: the Megatron-LM structural flags that are megamoe

@@ -303,8 +303,11 @@ def validate_data(d: DataConfig, t: TrainingConfig) -> None:
         _fail(f"--data-cache-path {d.data_cache_path}: exists and is not a directory")
 
 
-def validate_logging(log: LoggingConfig) -> None:
+def validate_logging(log: LoggingConfig, t: TrainingConfig) -> None:
     _positive(log, "log_interval", "moe_expert_load_image_interval")
+    if log.profile and not 0 <= log.profile_step_start < log.profile_step_end <= t.train_iters:
+        _fail(f"--profile-step-start {log.profile_step_start} and --profile-step-end {log.profile_step_end} must "
+              f"satisfy 0 <= start < end <= --train-iters {t.train_iters} (iterations start+1 .. end are profiled)")
 
 
 def validate_checkpoint(c: CheckpointConfig) -> None:
@@ -350,7 +353,7 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
     validate_training(config.training, layout)
     validate_data(config.data, config.training)
-    validate_logging(config.logging)
+    validate_logging(config.logging, config.training)
     validate_checkpoint(config.checkpoint)
     check_not_supported_yet(config)
     return layout

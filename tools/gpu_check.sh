@@ -9,6 +9,9 @@
 # `dp` needs two GPUs: the NCCL tier of the bucket tests, NCCL parity of DP 2 with overlapped
 # reduction and the distributed optimizer, and how much of the gradient reduction hides behind
 # backward (tools/bench_dp.py on the V2-Lite proxy at DP 2); a few minutes.
+# `perf` (one GPU; bring .gpu/peers, staged by ../shared/peers/stage-peers.sh): the GPU tests,
+# torchtitan compiled and megamoe (eager, --compile, micro-batch 16) side by side on the V2-Lite
+# proxy, then a --profile run whose stage summary lands in $OUT/prof.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -54,6 +57,18 @@ if [ "$mode" = dp ]; then
     dp=2,distopt,overlap,gather,bucket=200000 2>&1 | tee "$LOG/parity_dp_nccl.log" | grep -v "^ *\[" | tail -22
   python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_dp.py 2>&1 \
     | tee "$LOG/bench_dp.log" | tail -6
+fi
+if [ "$mode" = perf ]; then
+  source .gpu/peers/install.sh
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$LOG/gpu_tests.log" | tail -6
+  python3 .gpu/peers/titan_bench.py --mbs 8 --compile 2>&1 | tee "$LOG/titan.log" | grep -E "^RESULT|^FAILED"
+  for extra in "" "--compile" "--micro-batch-size 16 --global-batch-size 16"; do
+    echo "== megamoe $extra"
+    python3 tools/bench_train.py --backends torch -- $extra 2>&1 | tee -a "$LOG/bench_train.log" | tail -3
+  done
+  python3 pretrain_moe.py $(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))") \
+    --moe-grouped-gemm-impl torch --train-iters 6 --log-interval 6 --profile --profile-step-start 3 \
+    --profile-step-end 5 --profile-dir "$LOG/prof" 2>&1 | tee "$LOG/profile.log" | grep -v "^ \[" | tail -45
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

@@ -10,6 +10,7 @@ z-losses are per micro-batch, so each contributes ``1 / (micro_batches * dp)``.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -34,8 +35,11 @@ from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token, peak_tflops
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.optimizer import MixedPrecisionAdamW, Optimizer
+from megamoe.training.profiling import StepProfiler
 from megamoe.training.reporting import Reporter, StepMetrics
 from megamoe.training.schedule import learning_rate
+
+log = logging.getLogger(__name__)
 
 
 def build_model(config: Config, state: ParallelState, device: torch.device | str,
@@ -52,7 +56,20 @@ def build_model(config: Config, state: ParallelState, device: torch.device | str
         model = GPTModel(gpt_args(config), state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype)
     model = materialize(model, device)
     model.init_weights(config.training.seed)
+    if config.training.compile:
+        compile_blocks(model, torch.device(device))
     return model
+
+
+def compile_blocks(model: GPTModel, device: torch.device) -> None:
+    """``--compile``: torch.compile every transformer block in place (parameters and names stay
+    as they are). Eager elsewhere than CUDA, where Inductor's CPU path would compile for minutes
+    on a small test machine."""
+    if device.type != "cuda":
+        log.warning("--compile: torch.compile is used on CUDA only; this %s run stays eager", device.type)
+        return
+    for block in [*model.layers.values(), *(mtp.block for mtp in model.mtp)]:
+        block.compile()
 
 
 def build_optimizer(model: GPTModel, config: Config, state: ParallelState) -> Optimizer:
@@ -237,6 +254,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
         reporter.print(f"> tensorboard: {config.logging.tensorboard_dir}")
     history = []
     t = config.training
+    profiler = StepProfiler(config, state.rank, model, optimizer, device, reporter.print)
 
     def step_batches(step: int) -> list[dict]:
         return [data.get(step - 1, j) for j in range(data.num_micro)]
@@ -250,7 +268,9 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
             batches = upcoming.result()
             if step < t.train_iters:
                 upcoming = prefetch.submit(step_batches, step + 1)
+            profiler.before_step(step)
             metrics = train_step(model, optimizer, batches, step, config, state, rng_tracker)
+            profiler.after_step(step)
             now = time.perf_counter()
             metrics.step_time, last = now - last, now
             reporter.log_step(metrics)
