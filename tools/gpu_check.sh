@@ -10,8 +10,9 @@
 # reduction and the distributed optimizer, and how much of the gradient reduction hides behind
 # backward (tools/bench_dp.py on the V2-Lite proxy at DP 2); a few minutes.
 # `perf` (one GPU; bring .gpu/peers, staged by ../shared/peers/stage-peers.sh): the GPU tests,
-# torchtitan compiled and megamoe (eager, --compile, micro-batch 16) side by side on the V2-Lite
-# proxy, then a --profile run whose stage summary lands in $OUT/prof.
+# MLA's attention on every SDPA backend, torchtitan compiled and megamoe (eager, --compile,
+# --compile at micro-batch 16) side by side on the V2-Lite proxy, then an eager --profile run
+# whose stage summary lands in $OUT/prof.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -62,7 +63,8 @@ if [ "$mode" = perf ]; then
   source .gpu/peers/install.sh
   python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$LOG/gpu_tests.log" | tail -6
   python3 .gpu/peers/titan_bench.py --mbs 8 --compile 2>&1 | tee "$LOG/titan.log" | grep -E "^RESULT|^FAILED"
-  for extra in "" "--compile" "--micro-batch-size 16 --global-batch-size 16"; do
+  python3 tools/bench_attention.py 2>&1 | tee "$LOG/bench_attention.log" | tail -6
+  for extra in "" "--compile" "--compile --micro-batch-size 16 --global-batch-size 16"; do
     echo "== megamoe $extra"
     python3 tools/bench_train.py --backends torch -- $extra 2>&1 | tee -a "$LOG/bench_train.log" | tail -3
   done

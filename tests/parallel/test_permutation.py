@@ -85,6 +85,7 @@ def test_triton_kernels_match_torch_and_repeat_exactly(dtype):
     triton_a, triton_b, torch_ref = run(True), run(True), run(False)
     for a, b in zip(triton_a, triton_b):
         assert torch.equal(a, b)  # no atomics: the same bits every run
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # the probabilities' gradients are dot products over D = 2048: summation order shows at 1e-4
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, r in zip(triton_a, torch_ref):
         torch.testing.assert_close(a.float(), r.float(), **tol)
