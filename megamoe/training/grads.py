@@ -65,5 +65,6 @@ def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: floa
     """Scale gradients so their global norm is at most ``max_norm`` (0 disables)."""
     if max_norm > 0 and total_norm > max_norm:
         scale = max_norm / (total_norm + 1e-6)
-        for g in grads:
-            g.mul_(scale)
+        grads = [g for g in grads if g.numel()]
+        if grads:
+            torch._foreach_mul_(grads, scale)  # one multi-tensor kernel instead of one per gradient
