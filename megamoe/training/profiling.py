@@ -168,6 +168,15 @@ def format_summary(stages: dict[str, float], kernels: dict[tuple[str, str], floa
     return "\n".join(lines)
 
 
+def memory_breakdown(state_bytes: dict[str, int], peak_bytes: int) -> str:
+    """The training state's share of the peak (parameters, main gradients, masters, Adam
+    states, from the tensors themselves); the rest is activations and temporaries."""
+    rows = list(state_bytes.items()) + [("activations + temporaries", peak_bytes - sum(state_bytes.values()))]
+    lines = [f"memory at the peak ({peak_bytes / 2**30:.1f} GiB allocated)"]
+    lines += [f"  {name:<28}{size / 2**30:>8.2f} GiB" for name, size in rows]
+    return "\n".join(lines)
+
+
 class StepProfiler:
     """Starts the profiler before the window's first step and stops it after its last."""
 
@@ -207,6 +216,9 @@ class StepProfiler:
             self._profiler.export_chrome_trace(trace)
         stages, kernels = stage_times(self._profiler.events(), self.device.type == "cuda")
         summary = format_summary(stages, kernels, self.end - self.start, self.device.type)
+        if self.device.type == "cuda":
+            summary += "\n\n" + memory_breakdown(self.optimizer.memory_bytes(),
+                                                 torch.cuda.max_memory_allocated(self.device))
         with open(os.path.join(self.dir, f"summary-rank-{self.rank}.txt"), "w") as f:
             f.write(summary + "\n")
         self.print(f"> profile of rank {self.rank}: {trace}\n{summary}")
