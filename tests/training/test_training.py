@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megamoe.cli import config_from_values, load_yaml_values
-from megamoe.config import Config
+from megamoe.config import Config, ConfigError
 from megamoe.config_validation import validate
 from megamoe.data.mock import MarkovMockData
 from megamoe.model.args import gpt_args
@@ -192,3 +192,26 @@ def test_check_parity_runs_torchrun():
                            "--iters", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS" in proc.stdout
+
+
+def test_profile_writes_a_trace_and_a_stage_summary(tmp_path, capsys):
+    """--profile on CPU: the trace of iterations 2-3 and a summary whose stages cover the MoE
+    layer's parts, forward and backward, and the optimizer; the labels are gone afterwards."""
+    cfg = config_from_values(load_yaml_values(str(PRESETS / "demo.yaml")))
+    cfg.training.train_iters, cfg.training.eval_iters = 3, 0
+    cfg.model.seq_length = 32
+    cfg.logging.profile, cfg.logging.profile_step_start, cfg.logging.profile_step_end = True, 1, 3
+    cfg.logging.profile_dir = str(tmp_path)
+    validate(cfg, 1)
+    train(cfg, ParallelState.single(), torch.device("cpu"))
+    summary = (tmp_path / "summary-rank-0.txt").read_text()
+    assert (tmp_path / "rank-0.json.gz").stat().st_size > 0
+    assert "profile: 2 steps" in summary
+    stages = {line.split("  ")[0] for line in summary.splitlines()[2:] if line and not line.startswith(" ")}
+    for stage in ("attention", "attention (bwd)", "router", "dispatch", "experts", "experts (bwd)", "combine",
+                  "shared experts", "mlp", "head + loss", "optimizer", "grad norm", "embedding"):
+        assert stage in stages, (stage, summary)
+    assert "profile of rank 0" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--profile-step-start 3 and --profile-step-end 3"):
+        cfg.logging.profile_step_start = 3
+        validate(cfg, 1)
