@@ -149,20 +149,21 @@ def _fused(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def _accumulate_grad_w(grad_w: torch.Tensor, g_CV: torch.Tensor, x_CD: torch.Tensor) -> None:
-    """grad_w += g^T @ x, with the product at float32 (in the GEMM's epilogue where torch can)."""
+def _accumulate_grad_w(grad_w: torch.Tensor, g_CV: torch.Tensor, x_CD: torch.Tensor) -> torch.Tensor:
+    """``grad_w += g^T @ x`` with the product at float32: on CUDA in the GEMM's epilogue, in
+    place (no float32 product of the weight's size per chunk)."""
     if g_CV.is_cuda and g_CV.dtype in (torch.bfloat16, torch.float16):
         try:
-            torch.addmm(grad_w, g_CV.t(), x_CD, out_dtype=torch.float32, out=grad_w)
-            return
+            return torch.addmm(grad_w, g_CV.t(), x_CD, out_dtype=torch.float32, out=grad_w)
         except (TypeError, RuntimeError):  # a torch without addmm's out_dtype
             pass
-    grad_w.add_(_mm_float32(g_CV.t(), x_CD))
+    return grad_w.add_(_mm_float32(g_CV.t(), x_CD))
 
 
 def _chunked_loss(x_TD, weight_VD, target_T, loss_weight_T, tp: Group, vocab_size: int, chunk: int,
-                  grad_x: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]) -> torch.Tensor:
-    """The weighted loss sum; fills ``grad_x`` / ``grad_w`` (when given) with its gradients."""
+                  grad_x: Optional[torch.Tensor], grad_w: Optional[torch.Tensor]):
+    """(the weighted loss sum, the weight gradient): fills ``grad_x`` (when given) with the
+    input gradient and accumulates ``grad_w`` (when given) over the chunks."""
     T, V = x_TD.shape[0], weight_VD.shape[0]
     math = upcast(x_TD).dtype
     vocab_start = tp.rank * V
@@ -184,8 +185,8 @@ def _chunked_loss(x_TD, weight_VD, target_T, loss_weight_T, tp: Group, vocab_siz
         if grad_x is not None:
             grad_x[start:end] = _mm_float32(g_CV, weight_VD)
         if grad_w is not None:
-            _accumulate_grad_w(grad_w, g_CV, x_CD)
-    return loss
+            grad_w = _accumulate_grad_w(grad_w, g_CV, x_CD)
+    return loss, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -194,7 +195,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         math = upcast(x_TD).dtype
         grad_x = torch.empty(x_TD.shape, dtype=math, device=x_TD.device) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight_VD.shape, dtype=math, device=x_TD.device) if ctx.needs_input_grad[1] else None
-        loss = _chunked_loss(x_TD, weight_VD, target_T, loss_weight_T, tp, vocab_size, chunk, grad_x, grad_w)
+        loss, grad_w = _chunked_loss(x_TD, weight_VD, target_T, loss_weight_T, tp, vocab_size, chunk, grad_x, grad_w)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.dtypes = (x_TD.dtype, weight_VD.dtype)
         return loss
@@ -220,5 +221,5 @@ def linear_cross_entropy(x_TD: torch.Tensor, weight_VD: torch.Tensor, target_T: 
     float32 logits)."""
     chunk = chunk or chunk_tokens(weight_VD.shape[0], x_TD.element_size() if _fused(x_TD) else 4)
     if not torch.is_grad_enabled():  # evaluation: no gradients to prepare
-        return _chunked_loss(x_TD, weight_VD, target_T, loss_weight_T, tp, vocab_size, chunk, None, None)
+        return _chunked_loss(x_TD, weight_VD, target_T, loss_weight_T, tp, vocab_size, chunk, None, None)[0]
     return _LinearCrossEntropy.apply(x_TD, weight_VD, target_T, loss_weight_T, tp, vocab_size, chunk)
