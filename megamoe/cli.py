@@ -105,7 +105,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
 _UNSET_WORDS = ("None", "none", "null")
 
 
-def _value_parser(name: str, tp: Any, optional: bool):
+def _value_parser(tp: Any, optional: bool):
     """argparse ``type`` for a field: its scalar type or one of its choices, plus ``None`` (the
     word unsets an optional field, e.g. a preset's shared experts)."""
     choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
@@ -148,7 +148,7 @@ def _add_field(group: argparse._ArgumentGroup, name: str, tp: Any, default: Any,
             metavar = "{" + ",".join(names) + "}"
         else:
             metavar = tp.__name__.upper() + ("|None" if optional else "")
-        kwargs.update(type=_value_parser(name, tp, optional), metavar=metavar, help=f"{doc} (default: {shown})")
+        kwargs.update(type=_value_parser(tp, optional), metavar=metavar, help=f"{doc} (default: {shown})")
     group.add_argument(flag, **kwargs)
 
 
