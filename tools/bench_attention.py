@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cuda_timing import median_ms
 
 BACKENDS = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash (v padded)": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -31,18 +32,6 @@ def run(q, k, v, backend, scale):
     with ctx:
         out = F.scaled_dot_product_attention(q, k, vv, is_causal=True, scale=scale)
     return out[..., : v.shape[-1]]
-
-
-def timed(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:])
 
 
 def main() -> int:
@@ -75,7 +64,7 @@ def main() -> int:
     for name, backend in BACKENDS.items():
         try:
             got = with_grads(backend)
-            ms = timed(lambda: with_grads(backend), args.iters)
+            ms = median_ms(lambda: with_grads(backend), args.iters)
         except RuntimeError as err:
             print(f"{name:<20}{'n/a':>9}   {str(err).splitlines()[0][:70]}")
             continue

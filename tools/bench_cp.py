@@ -19,7 +19,6 @@ the whole-sequence causal square, and the MLA block with and without padding v t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_timing import median_ms  # noqa: E402
 from megamoe.config import ParallelConfig  # noqa: E402
 from megamoe.model.attention import GroupedQueryAttention  # noqa: E402
 from megamoe.model.mla import MultiHeadLatentAttention  # noqa: E402
@@ -57,15 +57,7 @@ def build(kind: str, state: ParallelState, seq: int, device):
 
 
 def time_layer(layer, x, positions, iters: int) -> float:
-    times = []
-    for _ in range(iters + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        layer(x, positions).float().square().mean().backward()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:])
+    return median_ms(lambda: layer(x, positions).float().square().mean().backward(), iters)
 
 
 def kernel_comparison(seq: int, iters: int, device) -> None:
@@ -83,15 +75,7 @@ def kernel_comparison(seq: int, iters: int, device) -> None:
             out = F.scaled_dot_product_attention(q, k, vv, attn_mask=mask, is_causal=not lower_right)
             out[..., :dv].float().sum().backward()
 
-        times = []
-        for _ in range(iters + 2):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times[2:])
+        return median_ms(run, iters, warmup=2)
 
     rows = [
         ("causal square, S x S, d 128", timed(seq, seq, 128, 128, False)),

@@ -49,11 +49,16 @@ def _use_triton(x: torch.Tensor) -> bool:
 # torch versions (CPU, and CUDA without Triton)
 
 
-def _torch_gather_sum(y_ND, row_TK, w_TK):
-    """sum_k w[t, k] * y[row[t, k]] in (at least) float32; rows -1 contribute nothing."""
+def _torch_pairs(y_ND, row_TK):
+    """[T, K, D]: each pair's row in (at least) float32; rows -1 read a zero row."""
     T, K = row_TK.shape
     y_pad = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[1])])  # row -1 reads this zero row
-    pairs = y_pad[row_TK.reshape(-1)].view(T, K, -1).to(upcast(y_ND).dtype)
+    return y_pad[row_TK.reshape(-1)].view(T, K, -1).to(upcast(y_ND).dtype)
+
+
+def _torch_gather_sum(y_ND, row_TK, w_TK):
+    """sum_k w[t, k] * y[row[t, k]] in (at least) float32; rows -1 contribute nothing."""
+    pairs = _torch_pairs(y_ND, row_TK)
     if w_TK is not None:
         pairs = pairs * w_TK.unsqueeze(-1).to(pairs.dtype)
     return pairs.sum(1).to(y_ND.dtype)
@@ -67,9 +72,7 @@ def _torch_rows(x_TD, token_N, w_N):
 
 
 def _torch_pair_dots(y_ND, row_TK, g_TD):
-    T, K = row_TK.shape
-    y_pad = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[1])])
-    pairs = y_pad[row_TK.reshape(-1)].view(T, K, -1).to(upcast(y_ND).dtype)
+    pairs = _torch_pairs(y_ND, row_TK)
     return (pairs * g_TD.unsqueeze(1).to(pairs.dtype)).sum(-1)
 
 

@@ -30,10 +30,15 @@ def _load_ratio(load: np.ndarray) -> np.ndarray:
     return load / np.maximum(load.mean(axis=-1, keepdims=True), 1e-9)
 
 
+def per_ep_rank_load(load: np.ndarray, ep_size: int) -> np.ndarray:
+    """[layers, ep]: tokens each EP rank's experts received (experts are laid out by rank)."""
+    return load.reshape(load.shape[0], ep_size, -1).sum(-1)
+
+
 def straggler(load: np.ndarray, ep_size: int) -> tuple[int, float]:
     """The EP rank whose experts receive the most tokens over all layers, and its load over the
     mean rank's (1.0 is balanced)."""
-    per_rank = load.reshape(load.shape[0], ep_size, -1).sum(-1).sum(0)
+    per_rank = per_ep_rank_load(load, ep_size).sum(0)
     rank = int(per_rank.argmax())
     return rank, float(per_rank[rank] / max(per_rank.mean(), 1e-9))
 
@@ -68,7 +73,7 @@ def expert_load_figure(load: np.ndarray, ep_size: int = 1, layer_names: Optional
         per_expert_rank = experts // ep_size
         for boundary in range(1, ep_size):  # where one EP rank's experts end
             ax.axvline(boundary * per_expert_rank - 0.5, color="black", linewidth=0.8)
-        rank_ratio = _load_ratio(load.reshape(layers, ep_size, -1).sum(-1))
+        rank_ratio = _load_ratio(per_ep_rank_load(load, ep_size))
         ax_ep.imshow(rank_ratio, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
         _label_axes(ax_ep, ep_size, names, "EP rank")
         ax_ep.scatter(rank_ratio.argmax(axis=1), np.arange(layers), marker="x", color="black", s=18,

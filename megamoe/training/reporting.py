@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from megamoe.config import Config
-from megamoe.training.heatmap import expert_load_heatmap
+from megamoe.training.heatmap import expert_load_heatmap, per_ep_rank_load
 
 
 @dataclass
@@ -119,8 +119,7 @@ class Reporter:
         return " | ".join(parts) + " |"
 
     def _per_ep_rank(self, load: np.ndarray) -> np.ndarray:
-        """[layers, ep]: tokens each EP rank's experts received (experts are laid out by rank)."""
-        return load.reshape(load.shape[0], self.ep_size, -1).sum(-1)
+        return per_ep_rank_load(load, self.ep_size)
 
     def _write_scalars(self, m: StepMetrics, tokens_per_s: float, tflops: float) -> None:
         w, it = self.writer, m.iteration
