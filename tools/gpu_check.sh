@@ -11,8 +11,9 @@
 # backward (tools/bench_dp.py on the V2-Lite proxy at DP 2); a few minutes.
 # `perf` (one GPU; bring .gpu/peers, staged by ../shared/peers/stage-peers.sh): the GPU tests,
 # MLA's attention on every SDPA backend, torchtitan compiled and megamoe (eager, --compile,
-# --compile at micro-batch 16) side by side on the V2-Lite proxy, then an eager --profile run
-# whose stage summary lands in $OUT/prof.
+# --compile at micro-batch 16) side by side on the V2-Lite proxy, the head's GEMMs per chunk size
+# (tools/bench_head.py), the optimizer's pieces (tools/bench_optimizer.py), then an eager and a
+# --compile --profile run whose summaries land in $OUT/prof and $OUT/prof_compiled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -68,9 +69,14 @@ if [ "$mode" = perf ]; then
     echo "== megamoe $extra"
     python3 tools/bench_train.py --backends torch -- $extra 2>&1 | tee -a "$LOG/bench_train.log" | tail -3
   done
-  python3 pretrain_moe.py $(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))") \
-    --moe-grouped-gemm-impl torch --train-iters 6 --log-interval 6 --profile --profile-step-start 3 \
-    --profile-step-end 5 --profile-dir "$LOG/prof" 2>&1 | tee "$LOG/profile.log" | grep -v "^ \[" | tail -45
+  python3 tools/bench_head.py 2>&1 | tee "$LOG/bench_head.log" | tail -8
+  python3 tools/bench_optimizer.py 2>&1 | tee "$LOG/bench_optimizer.log"
+  proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
+  for extra in "" "--compile"; do
+    python3 pretrain_moe.py $proxy --moe-grouped-gemm-impl torch --train-iters 7 --log-interval 7 --profile \
+      --profile-step-start 4 --profile-step-end 6 --profile-dir "$LOG/prof${extra:+_compiled}" $extra 2>&1 \
+      | tee "$LOG/profile${extra:+_compiled}.log" | grep -A 24 "^profile:"
+  done
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

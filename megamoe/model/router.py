@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.parallel import mappings
+from megamoe.parallel.permutation import count_per_expert
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import InitFn, init_sharded_, normal_init
 
@@ -193,7 +194,7 @@ class TopKRouter(nn.Module):
         if self.drop_policy == "probs":
             order = order[torch.sort(flat_p[order], descending=True, stable=True).indices]
         order = order[torch.sort(flat_e[order], stable=True).indices]  # grouped by expert
-        counts = torch.bincount(flat_e, minlength=self.num_experts)
+        counts = count_per_expert(flat_e, self.num_experts)
         starts = torch.cumsum(counts, 0) - counts
         rank_in_expert = torch.arange(n, device=flat_e.device) - starts[flat_e[order]]
         keep = torch.empty(n, dtype=torch.bool, device=flat_e.device)

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from megamoe.parallel import mappings
-from megamoe.parallel.permutation import combine_rows, permute_tokens, row_of_pair
+from megamoe.parallel.permutation import combine_rows, count_per_expert, permute_tokens, row_of_pair
 from megamoe.parallel.state import Group
 
 
@@ -91,7 +91,7 @@ class AllGatherDispatcher:
         experts_all = mappings.all_gather(experts_TK, g, dim=0)
         kept_all = None if kept_TK is None else mappings.all_gather(kept_TK, g, dim=0)
         pair, expert = _sort_pairs(experts_all, kept_all, self.first, self.L, self.E)
-        tokens_per_expert = torch.bincount(expert, minlength=self.L)
+        tokens_per_expert = count_per_expert(expert, self.L)
         row_TK = row_of_pair(pair, probs_all.numel()).view(-1, K)
         rows = permute_tokens(x_all, pair, row_TK)
         if self.pad_to_capacity and capacity is not None:
@@ -118,7 +118,7 @@ class AllToAllDispatcher:
         K, device = experts_TK.shape[1], x_TD.device
         # 1. permute this rank's kept pairs by global expert (= by destination EP rank)
         pair, expert = _sort_pairs(experts_TK, kept_TK, 0, self.E, self.E)
-        counts_E = torch.bincount(expert, minlength=self.E)
+        counts_E = count_per_expert(expert, self.E)
         row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
         rows = permute_tokens(x_TD, pair, row_TK)
         padded = self.pad_to_capacity and capacity is not None

@@ -41,6 +41,15 @@ def row_of_pair(pair_of_row: torch.Tensor, num_pairs: int) -> torch.Tensor:
     return rows[:num_pairs]
 
 
+def count_per_expert(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[num_experts] how often each expert index occurs in ``expert_N`` (all < num_experts).
+    ``torch.bincount`` would read the largest index back to the host to size its result (a
+    synchronisation, and a graph break under ``--compile``); integer additions are exact, so
+    the atomics leave no run-to-run variation."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_N.device)
+    return counts.scatter_add_(0, expert_N.long(), torch.ones_like(expert_N, dtype=torch.int64))
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 

@@ -79,7 +79,7 @@ class DistributedOptimizer(Optimizer):
             for pieces in self.pieces.values():
                 for x in pieces:
                     x.master.grad = x.grad
-            self.optimizer.step()
+            self._torch_step()
         # Gather in forward order (buckets are in backward order), so the first modules'
         # parameters arrive first.
         for bucket in reversed(self.grads.buckets):

@@ -8,7 +8,6 @@ backward, so every reduction is a sum.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -18,8 +17,9 @@ from megamoe.parallel.state import ParallelState
 
 
 def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], state: ParallelState,
-                     dp_sharded: bool = False) -> float:
-    """L2 norm of the full model's gradient, each element counted exactly once.
+                     dp_sharded: bool = False) -> torch.Tensor:
+    """L2 norm of the full model's gradient, each element counted exactly once: a float64
+    scalar tensor on the gradients' device, so no host synchronisation is needed to clip.
 
     ``grads``: ``(param, gradient)`` pairs, the gradient being the parameter's whole reduced
     main gradient or, with ``dp_sharded`` (distributed optimizer), the piece of it this rank
@@ -52,7 +52,7 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
         total += norms.square().sum() / copies
     if dist.is_initialized() and state.layout.world_size > 1:
         dist.all_reduce(total)
-    return math.sqrt(total.item())
+    return total.sqrt()
 
 
 def _default_device() -> torch.device:

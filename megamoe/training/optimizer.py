@@ -81,12 +81,34 @@ class Optimizer:
         """``(param, reduced gradient)`` for the gradients this rank updates."""
         raise NotImplementedError
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """The global gradient norm; gradients are scaled down to ``max_norm`` (0: no clipping)."""
+    _grad_scale: Optional[torch.Tensor] = None  # a clip left for the fused step to apply
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The global gradient norm (a scalar tensor); gradients are scaled down to
+        ``max_norm`` (0: no clipping), by Megatron-LM's ``max_norm / (norm + 1e-6)`` when below 1.
+
+        With a fused torch AdamW (CUDA) the scaling is left to the step, and computed on the
+        device: the fused kernel divides each gradient by ``grad_scale`` as it reads it (the
+        hook AMP's unscaling uses), here ``max(1, (norm + 1e-6) / max_norm)``. That saves a read
+        and a write of every gradient and the host synchronisation on the norm between backward
+        and the step (about 6 ms per step on the V2-Lite proxy). The gradients themselves then
+        stay unclipped."""
         pieces = self.grad_pieces()
         norm = global_grad_norm(pieces, self.state, self.dp_sharded)
-        clip_grads_([g for _, g in pieces], max_norm, norm)
+        self._grad_scale = None
+        if max_norm > 0 and self.optimizer is not None and self.optimizer.defaults.get("fused"):
+            self._grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()
+        elif max_norm > 0:
+            clip_grads_([g for _, g in pieces], max_norm, norm.item())
         return norm
+
+    def _torch_step(self) -> None:
+        """The torch optimizer's step, with a clip that :meth:`clip_grad_norm` left to it."""
+        self.optimizer.grad_scale = self._grad_scale
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.grad_scale, self._grad_scale = None, None
 
     def step(self, lr: float) -> None:
         raise NotImplementedError
@@ -135,11 +157,11 @@ class MixedPrecisionAdamW(Optimizer):
             group["lr"] = lr
         for p, master in zip(self.params, self.masters):
             master.grad = p.main_grad
-        self.optimizer.step()
-        for p, master in zip(self.params, self.masters):
+        self._torch_step()
+        for master in self.masters:
             master.grad = None
-            if master is not p:
-                p.copy_(master)
+        if not self.masters_are_params:  # one multi-tensor cast-copy, not one kernel per parameter
+            torch._foreach_copy_(self.params, self.masters)
 
     def master_bytes(self) -> int:
         return 0 if self.masters_are_params else tensor_bytes(self.masters)

@@ -10,9 +10,11 @@ so ``nsys profile --capture-range=cudaProfilerApi`` captures the same steps.
 Stages are labelled from outside the model: forward hooks and method wrappers open a
 ``stage:NAME`` range around each embedding, attention, norm, dense MLP, router, dispatch,
 routed experts, combine, shared experts, head + loss, and around the optimizer's gradient
-sync, grad norm and step; they are removed when the window closes. Backward work is attributed
-through the autograd sequence numbers that link each backward function to the forward op that
-recorded it. Each op's *self* device time (its kernels; self CPU time without a GPU) is added
+sync, grad norm and step; they are removed when the window closes. The ``--compile``d blocks
+are one stage, ``block (compiled)``, labelled where they are called: hooks inside them would be
+traced into (and recompile) their graphs; their kernels (Inductor's fused ``triton_*`` ones
+among them) are still listed by name. Backward work is attributed through the autograd
+sequence numbers that link each backward function to the forward op that recorded it. Each op's *self* device time (its kernels; self CPU time without a GPU) is added
 to the innermost stage, so nothing is counted twice.
 """
 
@@ -64,13 +66,21 @@ class StageLabels:
 
     def __init__(self, model: nn.Module, optimizer) -> None:
         self._handles, self._wrapped = [], []
+        compiled = []  # ``--compile``d blocks: hooks inside them would be traced into their graphs
         for name, module in model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in compiled):
+                continue
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                compiled.append(name)  # its own hooks run inside the compiled call too
+                continue
             stage = stage_of_module(name, module)
             if stage is not None:
                 self._hook(module, stage)
             if hasattr(module, "dispatcher"):  # a MoE layer: its token exchange stages
                 self._wrap(module, "dispatch", "dispatch")
                 self._wrap(module, "combine", "combine")
+        if compiled:  # label the compiled blocks from their call site, outside the graph
+            self._wrap(model, "_run_block", "block (compiled)")
         self._wrap(model, "_token_loss", "head + loss")
         self._wrap(optimizer, "finish_grad_sync", "grad sync")
         self._wrap(optimizer, "clip_grad_norm", "grad norm")

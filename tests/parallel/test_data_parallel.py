@@ -82,6 +82,30 @@ def test_buffer_layout_without_processes():
     assert [(buf.name, len(buf.buckets)) for buf in single.buffers] == [("dense", 1)]
 
 
+def test_each_step_starts_from_zero_gradients():
+    """The first gradient of a step is copied in, not added (no zero fill): a parameter that
+    gets a gradient in step 1 and none in step 2 must end step 2 at zero, the others at exactly
+    step 2's gradients (a fresh model's), and the bucket padding at zero."""
+    model, ref = Toy(), Toy()
+    grads = DataParallelGrads(list(model.parameters()), ParallelState.single())
+    for step, skip in enumerate((False, True)):
+        grads.start_step()
+        for j in range(2):
+            model(_inputs(step, j), skip=skip).backward()
+        grads.finish()
+    for j in range(2):
+        ref(_inputs(1, j), skip=True).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        want = torch.zeros_like(q) if q.grad is None else q.grad
+        torch.testing.assert_close(p.main_grad, want, rtol=0, atol=0, msg=name)
+    assert model.layers[2].weight.main_grad.abs().sum() == 0
+    for b in grads.buckets:
+        covered = torch.zeros(b.end - b.start, dtype=torch.bool)
+        for _, lo, hi in b.ranges:
+            covered[lo:hi] = True
+        assert b.grad_data[~covered].abs().sum() == 0
+
+
 def _inputs(rank: int, j: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.randn(5, 12, dtype=DT, generator=torch.Generator().manual_seed(100 * rank + j)).to(device)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megamoe.parallel import permutation
-from megamoe.parallel.permutation import combine_rows, permute_tokens, row_of_pair
+from megamoe.parallel.permutation import combine_rows, count_per_expert, permute_tokens, row_of_pair
 
 DT = torch.float64
 
@@ -89,3 +89,11 @@ def test_triton_kernels_match_torch_and_repeat_exactly(dtype):
     tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, r in zip(triton_a, torch_ref):
         torch.testing.assert_close(a.float(), r.float(), **tol)
+
+
+def test_count_per_expert_matches_bincount():
+    """The sync-free count equals torch.bincount, experts without pairs included."""
+    expert = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(3))
+    expert[expert == 4] = 5  # expert 4 gets nothing
+    got = count_per_expert(expert, 9)
+    assert torch.equal(got, torch.bincount(expert, minlength=9)) and got[4] == 0 and got.sum() == 500

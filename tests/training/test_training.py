@@ -194,6 +194,29 @@ def test_check_parity_runs_torchrun():
     assert "PASS" in proc.stdout
 
 
+def test_profile_labels_a_compiled_block_as_one_stage():
+    """Under --compile the stage hooks stay off a compiled block and its modules (they would be
+    traced into its graph): the blocks are one stage, labelled at their call site, the rest keep
+    theirs, and removing the labels leaves no hook. (``module.compile()`` compiles lazily: nothing is compiled here.)"""
+    from megamoe.training.profiling import StageLabels
+    from megamoe.training.train import build_model
+
+    cfg = config_from_values(load_yaml_values(str(PRESETS / "demo.yaml")))
+    model = build_model(cfg, ParallelState.single(), torch.device("cpu"))
+    blocks = list(model.layers.values())
+    blocks[-1].compile()
+
+    def hooked(m):
+        return bool(m._forward_pre_hooks) or any(a in vars(m) for a in ("dispatch", "_run_block"))
+
+    labels = StageLabels(model, optimizer=type("Opt", (), {"finish_grad_sync": None, "clip_grad_norm": None,
+                                                          "step": None})())
+    assert "_run_block" in vars(model) and not any(hooked(m) for m in blocks[-1].modules())
+    assert not hooked(blocks[0]) and any(hooked(m) for m in blocks[0].modules())
+    labels.remove()
+    assert not any(hooked(m) for m in model.modules())
+
+
 def test_profile_writes_a_trace_and_a_stage_summary(tmp_path, capsys):
     """--profile on CPU: the trace of iterations 2-3 and a summary whose stages cover the MoE
     layer's parts, forward and backward, and the optimizer; the labels are gone afterwards."""
