@@ -273,7 +273,7 @@ class TrainingConfig:
     fp16: bool = False
     """Train in float16 with loss scaling."""
     compile: bool = False
-    """Compile each transformer block with torch.compile (per block, as torchtitan does). CUDA only: elsewhere the run says so once and stays eager."""
+    """Compile each transformer block with torch.compile (per block, as torchtitan does). CUDA only: elsewhere the run says so once and stays eager. Off by default: 1.12x eager on one H200 (docs/benchmarks.md), but it adds the compilation to start-up and has been measured on one GPU only."""
     eval_interval: Optional[int] = None
     """Run validation every this many iterations. Unset means only after the last iteration."""
     eval_iters: int = 100

@@ -184,7 +184,7 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         iteration=step,
         lm_loss=(sums[0] / counts[0]).item(),
         lr=lr,
-        grad_norm=grad_norm.item(),
+        grad_norm=grad_norm,
         step_time=time.perf_counter() - start,
         tokens=t.global_batch_size * config.model.seq_length,
         mtp_losses=[(sums[k] / counts[k]).item() for k in range(1, depths + 1)],
