@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if info.rank == 0:
         print(state.layout.summary(), flush=True)
     try:
-        train(config, state, device)
+        with exit_on_config_error(PROG):  # e.g. a --load checkpoint of another model
+            train(config, state, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -343,11 +343,15 @@ class CheckpointConfig:
     load: Optional[str] = None
     """Directory to load a checkpoint from."""
     save_interval: Optional[int] = None
-    """Save every this many iterations (and at the end)."""
+    """Save every this many iterations (and at the end of training)."""
     no_load_optim: bool = False
-    """Do not load optimizer state when loading a checkpoint."""
+    """Do not load optimizer state when loading a checkpoint: a fresh optimizer starts from the loaded weights."""
     no_load_rng: bool = False
     """Do not load RNG state when loading a checkpoint."""
+    finetune: bool = False
+    """Load the model weights only and start at iteration 0 with a fresh optimizer (implies --no-load-optim and --no-load-rng)."""
+    ckpt_format: str = "torch_dist"
+    """Checkpoint format: torch_dist (torch.distributed.checkpoint, every rank writing its own shards), the only one megamoe writes."""
 
 
 @dataclass

@@ -43,8 +43,6 @@ NOT_SUPPORTED_YET: frozenset[str] = frozenset(
         "fp16",
         # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
         "num_workers",
-        # checkpoints
-        "save", "load", "save_interval", "no_load_optim", "no_load_rng",
     }
 )
 
@@ -310,10 +308,25 @@ def validate_logging(log: LoggingConfig, t: TrainingConfig) -> None:
               f"satisfy 0 <= start < end <= --train-iters {t.train_iters} (iterations start+1 .. end are profiled)")
 
 
+def _check_writable(directory: str) -> None:
+    """--save must be writable before training starts, not when the first save is due."""
+    probe = os.path.join(directory, f".megamoe_write_test.{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        _fail(f"--save {directory}: not writable ({err.strerror or err})")
+
+
 def validate_checkpoint(c: CheckpointConfig) -> None:
     _positive(c, "save_interval")
-    if c.save_interval is not None and c.save is None:
-        _fail("--save-interval needs --save")
+    if c.save is not None:
+        _check_writable(c.save)
+    if c.ckpt_format != "torch_dist":
+        _fail(f"--ckpt-format {c.ckpt_format}: megamoe reads and writes torch_dist "
+              "(torch.distributed.checkpoint) checkpoints only")
 
 
 def notices(config: Config) -> list[str]:
@@ -338,6 +351,9 @@ def notices(config: Config) -> list[str]:
     if moe.num_experts and moe.moe_grouped_gemm_impl is None and not moe.moe_grouped_gemm:
         out.append("routed experts run one GEMM per expert (Megatron-LM's default); --moe-grouped-gemm runs "
                    "them as grouped GEMMs")
+    if config.checkpoint.save_interval is not None and config.checkpoint.save is None:
+        out.append(f"--save-interval {config.checkpoint.save_interval} without --save: nothing is saved "
+                   "(as in Megatron-LM)")
     if not d.uses_mock_data:
         vocab = build_tokenizer(d).vocab_size
         if d.vocab_size not in (vocab, DataConfig().vocab_size):

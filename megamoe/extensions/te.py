@@ -3,7 +3,8 @@
 ``TEGroupedMLP`` runs this rank's experts with two TE ``GroupedLinear`` layers: ``fc1``
 holds each expert's ``[w1; w3]`` slice fused ``[2F, D]`` (one grouped GEMM for both; ``w1``
 alone, ``[F, D]``, for GeLU experts), ``fc2`` its ``w2`` slice ``[D, F]``. Weights are drawn exactly as the other backends draw them, so all
-backends start from the same model.
+backends start from the same model, and their specs (set by ``GroupedExperts``) place them in
+the same global tensors.
 """
 
 from __future__ import annotations
@@ -40,12 +41,7 @@ class TEGroupedMLP(nn.Module):
         self.num_local_experts, self.ffn_local, self.gated = num_local_experts, ffn_local, gated
         self.fc1 = te.GroupedLinear(num_local_experts, hidden_size, (2 if gated else 1) * ffn_local, **kw)
         self.fc2 = te.GroupedLinear(num_local_experts, ffn_local, hidden_size, **kw)
-        for i in range(num_local_experts):
-            self.fc1_weight(i).expert_tensor_parallel_dim = 0
-            self.fc2_weight(i).expert_tensor_parallel_dim = 1
-            self.fc1_weight(i).expert = self.fc2_weight(i).expert = True
-            if gated:
-                self.fc1_weight(i).fused_halves = 2  # [w1 shard; w3 shard], as the other backends
+        # GroupedExperts gives each weight its spec: its expert's slice of the global w13 / w2
 
     def fc1_weight(self, i: int) -> nn.Parameter:
         return getattr(self.fc1, f"weight{i}")

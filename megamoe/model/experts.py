@@ -8,9 +8,10 @@ Weights are stacked per local expert: ``w13`` [E, 2F, D], each expert's gate (``
 name) and up (``w3``) projections stacked so one grouped GEMM computes both, and ``w2`` [E, D, F].
 GeLU experts (not ``gated``) have ``w1`` [E, F, D] instead of ``w13``. Expert-TP shards F: every
 expert-TP rank holds its own slice of the gate and of the up projection, ``[w1 shard; w3 shard]``,
-so the two halves of ``w13`` are sharded separately (``param.fused_halves = 2``); TE's ``fc1``
-weights use the same layout. Every expert parameter carries ``param.expert = True`` (its
-gradient is reduced over expert-DP, not DP) and ``param.expert_tensor_parallel_dim``.
+so the two halves of ``w13`` are cut separately (its spec's split has ``parts = 2``); TE's ``fc1``
+weights use the same layout, and their specs place each one in the same global ``w13`` and
+``w2``, so checkpoints do not depend on the backend. Expert parameters have the role
+``expert``: their gradients are reduced over expert-DP, not DP.
 
 Backends:
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.parallel.param_spec import ParamSpec, Split, set_spec
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import InitFn, normal_init
 
@@ -101,20 +103,26 @@ class GroupedExperts(nn.Module):
         f_local = ffn_hidden_size // etp.size
         kw = dict(device=device, dtype=dtype)
         self.te = None
+        self.fc1_name = "w13" if gated else "w1"
+        # The global tensors every backend's parameters are cut from (param_spec.py).
+        parts = 2 if gated else 1
+        fc1_spec = ParamSpec("expert", (num_experts, parts * ffn_hidden_size, hidden_size),
+                             (Split(0, "ep"), Split(1, "etp", parts=parts)))
+        w2_spec = ParamSpec("expert", (num_experts, hidden_size, ffn_hidden_size), (Split(0, "ep"), Split(2, "etp")))
         if backend == "te":
             from megamoe.extensions.te import TEGroupedMLP
 
             self.te = TEGroupedMLP(num_local_experts, hidden_size, f_local, gated, **kw)
+            for i in range(num_local_experts):  # one expert each: its slice of the global tensors
+                index = (first_expert + i,)
+                set_spec(self.te.fc1_weight(i), fc1_spec.with_(splits=fc1_spec.splits[1:], index=index,
+                                                               rename=(f"te.fc1.weight{i}", self.fc1_name)))
+                set_spec(self.te.fc2_weight(i), w2_spec.with_(splits=w2_spec.splits[1:], index=index,
+                                                              rename=(f"te.fc2.weight{i}", "w2")))
             return
-        fc1 = nn.Parameter(torch.empty(num_local_experts, (2 if gated else 1) * f_local, hidden_size, **kw))
-        self.fc1_name = "w13" if gated else "w1"
-        self.register_parameter(self.fc1_name, fc1)
-        self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw))
-        for param, dim in ((fc1, 1), (self.w2, 2)):
-            param.expert = True
-            param.expert_tensor_parallel_dim = dim
-        if gated:
-            fc1.fused_halves = 2  # [w1 shard; w3 shard] on every expert-TP rank
+        fc1 = nn.Parameter(torch.empty(num_local_experts, parts * f_local, hidden_size, **kw))
+        self.register_parameter(self.fc1_name, set_spec(fc1, fc1_spec))
+        self.w2 = set_spec(nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw)), w2_spec)
 
     def init_weights(self, generator: torch.Generator) -> None:
         """Each expert's full weights come from its own seed, so they do not depend on which

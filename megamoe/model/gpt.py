@@ -35,6 +35,7 @@ from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import sequence_shard_indices
 from megamoe.parallel.cross_entropy import linear_cross_entropy
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher
+from megamoe.parallel.param_spec import ParamSpec, Split, set_spec
 from megamoe.parallel.random import RNGStatesTracker, recompute_with_rng
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.tensor_parallel import (
@@ -133,8 +134,10 @@ class GPTModel(nn.Module):
         if self.first_stage or (self.last_stage and last_stage_reads_embedding):
             self.embed = VocabParallelEmbedding(self.padded_vocab, args.hidden_size, tp, sequence_parallel=sp,
                                                 init_fn=init_fn, **kw)
-            if state.pp.size > 1 and last_stage_reads_embedding:
-                self.embed.weight.pipeline_shared_embedding = True  # summed over `embd` (parallel/data_parallel.py)
+            # the global table has the real vocabulary; the pipeline's two copies are summed
+            # over `embd` (parallel/data_parallel.py)
+            set_spec(self.embed.weight, self._vocab_spec("embedding").with_(
+                shared_embedding=state.pp.size > 1 and last_stage_reads_embedding))
         a = args.attention
         self.rope = RotaryEmbedding(a.rope_dim, a.max_positions, a.rope_base, a.yarn, device=device)
         is_moe = args.moe_layers
@@ -160,12 +163,17 @@ class GPTModel(nn.Module):
             if not args.tie_embeddings:
                 self.head = ColumnParallelLinear(args.hidden_size, self.padded_vocab, tp, sequence_parallel=sp,
                                                  init_fn=init_fn, **kw)
+                set_spec(self.head.weight, self._vocab_spec("head"))
             self.mtp.extend(
                 MTPModule(self._build_block(args, state, is_moe[args.num_layers + k], **kw),
                           args.hidden_size, args.normalization, args.norm_eps, sp, init_fn, **kw)
                 for k in range(args.mtp_num_layers))
 
     # ------------------------------------------------------------------ construction
+
+    def _vocab_spec(self, role) -> ParamSpec:
+        """The embedding's or head's spec: the real vocabulary's rows, cut over TP as the padded."""
+        return ParamSpec(role, (self.vocab_size, self.args.hidden_size), (Split(0, "tp", padded=self.padded_vocab),))
 
     def _build_block(self, args: GPTArgs, state: ParallelState, moe_layer: bool, device, dtype):
         sp, a = self.sequence_parallel, args.attention

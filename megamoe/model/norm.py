@@ -13,13 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.numerics import upcast
+from megamoe.parallel.param_spec import ParamSpec, set_spec
 
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``.
 
-    ``sequence_parallel`` marks the weight as replicated over TP but fed by sequence-sharded
-    activations, so its gradient is summed over TP before the optimizer step.
+    ``sequence_parallel``: the weight is replicated over TP but fed by sequence-sharded
+    activations, so its gradient is summed over TP before the optimizer step (its spec's
+    ``grad_partial_over_tp``).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, sequence_parallel: bool = False,
@@ -27,7 +29,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
-        self.weight.sequence_parallel = sequence_parallel
+        set_spec(self.weight, ParamSpec("norm", (dim,), grad_partial_over_tp=sequence_parallel))
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
@@ -41,7 +43,7 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """``(x - mean(x)) / std(x) * weight + bias`` (Megatron-LM's default normalisation).
 
-    Both parameters carry ``sequence_parallel`` like RMSNorm's weight.
+    Both parameters' specs carry ``grad_partial_over_tp`` like RMSNorm's weight.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, sequence_parallel: bool = False,
@@ -50,7 +52,8 @@ class LayerNorm(nn.Module):
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
-        self.weight.sequence_parallel = self.bias.sequence_parallel = sequence_parallel
+        for p in (self.weight, self.bias):
+            set_spec(p, ParamSpec("norm", (dim,), grad_partial_over_tp=sequence_parallel))
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.parallel import mappings
+from megamoe.parallel.param_spec import ParamSpec, set_spec
 from megamoe.parallel.permutation import count_per_expert
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import InitFn, init_sharded_, normal_init
@@ -92,7 +93,7 @@ class TopKRouter(nn.Module):
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.init_fn = init_fn
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
-        self.weight.sequence_parallel = grad_partial_over_tp
+        set_spec(self.weight, ParamSpec("router", (num_experts, hidden_size), grad_partial_over_tp=grad_partial_over_tp))
         if enable_expert_bias:
             self.register_buffer("bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         else:

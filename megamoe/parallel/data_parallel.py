@@ -4,14 +4,14 @@ Every trainable parameter's float32 main gradient (``param.main_grad``, float64 
 runs) is a view into one contiguous buffer per reduction kind and parameter dtype:
 
 ======================  ================================  =======================================
-buffer                  parameters                        reduction (all sums)
+buffer                  parameters (``param.spec``)       reduction (all sums)
 ======================  ================================  =======================================
 ``dense``               attention, dense MLP, embedding,  over DP x CP (``state.dp_cp``)
                         head, shared experts
-``expert``              routed experts (``expert``)       over expert-DP (``state.edp``)
-``dense_tp``            ``param.sequence_parallel``       over TP first (partial sums of this
+``expert``              routed experts (role ``expert``)  over expert-DP (``state.edp``)
+``dense_tp``            ``grad_partial_over_tp``          over TP first (partial sums of this
                         (norms, router, MLA down-proj.)   rank's tokens), then over DP x CP
-``dense_embd``          ``pipeline_shared_embedding``     over the ``embd`` group first (the
+``dense_embd``          ``shared_embedding``              over the ``embd`` group first (the
                         (the embedding and the last       first and last stage's copies), then
                         stage's copy of it)               over DP x CP
 ======================  ================================  =======================================
@@ -55,6 +55,7 @@ from megamoe.numerics import upcast
 
 # torch 2.13 renamed the tensor-form collectives; mappings.py picks the name this torch has.
 from megamoe.parallel.mappings import _all_gather_single, _reduce_scatter_single
+from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import Group, ParallelState
 
 ALIGN = 64  # elements: bucket shards start on 256-byte boundaries (float32)
@@ -177,13 +178,7 @@ class GradBuffer:
 
 def _kind(p: torch.nn.Parameter, state: ParallelState) -> tuple[str, Group, Optional[Group]]:
     """(buffer name, reduction group, group summed over first) of one parameter."""
-    if getattr(p, "expert", False):
-        return "expert", state.edp, None
-    if getattr(p, "sequence_parallel", False) and state.tp.size > 1:
-        return "dense_tp", state.dp_cp, state.tp
-    if getattr(p, "pipeline_shared_embedding", False) and state.embd is not None and state.embd.size > 1:
-        return "dense_embd", state.dp_cp, state.embd
-    return "dense", state.dp_cp, None
+    return spec_of(p).grad_groups(state)
 
 
 class DataParallelGrads:

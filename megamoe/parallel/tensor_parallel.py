@@ -5,12 +5,10 @@ activations between TP regions are sharded along ``s`` (each rank holds ``s / tp
 column-parallel layer all-gathers them on entry and a row-parallel layer reduce-scatters on
 exit. Without it, activations between regions are replicated.
 
-Parameter annotations read by the gradient and checkpoint code:
-
-- ``param.tensor_parallel_dim``: the dimension sharded over TP (absent for replicated ones);
-- ``param.sequence_parallel = True``: replicated over TP but fed by sequence-sharded activations,
-  so each TP rank holds a partial gradient that must be summed over TP
-  (see :func:`all_reduce_sequence_parallel_grads`).
+Each parameter's layout is its ``param.spec`` (:mod:`megamoe.parallel.param_spec`): the
+dimension cut over TP, or replicated; replicated parameters fed by sequence-sharded activations
+have ``grad_partial_over_tp``: each TP rank holds a partial gradient that must be summed over TP
+(see :func:`all_reduce_sequence_parallel_grads`).
 
 Weights are initialised from the full (unsharded) tensor drawn from a generator, then sliced,
 so a layout with TP > 1 starts from exactly the weights of the single-process model.
@@ -25,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.parallel import mappings
+from megamoe.parallel.param_spec import ParamSpec, Split, set_spec, spec_of
 from megamoe.parallel.state import Group
 
 InitFn = Callable[[torch.Tensor, torch.Generator], None]
@@ -91,10 +90,10 @@ class ColumnParallelLinear(nn.Module):
         self.init_fn = init_fn
         local_out = _divide(out_features, tp.size, "output features of a column-parallel linear")
         self.weight = nn.Parameter(torch.empty(local_out, in_features, device=device, dtype=dtype))
-        self.weight.tensor_parallel_dim = 0
+        set_spec(self.weight, ParamSpec("linear", (out_features, in_features), (Split(0, "tp"),)))
         self.bias = nn.Parameter(torch.empty(local_out, device=device, dtype=dtype)) if bias else None
         if self.bias is not None:
-            self.bias.tensor_parallel_dim = 0
+            set_spec(self.bias, ParamSpec("bias", (out_features,), (Split(0, "tp"),)))
 
     def init_weights(self, generator: torch.Generator) -> None:
         init_sharded_(self.weight, (self.out_features, self.in_features), 0, self.tp, self.init_fn, generator)
@@ -141,10 +140,10 @@ class RowParallelLinear(nn.Module):
         self.init_fn = init_fn
         local_in = _divide(in_features, tp.size, "input features of a row-parallel linear")
         self.weight = nn.Parameter(torch.empty(out_features, local_in, device=device, dtype=dtype))
-        self.weight.tensor_parallel_dim = 1
+        set_spec(self.weight, ParamSpec("linear", (out_features, in_features), (Split(1, "tp"),)))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        if self.bias is not None and self.sequence_parallel:
-            self.bias.sequence_parallel = True
+        if self.bias is not None:
+            set_spec(self.bias, ParamSpec("bias", (out_features,), grad_partial_over_tp=self.sequence_parallel))
 
     def init_weights(self, generator: torch.Generator) -> None:
         init_sharded_(self.weight, (self.out_features, self.in_features), 1, self.tp, self.init_fn, generator)
@@ -183,7 +182,7 @@ class ReplicatedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.init_fn = init_fn
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.weight.sequence_parallel = grad_partial_over_tp
+        set_spec(self.weight, ParamSpec("linear", (out_features, in_features), grad_partial_over_tp=grad_partial_over_tp))
 
     def init_weights(self, generator: torch.Generator) -> None:
         init_sharded_(self.weight, tuple(self.weight.shape), None, None, self.init_fn, generator)
@@ -221,7 +220,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = tp.rank * local
         self.vocab_end = self.vocab_start + local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
-        self.weight.tensor_parallel_dim = 0
+        set_spec(self.weight, ParamSpec("embedding", (num_embeddings, embedding_dim), (Split(0, "tp"),)))
 
     def init_weights(self, generator: torch.Generator) -> None:
         init_sharded_(self.weight, (self.num_embeddings, self.embedding_dim), 0, self.tp, self.init_fn, generator)
@@ -241,5 +240,5 @@ def all_reduce_sequence_parallel_grads(module: nn.Module, tp: Group) -> None:
     if tp.size == 1:
         return
     for param in module.parameters():
-        if getattr(param, "sequence_parallel", False) and param.grad is not None:
+        if spec_of(param).grad_partial_over_tp and param.grad is not None:
             mappings.all_reduce_(param.grad, tp)

@@ -30,6 +30,7 @@ import torch.nn as nn
 from megamoe.config import ParallelConfig, TrainingConfig
 from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import Bucket, DataParallelGrads
+from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
 from megamoe.training.optimizer import Optimizer, adamw, tensor_bytes
 
@@ -96,6 +97,22 @@ class DistributedOptimizer(Optimizer):
         for bucket in self.grads.buckets:
             bucket.wait_param_gather()
 
+    def state_pieces(self):
+        out = []
+        for bucket, pieces in self.pieces.items():
+            start = {p: lo for p, lo, _ in bucket.ranges}  # each parameter's offset in the bucket
+            for x in pieces:
+                out.append((x.param, x.lo - start[x.param], {"master": x.master, **self._states(x.master)}))
+        return out
+
+    @torch.no_grad()
+    def reset_masters_from_params(self) -> None:
+        for bucket, pieces in self.pieces.items():
+            for x in pieces:
+                x.master.copy_(bucket.param_data[x.lo:x.hi])
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+
     def master_bytes(self) -> int:
         return tensor_bytes(x.master for pieces in self.pieces.values() for x in pieces)
 
@@ -115,7 +132,7 @@ class DistributedOptimizer(Optimizer):
                 hooks.append(module.register_forward_pre_hook(partial(wait, buckets)))
         # The last pipeline stage's embedding copy can be read by the tied output head without
         # the embedding module running, so the model itself waits for it.
-        shared = sorted({b for p, b in owner.items() if getattr(p, "pipeline_shared_embedding", False)},
+        shared = sorted({b for p, b in owner.items() if spec_of(p).shared_embedding},
                         key=lambda b: b.order)
         if shared:
             hooks.append(model.register_forward_pre_hook(partial(wait, shared)))

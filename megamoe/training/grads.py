@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
 
 
@@ -36,12 +37,13 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
     by_copies: dict[int, list[torch.Tensor]] = {}
     for p, g in grads:
         device = g.device
-        if getattr(p, "pipeline_shared_embedding", False) and not state.is_first_stage:
+        spec = spec_of(p)
+        if spec.shared_embedding and not state.is_first_stage:
             continue
-        if getattr(p, "expert", False):
-            copies = expert_copies
+        if spec.is_expert:
+            copies = expert_copies * (1 if spec.split_over("etp") else state.etp.size)
         else:
-            copies = dense_copies * (1 if hasattr(p, "tensor_parallel_dim") else state.tp.size)
+            copies = dense_copies * (1 if spec.split_over("tp") else state.tp.size)
         if g.numel():
             by_copies.setdefault(copies, []).append(g)
     total = torch.zeros((), dtype=torch.float64, device=device or _default_device())

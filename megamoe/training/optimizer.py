@@ -115,6 +115,43 @@ class Optimizer:
     def step(self, lr: float) -> None:
         raise NotImplementedError
 
+    # -- checkpoints (megamoe/training/checkpoint.py)
+
+    def state_pieces(self) -> list[tuple[nn.Parameter, int, dict[str, torch.Tensor]]]:
+        """``(param, lo, tensors)``: optimizer tensors holding elements ``[lo, lo + n)`` of the
+        flattened ``param``: ``master`` (when not the parameter itself), ``exp_avg``, ``exp_avg_sq``."""
+        raise NotImplementedError
+
+    def _states(self, master: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.optimizer.state.get(master, {}) if self.optimizer is not None else {}
+        return {k: state[k] for k in ("exp_avg", "exp_avg_sq") if k in state}
+
+    def ensure_state(self) -> None:
+        """Create Adam's (zero) states before any step, so a checkpoint can be loaded into them."""
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            fused = group.get("fused") or False
+            for m in group["params"]:
+                if m not in self.optimizer.state or not self.optimizer.state[m]:
+                    step = torch.zeros((), dtype=torch.float32, device=m.device if fused else "cpu")
+                    self.optimizer.state[m] = {"step": step, "exp_avg": torch.zeros_like(m),
+                                               "exp_avg_sq": torch.zeros_like(m)}
+
+    def step_count(self) -> int:
+        """Optimizer steps taken (Adam's bias correction counts them)."""
+        states = self.optimizer.state.values() if self.optimizer is not None else ()
+        return next((int(s["step"]) for s in states if "step" in s), 0)
+
+    def set_step_count(self, steps: int) -> None:
+        for s in (self.optimizer.state.values() if self.optimizer is not None else ()):
+            if "step" in s:
+                s["step"].fill_(steps)
+
+    def reset_masters_from_params(self) -> None:
+        """A fresh optimizer for the current parameters (``--no-load-optim``, ``--finetune``)."""
+        raise NotImplementedError
+
     def finish_param_sync(self) -> None:
         """Wait until every parameter holds its updated value (``--overlap-param-gather``
         leaves all-gathers in flight after ``step``)."""
@@ -167,3 +204,17 @@ class MixedPrecisionAdamW(Optimizer):
 
     def master_bytes(self) -> int:
         return 0 if self.masters_are_params else tensor_bytes(self.masters)
+
+    def state_pieces(self):
+        out = []
+        for p, master in zip(self.params, self.masters):
+            tensors = {} if self.masters_are_params else {"master": master}
+            out.append((p, 0, {**tensors, **self._states(master)}))
+        return out
+
+    @torch.no_grad()
+    def reset_masters_from_params(self) -> None:
+        for p, master in zip(self.params, self.masters):
+            if master is not p:
+                master.copy_(p)
+        self.optimizer.state.clear()

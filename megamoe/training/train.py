@@ -33,6 +33,7 @@ from megamoe.parallel.pipeline_parallel import (
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token, peak_tflops
+from megamoe.training.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.optimizer import MixedPrecisionAdamW, Optimizer
 from megamoe.training.profiling import StepProfiler
@@ -90,9 +91,11 @@ class MicroBatches:
         self.micro, self.global_batch = t.micro_batch_size, t.global_batch_size
         self.dp, self.dp_rank, self.device = state.dp.size, state.dp.rank, device
         self.num_micro = self.global_batch // (self.micro * self.dp)
+        self.sample_offset = 0  # a resumed run whose global batch changed: samples already consumed
 
     def get(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        start = step * self.global_batch + micro_step * self.micro * self.dp + self.dp_rank * self.micro
+        start = (self.sample_offset + step * self.global_batch + micro_step * self.micro * self.dp
+                 + self.dp_rank * self.micro)
         return self.data.batch(list(range(start, start + self.micro)), self.device)
 
 
@@ -196,6 +199,35 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     )
 
 
+def resume(config: Config, model: GPTModel, optimizer: Optimizer, data: MicroBatches, state: ParallelState,
+           rng_tracker: RNGStatesTracker, device: torch.device, say) -> tuple[int, RNGStatesTracker]:
+    """``--load``: the iteration to continue after (0 for a fresh start or ``--finetune``) and
+    the RNG tracker to use. The RNG streams of another layout cannot carry over: the run says
+    so and re-seeds them from ``--seed`` and the iteration, the same way on every rerun."""
+    ckpt = config.checkpoint
+    if not ckpt.load:
+        return 0, rng_tracker
+    fresh_optimizer = ckpt.no_load_optim or ckpt.finetune
+    want_rng = not (ckpt.no_load_rng or ckpt.finetune)
+    loaded = load_checkpoint(ckpt.load, model, optimizer, state, config, rng_tracker, device,
+                             load_optim=not fresh_optimizer, load_rng=want_rng)
+    if loaded is None:
+        say(f"> no checkpoint in {ckpt.load} yet: training from scratch")
+        return 0, rng_tracker
+    what = "weights" if fresh_optimizer else "weights and optimizer"
+    if ckpt.finetune:
+        say(f"> --finetune: loaded the weights of iteration {loaded.iteration} from {ckpt.load}; starting at 0")
+        return 0, rng_tracker
+    start = loaded.iteration
+    data.sample_offset = loaded.consumed_samples - start * data.global_batch
+    say(f"> loaded {what} of iteration {start} from {ckpt.load} ({loaded.consumed_samples:,} samples consumed)")
+    if want_rng and not loaded.rng_restored:
+        say("> the checkpoint was written in another layout: its RNG streams do not carry over; "
+            f"re-seeded from --seed {config.training.seed} and iteration {start}")
+        rng_tracker = model_parallel_seed(config.training.seed + start, state, device)
+    return start, rng_tracker
+
+
 def moe_layer_names(args) -> list[str]:
     """Each MoE layer's label in the logs: its decoder layer index, or ``mtpK`` for MTP depth K."""
     return [str(i) if i < args.num_layers else f"mtp{i - args.num_layers + 1}"
@@ -253,8 +285,16 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     if config.logging.tensorboard_dir:
         reporter.print(f"> tensorboard: {config.logging.tensorboard_dir}")
     history = []
-    t = config.training
+    t, ckpt = config.training, config.checkpoint
     profiler = StepProfiler(config, state.rank, model, optimizer, device, reporter.print)
+    start, rng_tracker = resume(config, model, optimizer, data, state, rng_tracker, device, reporter.print)
+
+    def save(step: int) -> None:
+        optimizer.finish_param_sync()
+        began = time.perf_counter()
+        path = save_checkpoint(ckpt.save, step, model, optimizer, state, config,
+                               data.sample_offset + step * data.global_batch, rng_tracker, device)
+        reporter.print(f"> saved checkpoint at iteration {step} to {path} ({time.perf_counter() - began:.1f} s)")
 
     def step_batches(step: int) -> list[dict]:
         return [data.get(step - 1, j) for j in range(data.num_micro)]
@@ -262,9 +302,9 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     # The next step's batches are prepared on a background thread while this step computes.
     # Step times are wall-clock from one step's end to the next, so data waits are counted.
     with ThreadPoolExecutor(max_workers=1) as prefetch:
-        upcoming = prefetch.submit(step_batches, 1)
+        upcoming = prefetch.submit(step_batches, start + 1)
         last = time.perf_counter()
-        for step in range(1, t.train_iters + 1):
+        for step in range(start + 1, t.train_iters + 1):
             batches = upcoming.result()
             if step < t.train_iters:
                 upcoming = prefetch.submit(step_batches, step + 1)
@@ -281,6 +321,9 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
                                f"lm loss PPL: {np.exp(min(valid, 50)):.5E} |")
                 if reporter.writer is not None:
                     reporter.writer.add_scalar("validation/lm-loss", valid, step)
+                last = time.perf_counter()
+            if ckpt.save and (step == t.train_iters or (ckpt.save_interval and step % ckpt.save_interval == 0)):
+                save(step)
                 last = time.perf_counter()
     optimizer.finish_param_sync()
     reporter.close()

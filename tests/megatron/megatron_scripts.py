@@ -84,23 +84,7 @@ DEEPSEEK_V3 = """
 SCRIPTS = {"mixtral": MIXTRAL, "deepseek_v2_lite": DEEPSEEK_V2_LITE, "qwen3_30b_a3b": QWEN3_30B_A3B,
            "deepseek_v3": DEEPSEEK_V3}
 
-# Checkpointing has not landed (issue 13): these flags give their one-line "not supported yet"
-# error, so the runs below leave them out (with their values) and a test checks the error.
-CHECKPOINT_FLAGS = {"--save": 1, "--load": 1, "--save-interval": 1, "--no-load-optim": 0, "--no-load-rng": 0}
-
 
 def script_argv(name: str, **paths: str) -> list[str]:
     """The script's flags with its placeholders filled in."""
     return [word.format(**paths) for word in SCRIPTS[name].split()]
-
-
-def without_checkpoint_flags(argv: list[str]) -> list[str]:
-    out, skip = [], 0
-    for word in argv:
-        if skip:
-            skip -= 1
-        elif word in CHECKPOINT_FLAGS:
-            skip = CHECKPOINT_FLAGS[word]
-        else:
-            out.append(word)
-    return out

@@ -34,7 +34,7 @@ from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.norm import RMSNorm
 from megamoe.parallel.state import ParallelState
 from megamoe.training.train import train
-from megatron_scripts import script_argv, without_checkpoint_flags
+from megatron_scripts import script_argv
 
 # ---------------------------------------------------------------------------------------------
 # What Megatron builds from each script: the released models' shapes, written out by hand.
@@ -135,9 +135,10 @@ def files(tmp_path_factory):
     return dict(full=full, small=small, data=_dataset(d / "docs", 25_000, 300), dir=str(d))
 
 
-def _argv(name: str, tokenizer: str, files: dict) -> list[str]:
-    paths = dict(TOKENIZER_MODEL=tokenizer, DATA_PATH=files["data"], CHECKPOINT_PATH=files["dir"] + "/ckpt")
-    argv = without_checkpoint_flags(script_argv(name, **paths))
+def _argv(name: str, tokenizer: str, files: dict, checkpoints: str | None = None) -> list[str]:
+    paths = dict(TOKENIZER_MODEL=tokenizer, DATA_PATH=files["data"],
+                 CHECKPOINT_PATH=checkpoints or files["dir"] + "/ckpt")
+    argv = script_argv(name, **paths)
     if name != "mixtral":  # the modelopt confs leave the tokenizer path and the data to their caller
         argv += ["--tokenizer-model", tokenizer, "--data-path", files["data"]]
     return argv
@@ -186,21 +187,27 @@ def test_full_size_flags_build_megatrons_model(name, files):
     assert moe_layers[0].experts.backend == ("torch" if grouped else "loop")  # Megatron: SequentialMLP
     # Every structural flag the script gives is one megamoe builds, so the notices only point out
     # what Megatron also does without being asked: one GEMM per expert without --moe-grouped-gemm,
-    # and DeepSeek-R1's --moe-router-pre-softmax, which sigmoid scores ignore.
+    # DeepSeek-R1's --moe-router-pre-softmax, which sigmoid scores ignore, and the modelopt confs'
+    # --save-interval, whose --save their caller adds.
     expected = []
     if name == "deepseek_v3":
         expected.append("--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid")
     if not grouped:
         expected.append("routed experts run one GEMM per expert (Megatron-LM's default); --moe-grouped-gemm runs "
                         "them as grouped GEMMs")
+    if "--save" not in argv:
+        expected.append("--save-interval 100000 without --save: nothing is saved (as in Megatron-LM)")
     assert notices(config) == expected
 
 
-def test_checkpoint_flags_are_refused_until_checkpoints_land(files):
-    argv = script_argv("mixtral", TOKENIZER_MODEL=files["full"]["mixtral"], DATA_PATH=files["data"],
-                       CHECKPOINT_PATH=files["dir"] + "/ckpt")
-    with pytest.raises(ConfigError, match="--save: not supported yet"):
-        validate(parse_config(argv), 32)
+def test_checkpoint_flags_carry_over(files):
+    ckpt = files["dir"] + "/ckpt"
+    argv = script_argv("mixtral", TOKENIZER_MODEL=files["full"]["mixtral"], DATA_PATH=files["data"], CHECKPOINT_PATH=ckpt)
+    config = parse_config(argv)
+    validate(config, 32)
+    c = config.checkpoint
+    assert (c.save, c.load, c.save_interval, c.no_load_optim, c.no_load_rng) == (ckpt, ckpt, 10000, True, True)
+    assert c.ckpt_format == "torch_dist"  # Megatron's default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +249,7 @@ def _train(argv: list[str]):
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_script_trains_at_two_ranks(name, files, workers, tmp_path):
     tokenizer = files["small"]["mixtral" if name == "mixtral" else "hf"]
-    argv = _argv(name, tokenizer, files) + COMMON_TINY + TINY[name]
+    argv = _argv(name, tokenizer, files, str(tmp_path / "ckpt")) + COMMON_TINY + TINY[name]
     argv += ["--tensorboard-dir", str(tmp_path / "tb")] if name == "mixtral" else []
     losses = workers(2).run(_train, argv)
     assert losses[0] == losses[1] and len(losses[0]) == 3  # every rank reports the job's losses

@@ -22,100 +22,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megamoe.config import Config
-from megamoe.model.gpt import GPTModel
-from megamoe.parallel import mappings
 from megamoe.parallel.state import ParallelState
-from megamoe.training.distributed_optimizer import DistributedOptimizer
+from megamoe.testing.parity import TOL, build, gather_full, make_config, reduced_main_grads
 from megamoe.training.optimizer import MixedPrecisionAdamW
-from megamoe.testing.presets import preset
-from megamoe.training.train import MicroBatches, build_model, build_optimizer, train_step
-
-DT = torch.float64
-TOL = dict(rtol=1e-9, atol=1e-12)
-
-
-def make_config(variant: str, layout: dict) -> Config:
-    cfg = preset("demo")
-    cfg.model.seq_length = 16
-    if "layers" in layout:  # the first layer dense, the rest MoE
-        cfg.model.num_layers = layout["layers"]
-        cfg.moe.moe_layer_freq = f"[0]*1+[1]*{layout['layers'] - 1}"
-    cfg.training.micro_batch_size = 1
-    cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
-    cfg.training.train_iters = 3
-    cfg.training.clip_grad = layout.get("clip", 0.0)
-    cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)
-    cfg.parallel.sequence_parallel = layout.get("sp", False)
-    cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
-    cfg.parallel.pipeline_model_parallel_size = layout.get("pp", 1)
-    cfg.parallel.context_parallel_size = layout.get("cp", 1)
-    cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
-    cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
-    cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
-    cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
-    cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
-    cfg.parallel.use_distributed_optimizer = layout.get("distopt", False)
-    cfg.parallel.overlap_grad_reduce = layout.get("overlap", False)
-    cfg.parallel.overlap_param_gather = layout.get("gather", False)
-    cfg.parallel.ddp_bucket_size = layout.get("bucket")
-    if variant in ("gqa", "seq_aux_position"):  # GQA, softmax router, balancing losses
-        cfg.model.multi_latent_attention, cfg.model.qk_layernorm = False, False
-        cfg.model.num_attention_heads, cfg.model.group_query_attention = 8, True
-        cfg.model.num_query_groups = 4 if variant == "gqa" else 2
-        cfg.moe.moe_router_score_function = "softmax"
-        cfg.moe.moe_router_enable_expert_bias = False
-        cfg.moe.moe_aux_loss_coeff = 1e-2
-    if variant == "gqa":
-        cfg.moe.moe_router_load_balancing_type = "aux_loss"
-        cfg.moe.moe_z_loss_coeff = 1e-3
-    elif variant == "seq_aux_position":  # per-sequence balancing and first-come capacity see whole sequences
-        cfg.moe.moe_router_load_balancing_type = "seq_aux_loss"
-        cfg.moe.moe_expert_capacity_factor = 1.0
-        cfg.moe.moe_token_drop_policy = "position"
-    elif variant == "dense":  # Megatron-LM's default GPT: no experts, LayerNorm, GeLU, MHA, tied head
-        cfg.moe.num_experts = None
-        cfg.model.multi_latent_attention, cfg.model.qk_layernorm = False, False
-        cfg.model.normalization, cfg.model.swiglu, cfg.model.ffn_hidden_size = "LayerNorm", False, None
-        cfg.model.untie_embeddings_and_output_weights = False
-    elif variant in ("mtp_capacity", "mtp_tied"):
-        cfg.model.mtp_num_layers = 1
-        cfg.model.untie_embeddings_and_output_weights = variant != "mtp_tied"
-        cfg.model.q_lora_rank = 0
-        cfg.moe.moe_expert_capacity_factor = 1.0
-        cfg.moe.moe_router_num_groups, cfg.moe.moe_router_group_topk = 4, 2
-    return cfg
-
-
-def build(cfg: Config, state: ParallelState) -> GPTModel:
-    return build_model(cfg, state, "cpu", dtype=DT)
-
-
-def gather_full(t: torch.Tensor, param: torch.nn.Parameter, state: ParallelState) -> torch.Tensor:
-    """Reassemble a tensor shaped like ``param`` (the weight or its gradient) from its TP /
-    expert-TP / EP shards, following the parameter's sharding attributes."""
-    if hasattr(param, "tensor_parallel_dim"):
-        t = mappings.all_gather(t.contiguous(), state.tp, dim=param.tensor_parallel_dim)
-    if getattr(param, "expert", False):
-        dim = param.expert_tensor_parallel_dim
-        # a fused [gate; up] weight: each expert-TP rank holds a slice of each half
-        halves = t.chunk(getattr(param, "fused_halves", 1), dim=dim)
-        t = torch.cat([mappings.all_gather(h.contiguous(), state.etp, dim=dim) for h in halves], dim=dim)
-        t = mappings.all_gather(t.contiguous(), state.ep, dim=0)
-    return t
-
-
-def reduced_main_grads(opt) -> dict:
-    """Every parameter's summed main gradient. The distributed optimizer sums only this rank's
-    shard of each bucket, so the summed shards are all-gathered."""
-    if not isinstance(opt, DistributedOptimizer):
-        return {p: p.main_grad for p in opt.params}
-    grads = {}
-    for bucket in opt.grads.buckets:
-        full = mappings.all_gather(bucket.shard(bucket.grad_data).clone(), bucket.group)
-        grads.update({p: full[lo:hi].view_as(p) for p, lo, hi in bucket.ranges})
-    return grads
-
+from megamoe.training.train import MicroBatches, build_optimizer, train_step
 
 def _parity(variant: str, layout: dict):
     cfg = make_config(variant, layout)
@@ -143,14 +53,16 @@ def _parity(variant: str, layout: dict):
             assert abs(a - b) <= 1e-9 * abs(b) + 1e-15, (step, a, b)
         ref_params, grads = dict(ref.named_parameters()), reduced_main_grads(opt)
         for name, p in model.named_parameters():
-            torch.testing.assert_close(gather_full(grads[p], p, state), ref_params[name].main_grad, **TOL,
+            ref_p = ref_params[name]
+            torch.testing.assert_close(gather_full(grads[p], p, state), gather_full(ref_p.main_grad, ref_p, single), **TOL,
                                        msg=f"grad {name} step {step}")
         if got.tokens_per_expert is not None:
             assert (got.tokens_per_expert == want.tokens_per_expert).all()
     opt.finish_param_sync()
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(gather_full(p.detach(), p, state), ref_params[name].detach(), **TOL,
+        ref_p = ref_params[name]
+        torch.testing.assert_close(gather_full(p.detach(), p, state), gather_full(ref_p.detach(), ref_p, single), **TOL,
                                    msg=f"weight {name}")
     ref_buffers = dict(ref.named_buffers())
     for name, b in model.named_buffers():  # this stage's buffers: expert bias after the updates

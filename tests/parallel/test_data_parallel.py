@@ -17,6 +17,7 @@ import torch.nn as nn
 from megamoe.config import ParallelConfig, TrainingConfig
 from megamoe.parallel import data_parallel
 from megamoe.parallel.data_parallel import ALIGN, DataParallelGrads
+from megamoe.parallel.param_spec import ParamSpec, set_spec
 from megamoe.parallel.state import GROUP_KINDS, Group, ParallelLayout, ParallelState
 from megamoe.testing.distributed import worker_device
 from megamoe.training.distributed_optimizer import DistributedOptimizer
@@ -55,9 +56,9 @@ class Toy(nn.Module):
 
 def test_buffer_layout_without_processes():
     model = Toy()
-    model.layers[1].weight.expert = True
-    model.layers[3].weight.sequence_parallel = True
-    model.layers[0].weight.pipeline_shared_embedding = True
+    set_spec(model.layers[1].weight, ParamSpec("expert", (12, 12)))
+    set_spec(model.layers[3].weight, ParamSpec("linear", (12, 12), grad_partial_over_tp=True))
+    set_spec(model.layers[0].weight, ParamSpec("embedding", (12, 12), shared_embedding=True))
     state = fake_state(8, rank=0, tp=2, pp=2)  # dp 2, embd = first and last stage
     params = list(model.parameters())
     grads = DataParallelGrads(params, state, bucket_size=150)

@@ -1,0 +1,93 @@
+"""Shared by the parity and checkpoint tests: a small model config for a named variant and a
+layout, the float64 model builder, and the global tensors of any layout's parameters (through
+their specs), to compare with the single-process model."""
+
+from __future__ import annotations
+
+import torch
+
+from megamoe.config import Config
+from megamoe.model.gpt import GPTModel
+from megamoe.parallel import mappings
+from megamoe.parallel.param_spec import assemble_global, spec_of
+from megamoe.parallel.state import ParallelState
+from megamoe.testing.presets import preset
+from megamoe.training.distributed_optimizer import DistributedOptimizer
+from megamoe.training.train import build_model
+
+DT = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+
+def make_config(variant: str, layout: dict) -> Config:
+    cfg = preset("demo")
+    cfg.model.seq_length = 16
+    if "layers" in layout:  # the first layer dense, the rest MoE
+        cfg.model.num_layers = layout["layers"]
+        cfg.moe.moe_layer_freq = f"[0]*1+[1]*{layout['layers'] - 1}"
+    cfg.training.micro_batch_size = 1
+    cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
+    cfg.training.train_iters = 3
+    cfg.training.clip_grad = layout.get("clip", 0.0)
+    cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)
+    cfg.parallel.sequence_parallel = layout.get("sp", False)
+    cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
+    cfg.parallel.pipeline_model_parallel_size = layout.get("pp", 1)
+    cfg.parallel.context_parallel_size = layout.get("cp", 1)
+    cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
+    cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
+    cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
+    cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
+    cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
+    cfg.parallel.use_distributed_optimizer = layout.get("distopt", False)
+    cfg.parallel.overlap_grad_reduce = layout.get("overlap", False)
+    cfg.parallel.overlap_param_gather = layout.get("gather", False)
+    cfg.parallel.ddp_bucket_size = layout.get("bucket")
+    if variant in ("gqa", "seq_aux_position"):  # GQA, softmax router, balancing losses
+        cfg.model.multi_latent_attention, cfg.model.qk_layernorm = False, False
+        cfg.model.num_attention_heads, cfg.model.group_query_attention = 8, True
+        cfg.model.num_query_groups = 4 if variant == "gqa" else 2
+        cfg.moe.moe_router_score_function = "softmax"
+        cfg.moe.moe_router_enable_expert_bias = False
+        cfg.moe.moe_aux_loss_coeff = 1e-2
+    if variant == "gqa":
+        cfg.moe.moe_router_load_balancing_type = "aux_loss"
+        cfg.moe.moe_z_loss_coeff = 1e-3
+    elif variant == "seq_aux_position":  # per-sequence balancing and first-come capacity see whole sequences
+        cfg.moe.moe_router_load_balancing_type = "seq_aux_loss"
+        cfg.moe.moe_expert_capacity_factor = 1.0
+        cfg.moe.moe_token_drop_policy = "position"
+    elif variant == "dense":  # Megatron-LM's default GPT: no experts, LayerNorm, GeLU, MHA, tied head
+        cfg.moe.num_experts = None
+        cfg.model.multi_latent_attention, cfg.model.qk_layernorm = False, False
+        cfg.model.normalization, cfg.model.swiglu, cfg.model.ffn_hidden_size = "LayerNorm", False, None
+        cfg.model.untie_embeddings_and_output_weights = False
+    elif variant in ("mtp_capacity", "mtp_tied"):
+        cfg.model.mtp_num_layers = 1
+        cfg.model.untie_embeddings_and_output_weights = variant != "mtp_tied"
+        cfg.model.q_lora_rank = 0
+        cfg.moe.moe_expert_capacity_factor = 1.0
+        cfg.moe.moe_router_num_groups, cfg.moe.moe_router_group_topk = 4, 2
+    return cfg
+
+
+def build(cfg: Config, state: ParallelState) -> GPTModel:
+    return build_model(cfg, state, "cpu", dtype=DT)
+
+
+def gather_full(t: torch.Tensor, param: torch.nn.Parameter, state: ParallelState) -> torch.Tensor:
+    """The global tensor of ``param`` (the weight or its gradient), from its pieces on this
+    stage's ranks, as the parameter's spec places them."""
+    return assemble_global(t, spec_of(param), state)
+
+
+def reduced_main_grads(opt) -> dict:
+    """Every parameter's summed main gradient. The distributed optimizer sums only this rank's
+    shard of each bucket, so the summed shards are all-gathered."""
+    if not isinstance(opt, DistributedOptimizer):
+        return {p: p.main_grad for p in opt.params}
+    grads = {}
+    for bucket in opt.grads.buckets:
+        full = mappings.all_gather(bucket.shard(bucket.grad_data).clone(), bucket.group)
+        grads.update({p: full[lo:hi].view_as(p) for p, lo, hi in bucket.ranges})
+    return grads

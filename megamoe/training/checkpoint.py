@@ -1,0 +1,422 @@
+"""Checkpoints: every rank writes its own pieces of the global tensors with
+``torch.distributed.checkpoint`` (DCP), so a checkpoint loads into any layout.
+
+Layout on disk (Megatron-LM's)::
+
+    DIR/latest_checkpointed_iteration.txt     the last complete checkpoint's iteration
+    DIR/iter_0000100/                         DCP: .metadata plus one file per writing rank
+    DIR/iter_0000100/common.json              iteration, consumed samples, optimizer step, layout, config
+    DIR/iter_0000100/rng/rank_00003.pt        each rank's RNG states (Python, numpy, torch, CUDA, TP/EP streams)
+
+Tensors are named by their global name (``model/layers.3.ffn.experts.w13``,
+``optim/exp_avg/layers.3.ffn.experts.w13``, ...) and stored as pieces of the global, unpadded
+tensor at their offsets (:mod:`megamoe.parallel.param_spec`): the single-process model's
+tensors, whatever TP, PP, EP, expert-TP, DP, CP, optimizer sharding or expert backend wrote
+them. One rank writes each piece (its owner). The distributed optimizer's flat shards are
+cut into boxes of the global tensors on the way (a flat range of a row-major tensor is a few
+boxes), so its states reshard like everything else.
+
+Saves are atomic: ranks write into ``iter_N.tmp``; after all of them finished, rank 0 renames
+it to ``iter_N`` and only then rewrites the tracker file (itself by rename). A job killed
+mid-save leaves the previous checkpoint as the one ``--load`` finds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megamoe.config import Config, ConfigError
+from megamoe.parallel.param_spec import ParamSpec, global_name, spec_of
+from megamoe.parallel.random import RNGStatesTracker
+from megamoe.parallel.state import ParallelState
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The iteration the tracker file names, or None when ``root`` holds no checkpoint yet."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ConfigError(f"--load {root}: {TRACKER} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces of global tensors
+
+
+@dataclass
+class Piece:
+    """``view`` (a view into this rank's tensor) is ``global[offsets : offsets + sizes]`` of the
+    global tensor ``fqn`` of shape ``shape``."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    view: torch.Tensor
+
+
+def _flat_boxes(shape: tuple[int, ...], lo: int, hi: int) -> Iterator[tuple[int, tuple, tuple]]:
+    """The flat range ``[lo, hi)`` of a row-major tensor of ``shape`` as boxes, each contiguous
+    in memory: (flat start, start per dim, size per dim)."""
+    if lo >= hi:
+        return
+    if not shape:
+        yield lo, (), ()
+        return
+    row = math.prod(shape[1:])
+    if lo % row:  # a partial first row
+        r = lo // row
+        end = min(hi, (r + 1) * row)
+        for flat, start, size in _flat_boxes(shape[1:], lo - r * row, end - r * row):
+            yield r * row + flat, (r, *start), (1, *size)
+        lo = end
+    full = (hi - lo) // row
+    if full:
+        yield lo, (lo // row, *(0 for _ in shape[1:])), (full, *shape[1:])
+        lo += full * row
+    if lo < hi:  # a partial last row
+        r = lo // row
+        for flat, start, size in _flat_boxes(shape[1:], 0, hi - lo):
+            yield r * row + flat, (r, *start), (1, *size)
+
+
+def global_pieces(fqn: str, flat: torch.Tensor, lo: int, local_shape: tuple[int, ...], spec: ParamSpec,
+                  state: ParallelState) -> list[Piece]:
+    """Pieces of global tensor ``fqn`` held by ``flat``: elements ``[lo, lo + flat.numel())`` of
+    this rank's tensor of ``local_shape`` (the whole tensor, flattened, or a distributed
+    optimizer's shard of it)."""
+    pieces = []
+    for flat_start, start, size in _flat_boxes(local_shape, lo, lo + flat.numel()):
+        n = math.prod(size)
+        block = flat[flat_start - lo: flat_start - lo + n].view(size)
+        for box in spec.boxes(state):
+            ranges = []
+            for d, (s, b0, bn) in enumerate(zip(box.slices, start, size)):
+                s0 = 0 if s.start is None else s.start
+                s1 = local_shape[d] if s.stop is None else s.stop
+                a, z = max(b0, s0), min(b0 + bn, s1)
+                if a >= z:
+                    break
+                ranges.append((a - b0, z - b0, a - s0))
+            else:
+                view = block[tuple(slice(a, z) for a, z, _ in ranges)]
+                for _ in spec.index:
+                    view = view.unsqueeze(0)
+                k = len(spec.index)
+                offsets = (*box.offsets[:k], *(box.offsets[k + d] + r[2] for d, r in enumerate(ranges)))
+                pieces.append(Piece(fqn, spec.shape, offsets, tuple(view.shape), view))
+    return pieces
+
+
+def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, ParamSpec]]:
+    """(global name, tensor, spec) of every parameter and persistent buffer."""
+    for name, p in model.named_parameters():
+        spec = spec_of(p)
+        yield global_name(name, spec), p, spec
+    for name, b in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in _non_persistent(model, name):
+            continue
+        yield name, b, spec_of(b)
+
+
+def _non_persistent(model: torch.nn.Module, name: str) -> set:
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return owner._non_persistent_buffers_set
+
+
+def model_pieces(model: torch.nn.Module, state: ParallelState) -> list[Piece]:
+    pieces = []
+    for name, t, spec in _named_tensors(model):
+        pieces += global_pieces("model/" + name, t.detach().view(-1), 0, tuple(t.shape), spec, state)
+    return pieces
+
+
+def optimizer_pieces(model: torch.nn.Module, optimizer, state: ParallelState) -> list[Piece]:
+    """The float32 masters (when they are not the parameters) and Adam's moments."""
+    names = {p: global_name(name, spec_of(p)) for name, p in model.named_parameters()}
+    pieces = []
+    for p, lo, tensors in optimizer.state_pieces():
+        spec = spec_of(p)
+        for kind, t in tensors.items():
+            pieces += global_pieces(f"optim/{kind}/{names[p]}", t.view(-1), lo, tuple(p.shape), spec, state)
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP planners over pieces
+
+
+def _key(piece: Piece) -> str:
+    return f"{piece.fqn}@{','.join(map(str, piece.offsets))}"
+
+
+class _PieceSavePlanner(DefaultSavePlanner):
+    """Writes each piece as a shard of its global tensor."""
+
+    def __init__(self, pieces: list[Piece]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.pieces = {_key(p): p for p in pieces}
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for key, p in self.pieces.items():
+            tensor = self.state_dict[key]
+            items.append(WriteItem(
+                index=MetadataIndex(p.fqn, torch.Size(p.offsets)), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(p.offsets), torch.Size(p.sizes)),
+                                            properties=TensorProperties.create_from_tensor(tensor),
+                                            size=torch.Size(p.shape))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        fqn, offsets = write_item.index.fqn, tuple(write_item.index.offset)
+        return self.state_dict[f"{fqn}@{','.join(map(str, offsets))}"]
+
+
+class _PieceLoadPlanner(DefaultLoadPlanner):
+    """Reads each piece from whichever saved shards overlap it."""
+
+    def __init__(self, pieces: list[Piece]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.pieces = pieces
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for i, p in enumerate(self.pieces):
+            md = self.metadata.state_dict_metadata[p.fqn]
+            reads = create_read_items_for_chunk_list(
+                p.fqn, md, [ChunkStorageMetadata(torch.Size(p.offsets), torch.Size(p.sizes))])
+            # destinations by piece number: two pieces may read the same stored tensor (a master
+            # loaded from the model weights of a run whose parameters were their own masters)
+            items += [dataclasses.replace(r, dest_index=MetadataIndex(str(i), r.dest_index.offset)) for r in reads]
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.pieces[int(index.fqn)].view
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+
+
+def rng_states(tracker: Optional[RNGStatesTracker], device: torch.device) -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    if tracker is not None:
+        states["streams"] = {k: v.cpu() for k, v in tracker.state_dict().items()}
+    return states
+
+
+def restore_rng_states(states: dict, tracker: Optional[RNGStatesTracker], device: torch.device) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    if tracker is not None and "streams" in states:
+        tracker.load_state_dict(states["streams"])
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def _distributed(state: ParallelState) -> bool:
+    return dist.is_initialized() and state.layout.world_size > 1
+
+
+def _barrier(state: ParallelState) -> None:
+    if _distributed(state):
+        dist.barrier()
+
+
+def _all_ok(ok: bool, state: ParallelState, device: torch.device) -> bool:
+    """Whether every rank reports ``ok`` (a save is recorded only when all ranks succeeded)."""
+    if not (dist.is_initialized() and state.layout.world_size > 1):
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def layout_signature(config: Config, state: ParallelState) -> dict:
+    p = config.parallel
+    return {"world_size": state.layout.world_size, **p.degrees(),
+            "first_stage_layers": p.decoder_first_pipeline_num_layers,
+            "last_stage_layers": p.decoder_last_pipeline_num_layers}
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, state: ParallelState, config: Config,
+                    consumed_samples: int, tracker: Optional[RNGStatesTracker], device: torch.device) -> str:
+    """Write ``root/iter_N`` (see the module docstring); every rank calls it. Returns the directory."""
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if state.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier(state)
+    owned = owned_pieces(model, optimizer, state)
+    ok, error = True, None
+    try:
+        dcp.save({_key(p): p.view for p in owned}, storage_writer=dcp.FileSystemWriter(tmp),
+                 planner=_PieceSavePlanner(owned), no_dist=not _distributed(state))
+        torch.save(rng_states(tracker, device), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
+        if state.rank == 0:
+            common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+                      "optimizer_step": optimizer.step_count(), "layout": layout_signature(config, state),
+                      "config": dataclasses.asdict(config)}
+            with open(os.path.join(tmp, "common.json"), "w") as f:
+                json.dump(common, f, indent=1, default=str)
+    except OSError as err:
+        ok = False
+        error = err
+    if not _all_ok(ok, state, device):
+        raise RuntimeError(f"saving iteration {iteration} to {root} failed"
+                           + (f" on rank {state.rank}: {error}" if not ok else " on another rank"))
+    if state.rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _barrier(state)
+    return final
+
+
+def owned_pieces(model, optimizer, state: ParallelState) -> list[Piece]:
+    """The pieces this rank writes: of tensors it owns (one holder of each replica)."""
+    out = []
+    for name, t, spec in _named_tensors(model):
+        if spec.is_owner(state):
+            out += global_pieces("model/" + name, t.detach().view(-1), 0, tuple(t.shape), spec, state)
+    names = {p: global_name(name, spec_of(p)) for name, p in model.named_parameters()}
+    for p, lo, tensors in optimizer.state_pieces():
+        spec = spec_of(p)
+        if _owns_optimizer_state(spec, state, optimizer.dp_sharded):
+            for kind, t in tensors.items():
+                out += global_pieces(f"optim/{kind}/{names[p]}", t.view(-1), lo, tuple(p.shape), spec, state)
+    return out
+
+
+def _owns_optimizer_state(spec: ParamSpec, state: ParallelState, dp_sharded: bool) -> bool:
+    """Whether this rank writes its optimizer states of a parameter. With the distributed
+    optimizer each data-parallel rank holds a different shard of them and writes its own (it
+    need only be rank 0 of the other replica groups)."""
+    if not dp_sharded:
+        return spec.is_owner(state)
+    if spec.shared_embedding and not state.is_first_stage:
+        return False
+    sharded_over = ("edp",) if spec.is_expert else ("dp", "cp")
+    return all(state.group(k).rank == 0 for k in spec.replica_groups() if k not in sharded_over)
+
+
+@dataclass
+class Loaded:
+    iteration: int
+    consumed_samples: int
+    same_layout: bool
+    rng_restored: bool
+
+
+def read_common(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "common.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--load: {path} is not a complete megamoe checkpoint ({err})") from None
+
+
+def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: Config,
+                    tracker: Optional[RNGStatesTracker], device: torch.device, load_optim: bool = True,
+                    load_rng: bool = True) -> Optional[Loaded]:
+    """Load the tracker's checkpoint into this layout (every rank calls it); None when ``root``
+    holds none yet. Raises ConfigError for a checkpoint of another model or a broken one."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    common = read_common(path)
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as err:  # noqa: BLE001 - any unreadable metadata is a broken checkpoint
+        raise ConfigError(f"--load: cannot read {path}: {err}") from None
+    saved = metadata.state_dict_metadata
+    pieces = model_pieces(model, state)
+    if load_optim:
+        optimizer.ensure_state()
+        opt = optimizer_pieces(model, optimizer, state)
+        for p in opt:  # masters saved by a run whose parameters were their own masters
+            if p.fqn not in saved and p.fqn.startswith("optim/master/"):
+                p.fqn = "model/" + p.fqn[len("optim/master/"):]
+        if common["optimizer_step"] == 0:  # saved before the first step: no moments yet (zeros)
+            opt = [p for p in opt if p.fqn in saved or not p.fqn.startswith("optim/exp_avg")]
+        pieces += opt
+    _check_shapes(pieces, saved, path)
+    try:
+        dcp.load({str(i): p.view for i, p in enumerate(pieces)}, storage_reader=dcp.FileSystemReader(path),
+                 planner=_PieceLoadPlanner(pieces), no_dist=not _distributed(state))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - truncated or corrupt files
+        raise ConfigError(f"--load: {path} is corrupt or incomplete ({_first_failure(err)})") from None
+    if not load_optim:
+        optimizer.reset_masters_from_params()
+    else:
+        optimizer.set_step_count(common["optimizer_step"])
+    same = common["layout"] == layout_signature(config, state)
+    restored = False
+    if load_rng and same:
+        rng_path = os.path.join(path, "rng", f"rank_{state.rank:05d}.pt")
+        restore_rng_states(torch.load(rng_path, weights_only=False), tracker, device)
+        restored = True
+    return Loaded(common["iteration"], common["consumed_samples"], same, restored)
+
+
+def _first_failure(err: BaseException) -> str:
+    """One line: the first rank's underlying error (DCP wraps them per rank)."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        rank, cause = sorted(failures.items())[0]
+        return f"rank {rank}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _check_shapes(pieces: list[Piece], saved: dict, path: str) -> None:
+    for p in pieces:
+        md = saved.get(p.fqn)
+        if md is None:
+            raise ConfigError(f"--load: {path} holds a different model: it has no tensor {p.fqn}")
+        if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(p.shape):
+            have = list(md.size) if isinstance(md, TensorStorageMetadata) else "not a tensor"
+            raise ConfigError(f"--load: {path} holds a different model: {p.fqn} is {have} there, "
+                              f"{list(p.shape)} here")
