@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megamoe.cli import exit_on_config_error, parse_config
 from megamoe.config_validation import notices, validate
 from megamoe.parallel.launch import configure_logging, init_distributed, process_info_from_env
+from megamoe.training.stopping import NonFiniteError
 from megamoe.training.train import train
 
 PROG = "pretrain_moe.py"
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with exit_on_config_error(PROG):  # e.g. a --load checkpoint of another model
             train(config, state, device)
+    except NonFiniteError as err:  # --check-for-nan-in-loss-and-grad
+        if info.rank == 0:
+            print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

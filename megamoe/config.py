@@ -266,6 +266,8 @@ class TrainingConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Clip gradients to this global L2 norm (0 disables)."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop the run (exit non-zero, no checkpoint written) when the loss or the grad norm is not finite, naming the iteration and the rank."""
     seed: int = 1234
     """Random seed for initialisation, data and dropout."""
     bf16: bool = False
@@ -352,6 +354,16 @@ class CheckpointConfig:
     """Load the model weights only and start at iteration 0 with a fresh optimizer (implies --no-load-optim and --no-load-rng)."""
     ckpt_format: str = "torch_dist"
     """Checkpoint format: torch_dist (torch.distributed.checkpoint, every rank writing its own shards), the only one megamoe writes."""
+    async_save: bool = False
+    """Write checkpoints in the background: the tensors are copied to CPU memory, then written by a thread while training goes on (one save in flight at a time; recorded in the tracker only once every rank finished)."""
+    ckpt_keep_latest: Optional[int] = None
+    """Keep only the latest this many checkpoints in --save (older iteration directories are deleted after a save completes). Unset keeps all."""
+    exit_signal_handler: bool = False
+    """On SIGTERM (SLURM's preemption signal), save a checkpoint at the end of the current iteration and exit 0."""
+    exit_interval: Optional[int] = None
+    """Save and exit after the iteration that is a multiple of this."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and exit once training has run this many minutes (checked after every iteration)."""
 
 
 @dataclass

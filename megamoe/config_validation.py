@@ -322,6 +322,7 @@ def _check_writable(directory: str) -> None:
 
 def validate_checkpoint(c: CheckpointConfig) -> None:
     _positive(c, "save_interval")
+    _positive(c, "ckpt_keep_latest", "exit_interval", "exit_duration_in_mins")
     if c.save is not None:
         _check_writable(c.save)
     if c.ckpt_format != "torch_dist":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp|cp|perf|ckpt]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
 # (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
@@ -14,6 +14,8 @@
 # --compile at micro-batch 16) side by side on the V2-Lite proxy, the head's GEMMs per chunk size
 # (tools/bench_head.py), the optimizer's pieces (tools/bench_optimizer.py), then an eager and a
 # --compile --profile run whose summaries land in $OUT/prof and $OUT/prof_compiled.
+# `ckpt` (one GPU): synchronous save, async save and load times on the V2-Lite proxy
+# (tools/bench_checkpoint.py; about 32 GB written under $CKPT_DIR, default /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -77,6 +79,9 @@ if [ "$mode" = perf ]; then
       --profile-step-start 4 --profile-step-end 6 --profile-dir "$LOG/prof${extra:+_compiled}" $extra 2>&1 \
       | tee "$LOG/profile${extra:+_compiled}.log" | grep -A 24 "^profile:"
   done
+fi
+if [ "$mode" = ckpt ]; then  # one GPU: how long saves and loads block training on the V2-Lite proxy
+  python3 tools/bench_checkpoint.py --dir "${CKPT_DIR:-/tmp/megamoe_ckpt_bench}" 2>&1 | tee "$LOG/bench_checkpoint.log" | tail -9
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

@@ -23,12 +23,14 @@ mid-save leaves the previous checkpoint as the one ``--load`` finds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -65,6 +67,18 @@ def latest_iteration(root: str) -> Optional[int]:
     if not text.isdigit():
         raise ConfigError(f"--load {root}: {TRACKER} holds {text!r}, not an iteration number")
     return int(text)
+
+
+def remove_old_checkpoints(root: str, keep: int) -> list[str]:
+    """Delete all but the latest ``keep`` complete iteration directories (never the tracker's);
+    returns the removed paths."""
+    latest = latest_iteration(root)
+    found = sorted(int(name[5:]) for name in os.listdir(root)
+                   if name.startswith("iter_") and name[5:].isdigit() and len(name) == 12)
+    old = [it for it in found[:-keep] if it != latest]
+    for it in old:
+        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+    return [iteration_dir(root, it) for it in old]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,19 +166,24 @@ def _non_persistent(model: torch.nn.Module, name: str) -> set:
     return owner._non_persistent_buffers_set
 
 
-def model_pieces(model: torch.nn.Module, state: ParallelState) -> list[Piece]:
+def model_pieces(model: torch.nn.Module, state: ParallelState, owned_only: bool = False) -> list[Piece]:
+    """This rank's pieces of the weights and buffers (``owned_only``: those it writes)."""
     pieces = []
     for name, t, spec in _named_tensors(model):
-        pieces += global_pieces("model/" + name, t.detach().view(-1), 0, tuple(t.shape), spec, state)
+        if not owned_only or spec.is_owner(state):
+            pieces += global_pieces("model/" + name, t.detach().view(-1), 0, tuple(t.shape), spec, state)
     return pieces
 
 
-def optimizer_pieces(model: torch.nn.Module, optimizer, state: ParallelState) -> list[Piece]:
-    """The float32 masters (when they are not the parameters) and Adam's moments."""
+def optimizer_pieces(model: torch.nn.Module, optimizer, state: ParallelState, owned_only: bool = False) -> list[Piece]:
+    """This rank's pieces of the float32 masters (when they are not the parameters) and Adam's
+    moments (``owned_only``: those it writes)."""
     names = {p: global_name(name, spec_of(p)) for name, p in model.named_parameters()}
     pieces = []
     for p, lo, tensors in optimizer.state_pieces():
         spec = spec_of(p)
+        if owned_only and not _owns_optimizer_state(spec, state, optimizer.dp_sharded):
+            continue
         for kind, t in tensors.items():
             pieces += global_pieces(f"optim/{kind}/{names[p]}", t.view(-1), lo, tuple(p.shape), spec, state)
     return pieces
@@ -255,6 +274,14 @@ def _distributed(state: ParallelState) -> bool:
     return dist.is_initialized() and state.layout.world_size > 1
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every save and load of one process that it assumes one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier(state: ParallelState) -> None:
     if _distributed(state):
         dist.barrier()
@@ -276,33 +303,34 @@ def layout_signature(config: Config, state: ParallelState) -> dict:
             "last_stage_layers": p.decoder_last_pipeline_num_layers}
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, state: ParallelState, config: Config,
-                    consumed_samples: int, tracker: Optional[RNGStatesTracker], device: torch.device) -> str:
-    """Write ``root/iter_N`` (see the module docstring); every rank calls it. Returns the directory."""
-    final = iteration_dir(root, iteration)
-    tmp = final + ".tmp"
+def _begin_save(root: str, iteration: int, model, optimizer, state: ParallelState, config: Config,
+                consumed_samples: int, tracker: Optional[RNGStatesTracker], device: torch.device):
+    """Make ``iter_N.tmp`` and write the small files; returns it and the pieces this rank writes."""
+    tmp = iteration_dir(root, iteration) + ".tmp"
     if state.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier(state)
-    owned = owned_pieces(model, optimizer, state)
-    ok, error = True, None
-    try:
-        dcp.save({_key(p): p.view for p in owned}, storage_writer=dcp.FileSystemWriter(tmp),
-                 planner=_PieceSavePlanner(owned), no_dist=not _distributed(state))
-        torch.save(rng_states(tracker, device), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
-        if state.rank == 0:
-            common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-                      "optimizer_step": optimizer.step_count(), "layout": layout_signature(config, state),
-                      "config": dataclasses.asdict(config)}
-            with open(os.path.join(tmp, "common.json"), "w") as f:
-                json.dump(common, f, indent=1, default=str)
-    except OSError as err:
-        ok = False
-        error = err
-    if not _all_ok(ok, state, device):
+    torch.save(rng_states(tracker, device), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
+    if state.rank == 0:
+        common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+                  "optimizer_step": optimizer.step_count(), "layout": layout_signature(config, state),
+                  "config": dataclasses.asdict(config)}
+        with open(os.path.join(tmp, "common.json"), "w") as f:
+            json.dump(common, f, indent=1, default=str)
+    owned = model_pieces(model, state, owned_only=True) + optimizer_pieces(model, optimizer, state, owned_only=True)
+    return tmp, owned
+
+
+def _finish_save(root: str, iteration: int, tmp: str, error: Optional[BaseException], state: ParallelState,
+                 device: torch.device) -> str:
+    """After every rank wrote: rank 0 makes ``iter_N`` visible, then points the tracker at it.
+    A failure on any rank raises and records nothing."""
+    if not _all_ok(error is None, state, device):
         raise RuntimeError(f"saving iteration {iteration} to {root} failed"
-                           + (f" on rank {state.rank}: {error}" if not ok else " on another rank"))
+                           + (f" on rank {state.rank}: {error}" if error is not None else " on another rank")
+                           + "; the tracker still names the previous checkpoint")
+    final = iteration_dir(root, iteration)
     if state.rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -315,19 +343,69 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, state: Parallel
     return final
 
 
-def owned_pieces(model, optimizer, state: ParallelState) -> list[Piece]:
-    """The pieces this rank writes: of tensors it owns (one holder of each replica)."""
-    out = []
-    for name, t, spec in _named_tensors(model):
-        if spec.is_owner(state):
-            out += global_pieces("model/" + name, t.detach().view(-1), 0, tuple(t.shape), spec, state)
-    names = {p: global_name(name, spec_of(p)) for name, p in model.named_parameters()}
-    for p, lo, tensors in optimizer.state_pieces():
-        spec = spec_of(p)
-        if _owns_optimizer_state(spec, state, optimizer.dp_sharded):
-            for kind, t in tensors.items():
-                out += global_pieces(f"optim/{kind}/{names[p]}", t.view(-1), lo, tuple(p.shape), spec, state)
-    return out
+def save_checkpoint(root: str, iteration: int, model, optimizer, state: ParallelState, config: Config,
+                    consumed_samples: int, tracker: Optional[RNGStatesTracker], device: torch.device) -> str:
+    """Write ``root/iter_N`` (see the module docstring); every rank calls it. Returns the directory."""
+    tmp, owned = _begin_save(root, iteration, model, optimizer, state, config, consumed_samples, tracker, device)
+    error = None
+    try:
+        with _quiet_single_process():
+            dcp.save({_key(p): p.view for p in owned}, storage_writer=dcp.FileSystemWriter(tmp),
+                     planner=_PieceSavePlanner(owned), no_dist=not _distributed(state))
+    except (OSError, CheckpointException) as err:
+        error = err
+    return _finish_save(root, iteration, tmp, error, state, device)
+
+
+class AsyncSaver:
+    """``--async-save``: the tensors are copied to CPU memory, then written by a background
+    thread (DCP's async save) while training goes on. One save is in flight at a time;
+    :meth:`poll` (after every iteration) finishes it once every rank's write has completed, the
+    same way as a synchronous save; :meth:`wait` blocks for it (before the next save, at the end)."""
+
+    def __init__(self, state: ParallelState, device: torch.device):
+        self.state, self.device = state, device
+        self.pending = None  # (root, iteration, tmp, future)
+        self._group = None
+
+    def _cpu_group(self):
+        # DCP's background thread runs its own collectives: a separate gloo group keeps them apart
+        # from the training loop's (and gives NCCL jobs the CPU backend async save needs)
+        if self._group is None and _distributed(self.state):
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def start(self, root: str, iteration: int, model, optimizer, config: Config, consumed_samples: int,
+              tracker: Optional[RNGStatesTracker]) -> None:
+        self.wait()
+        state, device = self.state, self.device
+        tmp, owned = _begin_save(root, iteration, model, optimizer, state, config, consumed_samples, tracker, device)
+        with _quiet_single_process():
+            future = dcp.async_save({_key(p): p.view for p in owned}, storage_writer=dcp.FileSystemWriter(tmp),
+                                    planner=_PieceSavePlanner(owned), process_group=self._cpu_group(),
+                                    no_dist=not _distributed(state))
+        self.pending = (root, iteration, tmp, future)
+
+    def poll(self) -> Optional[str]:
+        """Finish the save in flight if every rank's write is done; returns its directory then."""
+        if self.pending is None or not _all_ok(self.pending[3].done(), self.state, self.device):
+            return None
+        return self._finish()
+
+    def wait(self) -> Optional[str]:
+        if self.pending is None:
+            return None
+        try:
+            self.pending[3].result()
+        except BaseException:  # noqa: BLE001 - reported by _finish
+            pass
+        return self._finish()
+
+    def _finish(self) -> str:
+        root, iteration, tmp, future = self.pending
+        self.pending = None
+        error = future.exception()
+        return _finish_save(root, iteration, tmp, error, self.state, self.device)
 
 
 def _owns_optimizer_state(spec: ParamSpec, state: ParallelState, dp_sharded: bool) -> bool:
@@ -385,8 +463,9 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
         pieces += opt
     _check_shapes(pieces, saved, path)
     try:
-        dcp.load({str(i): p.view for i, p in enumerate(pieces)}, storage_reader=dcp.FileSystemReader(path),
-                 planner=_PieceLoadPlanner(pieces), no_dist=not _distributed(state))
+        with _quiet_single_process():
+            dcp.load({str(i): p.view for i, p in enumerate(pieces)}, storage_reader=dcp.FileSystemReader(path),
+                     planner=_PieceLoadPlanner(pieces), no_dist=not _distributed(state))
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - truncated or corrupt files
         raise ConfigError(f"--load: {path} is corrupt or incomplete ({_first_failure(err)})") from None
     if not load_optim:

@@ -14,8 +14,9 @@ sync, grad norm and step; they are removed when the window closes. The ``--compi
 are one stage, ``block (compiled)``, labelled where they are called: hooks inside them would be
 traced into (and recompile) their graphs; their kernels (Inductor's fused ``triton_*`` ones
 among them) are still listed by name. Backward work is attributed through the autograd
-sequence numbers that link each backward function to the forward op that recorded it. Each op's *self* device time (its kernels; self CPU time without a GPU) is added
-to the innermost stage, so nothing is counted twice.
+sequence numbers that link each backward function to the forward op that recorded it. Each
+op's *self* device time (its kernels; self CPU time without a GPU) is added to the innermost
+stage, so nothing is counted twice.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ z-losses are per micro-batch, so each contributes ``1 / (micro_batches * dp)``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -33,12 +34,13 @@ from megamoe.parallel.pipeline_parallel import (
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token, peak_tflops
-from megamoe.training.checkpoint import load_checkpoint, save_checkpoint
+from megamoe.training.checkpoint import AsyncSaver, load_checkpoint, remove_old_checkpoints, save_checkpoint
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.optimizer import MixedPrecisionAdamW, Optimizer
 from megamoe.training.profiling import StepProfiler
 from megamoe.training.reporting import Reporter, StepMetrics
 from megamoe.training.schedule import learning_rate
+from megamoe.training.stopping import ExitConditions, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +168,16 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
 
     optimizer.finish_grad_sync()
     grad_norm = optimizer.clip_grad_norm(t.clip_grad)
+    if t.check_for_nan_in_loss_and_grad and not math.isfinite(grad_norm):  # before the step touches the weights
+        mine_bad = any(not bool(torch.isfinite(g).all()) for _, g in optimizer.grad_pieces())
+        check_finite("grad norm", grad_norm, step, mine_bad, state, device)
     lr = learning_rate(step, t)
     optimizer.step(lr)
 
     # Reduce the metrics: loss shares over TP, sums over data-parallel ranks and pipeline stages.
     # Loss sums and aux shares are split over CP ranks; expert loads are whole on each of them.
     mappings.all_reduce_(aux, state.tp)
+    my_loss_sum = sums[0].clone()
     packed = torch.cat([sums, aux.flatten(), load.flatten(), dropped])
     mappings.all_reduce_(packed, state.dp_cp)
     mappings.all_reduce_(packed, state.pp)
@@ -183,9 +189,12 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         layer.gate.update_expert_bias(load[i].float())
     if counts.is_cuda:
         torch.cuda.synchronize(counts.device)
+    lm_loss = (sums[0] / counts[0]).item()
+    if t.check_for_nan_in_loss_and_grad:
+        check_finite("lm loss", lm_loss, step, not math.isfinite(my_loss_sum.item()), state, device)
     return StepMetrics(
         iteration=step,
-        lm_loss=(sums[0] / counts[0]).item(),
+        lm_loss=lm_loss,
         lr=lr,
         grad_norm=grad_norm,
         step_time=time.perf_counter() - start,
@@ -289,12 +298,33 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     profiler = StepProfiler(config, state.rank, model, optimizer, device, reporter.print)
     start, rng_tracker = resume(config, model, optimizer, data, state, rng_tracker, device, reporter.print)
 
+    saver = AsyncSaver(state, device) if ckpt.async_save else None
+
+    def saved(path: Optional[str], began: float) -> None:
+        if path is None:
+            return
+        reporter.print(f"> saved checkpoint {path} ({time.perf_counter() - began:.1f} s)")
+        if ckpt.ckpt_keep_latest and state.rank == 0:
+            for old in remove_old_checkpoints(ckpt.save, ckpt.ckpt_keep_latest):
+                reporter.print(f"> removed {old} (--ckpt-keep-latest {ckpt.ckpt_keep_latest})")
+
     def save(step: int) -> None:
         optimizer.finish_param_sync()
         began = time.perf_counter()
-        path = save_checkpoint(ckpt.save, step, model, optimizer, state, config,
-                               data.sample_offset + step * data.global_batch, rng_tracker, device)
-        reporter.print(f"> saved checkpoint at iteration {step} to {path} ({time.perf_counter() - began:.1f} s)")
+        consumed = data.sample_offset + step * data.global_batch
+        if saver is None:
+            saved(save_checkpoint(ckpt.save, step, model, optimizer, state, config, consumed, rng_tracker, device),
+                  began)
+            return
+        saved(saver.wait(), began)  # one save in flight at a time
+        saver.start(ckpt.save, step, model, optimizer, config, consumed, rng_tracker)
+        save_began[0] = began
+        reporter.print(f"> async save of iteration {step} started: training blocked "
+                       f"{time.perf_counter() - began:.2f} s for the copy to CPU memory")
+
+    save_began = [0.0]
+
+    exits = ExitConditions(ckpt, state, device)
 
     def step_batches(step: int) -> list[dict]:
         return [data.get(step - 1, j) for j in range(data.num_micro)]
@@ -322,9 +352,18 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
                 if reporter.writer is not None:
                     reporter.writer.add_scalar("validation/lm-loss", valid, step)
                 last = time.perf_counter()
-            if ckpt.save and (step == t.train_iters or (ckpt.save_interval and step % ckpt.save_interval == 0)):
+            stop = exits.reason(step)
+            due = step == t.train_iters or (ckpt.save_interval and step % ckpt.save_interval == 0)
+            if ckpt.save and (due or stop):
                 save(step)
                 last = time.perf_counter()
+            if saver is not None:
+                saved(saver.poll(), save_began[0])
+            if stop:
+                reporter.print(f"> exiting after iteration {step}: {stop}")
+                break
+    if saver is not None:
+        saved(saver.wait(), save_began[0])
     optimizer.finish_param_sync()
     reporter.close()
     return history

@@ -1,14 +1,19 @@
 """Checkpoints (megamoe/training/checkpoint.py).
 
-- Exact resume: a 2-rank job (TP 2 + SP) killed with SIGKILL during iteration 5, resumed from
-  its checkpoint of iteration 3, gives iterations 4-6 bitwise equal to an uninterrupted run
-  (losses and grad norms), on mock data and on an indexed dataset.
+- Exact resume: a 2-rank job (TP 2 + SP, dropout on) killed with SIGKILL during iteration 5
+  (6 with --async-save), resumed from its checkpoint of iteration 3, gives iterations 4-6
+  bitwise equal to an uninterrupted run (losses and grad norms), on mock data and on an
+  indexed dataset.
 - Resharding: saved in one layout after 2 steps, loaded in another for steps 3-4: losses, grad
   norms and the final weights match the uninterrupted single-process run (float64, 1e-9
   relative), across TP 2 + SP, PP 2 x VPP 2, EP 4 x expert-TP 2, CP 2, DP with the
   distributed optimizer, all dimensions on 8 ranks, and one process.
 - A save killed before it completes leaves the previous checkpoint to --load; bad checkpoints
   and an unwritable --save are one-line errors.
+- Stopping: SIGTERM with --exit-signal-handler saves a loadable checkpoint and exits 0;
+  --exit-interval and --exit-duration-in-mins save and stop; --ckpt-keep-latest prunes; a
+  non-finite grad norm stops the run before the step, naming the iteration and the rank, and
+  leaves the last checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -78,14 +83,16 @@ def _indexed_dataset(directory: Path) -> list[str]:
             "--data-cache-path", str(directory / "cache")]
 
 
-@pytest.mark.parametrize("data", ["mock", "indexed"])
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data):
+@pytest.mark.parametrize("data, async_save", [("mock", False), ("indexed", False), ("mock", True)])
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data, async_save):
     extra = ["--mock-data"] if data == "mock" else _indexed_dataset(tmp_path)
     whole = tmp_path / "whole.jsonl"
     _launch([*extra, "--train-iters", "6"], whole)
     ckpt = tmp_path / "ckpt"
-    save = ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3"]
-    code = _launch([*extra, *save, "--train-iters", "9"], tmp_path / "killed.jsonl", kill_after=4)
+    save = ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3"] + (["--async-save"] if async_save else [])
+    # an async save is recorded after a later iteration once every rank's write finished:
+    # killed during iteration 6 it has been; a synchronous one, killed during iteration 5
+    code = _launch([*extra, *save, "--train-iters", "9"], tmp_path / "killed.jsonl", kill_after=5 if async_save else 4)
     assert code != 0 and latest_iteration(str(ckpt)) == 3  # killed before the save at 6
     resumed = _launch([*extra, *save, "--train-iters", "6"], tmp_path / "resumed.jsonl")
     assert "loaded weights and optimizer of iteration 3" in resumed.stdout
@@ -246,3 +253,81 @@ def test_pretrain_reports_a_bad_checkpoint_in_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "is not a complete megamoe checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping
+
+
+def _train_config(tmp_path, **ckpt):
+    from megamoe.testing.presets import preset
+
+    cfg = preset("demo")
+    cfg.model.seq_length, cfg.training.eval_iters, cfg.training.train_iters = 16, 0, 10
+    for k, v in ckpt.items():
+        setattr(cfg.checkpoint, k, v)
+    validate(cfg, 1)
+    return cfg
+
+
+def test_exit_interval_saves_and_stops_and_old_checkpoints_are_pruned(tmp_path):
+    from megamoe.training.train import train
+
+    cfg = _train_config(tmp_path, save=str(tmp_path), save_interval=1, exit_interval=4, ckpt_keep_latest=2)
+    history = train(cfg, ParallelState.single(), CPU)
+    assert [m.iteration for m in history] == [1, 2, 3, 4] and latest_iteration(str(tmp_path)) == 4
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
+
+
+def test_exit_duration_saves_and_stops(tmp_path):
+    from megamoe.training.train import train
+
+    cfg = _train_config(tmp_path, save=str(tmp_path), exit_duration_in_mins=1e-6)
+    history = train(cfg, ParallelState.single(), CPU)
+    assert [m.iteration for m in history] == [1] and latest_iteration(str(tmp_path)) == 1
+
+
+def test_a_non_finite_grad_norm_stops_before_the_step_and_saves_nothing(tmp_path, monkeypatch):
+    from megamoe.training import train as train_module
+    from megamoe.training.stopping import NonFiniteError
+
+    real_step = train_module.train_step
+
+    def poisoned(model, optimizer, batches, step, *args, **kwargs):
+        if step == 3:  # a weight goes NaN before iteration 3
+            with torch.no_grad():
+                model.norm.weight[0] = float("nan")  # the final norm: every token reads it
+        return real_step(model, optimizer, batches, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", poisoned)
+    cfg = _train_config(tmp_path, save=str(tmp_path), save_interval=1)
+    with pytest.raises(NonFiniteError, match=r"^iteration 3: the grad norm is nan \(first non-finite on rank 0\)"):
+        train_module.train(cfg, ParallelState.single(), CPU)
+    assert latest_iteration(str(tmp_path)) == 2 and not (tmp_path / "iter_0000003").exists()
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
+    args = [sys.executable, "pretrain_moe.py", "--config", "examples/configs/demo.yaml", "--mock-data",
+            "--seq-length", "16", "--eval-iters", "0", "--log-interval", "1", "--save", str(tmp_path),
+            "--load", str(tmp_path)]
+    proc = subprocess.Popen([*args, "--train-iters", "100000", "--exit-signal-handler"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "iteration        2/" in line:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(lines[-20:])
+    stopped = latest_iteration(str(tmp_path))
+    assert stopped >= 2 and any(f"exiting after iteration {stopped}: SIGTERM" in x for x in lines)
+    resumed = subprocess.run([*args, "--train-iters", str(stopped + 1)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0 and f"loaded weights and optimizer of iteration {stopped}" in resumed.stdout
+
+
+def test_the_checkpoint_benchmark_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/bench_checkpoint.py", "--dir", str(tmp_path / "c"), "--",
+                           "--config", "examples/configs/demo.yaml", "--seq-length", "16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "async save: blocked" in proc.stdout and not (tmp_path / "c").exists()
