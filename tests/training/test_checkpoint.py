@@ -6,8 +6,9 @@
   indexed dataset.
 - Resharding: saved in one layout after 2 steps, loaded in another for steps 3-4: losses, grad
   norms and the final weights match the uninterrupted single-process run (float64, 1e-9
-  relative), across TP 2 + SP, PP 2 x VPP 2, EP 4 x expert-TP 2, CP 2, DP with the
-  distributed optimizer, all dimensions on 8 ranks, and one process.
+  relative), across TP 2 + SP, PP 2 x VPP 2, uneven PP stages, EP 4 x expert-TP 2, CP 2, DP
+  with the distributed optimizer, all dimensions on 8 ranks, and one process; on a GPU with
+  Transformer Engine, between the torch and te expert backends.
 - A save killed before it completes leaves the previous checkpoint to --load; bad checkpoints
   and an unwritable --save are one-line errors.
 - Stopping: SIGTERM with --exit-signal-handler saves a loadable checkpoint and exits 0;
@@ -164,6 +165,7 @@ RESHARD = [  # (world, layout) saved -> (world, layout) loaded
     ((4, {"distopt": True}), (8, ALL_DIMS)),
     ((8, ALL_DIMS), (1, {})),
     ((1, {}), (4, {"ep": 4, "etp": 1, "dispatcher": "alltoall", "distopt": True})),
+    ((4, {"pp": 2, "first": 1}), (4, {"tp": 2, "sp": True, "distopt": True})),  # uneven stages (1 + 3 layers)
 ]
 
 
@@ -331,3 +333,30 @@ def test_the_checkpoint_benchmark_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "async save: blocked" in proc.stdout and not (tmp_path / "c").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("saved, loaded", [("torch", "te"), ("te", "torch")])
+def test_a_checkpoint_crosses_expert_backends_on_gpu(tmp_path, saved, loaded):
+    """TE keeps one weight per expert; its specs place them in the same global w13 / w2."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from megamoe.testing.presets import preset
+    from megamoe.training.train import build_model
+
+    device, state = torch.device("cuda"), ParallelState.single()
+
+    def model(backend: str, seed: int):
+        cfg = preset("demo")
+        cfg.moe.moe_grouped_gemm_impl, cfg.training.seed, cfg.training.bf16 = backend, seed, True
+        m = build_model(cfg, state, device)
+        return cfg, m, build_optimizer(m, cfg, state)
+
+    cfg, source, source_opt = model(saved, 1)
+    save_checkpoint(str(tmp_path), 1, source, source_opt, state, cfg, 0, None, device)
+    cfg, target, target_opt = model(loaded, 2)  # other initial weights
+    load_checkpoint(str(tmp_path), target, target_opt, state, cfg, None, device)
+    for a, b in zip(source.moe_layers(), target.moe_layers()):
+        want, got = a.experts.stacked(), b.experts.stacked()
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
