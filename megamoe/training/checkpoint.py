@@ -328,7 +328,8 @@ def _finish_save(root: str, iteration: int, tmp: str, error: Optional[BaseExcept
     A failure on any rank raises and records nothing."""
     if not _all_ok(error is None, state, device):
         raise RuntimeError(f"saving iteration {iteration} to {root} failed"
-                           + (f" on rank {state.rank}: {error}" if error is not None else " on another rank")
+                           + (f" on rank {state.rank}: {_first_failure(error)}" if error is not None
+                              else " on another rank")
                            + "; the tracker still names the previous checkpoint")
     final = iteration_dir(root, iteration)
     if state.rank == 0:
@@ -482,12 +483,13 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
 
 
 def _first_failure(err: BaseException) -> str:
-    """One line: the first rank's underlying error (DCP wraps them per rank)."""
+    """One line: the underlying error (DCP wraps each rank's, with its traceback)."""
     failures = getattr(err, "failures", None)
     if failures:
-        rank, cause = sorted(failures.items())[0]
-        return f"rank {rank}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        cause = sorted(failures.items())[0][1]
+        return _first_failure(cause[0] if isinstance(cause, tuple) else cause)
+    text = str(err).splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def _check_shapes(pieces: list[Piece], saved: dict, path: str) -> None:

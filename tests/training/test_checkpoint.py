@@ -11,7 +11,9 @@
   Transformer Engine, between the torch and te expert backends.
 - A save killed before it completes leaves the previous checkpoint to --load; bad checkpoints
   and an unwritable --save are one-line errors.
-- Stopping: SIGTERM with --exit-signal-handler saves a loadable checkpoint and exits 0;
+- A failed async save is reported and never recorded.
+- Stopping: SIGTERM with --exit-signal-handler saves a loadable checkpoint and exits 0, and
+  every rank stops after the iteration in which any rank was signalled;
   --exit-interval and --exit-duration-in-mins save and stop; --ckpt-keep-latest prunes; a
   non-finite grad norm stops the run before the step, naming the iteration and the rank, and
   leaves the last checkpoint as it was.
@@ -360,3 +362,33 @@ def test_a_checkpoint_crosses_expert_backends_on_gpu(tmp_path, saved, loaded):
         want, got = a.experts.stacked(), b.experts.stacked()
         for name in want:
             assert torch.equal(got[name], want[name]), name
+
+
+def test_a_failed_async_save_is_reported_and_never_recorded(tmp_path, monkeypatch):
+    cfg, state, model, opt = _single(tmp_path)
+    save_checkpoint(str(tmp_path), 1, model, opt, state, cfg, 8, None, CPU)
+
+    def disk_full(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.dcp.FileSystemWriter, "write_data", disk_full)
+    saver = checkpoint.AsyncSaver(state, CPU)
+    saver.start(str(tmp_path), 2, model, opt, cfg, 16, None)
+    with pytest.raises(RuntimeError, match="saving iteration 2 .* failed on rank 0: .*No space left.*previous checkpoint"):
+        saver.wait()
+    assert latest_iteration(str(tmp_path)) == 1 and not (tmp_path / "iter_0000002").exists()
+
+
+def _exit_agreement():
+    from megamoe.config import CheckpointConfig
+    from megamoe.training.stopping import ExitConditions
+
+    state = ParallelState.build()
+    exits = ExitConditions(CheckpointConfig(exit_signal_handler=True), state, CPU)
+    first = exits.reason(1)
+    exits.signalled = state.rank == 1  # only rank 1 got the signal
+    return first, exits.reason(2)
+
+
+def test_every_rank_stops_after_the_iteration_one_rank_was_signalled(workers):
+    assert workers(2).run(_exit_agreement) == [(None, "SIGTERM (--exit-signal-handler)")] * 2
