@@ -14,6 +14,12 @@ parallel), ``distopt`` (distributed optimizer), ``overlap`` (overlapped gradient
 ``gather`` (overlapped parameter all-gather). The world size is
 ``tp * pp * cp * dp``. Every run uses micro-batch 2 and global batch 8 (so up to 4 data-parallel
 ranks fit); arguments after ``--`` go to every run of ``pretrain_moe.py`` and override them.
+
+``A>B`` (e.g. ``tp=2,sp>ep=2,distopt``) checks a checkpoint across layouts: layout A trains
+``--resume-at`` iterations and saves, layout B loads the checkpoint and trains the rest; the
+joined iterations are compared like any layout's.
+
+    python tools/check_parity.py --models mla --layouts tp=1 "tp=2,sp>pp=2" "ep=2>tp=1"
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ SWITCHES = {
 
 def layout_args(layout: str) -> tuple[list[str], int]:
     """(pretrain flags, world size) for a layout string such as 'tp=2,sp,ep=2'."""
+    if ">" in layout:  # A>B: each must be valid
+        for part in layout.split(">", 1):
+            layout_args(part)
+        return [], 0
     flags, degrees = [], {"tp": 1, "pp": 1, "cp": 1, "dp": 1}
     for item in filter(None, layout.split(",")):
         key, _, value = item.partition("=")
@@ -79,9 +89,15 @@ def layout_args(layout: str) -> tuple[list[str], int]:
     return flags, degrees["tp"] * degrees["pp"] * degrees["cp"] * degrees["dp"]
 
 
-def run_layout(layout: str, model_args: list[str], extra: list[str], iters: int, workdir: Path) -> list[dict]:
+def run_layout(layout: str, model_args: list[str], extra: list[str], iters: int, workdir: Path,
+               resume_at: int = 1) -> list[dict]:
+    if ">" in layout:  # save in the first layout, resume in the second
+        first, second = layout.split(">")
+        ckpt = workdir / f"ckpt_{abs(hash((layout, tuple(model_args))))}"
+        rows = run_layout(first, model_args, extra + ["--save", str(ckpt)], resume_at, workdir)
+        return rows + run_layout(second, model_args, extra + ["--load", str(ckpt)], iters, workdir)
     flags, world = layout_args(layout)
-    metrics = workdir / f"{abs(hash((layout, tuple(model_args))))}.jsonl"
+    metrics = workdir / f"{abs(hash((layout, tuple(model_args), tuple(extra))))}.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            str(ROOT / "pretrain_moe.py"), *model_args, *flags, "--train-iters", str(iters), "--log-interval", "1",
            "--eval-iters", "0", "--lr-warmup-iters", "1", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -109,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="Model variants.")
     parser.add_argument("--iters", type=int, default=3, help="Training iterations per run (default: 3).")
     parser.add_argument("--rtol", type=float, default=1e-4, help="Largest relative difference allowed (default: 1e-4).")
+    parser.add_argument("--resume-at", type=int, default=1,
+                        help="For A>B layouts: the iteration A saves at and B resumes from (default: 1).")
     args = parser.parse_args(own)
     for layout in args.layouts:
         layout_args(layout)  # fail fast on a bad layout string
+        if ">" in layout and not 0 < args.resume_at < args.iters:
+            raise SystemExit(f"check_parity.py: error: --resume-at {args.resume_at} must be in 1 .. --iters - 1 "
+                             f"({args.iters - 1}) for {layout}")
 
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             reference = None
             for layout in args.layouts:
                 try:
-                    rows = run_layout(layout, MODELS[model], extra, args.iters, Path(tmp))
+                    rows = run_layout(layout, MODELS[model], extra, args.iters, Path(tmp), args.resume_at)
                 except RuntimeError as err:
                     print(f"{layout:<24} FAILED\n{err}")
                     failed = True

@@ -14,8 +14,9 @@
 # --compile at micro-batch 16) side by side on the V2-Lite proxy, the head's GEMMs per chunk size
 # (tools/bench_head.py), the optimizer's pieces (tools/bench_optimizer.py), then an eager and a
 # --compile --profile run whose summaries land in $OUT/prof and $OUT/prof_compiled.
-# `ckpt` (one GPU): synchronous save, async save and load times on the V2-Lite proxy
-# (tools/bench_checkpoint.py; about 32 GB written under $CKPT_DIR, default /tmp).
+# `ckpt`: the GPU checkpoint tests (bring TE for the backend crossing), NCCL checkpoints across
+# layouts when two GPUs are there, then synchronous save, async save and load times on the
+# V2-Lite proxy (tools/bench_checkpoint.py; about 32 GB written under $CKPT_DIR, default /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -80,8 +81,17 @@ if [ "$mode" = perf ]; then
       | tee "$LOG/profile${extra:+_compiled}.log" | grep -A 24 "^profile:"
   done
 fi
-if [ "$mode" = ckpt ]; then  # one GPU: how long saves and loads block training on the V2-Lite proxy
-  python3 tools/bench_checkpoint.py --dir "${CKPT_DIR:-/tmp/megamoe_ckpt_bench}" 2>&1 | tee "$LOG/bench_checkpoint.log" | tail -9
+if [ "$mode" = ckpt ]; then
+  # the GPU checkpoint tests (torch <-> te expert backends need TE staged), then on two or more
+  # GPUs NCCL checkpoints across layouts, then how long saves and loads block the V2-Lite proxy
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_checkpoint.py 2>&1 | tee "$LOG/gpu_tests_ckpt.log" | tail -4
+  if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    python3 tools/check_parity.py --models mla --layouts tp=1 "tp=2,sp>ep=2,dispatcher=alltoall" \
+      "ep=2,distopt>tp=1" "tp=1>pp=2" --iters 3 --resume-at 2 2>&1 | tee "$LOG/parity_ckpt_nccl.log" \
+      | grep -v "^ *\[" | tail -16
+  fi
+  python3 tools/bench_checkpoint.py --dir "${CKPT_DIR:-/tmp/megamoe_ckpt_bench}" 2>&1 | tee "$LOG/bench_checkpoint.log" \
+    | grep -v -i warn | tail -10
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

@@ -175,7 +175,7 @@ def test_check_parity_verdicts(monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "tools"))
     import check_parity
 
-    def fake_run(layout, model_args, extra, iters, workdir):
+    def fake_run(layout, model_args, extra, iters, workdir, resume_at=1):
         drift = 1e-3 if layout == "tp=2" else 0.0
         return [{"iteration": i, "lm_loss": 5.0 + drift, "grad_norm": 1.0} for i in range(1, iters + 1)]
 
@@ -188,10 +188,11 @@ def test_check_parity_verdicts(monkeypatch, capsys):
 
 
 def test_check_parity_runs_torchrun():
+    # the third layout saves after iteration 1 at TP 2 + SP and resumes at TP 1
     proc = subprocess.run([sys.executable, "tools/check_parity.py", "--models", "gqa", "--layouts", "tp=1", "tp=2,sp",
-                           "--iters", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "tp=2,sp>tp=1", "--iters", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "PASS" in proc.stdout
+    assert "PASS" in proc.stdout and proc.stdout.count("tp=2,sp>tp=1") == 2  # both iterations compared
 
 
 def test_profile_labels_a_compiled_block_as_one_stage():
