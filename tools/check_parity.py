@@ -19,7 +19,7 @@ ranks fit); arguments after ``--`` go to every run of ``pretrain_moe.py`` and ov
 ``--resume-at`` iterations and saves, layout B loads the checkpoint and trains the rest; the
 joined iterations are compared like any layout's.
 
-    python tools/check_parity.py --models mla --layouts tp=1 "tp=2,sp>pp=2" "ep=2>tp=1"
+    python tools/check_parity.py --models mla --layouts tp=1 "tp=2,sp>pp=2" "ep=2,dp=2>tp=1"
 """
 
 from __future__ import annotations

@@ -86,8 +86,8 @@ if [ "$mode" = ckpt ]; then
   # GPUs NCCL checkpoints across layouts, then how long saves and loads block the V2-Lite proxy
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_checkpoint.py 2>&1 | tee "$LOG/gpu_tests_ckpt.log" | tail -4
   if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-    python3 tools/check_parity.py --models mla --layouts tp=1 "tp=2,sp>ep=2,dispatcher=alltoall" \
-      "ep=2,distopt>tp=1" "tp=1>pp=2" --iters 3 --resume-at 2 2>&1 | tee "$LOG/parity_ckpt_nccl.log" \
+    python3 tools/check_parity.py --models mla --layouts tp=1 "tp=2,sp>ep=2,dp=2,dispatcher=alltoall" \
+      "ep=2,dp=2,distopt>tp=1" "tp=1>pp=2" --iters 3 --resume-at 2 2>&1 | tee "$LOG/parity_ckpt_nccl.log" \
       | grep -v "^ *\[" | tail -16
   fi
   python3 tools/bench_checkpoint.py --dir "${CKPT_DIR:-/tmp/megamoe_ckpt_bench}" 2>&1 | tee "$LOG/bench_checkpoint.log" \
