@@ -30,6 +30,7 @@ import math
 import os
 import random
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -367,6 +368,7 @@ class AsyncSaver:
     def __init__(self, state: ParallelState, device: torch.device):
         self.state, self.device = state, device
         self.pending = None  # (root, iteration, tmp, future)
+        self.started_at = 0.0  # perf_counter() when the save in flight (or the last one) began
         self._group = None
 
     def _cpu_group(self):
@@ -379,6 +381,7 @@ class AsyncSaver:
     def start(self, root: str, iteration: int, model, optimizer, config: Config, consumed_samples: int,
               tracker: Optional[RNGStatesTracker]) -> None:
         self.wait()
+        self.started_at = time.perf_counter()
         state, device = self.state, self.device
         tmp, owned = _begin_save(root, iteration, model, optimizer, state, config, consumed_samples, tracker, device)
         with _quiet_single_process():

@@ -316,13 +316,10 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
             saved(save_checkpoint(ckpt.save, step, model, optimizer, state, config, consumed, rng_tracker, device),
                   began)
             return
-        saved(saver.wait(), began)  # one save in flight at a time
+        saved(saver.wait(), saver.started_at)  # one save in flight at a time
         saver.start(ckpt.save, step, model, optimizer, config, consumed, rng_tracker)
-        save_began[0] = began
         reporter.print(f"> async save of iteration {step} started: training blocked "
                        f"{time.perf_counter() - began:.2f} s for the copy to CPU memory")
-
-    save_began = [0.0]
 
     exits = ExitConditions(ckpt, state, device)
 
@@ -358,12 +355,12 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
                 save(step)
                 last = time.perf_counter()
             if saver is not None:
-                saved(saver.poll(), save_began[0])
+                saved(saver.poll(), saver.started_at)
             if stop:
                 reporter.print(f"> exiting after iteration {step}: {stop}")
                 break
     if saver is not None:
-        saved(saver.wait(), save_began[0])
+        saved(saver.wait(), saver.started_at)
     optimizer.finish_param_sync()
     reporter.close()
     return history
