@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -149,9 +150,20 @@ def build_tokenizer(data_config) -> Tokenizer:
         return NullTokenizer(data_config.vocab_size)
     if model is None:
         raise ValueError(f"--tokenizer-type {kind} needs --tokenizer-model")
-    if kind in SENTENCEPIECE_TYPES:
-        return SentencePieceTokenizer(model)
-    if kind == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(model)
+    if kind in SENTENCEPIECE_TYPES or kind == "HuggingFaceTokenizer":
+        if not os.path.exists(model):  # the constructor's error names the flag
+            return _load(kind, model)
+        return _cached(kind, model, os.path.getmtime(model))
     raise ValueError(f"--tokenizer-type {kind}: expected NullTokenizer, {', '.join(SENTENCEPIECE_TYPES)} "
                      "or HuggingFaceTokenizer")
+
+
+def _load(kind: str, model: str) -> Tokenizer:
+    return SentencePieceTokenizer(model) if kind in SENTENCEPIECE_TYPES else HuggingFaceTokenizer(model)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(kind: str, model: str, mtime: float) -> Tokenizer:
+    """A start-up reads the tokenizer several times (validation, notices, the vocabulary, the
+    data): each file is loaded once (a rewritten file, with a new mtime, is loaded again)."""
+    return _load(kind, model)

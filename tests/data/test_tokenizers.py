@@ -121,3 +121,18 @@ def test_megatron_sentencepiece_names_are_one_tokenizer(sp_model):
             for kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")]
     assert {tuple(t.tokenize(text)) for t in made} == {tuple(made[0].sp.encode(text))}
     assert {(t.vocab_size, t.eod) for t in made} == {(320, made[0].sp.eos_id())}
+
+
+def test_a_tokenizer_file_is_loaded_once_until_it_changes(sp_model, tmp_path):
+    """Start-up asks for the tokenizer several times; the file is read once. A rewritten file
+    (a new mtime) is read again."""
+    import os
+    import shutil
+
+    copy = str(tmp_path / "tok.model")
+    shutil.copy(sp_model, copy)
+    config = DataConfig(tokenizer_type="SentencePieceTokenizer", tokenizer_model=copy)
+    first = build_tokenizer(config)
+    assert build_tokenizer(config) is first
+    os.utime(copy, (os.path.getatime(copy), os.path.getmtime(copy) + 10))
+    assert build_tokenizer(config) is not first
