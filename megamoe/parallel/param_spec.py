@@ -24,6 +24,7 @@ first pipeline stage for the two copies of a shared embedding.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -84,9 +85,7 @@ class ParamSpec:
         return any(s.group == group for s in self.splits)
 
     def with_(self, **changes) -> "ParamSpec":
-        fields = {k: getattr(self, k) for k in ("role", "shape", "splits", "index", "rename",
-                                                "grad_partial_over_tp", "shared_embedding")}
-        return ParamSpec(**{**fields, **changes})
+        return dataclasses.replace(self, **changes)  # __post_init__ rebuilds the split index
 
     # -- where this rank's tensor sits in the global one
 

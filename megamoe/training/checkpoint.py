@@ -428,7 +428,6 @@ def _owns_optimizer_state(spec: ParamSpec, state: ParallelState, dp_sharded: boo
 class Loaded:
     iteration: int
     consumed_samples: int
-    same_layout: bool
     rng_restored: bool
 
 
@@ -476,13 +475,12 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
         optimizer.reset_masters_from_params()
     else:
         optimizer.set_step_count(common["optimizer_step"])
-    same = common["layout"] == layout_signature(config, state)
     restored = False
-    if load_rng and same:
+    if load_rng and common["layout"] == layout_signature(config, state):
         rng_path = os.path.join(path, "rng", f"rank_{state.rank:05d}.pt")
         restore_rng_states(torch.load(rng_path, weights_only=False), tracker, device)
         restored = True
-    return Loaded(common["iteration"], common["consumed_samples"], same, restored)
+    return Loaded(common["iteration"], common["consumed_samples"], restored)
 
 
 def _first_failure(err: BaseException) -> str:

@@ -18,22 +18,12 @@ from megamoe.config import ParallelConfig, TrainingConfig
 from megamoe.parallel import data_parallel
 from megamoe.parallel.data_parallel import ALIGN, DataParallelGrads
 from megamoe.parallel.param_spec import ParamSpec, set_spec
-from megamoe.parallel.state import GROUP_KINDS, Group, ParallelLayout, ParallelState
-from megamoe.testing.distributed import worker_device
+from megamoe.parallel.state import ParallelState
+from megamoe.testing.distributed import fake_state, worker_device
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.optimizer import MixedPrecisionAdamW
 
 DT = torch.float64
-
-
-def fake_state(world_size: int, rank: int = 0, **degrees) -> ParallelState:
-    """A ParallelState with groups but no process groups (layout tests only: no collectives)."""
-    layout = ParallelLayout.build(world_size, **degrees)
-    groups = {}
-    for kind in (*GROUP_KINDS, "embd"):
-        mine = [g for g in layout.groups(kind) if rank in g]
-        groups[kind] = Group(kind, tuple(mine[0]), mine[0].index(rank)) if mine else None
-    return ParallelState(layout, rank, groups)
 
 
 class Toy(nn.Module):

@@ -7,19 +7,10 @@ from __future__ import annotations
 import torch
 
 from megamoe.parallel.param_spec import ParamSpec, Split, global_name, spec_of
-from megamoe.parallel.state import GROUP_KINDS, Group, ParallelLayout, ParallelState
+from megamoe.parallel.state import ParallelState
+from megamoe.testing.distributed import fake_state
 from megamoe.testing.presets import preset
 from megamoe.training.train import build_model
-
-
-def fake_state(world_size: int, rank: int, **degrees) -> ParallelState:
-    """Groups without process groups (no collectives)."""
-    layout = ParallelLayout.build(world_size, **degrees)
-    groups = {}
-    for kind in (*GROUP_KINDS, "embd"):
-        mine = [g for g in layout.groups(kind) if rank in g]
-        groups[kind] = Group(kind, tuple(mine[0]), mine[0].index(rank)) if mine else None
-    return ParallelState(layout, rank, groups)
 
 
 def test_fused_expert_weight_boxes_under_ep_and_expert_tp():

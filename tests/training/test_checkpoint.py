@@ -187,21 +187,27 @@ def test_a_checkpoint_loads_in_another_layout(workers, tmp_path, reference, save
 # kills and bad input, in one process
 
 
-def _single(tmp_path, **ckpt):
+def _demo_config(train_iters: int, **ckpt):
+    """The demo model at sequence 16 with the given checkpoint flags, validated."""
     from megamoe.testing.presets import preset
 
     cfg = preset("demo")
-    cfg.model.seq_length, cfg.training.train_iters, cfg.training.eval_iters = 16, 2, 0
+    cfg.model.seq_length, cfg.training.train_iters, cfg.training.eval_iters = 16, train_iters, 0
     for k, v in ckpt.items():
         setattr(cfg.checkpoint, k, v)
     validate(cfg, 1)
+    return cfg
+
+
+def _single(**ckpt):
+    cfg = _demo_config(2, **ckpt)
     state = ParallelState.single()
     model = build(cfg, state)
     return cfg, state, model, build_optimizer(model, cfg, state)
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    cfg, state, model, opt = _single(tmp_path)
+    cfg, state, model, opt = _single()
     save_checkpoint(str(tmp_path), 1, model, opt, state, cfg, 8, None, CPU)
 
     def dies_mid_write(state_dict, storage_writer, **kw):  # the process dies inside DCP's write
@@ -220,10 +226,10 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
-    cfg, state, model, opt = _single(tmp_path)
+    cfg, state, model, opt = _single()
     save_checkpoint(str(tmp_path / "ok"), 1, model, opt, state, cfg, 8, None, CPU)
     # another model: a wider FFN
-    other, *_ = _single(tmp_path)
+    other, *_ = _single()
     other.moe.moe_ffn_hidden_size *= 2
     wide = build(other, state)
     with pytest.raises(ConfigError, match=r"holds a different model: model/\S+ is \[.*\] there, \[.*\] here") as err:
@@ -246,7 +252,7 @@ def test_an_unwritable_save_directory_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a directory cannot be made under a file (even by root)
     with pytest.raises(ConfigError, match=r"--save \S+/a_file/ckpt: not writable") as err:
-        _single(tmp_path, save=str(blocker / "ckpt"))
+        _single(save=str(blocker / "ckpt"))
     assert "\n" not in str(err.value)
 
 
@@ -263,21 +269,10 @@ def test_pretrain_reports_a_bad_checkpoint_in_one_line(tmp_path):
 # stopping
 
 
-def _train_config(tmp_path, **ckpt):
-    from megamoe.testing.presets import preset
-
-    cfg = preset("demo")
-    cfg.model.seq_length, cfg.training.eval_iters, cfg.training.train_iters = 16, 0, 10
-    for k, v in ckpt.items():
-        setattr(cfg.checkpoint, k, v)
-    validate(cfg, 1)
-    return cfg
-
-
 def test_exit_interval_saves_and_stops_and_old_checkpoints_are_pruned(tmp_path):
     from megamoe.training.train import train
 
-    cfg = _train_config(tmp_path, save=str(tmp_path), save_interval=1, exit_interval=4, ckpt_keep_latest=2)
+    cfg = _demo_config(10, save=str(tmp_path), save_interval=1, exit_interval=4, ckpt_keep_latest=2)
     history = train(cfg, ParallelState.single(), CPU)
     assert [m.iteration for m in history] == [1, 2, 3, 4] and latest_iteration(str(tmp_path)) == 4
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
@@ -286,7 +281,7 @@ def test_exit_interval_saves_and_stops_and_old_checkpoints_are_pruned(tmp_path):
 def test_exit_duration_saves_and_stops(tmp_path):
     from megamoe.training.train import train
 
-    cfg = _train_config(tmp_path, save=str(tmp_path), exit_duration_in_mins=1e-6)
+    cfg = _demo_config(10, save=str(tmp_path), exit_duration_in_mins=1e-6)
     history = train(cfg, ParallelState.single(), CPU)
     assert [m.iteration for m in history] == [1] and latest_iteration(str(tmp_path)) == 1
 
@@ -304,7 +299,7 @@ def test_a_non_finite_grad_norm_stops_before_the_step_and_saves_nothing(tmp_path
         return real_step(model, optimizer, batches, step, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", poisoned)
-    cfg = _train_config(tmp_path, save=str(tmp_path), save_interval=1)
+    cfg = _demo_config(10, save=str(tmp_path), save_interval=1)
     with pytest.raises(NonFiniteError, match=r"^iteration 3: the grad norm is nan \(first non-finite on rank 0\)"):
         train_module.train(cfg, ParallelState.single(), CPU)
     assert latest_iteration(str(tmp_path)) == 2 and not (tmp_path / "iter_0000003").exists()
@@ -365,7 +360,7 @@ def test_a_checkpoint_crosses_expert_backends_on_gpu(tmp_path, saved, loaded):
 
 
 def test_a_failed_async_save_is_reported_and_never_recorded(tmp_path, monkeypatch):
-    cfg, state, model, opt = _single(tmp_path)
+    cfg, state, model, opt = _single()
     save_checkpoint(str(tmp_path), 1, model, opt, state, cfg, 8, None, CPU)
 
     def disk_full(self, plan, planner):
