@@ -32,6 +32,7 @@ import random
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -50,9 +51,17 @@ from megamoe.config import Config, ConfigError
 from megamoe.parallel.param_spec import ParamSpec, global_name, spec_of
 from megamoe.parallel.random import RNGStatesTracker
 from megamoe.parallel.state import ParallelState
+from megamoe.training.snapshot import Snapshot
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
+# threads that write one rank's files (DCP splits a rank's tensors over them by size); one
+# thread leaves a synchronous save of GPU tensors waiting on each device-to-host copy in turn
+WRITER_THREADS = 4
+
+
+def _writer(path: str) -> dcp.FileSystemWriter:
+    return dcp.FileSystemWriter(path, thread_count=WRITER_THREADS)
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -352,7 +361,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, state: Parallel
     error = None
     try:
         with _quiet_single_process():
-            dcp.save({_key(p): p.view for p in owned}, storage_writer=dcp.FileSystemWriter(tmp),
+            dcp.save({_key(p): p.view for p in owned}, storage_writer=_writer(tmp),
                      planner=_PieceSavePlanner(owned), no_dist=not _distributed(state))
     except (OSError, CheckpointException) as err:
         error = err
@@ -360,8 +369,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, state: Parallel
 
 
 class AsyncSaver:
-    """``--async-save``: the tensors are copied to CPU memory, then written by a background
-    thread (DCP's async save) while training goes on. One save is in flight at a time;
+    """``--async-save``: the tensors are copied aside (:mod:`megamoe.training.snapshot`), then
+    written by a background thread while training goes on. One save is in flight at a time;
     :meth:`poll` (after every iteration) finishes it once every rank's write has completed, the
     same way as a synchronous save; :meth:`wait` blocks for it (before the next save, at the end)."""
 
@@ -369,11 +378,13 @@ class AsyncSaver:
         self.state, self.device = state, device
         self.pending = None  # (root, iteration, tmp, future)
         self.started_at = 0.0  # perf_counter() when the save in flight (or the last one) began
+        self.snapshot = Snapshot(device)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megamoe-async-save")
         self._group = None
 
     def _cpu_group(self):
-        # DCP's background thread runs its own collectives: a separate gloo group keeps them apart
-        # from the training loop's (and gives NCCL jobs the CPU backend async save needs)
+        # the writer thread runs DCP's collectives: a separate gloo group keeps them apart from
+        # the training loop's (and gives NCCL jobs a CPU backend for the host copies)
         if self._group is None and _distributed(self.state):
             self._group = dist.new_group(backend="gloo")
         return self._group
@@ -382,13 +393,18 @@ class AsyncSaver:
               tracker: Optional[RNGStatesTracker]) -> None:
         self.wait()
         self.started_at = time.perf_counter()
-        state, device = self.state, self.device
-        tmp, owned = _begin_save(root, iteration, model, optimizer, state, config, consumed_samples, tracker, device)
-        with _quiet_single_process():
-            future = dcp.async_save({_key(p): p.view for p in owned}, storage_writer=dcp.FileSystemWriter(tmp),
-                                    planner=_PieceSavePlanner(owned), process_group=self._cpu_group(),
-                                    no_dist=not _distributed(state))
-        self.pending = (root, iteration, tmp, future)
+        state = self.state
+        tmp, owned = _begin_save(root, iteration, model, optimizer, state, config, consumed_samples, tracker,
+                                 self.device)
+        staged = self.snapshot.take({_key(p): p.view for p in owned})
+        group = self._cpu_group()
+
+        def write() -> None:
+            with _quiet_single_process():
+                dcp.save(staged(), storage_writer=_writer(tmp), planner=_PieceSavePlanner(owned),
+                         process_group=group, no_dist=not _distributed(state))
+
+        self.pending = (root, iteration, tmp, self._writer.submit(write))
 
     def poll(self) -> Optional[str]:
         """Finish the save in flight if every rank's write is done; returns its directory then."""
@@ -410,6 +426,11 @@ class AsyncSaver:
         self.pending = None
         error = future.exception()
         return _finish_save(root, iteration, tmp, error, self.state, self.device)
+
+    def close(self) -> None:
+        """After :meth:`wait`: stop the writer thread and let the host buffers go."""
+        self._writer.shutdown(wait=True)
+        self.snapshot.close()
 
 
 def _owns_optimizer_state(spec: ParamSpec, state: ParallelState, dp_sharded: bool) -> bool:

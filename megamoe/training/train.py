@@ -319,7 +319,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
         saved(saver.wait(), saver.started_at)  # one save in flight at a time
         saver.start(ckpt.save, step, model, optimizer, config, consumed, rng_tracker)
         reporter.print(f"> async save of iteration {step} started: training blocked "
-                       f"{time.perf_counter() - began:.2f} s for the copy to CPU memory")
+                       f"{time.perf_counter() - began:.2f} s for the copy to {saver.snapshot.where}")
 
     exits = ExitConditions(ckpt, state, device)
 
@@ -361,6 +361,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
                 break
     if saver is not None:
         saved(saver.wait(), saver.started_at)
+        saver.close()
     optimizer.finish_param_sync()
     reporter.close()
     return history

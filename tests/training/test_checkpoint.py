@@ -11,7 +11,8 @@
   Transformer Engine, between the torch and te expert backends.
 - A save killed before it completes leaves the previous checkpoint to --load; bad checkpoints
   and an unwritable --save are one-line errors.
-- A failed async save is reported and never recorded.
+- A failed async save is reported and never recorded; an async save writes the values of the
+  moment it started (on a GPU, from a GPU clone or straight from a host copy).
 - Stopping: SIGTERM with --exit-signal-handler saves a loadable checkpoint and exits 0, and
   every rank stops after the iteration in which any rank was signalled;
   --exit-interval and --exit-duration-in-mins save and stop; --ckpt-keep-latest prunes; a
@@ -329,7 +330,7 @@ def test_the_checkpoint_benchmark_runs(tmp_path):
                            "--config", "examples/configs/demo.yaml", "--seq-length", "16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "async save: blocked" in proc.stdout and not (tmp_path / "c").exists()
+    assert "async save first: blocked" in proc.stdout and not (tmp_path / "c").exists()
 
 
 @pytest.mark.gpu
@@ -372,6 +373,45 @@ def test_a_failed_async_save_is_reported_and_never_recorded(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="saving iteration 2 .* failed on rank 0: .*No space left.*previous checkpoint"):
         saver.wait()
     assert latest_iteration(str(tmp_path)) == 1 and not (tmp_path / "iter_0000002").exists()
+
+
+def test_an_async_save_writes_the_values_of_the_moment_it_started(tmp_path):
+    cfg, state, model, opt = _single()
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saver = checkpoint.AsyncSaver(state, CPU)
+    saver.start(str(tmp_path), 1, model, opt, cfg, 8, None)
+    with torch.no_grad():  # training changes every tensor while the save is in flight
+        for p in model.parameters():
+            p.add_(1.0)
+    saver.wait()
+    saver.close()
+    _, _, target, target_opt = _single()
+    load_checkpoint(str(tmp_path), target, target_opt, state, cfg, None, CPU)
+    for n, p in target.named_parameters():
+        assert torch.equal(p, want[n]), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("room", ["gpu", "none"])
+def test_the_async_snapshot_holds_the_values_it_was_taken_with_on_gpu(room, monkeypatch):
+    """Cloned on the GPU when there is room (then copied to the host on a side stream while the
+    tensors change), copied straight to the host when there is none."""
+    from megamoe.training import snapshot
+
+    if room == "none":
+        monkeypatch.setattr(snapshot, "gpu_room", lambda device: 0)
+    device = torch.device("cuda")
+    tensors = {f"t{i}": torch.randn(1 << 20, device=device) for i in range(4)}
+    want = {k: t.cpu() for k, t in tensors.items()}
+    shot = snapshot.Snapshot(device)
+    staged = shot.take(tensors)
+    assert shot.where.startswith("the GPU" if room == "gpu" else "pinned")
+    for t in tensors.values():  # queued on the compute stream before the host copy starts
+        t.mul_(0.0)
+    host = staged()
+    for k in tensors:
+        assert host[k].is_pinned() and torch.equal(host[k], want[k]), k
 
 
 def _exit_agreement():
