@@ -116,6 +116,18 @@ class ModelConfig:
     """FP8 training format (unset means no FP8). 'hybrid' is e4m3 forward, e5m2 backward."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
     """FP8 scaling recipe, used when fp8-format is set."""
+    fp8_amax_history_len: int = 1
+    """Delayed scaling: how many steps of amax history choose the scale."""
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+    """Delayed scaling: the scale from the most recent amax or the history's maximum."""
+    fp8_param_gather: bool = False
+    """Keep the parameters in FP8 and all-gather them in FP8 (the distributed optimizer's parameter gather)."""
+    first_last_layers_bf16: bool = False
+    """Under FP8, run the first and last transformer layers in bf16 (how many: --num-layers-at-start-in-bf16 / --num-layers-at-end-in-bf16)."""
+    num_layers_at_start_in_bf16: int = 1
+    """With --first-last-layers-bf16: the first layers kept in bf16."""
+    num_layers_at_end_in_bf16: int = 1
+    """With --first-last-layers-bf16: the last layers kept in bf16."""
 
 
 @dataclass
@@ -273,7 +285,17 @@ class TrainingConfig:
     bf16: bool = False
     """Train in bfloat16 with fp32 master weights and fp32 gradient accumulation."""
     fp16: bool = False
-    """Train in float16 with loss scaling."""
+    """Train in float16 with fp32 master weights and dynamic loss scaling (megamoe/training/loss_scale.py)."""
+    loss_scale: Optional[float] = None
+    """A fixed loss scale (a power of two keeps it exact) instead of the dynamic one of --fp16."""
+    initial_loss_scale: float = 2.0 ** 32
+    """The dynamic loss scale's starting value."""
+    min_loss_scale: float = 1.0
+    """The dynamic loss scale never falls below this."""
+    loss_scale_window: int = 1000
+    """The dynamic loss scale doubles after this many steps without an overflow."""
+    hysteresis: int = 2
+    """Overflows tolerated before the dynamic loss scale is halved (refilled when it grows)."""
     compile: bool = False
     """Compile each transformer block with torch.compile (per block, as torchtitan does). CUDA only: elsewhere the run says so once and stays eager. Off by default: 1.12x eager on one H200 (docs/benchmarks.md), but it adds the compilation to start-up and has been measured on one GPU only."""
     eval_interval: Optional[int] = None

@@ -31,6 +31,7 @@ from megamoe.data.tokenizers import build_tokenizer
 from megamoe.model.args import dense_ffn_hidden_size, num_kv_heads, parse_moe_layer_freq
 from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
+from megamoe.training.loss_scale import validate_loss_scale
 
 # Flags that are declared (so --help lists them and launch scripts parse) but whose feature
 # has not landed yet. Setting one to anything but its default is an error, never a no-op.
@@ -38,9 +39,8 @@ from megamoe.parallel.state import ParallelLayout
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     {
         # Transformer Engine layers and FP8
-        "transformer_impl", "fp8_format", "fp8_recipe",
-        # fp16 loss scaling
-        "fp16",
+        "transformer_impl", "fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
+        "fp8_param_gather", "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
         # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
         "num_workers",
     }
@@ -73,6 +73,9 @@ def validate_model(m: ModelConfig) -> None:
               "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
               "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rotary_base")
     _check_megatron_defaults_not_built(m)
+    if m.fp8_recipe == "mxfp8" and m.fp8_format:
+        _fail("--fp8-recipe mxfp8 needs Blackwell GPUs (MXFP8 tensor cores, compute capability 10.0); "
+              "on Hopper use --fp8-recipe blockwise")
     if m.group_query_attention and m.multi_latent_attention:
         _fail("--group-query-attention and --multi-latent-attention are alternatives: give one")
     if m.group_query_attention and m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
@@ -242,6 +245,7 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
               f"of --pipeline-model-parallel-size {layout.pp}")
     if t.bf16 and t.fp16:
         _fail("--bf16 and --fp16 cannot both be set")
+    validate_loss_scale(t)
     if t.min_lr > t.lr:
         _fail(f"--min-lr {t.min_lr} is larger than --lr {t.lr}")
     if t.lr_warmup_iters < 0:

@@ -5,7 +5,7 @@ Layout on disk (Megatron-LM's)::
 
     DIR/latest_checkpointed_iteration.txt     the last complete checkpoint's iteration
     DIR/iter_0000100/                         DCP: .metadata plus one file per writing rank
-    DIR/iter_0000100/common.json              iteration, consumed samples, optimizer step, layout, config
+    DIR/iter_0000100/common.json              iteration, consumed samples, optimizer step, loss scale, layout, config
     DIR/iter_0000100/rng/rank_00003.pt        each rank's RNG states (Python, numpy, torch, CUDA, TP/EP streams)
 
 Tensors are named by their global name (``model/layers.3.ffn.experts.w13``,
@@ -325,6 +325,7 @@ def _begin_save(root: str, iteration: int, model, optimizer, state: ParallelStat
     if state.rank == 0:
         common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
                   "optimizer_step": optimizer.step_count(), "layout": layout_signature(config, state),
+                  "loss_scaler": optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
                   "config": dataclasses.asdict(config)}
         with open(os.path.join(tmp, "common.json"), "w") as f:
             json.dump(common, f, indent=1, default=str)
@@ -496,6 +497,8 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
         optimizer.reset_masters_from_params()
     else:
         optimizer.set_step_count(common["optimizer_step"])
+        if optimizer.loss_scaler is not None and common.get("loss_scaler"):  # else this run's fresh scale
+            optimizer.loss_scaler.load_state_dict(common["loss_scaler"])
     restored = False
     if load_rng and common["layout"] == layout_signature(config, state):
         rng_path = os.path.join(path, "rng", f"rank_{state.rank:05d}.pt")

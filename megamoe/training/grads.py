@@ -61,12 +61,3 @@ def _default_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
-    """Scale gradients so their global norm is at most ``max_norm`` (0 disables)."""
-    if max_norm > 0 and total_norm > max_norm:
-        scale = max_norm / (total_norm + 1e-6)
-        grads = [g for g in grads if g.numel()]
-        if grads:
-            torch._foreach_mul_(grads, scale)  # one multi-tensor kernel instead of one per gradient

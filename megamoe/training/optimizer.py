@@ -22,6 +22,7 @@ them over the data-parallel ranks.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -31,7 +32,8 @@ from megamoe.config import ParallelConfig, TrainingConfig
 from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import DataParallelGrads
 from megamoe.parallel.state import ParallelState
-from megamoe.training.grads import clip_grads_, global_grad_norm
+from megamoe.training.grads import global_grad_norm
+from megamoe.training.loss_scale import LossScaler
 
 
 def tensor_bytes(tensors) -> int:
@@ -81,28 +83,41 @@ class Optimizer:
         """``(param, reduced gradient)`` for the gradients this rank updates."""
         raise NotImplementedError
 
-    _grad_scale: Optional[torch.Tensor] = None  # a clip left for the fused step to apply
+    _grad_scale: Optional[torch.Tensor] = None  # a division left for the fused step to apply
+    loss_scaler: Optional[LossScaler] = None  # fp16 / --loss-scale (set by build_optimizer)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """The global gradient norm; gradients are scaled down to ``max_norm`` (0: no clipping)
-        by Megatron-LM's ``max_norm / (norm + 1e-6)`` when that is below 1.
+    def clip_grad_norm(self, max_norm: float, loss_scale: float = 1.0) -> float:
+        """The global norm of the unscaled gradients; gradients are divided by ``loss_scale``
+        (the main gradients hold the scaled loss's) and scaled down to ``max_norm`` (0: no
+        clipping) by Megatron-LM's ``max_norm / (norm + 1e-6)`` when that is below 1. A
+        non-finite norm (an overflow) is returned with the gradients untouched.
 
-        With a fused torch AdamW (CUDA) a due clip is left to the step: its kernel divides each
-        gradient by ``grad_scale`` as it reads it (the hook AMP's unscaling uses). Measured on
-        the V2-Lite proxy's parameters (``tools/bench_optimizer.py``, one H200): 22.9 ms for
+        With a fused torch AdamW (CUDA) that division is left to the step: its kernel divides
+        each gradient by ``grad_scale`` as it reads it (the hook AMP's unscaling uses). Measured
+        on the V2-Lite proxy's parameters (``tools/bench_optimizer.py``, one H200): 22.9 ms for
         the step with ``grad_scale``, against 5.1 + 18.4 ms for a pass over the gradients and a
-        plain step. Steps that need no clip run the plain step, so the norm is read on the host
-        first."""
+        plain step. Steps with nothing to divide run the plain step, so the norm is read on the
+        host first."""
         pieces = self.grad_pieces()
-        norm = global_grad_norm(pieces, self.state, self.dp_sharded).item()
+        norm = global_grad_norm(pieces, self.state, self.dp_sharded).item() / loss_scale
         self._grad_scale = None
-        if max_norm > 0 and norm > max_norm:
-            if self.optimizer is not None and self.optimizer.defaults.get("fused"):
-                device = self.optimizer.param_groups[0]["params"][0].device
-                self._grad_scale = torch.tensor((norm + 1e-6) / max_norm, dtype=torch.float32, device=device)
-            else:
-                clip_grads_([g for _, g in pieces], max_norm, norm)
+        clip = max_norm > 0 and norm > max_norm
+        if not math.isfinite(norm) or not (clip or loss_scale != 1.0):
+            return norm
+        divisor = ((norm + 1e-6) / max_norm if clip else 1.0) * loss_scale
+        if self.optimizer is not None and self.optimizer.defaults.get("fused"):
+            device = self.optimizer.param_groups[0]["params"][0].device
+            self._grad_scale = torch.tensor(divisor, dtype=torch.float32, device=device)
+        else:
+            grads = [g for _, g in pieces if g.numel()]
+            if grads:  # one multi-tensor kernel; exact for a power-of-two scale without a clip
+                torch._foreach_mul_(grads, (max_norm / (norm + 1e-6) if clip else 1.0) / loss_scale)
         return norm
+
+    def skip_step(self) -> None:
+        """An overflowed step: nothing is updated (Adam's step count included); the gradients
+        are zeroed by the next :meth:`zero_grad`."""
+        self._grad_scale = None
 
     def _torch_step(self) -> None:
         """The torch optimizer's step, with a clip that :meth:`clip_grad_norm` left to it."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from megamoe.config import Config
+from megamoe.precision import PrecisionPolicy
 from megamoe.training.heatmap import expert_load_heatmap, per_ep_rank_load
 
 
@@ -34,6 +35,8 @@ class StepMetrics:
     tokens_per_expert: Optional[np.ndarray] = None  # [moe layers, experts] over the global batch
     dropped: list[float] = field(default_factory=list)
     pipeline_wait: Optional[float] = None  # this rank's seconds blocked in pipeline exchanges (when timed)
+    loss_scale: Optional[float] = None  # the scale this step's loss was multiplied by (fp16, --loss-scale)
+    skipped: bool = False  # the step overflowed and was skipped
 
 
 class Reporter:
@@ -42,6 +45,7 @@ class Reporter:
     def __init__(self, config: Config, flops_per_token: float, world_size: int, is_writer: bool,
                  peak_tflops: Optional[float], device: torch.device, moe_layer_names: Optional[list[str]] = None):
         self.config, self.flops_per_token, self.world_size = config, flops_per_token, world_size
+        self.policy = PrecisionPolicy.from_config(config)
         self.moe_layer_names = moe_layer_names  # heat-map row labels: each MoE layer's place in the model
         self._heatmap_unavailable = False
         self.is_writer, self.peak_tflops, self.device = is_writer, peak_tflops, device
@@ -69,6 +73,7 @@ class Reporter:
         self._write_scalars(m, tokens_per_s, tflops)
         if self.metrics_file:
             record = {"iteration": m.iteration, "lm_loss": m.lm_loss, "grad_norm": m.grad_norm, "lr": m.lr,
+                      "loss_scale": m.loss_scale, "skipped": m.skipped,
                       "mtp_losses": m.mtp_losses, "aux_losses": m.aux_losses, "z_losses": m.z_losses,
                       "step_time": m.step_time, "tokens_per_s": tokens_per_s, "tflops_per_device": tflops}
             if self.device.type == "cuda":
@@ -110,9 +115,12 @@ class Reporter:
                 parts.append(f"max/mean EP-rank load: {rank_imbalance:.2f}")
             if any(m.dropped):
                 parts.append(f"dropped tokens: {int(sum(m.dropped))}")
+        if m.loss_scale is not None:  # Megatron-LM's fields
+            parts += [f"loss scale: {m.loss_scale:.1f}",
+                      f"number of skipped iterations: {sum(w.skipped for w in window):3d}"]
         parts += [f"grad norm: {m.grad_norm:.4f}", f"tokens/s: {tokens_per_s:,.0f}",
                   f"TFLOP/s/device: {tflops:.2f}" if tflops >= 1 else f"TFLOP/s/device: {tflops:.2g}"]
-        if self.peak_tflops and self.config.training.bf16:
+        if self.peak_tflops and self.policy.counts_toward_mfu():
             parts.append(f"MFU: {100 * tflops / self.peak_tflops:.1f}%")
         if self.device.type == "cuda":
             parts.append(f"mem peak (GiB): {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}")
@@ -128,9 +136,12 @@ class Reporter:
         w.add_scalar("lm-loss", m.lm_loss, it)
         w.add_scalar("learning-rate", m.lr, it)
         w.add_scalar("grad-norm", m.grad_norm, it)
+        if m.loss_scale is not None:
+            w.add_scalar("loss-scale", m.loss_scale, it)
+            w.add_scalar("skipped-iteration", float(m.skipped), it)
         w.add_scalar("throughput/tokens-per-sec", tokens_per_s, it)
         w.add_scalar("throughput/tflops-per-device", tflops, it)
-        if self.peak_tflops and self.config.training.bf16:
+        if self.peak_tflops and self.policy.counts_toward_mfu():
             w.add_scalar("throughput/mfu", tflops / self.peak_tflops, it)
         if self.device.type == "cuda":
             w.add_scalar("memory/peak-allocated-GiB", torch.cuda.max_memory_allocated(self.device) / 2**30, it)

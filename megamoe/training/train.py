@@ -33,6 +33,7 @@ from megamoe.parallel.pipeline_parallel import (
 )
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
+from megamoe.precision import PrecisionPolicy
 from megamoe.training.flops import flops_per_token, peak_tflops
 from megamoe.training.checkpoint import AsyncSaver, load_checkpoint, remove_old_checkpoints, save_checkpoint
 from megamoe.training.distributed_optimizer import DistributedOptimizer
@@ -48,9 +49,9 @@ log = logging.getLogger(__name__)
 def build_model(config: Config, state: ParallelState, device: torch.device | str,
                 dtype: Optional[torch.dtype] = None) -> GPTModel:
     """This rank's part of the model: built on the meta device, materialised on ``device``,
-    then initialised (layout-invariant). ``dtype`` defaults to bf16 with --bf16, else fp32."""
+    then initialised (layout-invariant). ``dtype`` defaults to the precision policy's."""
     if dtype is None:
-        dtype = torch.bfloat16 if config.training.bf16 else torch.float32
+        dtype = PrecisionPolicy.from_config(config).params_dtype
     p = config.parallel
     chunks = virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
                                         p.decoder_first_pipeline_num_layers,
@@ -77,9 +78,11 @@ def compile_blocks(model: GPTModel, device: torch.device) -> None:
 
 def build_optimizer(model: GPTModel, config: Config, state: ParallelState) -> Optimizer:
     """AdamW with float32 masters: sharded over data-parallel ranks with
-    ``--use-distributed-optimizer``, else whole on every rank."""
+    ``--use-distributed-optimizer``, else whole on every rank; with the policy's loss scaler."""
     kind = DistributedOptimizer if config.parallel.use_distributed_optimizer else MixedPrecisionAdamW
-    return kind(model, config.training, state, config.parallel)
+    optimizer = kind(model, config.training, state, config.parallel)
+    optimizer.loss_scaler = PrecisionPolicy.from_config(config).loss_scaler()
+    return optimizer
 
 
 class MicroBatches:
@@ -126,6 +129,8 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     counts = _global_token_counts(batches, depths, state)
     device = counts.device
     optimizer.zero_grad(num_micro)  # knowing the count lets --overlap-grad-reduce start buckets early
+    scaler = optimizer.loss_scaler
+    loss_scale = scaler.scale if scaler is not None else 1.0
     # Metrics, summed over micro-batches. MoE rows are indexed by the global MoE-layer ordinal,
     # so the pipeline stages' rows can be summed over the pipeline group.
     sums = torch.zeros(1 + depths, dtype=torch.float64, device=device)
@@ -144,6 +149,8 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
             loss = loss + out.lm_loss_sum / counts[0]
             for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
                 loss = loss + config.model.mtp_loss_scaling_factor / depths * mtp_sum / counts[k]
+        if loss_scale != 1.0:  # every stage's losses, so the gradients between stages agree
+            loss = loss * loss_scale
         with torch.no_grad():
             if out.lm_loss_sum is not None:
                 sums[0] += out.lm_loss_sum.double()
@@ -167,12 +174,21 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         one_forward_one_backward(forward_step, num_micro, p2p)
 
     optimizer.finish_grad_sync()
-    grad_norm = optimizer.clip_grad_norm(t.clip_grad)
-    if t.check_for_nan_in_loss_and_grad and not math.isfinite(grad_norm):  # before the step touches the weights
+    grad_norm = optimizer.clip_grad_norm(t.clip_grad, loss_scale)
+    # An overflow under the dynamic loss scale skips the step (the norm is the same on every
+    # rank, so they all skip); any other non-finite norm stops the run.
+    overflowed = scaler is not None and scaler.dynamic and not math.isfinite(grad_norm)
+    if t.check_for_nan_in_loss_and_grad and not overflowed and not math.isfinite(grad_norm):
         mine_bad = any(not bool(torch.isfinite(g).all()) for _, g in optimizer.grad_pieces())
-        check_finite("grad norm", grad_norm, step, mine_bad, state, device)
-    lr = learning_rate(step, t)
-    optimizer.step(lr)
+        check_finite("grad norm", grad_norm, step, mine_bad, state, device)  # before the step touches the weights
+    # Megatron-LM's schedule advances only on the steps taken
+    lr = learning_rate(step - (scaler.skipped if scaler is not None else 0), t)
+    if overflowed:
+        optimizer.skip_step()
+    else:
+        optimizer.step(lr)
+    if scaler is not None:
+        scaler.update(overflowed)
 
     # Reduce the metrics: loss shares over TP, sums over data-parallel ranks and pipeline stages.
     # Loss sums and aux shares are split over CP ranks; expert loads are whole on each of them.
@@ -186,7 +202,8 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     load = rest[aux.numel(): aux.numel() + load.numel()].view_as(load) / state.cp.size
     dropped = rest[aux.numel() + load.numel():] / state.cp.size
     for layer, i in zip(model.moe_layers(), model.moe_index):
-        layer.gate.update_expert_bias(load[i].float())
+        if not overflowed:  # a skipped step changes nothing in the model
+            layer.gate.update_expert_bias(load[i].float())
     if counts.is_cuda:
         torch.cuda.synchronize(counts.device)
     lm_loss = (sums[0] / counts[0]).item()
@@ -205,6 +222,8 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         tokens_per_expert=load.cpu().numpy() if model.num_moe_layers else None,
         dropped=dropped.tolist(),
         pipeline_wait=p2p.wait_seconds if time_pipeline else None,
+        loss_scale=loss_scale if scaler is not None else None,  # the one this step's loss used
+        skipped=overflowed,
     )
 
 

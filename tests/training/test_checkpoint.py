@@ -87,11 +87,25 @@ def _indexed_dataset(directory: Path) -> list[str]:
             "--data-cache-path", str(directory / "cache")]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 6-iteration run each data source's resumed runs must reproduce, launched once."""
+    runs = {}
+
+    def run(data: str) -> tuple[list[str], dict]:
+        if data not in runs:
+            directory = tmp_path_factory.mktemp(f"whole_{data}")
+            extra = ["--mock-data"] if data == "mock" else _indexed_dataset(directory)
+            _launch([*extra, "--train-iters", "6"], directory / "whole.jsonl")
+            runs[data] = extra, _records(directory / "whole.jsonl")
+        return runs[data]
+
+    return run
+
+
 @pytest.mark.parametrize("data, async_save", [("mock", False), ("indexed", False), ("mock", True)])
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data, async_save):
-    extra = ["--mock-data"] if data == "mock" else _indexed_dataset(tmp_path)
-    whole = tmp_path / "whole.jsonl"
-    _launch([*extra, "--train-iters", "6"], whole)
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, uninterrupted, data, async_save):
+    extra, want = uninterrupted(data)
     ckpt = tmp_path / "ckpt"
     save = ["--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3"] + (["--async-save"] if async_save else [])
     # an async save is recorded after a later iteration once every rank's write finished:
@@ -100,7 +114,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, data, async_save):
     assert code != 0 and latest_iteration(str(ckpt)) == 3  # killed before the save at 6
     resumed = _launch([*extra, *save, "--train-iters", "6"], tmp_path / "resumed.jsonl")
     assert "loaded weights and optimizer of iteration 3" in resumed.stdout
-    want, got = _records(whole), _records(tmp_path / "resumed.jsonl")
+    got = _records(tmp_path / "resumed.jsonl")
     assert sorted(got) == [4, 5, 6]
     for it in (4, 5, 6):
         assert got[it] == want[it], (it, got[it], want[it])  # bitwise: loss and grad norm
