@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp|cp|perf|ckpt]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp|cp|perf|ckpt|fp16]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
 # (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
@@ -17,6 +17,7 @@
 # `ckpt`: the GPU checkpoint tests (bring TE for the backend crossing), NCCL checkpoints across
 # layouts when two GPUs are there, then synchronous save, async save and load times on the
 # V2-Lite proxy (tools/bench_checkpoint.py; about 32 GB written under $CKPT_DIR, default /tmp).
+# `fp16`: the V2-Lite proxy in bf16, then in fp16 with the dynamic loss scale (40 iterations each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -92,6 +93,16 @@ if [ "$mode" = ckpt ]; then
   fi
   python3 tools/bench_checkpoint.py --dir "${CKPT_DIR:-/tmp/megamoe_ckpt_bench}" 2>&1 | tee "$LOG/bench_checkpoint.log" \
     | grep -v -i warn | tail -10
+fi
+if [ "$mode" = fp16 ]; then
+  # the V2-Lite proxy in bf16, then in fp16 with the dynamic loss scale, 40 iterations each
+  proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(f for f in bench_train.PROXY if f != '--bf16'))")
+  for precision in "--bf16" "--no-bf16 --fp16"; do
+    echo "== $precision"
+    python3 pretrain_moe.py $proxy $precision --moe-grouped-gemm-impl torch --train-iters 40 --log-interval 10 \
+      --metrics-file "$LOG/metrics${precision##* }.jsonl" 2>&1 | tee "$LOG/run${precision##* }.log" \
+      | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-420
+  done
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

@@ -6,6 +6,7 @@
   --loss-scale, none for bf16); bad values are one-line errors naming the flag.
 - Exactness: training the float64 model with a power-of-two loss scale gives bitwise the
   losses, grad norms and weights of the unscaled run, with and without a clip.
+- The same under PP 2, where every stage scales its own balancing losses.
 - An overflowed step is skipped: the weights, the expert biases and Adam's step count stay as
   they were, the scale backs off, the learning-rate schedule does not advance, the log says so.
 - The scale and its counters are saved in the checkpoint and restored.
@@ -124,6 +125,34 @@ def test_a_power_of_two_loss_scale_changes_nothing(clip):
         assert all(m.grad_norm > clip for m in want)  # the clip was due on every step
     for name, tensor in want_weights[-1].items():
         assert torch.equal(got_weights[-1][name], tensor), name
+
+
+def _pipeline_run(scaled: bool):
+    """Two steps of PP 2 with balancing and z losses on every stage (float64), with or without
+    a loss scale of 2**20; this rank's metrics and weights."""
+    cfg = make_config("gqa", {"pp": 2, "layers": 4})
+    cfg.training.train_iters = 2
+    state = ParallelState.build(**cfg.parallel.degrees())
+    model = build(cfg, state)
+    opt = build_optimizer(model, cfg, state)
+    opt.loss_scaler = LossScaler(scale=2.0 ** 20, dynamic=False) if scaled else None
+    data = MicroBatches(cfg, state, CPU)
+    metrics = [train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro)], step, cfg, state, None)
+               for step in (1, 2)]
+    return [(m.lm_loss, m.grad_norm, m.aux_losses) for m in metrics], {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_the_loss_scale_is_exact_across_pipeline_stages(workers):
+    """Each stage scales its own losses (the balancing losses of the first stage too), so the
+    gradient it receives from the next stage and its own agree."""
+    pool = workers(2)
+    want, got = pool.run(_pipeline_run, False), pool.run(_pipeline_run, True)
+    for (want_metrics, want_weights), (got_metrics, got_weights) in zip(want, got):
+        assert got_metrics == want_metrics
+        aux_step1 = want_metrics[0][2]
+        assert len(aux_step1) == 3 and all(a > 0 for a in aux_step1)  # both stages' MoE layers balance
+        for name, tensor in want_weights.items():
+            assert torch.equal(got_weights[name], tensor), name
 
 
 def test_an_overflowed_step_is_skipped_and_the_scale_backs_off():
