@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -192,12 +193,10 @@ def test_an_fp16_run_skips_its_first_steps_then_trains(tmp_path):
     scale until the steps go through."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pretrain_moe.py"), "--config", str(ROOT / "examples/configs/demo.yaml"),
-         "--fp16", "--hysteresis", "1", "--seq-length", "32", "--train-iters", "24", "--log-interval", "24",
+         "--fp16", "--hysteresis", "1", "--seq-length", "16", "--train-iters", "20", "--log-interval", "20",
          "--eval-iters", "0", "--metrics-file", str(tmp_path / "m.jsonl")],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     skipped = [r["skipped"] for r in records]
     assert skipped[0] and not skipped[-1] and sum(skipped) < len(skipped) - 4
