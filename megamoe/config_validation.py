@@ -31,7 +31,6 @@ from megamoe.data.tokenizers import build_tokenizer
 from megamoe.model.args import dense_ffn_hidden_size, num_kv_heads, parse_moe_layer_freq
 from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
-from megamoe.training.loss_scale import validate_loss_scale
 
 # Flags that are declared (so --help lists them and launch scripts parse) but whose feature
 # has not landed yet. Setting one to anything but its default is an error, never a no-op.
@@ -245,7 +244,14 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
               f"of --pipeline-model-parallel-size {layout.pp}")
     if t.bf16 and t.fp16:
         _fail("--bf16 and --fp16 cannot both be set")
-    validate_loss_scale(t)
+    if t.loss_scale is not None and not (t.fp16 or t.bf16):
+        _fail(f"--loss-scale {t.loss_scale}: needs --fp16 or --bf16 (float32 training is not scaled)")
+    _positive(t, "loss_scale", "initial_loss_scale", "min_loss_scale")
+    if t.min_loss_scale > t.initial_loss_scale:
+        _fail(f"--min-loss-scale {t.min_loss_scale} is above --initial-loss-scale {t.initial_loss_scale}")
+    for name in ("loss_scale_window", "hysteresis"):
+        if getattr(t, name) < 1:
+            _fail(f"{flag_name(name)} {getattr(t, name)}: must be at least 1")
     if t.min_lr > t.lr:
         _fail(f"--min-lr {t.min_lr} is larger than --lr {t.lr}")
     if t.lr_warmup_iters < 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from megamoe.config import ConfigError, TrainingConfig
+from megamoe.config import TrainingConfig
 
 
 @dataclass
@@ -71,16 +71,3 @@ def build_loss_scaler(t: TrainingConfig) -> Optional[LossScaler]:
     return LossScaler(scale=t.initial_loss_scale, min_scale=t.min_loss_scale, window=t.loss_scale_window,
                       hysteresis=t.hysteresis, hysteresis_tracker=t.hysteresis)
 
-
-def validate_loss_scale(t: TrainingConfig) -> None:
-    if t.loss_scale is not None and not (t.fp16 or t.bf16):
-        raise ConfigError(f"--loss-scale {t.loss_scale}: needs --fp16 or --bf16 (float32 training is not scaled)")
-    for flag, value in (("--loss-scale", t.loss_scale), ("--initial-loss-scale", t.initial_loss_scale),
-                        ("--min-loss-scale", t.min_loss_scale)):
-        if value is not None and not value > 0:
-            raise ConfigError(f"{flag} {value}: must be positive")
-    if t.min_loss_scale > t.initial_loss_scale:
-        raise ConfigError(f"--min-loss-scale {t.min_loss_scale} is above --initial-loss-scale {t.initial_loss_scale}")
-    for flag, value in (("--loss-scale-window", t.loss_scale_window), ("--hysteresis", t.hysteresis)):
-        if value < 1:
-            raise ConfigError(f"{flag} {value}: must be at least 1")
