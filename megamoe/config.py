@@ -111,11 +111,11 @@ class ModelConfig:
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core (--recompute-activations is Megatron-LM's spelling of selective). Dropout masks are replayed exactly."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
-    """Layer implementation: plain PyTorch ('local') or Transformer Engine."""
+    """Layer implementation: plain PyTorch with megamoe's kernels ('local') or Transformer Engine (not supported yet)."""
     fp8_format: Optional[Literal["e4m3", "hybrid"]] = None
-    """FP8 training format (unset means no FP8). 'hybrid' is e4m3 forward, e5m2 backward."""
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
-    """FP8 scaling recipe, used when fp8-format is set."""
+    """FP8 training (unset means none; needs --bf16): the linear layers' and experts' GEMMs run in FP8, the embedding, output head and routers do not. 'e4m3' everywhere, or 'hybrid': e4m3 forward, e5m2 gradients."""
+    fp8_recipe: Literal["delayed", "tensorwise", "rowwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling, used with --fp8-format. The local layers run 'rowwise' (one scale per token and per weight row; megamoe's, not Megatron's) and 'tensorwise' (one per tensor, per expert for experts), both from the current values; 'delayed' and 'blockwise' need --transformer-impl transformer_engine (not supported yet); 'mxfp8' needs Blackwell."""
     fp8_amax_history_len: int = 1
     """Delayed scaling: how many steps of amax history choose the scale."""
     fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
@@ -123,7 +123,7 @@ class ModelConfig:
     fp8_param_gather: bool = False
     """Keep the parameters in FP8 and all-gather them in FP8 (the distributed optimizer's parameter gather)."""
     first_last_layers_bf16: bool = False
-    """Under FP8, run the first and last transformer layers in bf16 (how many: --num-layers-at-start-in-bf16 / --num-layers-at-end-in-bf16)."""
+    """Under FP8, run the first and last transformer layers in bf16 (how many: --num-layers-at-start-in-bf16 / --num-layers-at-end-in-bf16; MTP blocks follow the last layer)."""
     num_layers_at_start_in_bf16: int = 1
     """With --first-last-layers-bf16: the first layers kept in bf16."""
     num_layers_at_end_in_bf16: int = 1

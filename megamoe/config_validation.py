@@ -38,8 +38,7 @@ from megamoe.parallel.state import ParallelLayout
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     {
         # Transformer Engine layers and FP8
-        "transformer_impl", "fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
-        "fp8_param_gather", "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
+        "transformer_impl", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
         # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
         "num_workers",
     }
@@ -72,9 +71,6 @@ def validate_model(m: ModelConfig) -> None:
               "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
               "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rotary_base")
     _check_megatron_defaults_not_built(m)
-    if m.fp8_recipe == "mxfp8" and m.fp8_format:
-        _fail("--fp8-recipe mxfp8 needs Blackwell GPUs (MXFP8 tensor cores, compute capability 10.0); "
-              "on Hopper use --fp8-recipe blockwise")
     if m.group_query_attention and m.multi_latent_attention:
         _fail("--group-query-attention and --multi-latent-attention are alternatives: give one")
     if m.group_query_attention and m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
@@ -262,6 +258,29 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
         _fail(f"--clip-grad {t.clip_grad}: must be 0 (off) or positive")
 
 
+LOCAL_FP8_RECIPES = ("rowwise", "tensorwise")
+
+
+def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig) -> None:
+    for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+        if getattr(m, name) < 0:
+            _fail(f"{flag_name(name)} {getattr(m, name)}: must be 0 or more")
+    if not m.fp8_format:
+        return
+    if m.fp8_recipe == "mxfp8":
+        _fail("--fp8-recipe mxfp8 needs Blackwell GPUs (MXFP8 tensor cores, compute capability 10.0); "
+              "on Hopper use --fp8-recipe rowwise or tensorwise")
+    if m.transformer_impl == "local" and m.fp8_recipe not in LOCAL_FP8_RECIPES:
+        _fail(f"--fp8-recipe {m.fp8_recipe} runs on Transformer Engine layers (--transformer-impl "
+              f"transformer_engine), which are not supported yet; the local layers run --fp8-recipe "
+              f"{' or '.join(LOCAL_FP8_RECIPES)}")
+    if not t.bf16:
+        _fail(f"--fp8-format {m.fp8_format}: needs --bf16 (the FP8 GEMMs take and return bf16 activations)")
+    if moe.num_experts and moe.expert_backend == "te":
+        _fail(f"--fp8-format {m.fp8_format} with the te expert backend is not supported yet: use "
+              "--moe-grouped-gemm-impl torch (megamoe's FP8 grouped GEMMs)")
+
+
 def validate_data(d: DataConfig, t: TrainingConfig) -> None:
     """Mock vs real data, the dataset files, the split and the tokenizer. Reads only file
     headers (and the tokenizer's model file)."""
@@ -379,6 +398,7 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     validate_moe(config.moe, config.model)
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
     validate_training(config.training, layout)
+    validate_fp8(config.model, config.moe, config.training)
     validate_data(config.data, config.training)
     validate_logging(config.logging, config.training)
     validate_checkpoint(config.checkpoint)

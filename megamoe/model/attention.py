@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
@@ -82,6 +83,7 @@ class GroupedQueryAttention(nn.Module):
         attention_dropout: float = 0.0,
         init_fn: InitFn = normal_init(0.02),
         output_init_fn: InitFn = normal_init(0.02),
+        fp8: Optional[Fp8Recipe] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -95,7 +97,7 @@ class GroupedQueryAttention(nn.Module):
         self.attention_dropout = attention_dropout
         self.recompute_core = False  # selective recompute: keep no attention activations
         self.softmax_scale = 1.0 / math.sqrt(head_dim)
-        kw = dict(tp=tp, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        kw = dict(tp=tp, sequence_parallel=sequence_parallel, fp8=fp8, device=device, dtype=dtype)
         self.wq = ColumnParallelLinear(hidden_size, num_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
         self.wk = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
         self.wv = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)

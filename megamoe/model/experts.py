@@ -21,6 +21,11 @@ Backends:
   older GPUs, fp32, this torch's CPU kernel whose backward is missing) it falls back to
   ``loop`` and says so once;
 - ``te``: Transformer Engine ``GroupedLinear`` (see ``megamoe/extensions/te.py``).
+
+With an FP8 recipe (``fp8``, from the precision policy) the ``loop`` and ``torch`` backends run
+both GEMMs through ``megamoe/kernels/fp8_gemm.py``: ``torch._scaled_grouped_mm`` on CUDA, the
+SwiGLU fused into the quantization of the second GEMM's input. Expert-TP cuts the first GEMM's
+output and the second's input, so those operands' amaxes are reduced over expert-TP.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.kernels.fp8 import Fp8Recipe
+from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_grouped_linear
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec
 from megamoe.parallel.state import Group
-from megamoe.parallel.tensor_parallel import InitFn, normal_init
+from megamoe.parallel.tensor_parallel import InitFn, amax_reducer, fp8_for_shape, normal_init
 
 ExpertBackend = Literal["loop", "torch", "te"]
 log = logging.getLogger(__name__)
@@ -90,6 +97,7 @@ class GroupedExperts(nn.Module):
         init_fn: InitFn = normal_init(0.02),
         output_init_fn: InitFn = normal_init(0.02),
         gated: bool = True,
+        fp8: Optional[Fp8Recipe] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -102,6 +110,11 @@ class GroupedExperts(nn.Module):
         self.init_fn, self.output_init_fn = init_fn, output_init_fn
         f_local = ffn_hidden_size // etp.size
         kw = dict(device=device, dtype=dtype)
+        # both GEMMs in FP8, or neither (w2's local shape is the first GEMM's, transposed); the
+        # te backend's FP8 recipes are refused by the config validation until they land
+        self.fp8 = fp8_for_shape(fp8, f_local, hidden_size)
+        self._fp8_caches = (Fp8WeightCache(), Fp8WeightCache())
+        self._fp8_reduce = amax_reducer(etp)
         self.te = None
         self.fc1_name = "w13" if gated else "w1"
         # The global tensors every backend's parameters are cut from (param_spec.py).
@@ -173,6 +186,8 @@ class GroupedExperts(nn.Module):
         """
         if self.te is not None:
             return self.te(x_ND, tokens_per_expert)
+        if self.fp8 is not None:
+            return self._forward_fp8(x_ND, tokens_per_expert)
         if self.backend == "torch":
             reason = grouped_mm_unsupported_reason(x_ND, self.fc1, self.w2)
             if reason is None:
@@ -183,7 +198,16 @@ class GroupedExperts(nn.Module):
         counts = tokens_per_expert.tolist()  # host sync: the loop needs the split sizes
         return _mlp_loop(x_ND, self.fc1, self.w2, self.gated, counts)
 
+    def _forward_fp8(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        recipe, (cache1, cache2), reduce = self.fp8, self._fp8_caches, self._fp8_reduce
+        h = fp8_grouped_linear(x_ND, self.fc1, offsets, recipe, cache1, "out", reduce)
+        if not self.gated:
+            return fp8_grouped_linear(F.gelu(h), self.w2, offsets, recipe, cache2, "in", reduce)
+        return fp8_grouped_linear(h, self.w2, offsets, recipe, cache2, "in", reduce, swiglu_input=True)
+
     def extra_repr(self) -> str:
+        fp8 = "" if self.fp8 is None else f", fp8={self.fp8.fmt}/{self.fp8.granularity}"
         return (f"experts={self.num_local_experts}/{self.num_experts} from {self.first_expert}, "
                 f"D={self.hidden_size}, F={self.ffn_hidden_size}/{self.etp.size}, backend={self.backend}, "
-                f"{'swiglu' if self.gated else 'gelu'}")
+                f"{'swiglu' if self.gated else 'gelu'}{fp8}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.model.args import GPTArgs
 from megamoe.model.attention import GroupedQueryAttention
 from megamoe.model.block import TransformerBlock
@@ -114,7 +115,7 @@ class GPTModel(nn.Module):
 
     def __init__(self, args: GPTArgs, state: ParallelState, chunk_ranges: Optional[list[tuple[int, int]]] = None,
                  sequence_parallel: bool = False, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, fp8_layers: Optional[Sequence[Optional[Fp8Recipe]]] = None):
         super().__init__()
         self.args, self.state = args, state
         tp = state.tp
@@ -152,8 +153,12 @@ class GPTModel(nn.Module):
             self.chunk_moe_index[-1] += [moe_ordinal[i] for i in range(args.num_layers, args.num_blocks)
                                          if i in moe_ordinal]
         self.moe_index = [i for chunk in self.chunk_moe_index for i in chunk]  # in moe_layers() order
+        # each block's FP8 recipe (precision.py), or None: the embedding, head and routers never run in FP8
+        fp8_layers = tuple(fp8_layers) if fp8_layers is not None else (None,) * args.num_blocks
+        if len(fp8_layers) != args.num_blocks:
+            raise ValueError(f"fp8_layers has {len(fp8_layers)} entries for {args.num_blocks} blocks")
         self.layers = nn.ModuleDict({
-            name: self._build_block(args, state, is_moe[int(name)], **kw)
+            name: self._build_block(args, state, is_moe[int(name)], fp8_layers[int(name)], **kw)
             for names in self.chunk_layers for name in names
         })
         self.norm = self.head = None
@@ -165,7 +170,8 @@ class GPTModel(nn.Module):
                                                  init_fn=init_fn, **kw)
                 set_spec(self.head.weight, self._vocab_spec("head"))
             self.mtp.extend(
-                MTPModule(self._build_block(args, state, is_moe[args.num_layers + k], **kw),
+                MTPModule(self._build_block(args, state, is_moe[args.num_layers + k], fp8_layers[args.num_layers + k],
+                                            **kw),
                           args.hidden_size, args.normalization, args.norm_eps, sp, init_fn, **kw)
                 for k in range(args.mtp_num_layers))
 
@@ -175,13 +181,14 @@ class GPTModel(nn.Module):
         """The embedding's or head's spec: the real vocabulary's rows, cut over TP as the padded."""
         return ParamSpec(role, (self.vocab_size, self.args.hidden_size), (Split(0, "tp", padded=self.padded_vocab),))
 
-    def _build_block(self, args: GPTArgs, state: ParallelState, moe_layer: bool, device, dtype):
+    def _build_block(self, args: GPTArgs, state: ParallelState, moe_layer: bool, fp8: Optional[Fp8Recipe],
+                     device, dtype):
         sp, a = self.sequence_parallel, args.attention
         kw = dict(device=device, dtype=dtype)
         init_fn = normal_init(args.init_method_std)
         # Output projections start smaller so the residual stream's variance does not grow with depth.
         output_init_fn = normal_init(args.init_method_std / math.sqrt(2.0 * args.num_blocks))
-        common = dict(tp=state.tp, sequence_parallel=sp, init_fn=init_fn, output_init_fn=output_init_fn, **kw)
+        common = dict(tp=state.tp, sequence_parallel=sp, init_fn=init_fn, output_init_fn=output_init_fn, fp8=fp8, **kw)
         norm = dict(qk_layernorm=a.qk_layernorm, normalization=args.normalization, norm_eps=args.norm_eps)
         if a.kind == "mla":
             attn = MultiHeadLatentAttention(
@@ -194,13 +201,14 @@ class GPTModel(nn.Module):
                 attention_dropout=a.dropout, **norm, **common)
         attn.recompute_core = args.recompute_granularity == "selective"
         if moe_layer:
-            ffn = self._build_moe(args, state, init_fn, output_init_fn, **kw)
+            ffn = self._build_moe(args, state, init_fn, output_init_fn, fp8, **kw)
         else:
             ffn = MLP(args.hidden_size, args.ffn_hidden_size, gated=args.swiglu, **common)
         return TransformerBlock(attn, ffn, args.hidden_size, args.norm_eps, sp, args.hidden_dropout,
                                 normalization=args.normalization, recompute_ffn=moe_layer and args.moe.recompute, **kw)
 
-    def _build_moe(self, args: GPTArgs, state: ParallelState, init_fn, output_init_fn, device, dtype) -> MoELayer:
+    def _build_moe(self, args: GPTArgs, state: ParallelState, init_fn, output_init_fn, fp8: Optional[Fp8Recipe],
+                   device, dtype) -> MoELayer:
         moe, sp = args.moe, self.sequence_parallel
         E = moe.num_experts
         router = TopKRouter(
@@ -212,11 +220,11 @@ class GPTModel(nn.Module):
         num_local = E // state.ep.size
         experts = GroupedExperts(
             E, num_local, state.ep.rank * num_local, args.hidden_size, moe.ffn_hidden_size, state.etp,
-            moe.expert_backend, init_fn, output_init_fn, gated=args.swiglu, device=device, dtype=dtype)
+            moe.expert_backend, init_fn, output_init_fn, gated=args.swiglu, fp8=fp8, device=device, dtype=dtype)
         shared = None
         if moe.shared_ffn_hidden_size:
             shared = MLP(args.hidden_size, moe.shared_ffn_hidden_size, state.tp, sp, init_fn, output_init_fn,
-                         gated=args.swiglu, device=device, dtype=dtype)
+                         gated=args.swiglu, fp8=fp8, device=device, dtype=dtype)
         if moe.dispatcher == "alltoall":
             dispatcher = AllToAllDispatcher(state.ep, state.etp, E, moe.pad_to_capacity)
         else:

@@ -30,6 +30,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
+from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.model.attention import attend
 from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
@@ -69,6 +70,7 @@ class MultiHeadLatentAttention(nn.Module):
         attention_dropout: float = 0.0,
         init_fn: InitFn = normal_init(0.02),
         output_init_fn: InitFn = normal_init(0.02),
+        fp8: Optional[Fp8Recipe] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -86,25 +88,26 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = rope.softmax_scale_multiplier / math.sqrt(qk_head_dim + qk_pos_emb_head_dim)
         q_dim = num_heads * (qk_head_dim + qk_pos_emb_head_dim)
         common = dict(device=device, dtype=dtype)
-        column = dict(tp=tp, sequence_parallel=sp, init_fn=init_fn, **common)
+        column = dict(tp=tp, sequence_parallel=sp, init_fn=init_fn, fp8=fp8, **common)
 
         def latent_norm(dim: int):
             return build_norm(normalization, dim, norm_eps, sequence_parallel=sp, **common) if qk_layernorm else nn.Identity()
 
         if q_lora_rank:
-            self.wq_a = ReplicatedLinear(hidden_size, q_lora_rank, grad_partial_over_tp=sp, init_fn=init_fn, **common)
+            self.wq_a = ReplicatedLinear(hidden_size, q_lora_rank, grad_partial_over_tp=sp, init_fn=init_fn, fp8=fp8,
+                                         **common)
             self.q_norm = latent_norm(q_lora_rank)
             self.wq_b = ColumnParallelLinear(q_lora_rank, q_dim, **column)
         else:
             self.wq = ColumnParallelLinear(hidden_size, q_dim, **column)
         self.wkv_a = ReplicatedLinear(hidden_size, kv_lora_rank + qk_pos_emb_head_dim,
-                                      grad_partial_over_tp=sp, init_fn=init_fn, **common)
+                                      grad_partial_over_tp=sp, init_fn=init_fn, fp8=fp8, **common)
         self.kv_norm = latent_norm(kv_lora_rank)
         # wkv_b's input enters the TP region in forward (so context parallel can gather it first)
         self.wkv_b = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_head_dim + v_head_dim), input_comm=False,
                                           **column)
         self.wo = RowParallelLinear(num_heads * v_head_dim, hidden_size, tp=tp, sequence_parallel=sp,
-                                    init_fn=output_init_fn, **common)
+                                    init_fn=output_init_fn, fp8=fp8, **common)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rng_tracker: Optional[RNGStatesTracker] = None) -> torch.Tensor:
         # x: [s, b, hidden], or this rank's [s/tp, b, hidden] shard with sequence parallel.

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.parallel import mappings
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import ColumnParallelLinear, InitFn, RowParallelLinear, normal_init
@@ -26,12 +27,13 @@ class MLP(nn.Module):
         init_fn: InitFn = normal_init(0.02),
         output_init_fn: InitFn = normal_init(0.02),
         gated: bool = True,
+        fp8: Optional[Fp8Recipe] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.tp, self.sequence_parallel = tp, sequence_parallel and tp.size > 1
-        kw = dict(tp=tp, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        kw = dict(tp=tp, sequence_parallel=sequence_parallel, fp8=fp8, device=device, dtype=dtype)
         self.w1 = ColumnParallelLinear(hidden_size, ffn_hidden_size, input_comm=False, init_fn=init_fn, **kw)
         self.w3 = None
         if gated:

@@ -12,16 +12,25 @@ have ``grad_partial_over_tp``: each TP rank holds a partial gradient that must b
 
 Weights are initialised from the full (unsharded) tensor drawn from a generator, then sliced,
 so a layout with TP > 1 starts from exactly the weights of the single-process model.
+
+GEMM backend: each linear runs ``F.linear``, or with an FP8 recipe (``fp8``, from the precision
+policy) the FP8 GEMMs of ``megamoe/kernels/fp8_gemm.py``. The communication around the GEMM is
+the same for both; the FP8 GEMM is told which weight dimension TP cuts, so the scales of the
+operands that cut splits are reduced over TP.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.kernels.fp8 import AmaxReduce, Fp8Recipe
+from megamoe.kernels.fp8_gemm import Cut, Fp8WeightCache, fp8_linear
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec, spec_of
 from megamoe.parallel.state import Group
@@ -55,13 +64,56 @@ def init_sharded_(
         param.copy_(full)
 
 
+log = logging.getLogger(__name__)
+_FP8_ALIGNMENT = 16  # FP8 GEMMs need both dimensions of the (local) weight in multiples of 16
+_warned_fp8_shapes: set[tuple[int, int]] = set()
+
+
+def amax_reducer(group: Optional[Group]) -> AmaxReduce:
+    """The FP8 amax reduction over ``group`` (a max, in place), or None for a single rank."""
+    if group is None or group.size == 1:
+        return None
+    return lambda amax: mappings.all_reduce_(amax, group, op=dist.ReduceOp.MAX)
+
+
+def fp8_for_shape(fp8: Optional[Fp8Recipe], out_features: int, in_features: int) -> Optional[Fp8Recipe]:
+    """``fp8``, or None (and a notice, once per shape) when the local weight cannot run in FP8."""
+    if fp8 is None or (out_features % _FP8_ALIGNMENT == 0 and in_features % _FP8_ALIGNMENT == 0):
+        return fp8
+    if (out_features, in_features) not in _warned_fp8_shapes:
+        _warned_fp8_shapes.add((out_features, in_features))
+        log.warning("a [%d, %d] linear runs in the activations' dtype, not FP8: FP8 GEMMs need dimensions "
+                    "that are multiples of %d", out_features, in_features, _FP8_ALIGNMENT)
+    return None
+
+
+class _Gemm(nn.Module):
+    """The GEMM seam every linear layer shares: ``x W^T`` in the activations' dtype or in FP8."""
+
+    fp8: Optional[Fp8Recipe] = None
+
+    def _setup_gemm(self, fp8: Optional[Fp8Recipe], cut: Cut, group: Optional[Group]) -> None:
+        self.fp8 = fp8_for_shape(fp8, *self.weight.shape)
+        self._fp8_cut, self._fp8_reduce = cut, amax_reducer(group)
+        self._fp8_cache = Fp8WeightCache()
+
+    def _gemm(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.fp8 is None:
+            return F.linear(x, self.weight, bias)
+        y = fp8_linear(x, self.weight, self.fp8, self._fp8_cache, self._fp8_cut, self._fp8_reduce)
+        return y if bias is None else y + bias
+
+    def _fp8_repr(self) -> str:
+        return "" if self.fp8 is None else f", fp8={self.fp8.fmt}/{self.fp8.granularity}"
+
+
 def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
     return numerator // denominator
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_Gemm):
     """``y = x W^T (+ b)`` with ``W`` split along its output dimension over TP.
 
     Input: replicated ``[s, b, in]`` (or ``[s/tp, b, in]`` with sequence parallel).
@@ -80,6 +132,7 @@ class ColumnParallelLinear(nn.Module):
         sequence_parallel: bool = False,
         input_comm: bool = True,
         init_fn: InitFn = normal_init(0.02),
+        fp8: Optional[Fp8Recipe] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -91,6 +144,7 @@ class ColumnParallelLinear(nn.Module):
         local_out = _divide(out_features, tp.size, "output features of a column-parallel linear")
         self.weight = nn.Parameter(torch.empty(local_out, in_features, device=device, dtype=dtype))
         set_spec(self.weight, ParamSpec("linear", (out_features, in_features), (Split(0, "tp"),)))
+        self._setup_gemm(fp8, "out", tp)
         self.bias = nn.Parameter(torch.empty(local_out, device=device, dtype=dtype)) if bias else None
         if self.bias is not None:
             set_spec(self.bias, ParamSpec("bias", (out_features,), (Split(0, "tp"),)))
@@ -104,16 +158,16 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_comm:
             x = mappings.enter_tensor_region(x, self.tp, self.sequence_parallel)
-        y = F.linear(x, self.weight, self.bias)
+        y = self._gemm(x, self.bias)
         if self.gather_output:
             y = mappings.gather_from_region(y, self.tp, dim=-1)
         return y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.tp.size}, sp={self.sequence_parallel}"
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp.size}, sp={self.sequence_parallel}" + self._fp8_repr()
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Gemm):
     """``y = x W^T (+ b)`` with ``W`` split along its input dimension over TP.
 
     Input: this rank's ``in / tp`` features (``input_is_parallel``) or the full replicated input.
@@ -130,6 +184,7 @@ class RowParallelLinear(nn.Module):
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
         init_fn: InitFn = normal_init(0.02),
+        fp8: Optional[Fp8Recipe] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -141,6 +196,7 @@ class RowParallelLinear(nn.Module):
         local_in = _divide(in_features, tp.size, "input features of a row-parallel linear")
         self.weight = nn.Parameter(torch.empty(out_features, local_in, device=device, dtype=dtype))
         set_spec(self.weight, ParamSpec("linear", (out_features, in_features), (Split(1, "tp"),)))
+        self._setup_gemm(fp8, "in", tp)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         if self.bias is not None:
             set_spec(self.bias, ParamSpec("bias", (out_features,), grad_partial_over_tp=self.sequence_parallel))
@@ -154,15 +210,15 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_region(x, self.tp, dim=-1)
-        y = mappings.exit_tensor_region(F.linear(x, self.weight), self.tp, self.sequence_parallel)
+        y = mappings.exit_tensor_region(self._gemm(x), self.tp, self.sequence_parallel)
         # The bias is added once, after the sum, so it is not counted tp times.
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, tp={self.tp.size}, sp={self.sequence_parallel}"
+        return f"in={self.in_features}, out={self.out_features}, tp={self.tp.size}, sp={self.sequence_parallel}" + self._fp8_repr()
 
 
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(_Gemm):
     """A linear layer whose full weight every TP rank holds (e.g. MLA down-projections, router).
 
     ``grad_partial_over_tp``: the layer sees only this rank's tokens (sequence parallel), so
@@ -175,6 +231,7 @@ class ReplicatedLinear(nn.Module):
         out_features: int,
         grad_partial_over_tp: bool = False,
         init_fn: InitFn = normal_init(0.02),
+        fp8: Optional[Fp8Recipe] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -183,15 +240,16 @@ class ReplicatedLinear(nn.Module):
         self.init_fn = init_fn
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         set_spec(self.weight, ParamSpec("linear", (out_features, in_features), grad_partial_over_tp=grad_partial_over_tp))
+        self._setup_gemm(fp8, None, None)
 
     def init_weights(self, generator: torch.Generator) -> None:
         init_sharded_(self.weight, tuple(self.weight.shape), None, None, self.init_fn, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self._gemm(x)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, replicated"
+        return f"in={self.in_features}, out={self.out_features}, replicated" + self._fp8_repr()
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -50,14 +50,17 @@ def build_model(config: Config, state: ParallelState, device: torch.device | str
                 dtype: Optional[torch.dtype] = None) -> GPTModel:
     """This rank's part of the model: built on the meta device, materialised on ``device``,
     then initialised (layout-invariant). ``dtype`` defaults to the precision policy's."""
+    policy = PrecisionPolicy.from_config(config)
     if dtype is None:
-        dtype = PrecisionPolicy.from_config(config).params_dtype
+        dtype = policy.params_dtype
+    args = gpt_args(config)
     p = config.parallel
     chunks = virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
                                         p.decoder_first_pipeline_num_layers,
                                         p.decoder_last_pipeline_num_layers)[state.pp.rank]
     with torch.device("meta"):
-        model = GPTModel(gpt_args(config), state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype)
+        model = GPTModel(args, state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype,
+                         fp8_layers=policy.fp8_layers(args.num_layers, args.num_blocks))
     model = materialize(model, device)
     model.init_weights(config.training.seed)
     if config.training.compile:

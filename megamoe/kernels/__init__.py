@@ -1,0 +1,1 @@
+"""Kernels below the layers: FP8 quantization and the FP8 GEMMs (imported by parallel/ and model/)."""

@@ -1,0 +1,288 @@
+"""FP8 quantization for the native (``--transformer-impl local``) FP8 path.
+
+A tensor is quantized row by row: ``q[r] = saturate(x[r] * scale[r])`` in an FP8 dtype, with
+``scale[r]`` a power of two chosen so that the row's largest magnitude (its amax) lands at or
+just below the format's largest finite value (448 for e4m3, 57344 for e5m2). The GEMMs take the
+inverse scales (``scale_inv``, also powers of two, so multiplying by them is exact).
+
+- ``rowwise`` recipe: one scale per row (per token for activations and gradients, per output
+  channel for weights), the granularity of ``torch._scaled_grouped_mm``.
+- ``tensorwise`` recipe: one scale for the whole tensor (each expert's matrix is its own tensor);
+  the rows' amaxes are reduced to one before the scale is taken.
+
+Both are current scaling: the scale comes from the tensor being quantized, so there is no
+history to keep, checkpoint or synchronise over data-parallel replicas. Where a row is cut over
+ranks (a row-parallel layer's input is cut along its features over TP), ``reduce_amax`` makes the
+row's amax the maximum over the ranks, so every rank quantizes exactly as one GPU would.
+
+Per-expert tensorwise scaling (``row_group``): the grouped experts' activations take one scale
+per expert, over that expert's rows, so the scales do not depend on which rank holds the expert.
+
+On CUDA the row kernels are Triton (one pass computing the amax, one writing the FP8 values;
+the row stays in cache between them); elsewhere the torch versions do the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; the CPU build has none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+Granularity = Literal["rowwise", "tensorwise"]
+AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]  # in-place max over the ranks sharing a row
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """How one layer's GEMMs run in FP8. ``fmt``: ``e4m3`` everywhere, or ``hybrid`` (e4m3
+    activations and weights, e5m2 gradients, whose range matters more than their precision)."""
+
+    fmt: Literal["e4m3", "hybrid"]
+    granularity: Granularity
+
+    @property
+    def forward_dtype(self) -> torch.dtype:
+        return E4M3
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        return E5M2 if self.fmt == "hybrid" else E4M3
+
+    @property
+    def expert_grad_dtype(self) -> torch.dtype:
+        """The experts' gradients are e4m3 under both formats: ``torch._scaled_grouped_mm`` takes
+        e4m3 operands only (its left operand, the gradient, would be e5m2 under ``hybrid``)."""
+        return E4M3
+
+
+def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The power of two that maps ``amax`` to at most the format's maximum (1 for a zero row)."""
+    amax = amax.float()
+    exponent = torch.floor(torch.log2(FP8_MAX[dtype] / amax.clamp(min=torch.finfo(torch.float32).tiny)))
+    return torch.where(amax > 0, torch.exp2(exponent.clamp(max=127.0)), torch.ones_like(amax))
+
+
+def _quantize_torch(x_RC: torch.Tensor, dtype: torch.dtype, amax_R: Optional[torch.Tensor]):
+    if amax_R is None:
+        amax_R = x_RC.abs().amax(dim=1).float()
+    scale = scale_from_amax(amax_R, dtype)
+    limit = FP8_MAX[dtype]
+    q = (x_RC.float() * scale[:, None]).clamp(-limit, limit).to(dtype)
+    return q, scale.reciprocal()
+
+
+def row_amax(x_RC: torch.Tensor) -> torch.Tensor:
+    """[R] float32: each row's largest magnitude."""
+    if _use_triton(x_RC):
+        return _triton_row_amax(x_RC)
+    return x_RC.abs().amax(dim=1).float() if x_RC.shape[1] else x_RC.new_zeros(x_RC.shape[0], dtype=torch.float32)
+
+
+RowGroups = Optional[tuple[torch.Tensor, int]]  # (group of each row [R] int64, number of groups)
+
+
+def _tensor_amax(amax_R: torch.Tensor, row_group: RowGroups) -> torch.Tensor:
+    """The amax of each group of rows ([G]), or of all of them ([1])."""
+    if row_group is None:
+        return amax_R.amax(dim=0, keepdim=True) if amax_R.numel() else amax_R.new_zeros(1)
+    group_R, num_groups = row_group
+    return amax_R.new_zeros(num_groups).scatter_reduce_(0, group_R, amax_R, "amax")
+
+
+def _rows_of(amax_G: torch.Tensor, row_group: RowGroups, num_rows: int) -> torch.Tensor:
+    return amax_G.expand(num_rows).contiguous() if row_group is None else amax_G[row_group[0]]
+
+
+def quantize(x_RC: torch.Tensor, dtype: torch.dtype, granularity: Granularity = "rowwise",
+             reduce_amax: AmaxReduce = None, row_group: RowGroups = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 values [R, C], scale_inv [R] float32) of a 2-D tensor, row by row.
+
+    ``tensorwise``: every row gets the scale of the whole tensor, or of its group of rows
+    (``row_group``). ``reduce_amax``: the amaxes are first reduced (a max) over the ranks holding
+    the other pieces of each row (or tensor).
+    """
+    x_RC = x_RC.contiguous()
+    amax = None
+    if granularity == "tensorwise" or reduce_amax is not None:
+        amax = row_amax(x_RC)
+        if granularity == "tensorwise":
+            amax = _tensor_amax(amax, row_group)
+        if reduce_amax is not None:
+            amax = reduce_amax(amax)
+        if granularity == "tensorwise":
+            amax = _rows_of(amax, row_group, x_RC.shape[0])
+    if _use_triton(x_RC):
+        return _triton_quantize(x_RC, dtype, amax)
+    return _quantize_torch(x_RC, dtype, amax)
+
+
+def swiglu(h_RC: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the ``[gate | up]`` halves, computed in float32, in ``h``'s dtype."""
+    gate, up = h_RC.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(h_RC.dtype)
+
+
+def swiglu_quantize(h_RC: torch.Tensor, dtype: torch.dtype, granularity: Granularity = "rowwise",
+                    reduce_amax: AmaxReduce = None, row_group: RowGroups = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(swiglu(h))`` without writing ``swiglu(h)`` to memory: one Triton kernel on CUDA
+    for rowwise scales without a reduction (silu in float32 there and here, so the two can
+    differ by float32 rounding before the activation is rounded to ``h``'s dtype)."""
+    if _use_triton(h_RC) and granularity == "rowwise" and reduce_amax is None:
+        return _triton_swiglu_quantize(h_RC.contiguous(), dtype)
+    return quantize(swiglu(h_RC), dtype, granularity, reduce_amax, row_group)
+
+
+def swiglu_backward(h_RC: torch.Tensor, da_RF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh, a): the gradient of :func:`swiglu` at ``h`` for the output gradient ``da``, and the
+    activation ``a = swiglu(h)`` recomputed on the way (the weight gradient needs it). One Triton
+    kernel on CUDA; torch's autograd of :func:`swiglu` elsewhere."""
+    if _use_triton(h_RC):
+        return _triton_swiglu_backward(h_RC.contiguous(), da_RF.contiguous())
+    with torch.enable_grad():
+        h = h_RC.detach().requires_grad_()
+        a = swiglu(h)
+    (dh,) = torch.autograd.grad(a, h, da_RF)
+    return dh, a.detach()
+
+
+def dequantize(q_RC: torch.Tensor, scale_inv_R: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q_RC.float() * scale_inv_R.float()[:, None]).to(dtype)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton versions
+
+if triton is not None:
+
+    @triton.jit
+    def _pow2_scale(amax, FP8_MAX: tl.constexpr):
+        # the largest power of two s with amax * s <= FP8_MAX; 1 for a zero row
+        safe = tl.maximum(amax, 1.1754943508222875e-38)
+        exponent = tl.minimum(tl.floor(tl.log2(FP8_MAX / safe)), 127.0)
+        return tl.where(amax > 0, tl.exp2(exponent), 1.0)
+
+    @triton.jit
+    def _row_amax_kernel(x_ptr, out_ptr, C, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + r * C + offs, mask=offs < C, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(v))
+        tl.store(out_ptr + r, tl.max(acc, axis=0))
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, amax_ptr, q_ptr, scale_inv_ptr, C, HAS_AMAX: tl.constexpr,
+                         FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        if HAS_AMAX:
+            amax = tl.load(amax_ptr + r)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, C, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                v = tl.load(x_ptr + r * C + offs, mask=offs < C, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(v))
+            amax = tl.max(acc, axis=0)
+        scale = _pow2_scale(amax, FP8_MAX)
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < C
+            v = tl.load(x_ptr + r * C + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.minimum(tl.maximum(v * scale, -FP8_MAX), FP8_MAX)
+            tl.store(q_ptr + r * C + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_inv_ptr + r, 1.0 / scale)
+
+    @triton.jit
+    def _swiglu_quantize_kernel(h_ptr, q_ptr, scale_inv_ptr, C, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        # h row: [gate (C) | up (C)]; the activation is rounded to h's dtype as the unfused path
+        r = tl.program_id(0).to(tl.int64)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < C
+            g = tl.load(h_ptr + r * 2 * C + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(h_ptr + r * 2 * C + C + offs, mask=mask, other=0.0).to(tl.float32)
+            a = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(a))
+        scale = _pow2_scale(tl.max(acc, axis=0), FP8_MAX)
+        for start in range(0, C, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < C
+            g = tl.load(h_ptr + r * 2 * C + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(h_ptr + r * 2 * C + C + offs, mask=mask, other=0.0).to(tl.float32)
+            a = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty).to(tl.float32)
+            a = tl.minimum(tl.maximum(a * scale, -FP8_MAX), FP8_MAX)
+            tl.store(q_ptr + r * C + offs, a.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_inv_ptr + r, 1.0 / scale)
+
+    @triton.jit
+    def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, a_ptr, C, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < C
+        g = tl.load(h_ptr + r * 2 * C + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + r * 2 * C + C + offs, mask=mask, other=0.0).to(tl.float32)
+        da = tl.load(da_ptr + r * C + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        silu = g * s
+        tl.store(a_ptr + r * C + offs, (silu * u).to(a_ptr.dtype.element_ty), mask=mask)
+        dg = da * u * (s * (1.0 + g * (1.0 - s)))
+        tl.store(dh_ptr + r * 2 * C + offs, dg.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + r * 2 * C + C + offs, (da * silu).to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+_BLOCK = 1024
+
+
+def _triton_row_amax(x_RC):
+    R, C = x_RC.shape
+    out = torch.empty(R, dtype=torch.float32, device=x_RC.device)
+    if R:
+        _row_amax_kernel[(R,)](x_RC, out, C, BLOCK=_BLOCK)
+    return out
+
+
+def _triton_quantize(x_RC, dtype, amax_R):
+    R, C = x_RC.shape
+    q = torch.empty(R, C, dtype=dtype, device=x_RC.device)
+    scale_inv = torch.empty(R, dtype=torch.float32, device=x_RC.device)
+    if R:
+        amax = amax_R.contiguous() if amax_R is not None else scale_inv  # unused pointer without HAS_AMAX
+        _quantize_kernel[(R,)](x_RC, amax, q, scale_inv, C, HAS_AMAX=amax_R is not None, FP8_MAX=FP8_MAX[dtype],
+                               BLOCK=_BLOCK)
+    return q, scale_inv
+
+
+def _triton_swiglu_quantize(h_RC, dtype):
+    R, C2 = h_RC.shape
+    C = C2 // 2
+    q = torch.empty(R, C, dtype=dtype, device=h_RC.device)
+    scale_inv = torch.empty(R, dtype=torch.float32, device=h_RC.device)
+    if R:
+        _swiglu_quantize_kernel[(R,)](h_RC, q, scale_inv, C, FP8_MAX=FP8_MAX[dtype], BLOCK=_BLOCK)
+    return q, scale_inv
+
+
+def _triton_swiglu_backward(h_RC, da_RF):
+    R, C2 = h_RC.shape
+    C = C2 // 2
+    dh = torch.empty_like(h_RC)
+    a = torch.empty(R, C, dtype=h_RC.dtype, device=h_RC.device)
+    if R:
+        _swiglu_backward_kernel[(R, triton.cdiv(C, _BLOCK))](h_RC, da_RF, dh, a, C, BLOCK=_BLOCK)
+    return dh, a

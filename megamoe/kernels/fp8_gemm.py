@@ -1,0 +1,192 @@
+"""FP8 linear and grouped-expert GEMMs with their backward (the native FP8 path).
+
+Each GEMM ``y = x W^T`` runs as:
+
+- forward: ``x`` and ``W`` quantized to e4m3 (``fp8.quantize``), ``torch._scaled_mm`` (dense) or
+  ``torch._scaled_grouped_mm`` (experts), fast accumulation, output in ``x``'s dtype;
+- input gradient: ``dy`` quantized to the recipe's gradient format (e5m2 for ``hybrid``; e4m3
+  for the experts, whose grouped GEMM takes e4m3 only) and
+  ``W^T`` to e4m3, the same GEMMs with full-precision accumulation (as Transformer Engine's
+  split accumulator for dgrad);
+- weight gradient: ``dy^T x`` in the activations' dtype (bf16), from the saved bf16 input. This is
+  torchao's "rowwise with high-precision grad-weight" choice: it keeps the weight gradients,
+  which the optimizer accumulates over micro-batches, at bf16 accuracy.
+
+Weights are quantized once per weight version (``Fp8WeightCache``): the optimizer step writes
+each weight in place, which moves its version counter, so every micro-batch and every
+recomputation between two steps reuses one quantization.
+
+Tensor parallelism: ``cut`` says which dimension of the weight the layer's ranks split
+(``"out"`` column-parallel, ``"in"`` row-parallel, None). The operands whose scaling unit is
+cut by it (a row of a row-parallel layer's input, a column-parallel layer's output gradient,
+a whole sharded weight under tensorwise scaling...) have their amax reduced with
+``reduce_amax`` (a max over the group), so each rank quantizes as the single-GPU layer would.
+
+Without CUDA, the grouped GEMM runs expert by expert with ``torch._scaled_mm`` (torch's CPU
+build has it, not ``_scaled_grouped_mm``): the same products, so the CPU tests exercise the
+quantization, the scales' layout and the backward of the GPU path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional
+
+import torch
+
+from megamoe.kernels.fp8 import E4M3, AmaxReduce, Fp8Recipe, RowGroups, quantize, swiglu_backward, swiglu_quantize
+
+Cut = Optional[Literal["in", "out"]]
+
+
+class Fp8WeightCache:
+    """One weight's FP8 copies (forward ``W`` and backward ``W^T``), remade when the weight changes."""
+
+    def __init__(self):
+        self._key: Optional[tuple] = None
+        self._copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, weight: torch.Tensor, which: str, make: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        key = (weight.data_ptr(), weight._version)
+        if key != self._key:
+            self._key, self._copies = key, {}
+        if which not in self._copies:
+            self._copies[which] = make()
+        return self._copies[which]
+
+
+def _reduce_for(rows_cut: bool, tensor_cut: bool, recipe: Fp8Recipe, reduce_amax: AmaxReduce) -> AmaxReduce:
+    """The reduction an operand needs: when its scaling unit (a row, or the tensor) is cut."""
+    cut = rows_cut if recipe.granularity == "rowwise" else tensor_cut
+    return reduce_amax if cut else None
+
+
+def _weight_rows(w_EOK: torch.Tensor, dtype, recipe: Fp8Recipe, reduce: AmaxReduce):
+    """Quantize ``[E, O, K]`` (or ``[O, K]``) weights along K: scales ``[E, O]``, tensorwise per matrix."""
+    shape = w_EOK.shape
+    rows = w_EOK.reshape(-1, shape[-1])
+    groups: RowGroups = None
+    if w_EOK.dim() == 3:
+        groups = (torch.arange(shape[0], device=w_EOK.device).repeat_interleave(shape[1]), shape[0])
+    q, s = quantize(rows, dtype, recipe.granularity, reduce, groups)
+    return q.view(shape), s.view(shape[:-1])
+
+
+def scaled_mm(a_q, a_scale_inv, b_q, b_scale_inv, out_dtype, fast_accum: bool) -> torch.Tensor:
+    """``(a * a_scale) @ (b * b_scale)^T`` for FP8 ``a`` [M, K] and ``b`` [N, K], rowwise scales."""
+    return torch._scaled_mm(a_q, b_q.t(), a_scale_inv[:, None], b_scale_inv[None, :], out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+def scaled_grouped_mm(a_q, a_scale_inv, b_q_EOK, b_scale_inv_EO, offsets, out_dtype, fast_accum: bool):
+    """Per expert e, rows ``offsets[e-1]:offsets[e]`` of ``a`` times ``b[e]^T``: [N, O]."""
+    if a_q.is_cuda:
+        return torch._scaled_grouped_mm(a_q, b_q_EOK.transpose(-2, -1), a_scale_inv, b_scale_inv_EO, offs=offsets,
+                                        out_dtype=out_dtype, use_fast_accum=fast_accum)
+    out = torch.zeros(a_q.shape[0], b_q_EOK.shape[1], dtype=out_dtype, device=a_q.device)
+    bounds = [0] + offsets.tolist()  # host sync: the CPU path loops over the experts
+    for e in range(b_q_EOK.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = scaled_mm(a_q[lo:hi], a_scale_inv[lo:hi], b_q_EOK[e], b_scale_inv_EO[e], out_dtype,
+                                   fast_accum)
+    return out
+
+
+def grouped_weight_grad(dy_NO: torch.Tensor, x_NK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[E, O, K]: each expert's ``dy_e^T x_e`` in the activations' dtype (on CUDA computed as
+    ``x_e^T dy_e`` and viewed transposed, the layout torch's own grouped-GEMM backward uses)."""
+    if dy_NO.is_cuda and dy_NO.dtype == torch.bfloat16:
+        return torch._grouped_mm(x_NK.t(), dy_NO, offs=offsets).transpose(-2, -1)
+    bounds = [0] + offsets.tolist()
+    return torch.stack([dy_NO[lo:hi].t() @ x_NK[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])])
+
+
+# ---------------------------------------------------------------------------------------------
+# dense
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut, reduce_amax: AmaxReduce):
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xs = quantize(x2, E4M3, recipe.granularity, _reduce_for(cut == "in", cut == "in", recipe, reduce_amax))
+        w_reduce = _reduce_for(cut == "in", cut is not None, recipe, reduce_amax)
+        wq, ws = cache.get(weight, "w", lambda: _weight_rows(weight.detach(), E4M3, recipe, w_reduce))
+        y = scaled_mm(xq, xs, wq, ws, x.dtype, fast_accum=True)
+        ctx.save_for_backward(x2, weight)
+        ctx.recipe, ctx.cache, ctx.cut, ctx.reduce_amax, ctx.x_shape = recipe, cache, cut, reduce_amax, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        recipe, cut, reduce_amax = ctx.recipe, ctx.cut, ctx.reduce_amax
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dq, ds = quantize(dy2, recipe.grad_dtype, recipe.granularity,
+                              _reduce_for(cut == "out", cut == "out", recipe, reduce_amax))
+            wt_reduce = _reduce_for(cut == "out", cut is not None, recipe, reduce_amax)
+            wtq, wts = ctx.cache.get(weight, "wt", lambda: _weight_rows(weight.detach().t(), E4M3, recipe, wt_reduce))
+            dx = scaled_mm(dq, ds, wtq, wts, dy.dtype, fast_accum=False).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = (dy2.t() @ x2).to(weight.dtype)
+        return dx, dw, None, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut = None,
+               reduce_amax: AmaxReduce = None) -> torch.Tensor:
+    """``x W^T`` through FP8 GEMMs (see the module docstring)."""
+    return _Fp8Linear.apply(x, weight, recipe, cache, cut, reduce_amax)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped experts
+
+
+def _row_groups(offsets: torch.Tensor, num_rows: int) -> RowGroups:
+    """Each row's expert (for per-expert tensorwise scales), from the device-side offsets."""
+    rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, rows, right=True).long(), offsets.numel()
+
+
+class _Fp8GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, offsets, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut,
+                reduce_amax: AmaxReduce, swiglu_input: bool):
+        groups = _row_groups(offsets, x.shape[0]) if recipe.granularity == "tensorwise" else None
+        x_reduce = _reduce_for(cut == "in", cut == "in", recipe, reduce_amax)
+        quant = swiglu_quantize if swiglu_input else quantize
+        xq, xs = quant(x, E4M3, recipe.granularity, x_reduce, groups)
+        w_reduce = _reduce_for(cut == "in", cut is not None, recipe, reduce_amax)
+        wq, ws = cache.get(weight, "w", lambda: _weight_rows(weight.detach(), E4M3, recipe, w_reduce))
+        y = scaled_grouped_mm(xq, xs, wq, ws, offsets, x.dtype, fast_accum=True)
+        ctx.save_for_backward(x, weight, offsets)
+        ctx.recipe, ctx.cache, ctx.cut, ctx.reduce_amax, ctx.swiglu_input = recipe, cache, cut, reduce_amax, swiglu_input
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, offsets = ctx.saved_tensors
+        recipe, cut, reduce_amax = ctx.recipe, ctx.cut, ctx.reduce_amax
+        dy = dy.contiguous()
+        dq, ds = quantize(dy, recipe.expert_grad_dtype, recipe.granularity,
+                          _reduce_for(cut == "out", cut == "out", recipe, reduce_amax), ctx.groups)
+        wt_reduce = _reduce_for(cut == "out", cut is not None, recipe, reduce_amax)
+        wtq, wts = ctx.cache.get(weight, "wt",
+                                 lambda: _weight_rows(weight.detach().transpose(-2, -1), E4M3, recipe, wt_reduce))
+        da = scaled_grouped_mm(dq, ds, wtq, wts, offsets, dy.dtype, fast_accum=False)
+        # the SwiGLU's backward recomputes the activation (in bf16, as the forward quantized it)
+        dx, a = swiglu_backward(x, da) if ctx.swiglu_input else (da, x)
+        dw = grouped_weight_grad(dy, a, offsets).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None, None, None, None
+
+
+def fp8_grouped_linear(x_NK: torch.Tensor, weight_EOK: torch.Tensor, offsets: torch.Tensor, recipe: Fp8Recipe,
+                       cache: Fp8WeightCache, cut: Cut = None, reduce_amax: AmaxReduce = None,
+                       swiglu_input: bool = False) -> torch.Tensor:
+    """Rows grouped by expert (``offsets``: int32 cumulative counts) times their expert's
+    ``W^T``, in FP8. ``swiglu_input``: ``x`` is ``[gate | up]`` and the GEMM's input is its
+    SwiGLU, fused into the quantization and recomputed in backward (never stored)."""
+    return _Fp8GroupedLinear.apply(x_NK, weight_EOK, offsets, recipe, cache, cut, reduce_amax, swiglu_input)

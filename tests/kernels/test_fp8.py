@@ -1,0 +1,318 @@
+"""The native FP8 path on the CPU: the quantization against its definition, the FP8 GEMMs and
+their backward against float64 products of the dequantized operands (an independent
+reference), the error against unquantized float64 within the bound derived below, the weight
+cache, the precision policy's per-layer choice, and tensor / expert parallelism (gloo) giving
+the single-process FP8 model's losses and gradients.
+
+Error bound. Rounding to e4m3 (3 mantissa bits) moves a value by at most 2^-4 of it (relative),
+uniformly distributed, so its RMS relative error is about 2^-4 / sqrt(3) * E[1/m^2]^(1/2) with m
+the mantissa in [1, 2): 0.026. e5m2 (2 bits): 0.052. A GEMM of two independently rounded
+operands with random signs has a relative (Frobenius) error near sqrt(e_a^2 + e_b^2): 0.037 for
+e4m3 x e4m3, 0.058 for e5m2 x e4m3. The tests allow 0.05 and 0.075.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megamoe.kernels.fp8 import E4M3, E5M2, FP8_MAX, Fp8Recipe, dequantize, quantize, swiglu
+from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_grouped_linear, fp8_linear
+from megamoe.parallel import mappings
+from megamoe.parallel.param_spec import spec_of
+from megamoe.parallel.state import ParallelState
+from megamoe.testing.parity import gather_full, make_config
+from megamoe.training.train import build_model
+
+RECIPES = [Fp8Recipe(f, g) for g in ("rowwise", "tensorwise") for f in ("e4m3", "hybrid")]
+BOUND = {E4M3: 0.05, E5M2: 0.075}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_quantize_scales_are_powers_of_two_that_fit_each_row(dtype):
+    x = torch.randn(6, 40) * torch.logspace(-3, 3, 6)[:, None]
+    x[2] = 0.0
+    q, scale_inv = quantize(x, dtype)
+    mantissa, _ = torch.frexp(scale_inv)
+    assert (mantissa == 0.5).all()  # powers of two: dequantizing is exact
+    amax = x.abs().amax(1)
+    scaled_amax = amax / scale_inv
+    live = amax > 0
+    assert (scaled_amax[live] <= FP8_MAX[dtype]).all() and (scaled_amax[live] > FP8_MAX[dtype] / 2).all()
+    assert scale_inv[2] == 1.0 and (q[2].float() == 0).all()
+    # each value is the nearest FP8 value of x * scale
+    want = (x / scale_inv[:, None]).to(dtype)
+    assert torch.equal(q.float(), want.float())
+    assert _rel(dequantize(q, scale_inv), x) < (2 ** -4 if dtype == E4M3 else 2 ** -3)
+
+
+def test_tensorwise_and_per_group_scales():
+    x = torch.randn(8, 16)
+    x[5] *= 100
+    _, s = quantize(x, E4M3, "tensorwise")
+    assert (s == s[5]).all()
+    groups = (torch.tensor([0, 0, 0, 1, 1, 1, 2, 2]), 3)
+    _, sg = quantize(x, E4M3, "tensorwise", row_group=groups)
+    assert (sg[:3] == sg[0]).all() and (sg[3:6] == sg[5]).all() and sg[5] > sg[0] and (sg[6:] == sg[6]).all()
+    # a reduction over ranks sees (and can raise) every row's amax
+    _, sr = quantize(x, E4M3, "rowwise", reduce_amax=lambda a: a.fill_(1000.0))
+    assert (sr == sr[0]).all() and sr[0] > s[0]
+
+
+def _reference_linear(x, w, recipe):
+    """float64 products of the operands quantized as the recipe says (an independent reference)."""
+    xd = dequantize(*quantize(x, E4M3, recipe.granularity)).double()
+    wd = dequantize(*quantize(w, E4M3, recipe.granularity)).double()
+    return xd @ wd.t()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r.fmt}-{r.granularity}")
+def test_fp8_linear_forward_and_backward(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 64, requires_grad=True)
+    w = torch.randn(48, 64, requires_grad=True)
+    y = fp8_linear(x, w, recipe, Fp8WeightCache())
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x2, dy2 = x.detach().reshape(-1, 64), dy.reshape(-1, 48)
+    torch.testing.assert_close(y.detach().reshape(-1, 48).double(), _reference_linear(x2, w.detach(), recipe),
+                               rtol=1e-5, atol=1e-5)
+    dyd = dequantize(*quantize(dy2, recipe.grad_dtype, recipe.granularity)).double()
+    wtd = dequantize(*quantize(w.detach().t(), E4M3, recipe.granularity)).double()
+    torch.testing.assert_close(x.grad.reshape(-1, 64).double(), dyd @ wtd.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), dy2.double().t() @ x2.double(), rtol=1e-5, atol=1e-5)  # bf16 wgrad
+    exact = x2.double() @ w.detach().double().t()
+    assert _rel(y.detach().reshape(-1, 48), exact) < BOUND[E4M3]
+    assert _rel(x.grad.reshape(-1, 64), dy2.double() @ w.detach().double()) < BOUND[recipe.grad_dtype]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r.fmt}-{r.granularity}")
+def test_fp8_grouped_experts_forward_and_backward(recipe):
+    """Both expert GEMMs, the second with the SwiGLU fused into its quantization, against the
+    unquantized float64 experts (one expert receives no rows)."""
+    torch.manual_seed(1)
+    counts = [7, 0, 12, 21]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    x = torch.randn(sum(counts), 64, requires_grad=True)
+    w13 = (torch.randn(4, 96, 64) / 8).requires_grad_()
+    w2 = (torch.randn(4, 64, 48) / 7).requires_grad_()
+    h = fp8_grouped_linear(x, w13, offsets, recipe, Fp8WeightCache())
+    y = fp8_grouped_linear(h, w2, offsets, recipe, Fp8WeightCache(), swiglu_input=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    xr, w13r, w2r = (t.detach().double().requires_grad_() for t in (x, w13, w2))
+    rows = xr.split(counts)
+    yr = torch.cat([swiglu(r @ w13r[e].t()) @ w2r[e].t() for e, r in enumerate(rows)])
+    yr.backward(dy.double())
+    assert _rel(y.detach(), yr.detach()) < 2 * BOUND[E4M3]  # two FP8 GEMMs in a row
+    assert _rel(x.grad, xr.grad) < 2 * BOUND[recipe.expert_grad_dtype]
+    # a GEMM in the activations' dtype, of the first FP8 GEMM's output h (its error times about
+    # sqrt(2) through SwiGLU's product of gate and up)
+    assert _rel(w2.grad, w2r.grad) < 2 * BOUND[E4M3]
+    assert _rel(w13.grad, w13r.grad) < 2 * BOUND[recipe.expert_grad_dtype]  # dh: the FP8 dgrad, through SwiGLU at h
+    assert (w13.grad[1] == 0).all() and (w2.grad[1] == 0).all()
+
+
+def test_the_weight_cache_requantizes_after_an_in_place_update():
+    recipe, cache = Fp8Recipe("e4m3", "rowwise"), Fp8WeightCache()
+    w = torch.nn.Parameter(torch.randn(16, 32))
+    x = torch.randn(4, 32)
+    y1 = fp8_linear(x, w, recipe, cache)
+    first = cache._copies["w"]
+    fp8_linear(x, w, recipe, cache)
+    assert cache._copies["w"] is first  # same weight version: quantized once
+    with torch.no_grad():
+        w.mul_(2.0)  # as an optimizer step writes it
+    y2 = fp8_linear(x, w, recipe, cache)
+    assert cache._copies["w"] is not first
+    torch.testing.assert_close(y2, 2 * y1)  # power-of-two scales: doubling is exact
+
+
+def _fp8_config(layout: dict, recipe: str = "rowwise", **model):
+    cfg = make_config("gqa" if layout.get("gqa") else "mla", layout)
+    cfg.model.fp8_format, cfg.model.fp8_recipe = "hybrid", recipe
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    return cfg
+
+
+def test_the_policy_keeps_the_head_router_and_end_layers_out_of_fp8():
+    cfg = _fp8_config({}, first_last_layers_bf16=True, num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1,
+                      mtp_num_layers=1)
+    model = build_model(cfg, ParallelState.single(), "cpu", dtype=torch.float32)
+    fp8 = {name: m.fp8 for name, m in model.named_modules() if hasattr(m, "fp8")}
+    assert all(v is None for n, v in fp8.items() if n.startswith(("layers.0.", "layers.3.", "mtp.")))
+    assert all(v is not None for n, v in fp8.items() if n.startswith(("layers.1.", "layers.2.")))
+    assert fp8["layers.1.ffn.experts"].granularity == "rowwise" and fp8["layers.1.ffn.shared_experts.w2"].fmt == "hybrid"
+    assert fp8["head"] is None and not hasattr(model.layers["1"].ffn.gate, "fp8")  # the router: its own fp32 GEMM
+
+
+def _fp8_step(layout: dict, recipe: str, num_dp: int):
+    """One forward and backward of the FP8 model in float32 activations, each of ``num_dp``
+    data-parallel ranks on its own sequences: the loss summed over them and every gradient
+    summed as the optimizer sums it (over its gradient groups), as the global tensor. With an
+    empty ``layout``: one process running every rank's sequences (the reference)."""
+    cfg = _fp8_config(layout, recipe)
+    state = ParallelState.build(**cfg.parallel.degrees()) if layout else ParallelState.single()
+    model = build_model(cfg, state, "cpu", dtype=torch.float32)
+    batches = [torch.randint(0, cfg.data.vocab_size, (2, cfg.model.seq_length),
+                             generator=torch.Generator().manual_seed(7 + d)) for d in range(num_dp)]
+    loss = torch.zeros(())
+    for tokens in (batches[state.dp.rank:state.dp.rank + 1] if layout else batches):
+        out = model(tokens, torch.roll(tokens, -1, 1))
+        out.lm_loss_sum.backward()
+        loss += out.lm_loss_sum.detach()
+    grads = {}
+    for name, param in model.named_parameters():
+        g = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+        if layout:
+            _, group, first = spec_of(param).grad_groups(state)
+            for grp in (first, group):
+                if grp is not None:
+                    mappings.all_reduce_(g, grp)
+        grads[name] = gather_full(g, param, state)
+    if layout:
+        mappings.all_reduce_(loss, state.dp_cp)
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("layout, world", [({"tp": 2, "sp": True}, 2), ({"ep": 2, "etp": 2, "dispatcher": "alltoall"}, 4)],
+                         ids=["tp=2,sp", "ep=2,etp=2"])
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_fp8_model_under_tp_and_ep_matches_one_process(workers, layout, world, recipe):
+    """The FP8 model's loss and gradients match the single-process FP8 model up to float32
+    summation order (1e-4; a layer left out of FP8, or quantizing another tensor than one
+    process does, would be off by the FP8 error, ~3e-2)."""
+    num_dp = world // layout.get("tp", 1)
+    results = workers(world).run(_fp8_step, layout, recipe, num_dp)
+    want_loss, want = _fp8_step({}, recipe, num_dp)
+    for loss, grads in results:
+        assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+        for name, g in grads.items():
+            assert _rel(g, want[name]) < 1e-4 or (g - want[name]).abs().max() < 1e-7, name
+
+
+def _row_parallel_fp8(recipe: str):
+    from megamoe.parallel.tensor_parallel import RowParallelLinear
+
+    state = ParallelState.build(tp=2) if torch.distributed.is_initialized() else ParallelState.single()
+    layer = RowParallelLinear(64, 32, state.tp, fp8=Fp8Recipe("e4m3", recipe))
+    layer.init_weights(torch.Generator().manual_seed(3))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    x[:, 32:] *= 2.0 ** -14  # the second TP rank's half: below e4m3's range at the first half's scale
+    x = x.chunk(state.tp.size, dim=1)[state.tp.rank].requires_grad_()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    return y.detach(), mappings.all_gather(layer.weight.grad, state.tp, dim=1)
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_row_parallel_fp8_scales_whole_rows(workers, recipe):
+    """A row-parallel layer's input rows are cut over TP: each rank must scale its half with the
+    whole row's amax (reduced over TP), as one process does, or the small half is quantized
+    with a finer scale than one process gives it and the output differs."""
+    want_y, want_dw = _row_parallel_fp8(recipe)
+    for y, dw in workers(2).run(_row_parallel_fp8, recipe):
+        torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(dw, want_dw, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the Triton kernels and torch's FP8 GEMMs
+
+
+def _cuda():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs a CUDA GPU with compute capability 9.0+")
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_triton_quantization_matches_torch(dtype):
+    from megamoe.kernels import fp8
+
+    dev = _cuda()
+    x = (torch.randn(300, 2048, device=dev) * torch.logspace(-4, 4, 300, device=dev)[:, None]).bfloat16()
+    x[7] = 0
+    q, s = fp8.quantize(x, dtype)
+    q_ref, s_ref = fp8._quantize_torch(x, dtype, None)
+    assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
+    h = torch.randn(300, 2 * 1408, device=dev).bfloat16()
+    qa, sa = fp8.swiglu_quantize(h, dtype)
+    qa_ref, sa_ref = fp8._quantize_torch(swiglu(h), dtype, None)
+    assert torch.equal(sa, sa_ref)
+    # silu in float32 in both, before the activation is rounded to bf16: at most one FP8 step apart
+    step = 2.0 ** -3 if dtype == E4M3 else 2.0 ** -2
+    diff = (qa.float() - qa_ref.float()).abs()
+    assert (diff <= step * qa_ref.float().abs() + 2.0 ** -9).all() and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+def test_triton_swiglu_backward_matches_autograd():
+    from megamoe.kernels.fp8 import swiglu_backward
+
+    dev = _cuda()
+    h = torch.randn(500, 2 * 1408, device=dev).bfloat16()
+    da = torch.randn(500, 1408, device=dev).bfloat16()
+    dh, a = swiglu_backward(h, da)
+    hr = h.float().requires_grad_()
+    ar = swiglu(hr)
+    (dh_ref,) = torch.autograd.grad(ar, hr, da.float())
+    torch.testing.assert_close(a.float(), ar.detach().bfloat16().float(), rtol=8e-3, atol=1e-5)  # bf16 rounding
+    torch.testing.assert_close(dh.float(), dh_ref, rtol=8e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r.fmt}-{r.granularity}")
+def test_fp8_experts_on_the_gpu_against_bf16(recipe):
+    """The V2-Lite proxy's expert shapes (64 experts, D 2048, F 1408, one expert empty and sizes
+    that are not multiples of 16): torch._scaled_grouped_mm with the Triton quantization against
+    the same experts in bf16 (torch._grouped_mm), within the bounds of the module docstring."""
+    from megamoe.model.experts import GroupedExperts
+
+    dev = _cuda()
+    torch.manual_seed(0)
+    counts = torch.randint(0, 400, (64,))
+    counts[3] = 0
+    kw = dict(num_experts=64, num_local_experts=64, first_expert=0, hidden_size=2048, ffn_hidden_size=1408,
+              etp=ParallelState.single().etp, backend="torch", device=dev, dtype=torch.bfloat16)
+    fp8_experts, bf16_experts = GroupedExperts(fp8=recipe, **kw), GroupedExperts(**kw)
+    fp8_experts.init_weights(torch.Generator(device=dev).manual_seed(1))
+    bf16_experts.load_state_dict(fp8_experts.state_dict())
+    x = torch.randn(int(counts.sum()), 2048, device=dev, dtype=torch.bfloat16)
+    tpe = counts.to(dev)
+    outs = []
+    for experts in (fp8_experts, bf16_experts):
+        xi = x.clone().requires_grad_()
+        y = experts(xi, tpe)
+        y.backward(torch.ones_like(y) * 1e-2)
+        outs.append((y.float(), xi.grad.float(), experts.w13.grad.float(), experts.w2.grad.float()))
+    (y, dx, dw13, dw2), (y_ref, dx_ref, dw13_ref, dw2_ref) = outs
+    assert _rel(y, y_ref) < 2 * BOUND[E4M3]
+    assert _rel(dx, dx_ref) < 2 * BOUND[recipe.expert_grad_dtype]
+    assert _rel(dw2, dw2_ref) < 2 * BOUND[E4M3] and _rel(dw13, dw13_ref) < 2 * BOUND[recipe.expert_grad_dtype]
+    assert dw13[3].abs().max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r.fmt}-{r.granularity}")
+def test_fp8_linear_on_the_gpu_against_its_dequantized_operands(recipe):
+    dev = _cuda()
+    torch.manual_seed(0)
+    x = torch.randn(4096, 2048, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(3072, 2048, device=dev) / 45).bfloat16().requires_grad_()
+    y = fp8_linear(x, w, recipe, Fp8WeightCache())
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want = _reference_linear(x.detach(), w.detach(), recipe)
+    assert _rel(y, want) < 4e-3  # the products are exact; bf16 output rounding and fast accumulation
+    dyd = dequantize(*quantize(dy, recipe.grad_dtype, recipe.granularity)).double()
+    wtd = dequantize(*quantize(w.detach().t(), E4M3, recipe.granularity)).double()
+    assert _rel(x.grad, dyd @ wtd.t()) < 4e-3
+    assert _rel(y, x.detach().double() @ w.detach().double().t()) < BOUND[E4M3]
