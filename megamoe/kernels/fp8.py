@@ -208,24 +208,27 @@ if triton is not None:
         tl.store(scale_inv_ptr + r, 1.0 / scale)
 
     @triton.jit
+    def _swiglu_block(h_ptr, r, C, offs, mask):
+        # one block of row r's activation from h = [gate (C) | up (C)], rounded to h's dtype as
+        # the unfused path rounds it, then back to float32
+        g = tl.load(h_ptr + r * 2 * C + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + r * 2 * C + C + offs, mask=mask, other=0.0).to(tl.float32)
+        return (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
     def _swiglu_quantize_kernel(h_ptr, q_ptr, scale_inv_ptr, C, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
-        # h row: [gate (C) | up (C)]; the activation is rounded to h's dtype as the unfused path
         r = tl.program_id(0).to(tl.int64)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, C, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < C
-            g = tl.load(h_ptr + r * 2 * C + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(h_ptr + r * 2 * C + C + offs, mask=mask, other=0.0).to(tl.float32)
-            a = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty).to(tl.float32)
+            a = _swiglu_block(h_ptr, r, C, offs, mask)
             acc = tl.maximum(acc, tl.abs(a))
         scale = _pow2_scale(tl.max(acc, axis=0), FP8_MAX)
         for start in range(0, C, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < C
-            g = tl.load(h_ptr + r * 2 * C + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(h_ptr + r * 2 * C + C + offs, mask=mask, other=0.0).to(tl.float32)
-            a = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty).to(tl.float32)
+            a = _swiglu_block(h_ptr, r, C, offs, mask)
             a = tl.minimum(tl.maximum(a * scale, -FP8_MAX), FP8_MAX)
             tl.store(q_ptr + r * C + offs, a.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_inv_ptr + r, 1.0 / scale)
