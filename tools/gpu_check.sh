@@ -18,9 +18,10 @@
 # layouts when two GPUs are there, then synchronous save, async save and load times on the
 # V2-Lite proxy (tools/bench_checkpoint.py; about 32 GB written under $CKPT_DIR, default /tmp).
 # `fp16`: the V2-Lite proxy in bf16, then in fp16 with the dynamic loss scale (40 iterations each).
-# `fp8`: the FP8 GPU tests, then the V2-Lite proxy 200 iterations in bf16 and under each native FP8
-# recipe (hybrid format; throughput and the loss curves, metrics in $OUT/metrics_*.jsonl), and a
-# --profile run of the rowwise recipe (summary in $OUT/profile_fp8.log). Iterations: FP8_ITERS.
+# `fp8`: the FP8 GPU tests, tools/bench_fp8.py (log in $OUT/bench_fp8.log), then the V2-Lite
+# proxy 200 iterations in bf16 and under each native FP8 recipe (hybrid format; throughput and
+# the loss curves, metrics in $OUT/metrics_*.jsonl), and a --profile run of bf16 and of the
+# rowwise recipe (summaries in $OUT/profile_<recipe>.log). Iterations: FP8_ITERS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -109,6 +110,7 @@ if [ "$mode" = fp16 ]; then
 fi
 if [ "$mode" = fp8 ]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tee "$LOG/gpu_tests_fp8.log" | tail -8
+  python3 tools/bench_fp8.py --profile 2>&1 > "$LOG/bench_fp8.log"; grep -E "^(case|experts|linear) " "$LOG/bench_fp8.log"
   proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
   iters="${FP8_ITERS:-200}"
   for recipe in bf16 rowwise tensorwise; do
@@ -118,9 +120,12 @@ if [ "$mode" = fp8 ]; then
       --metrics-file "$LOG/metrics_$recipe.jsonl" 2>&1 | tee "$LOG/run_$recipe.log" \
       | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-300
   done
-  python3 pretrain_moe.py $proxy --fp8-format hybrid --fp8-recipe rowwise --moe-grouped-gemm-impl torch \
-    --train-iters 7 --log-interval 7 --profile --profile-step-start 4 --profile-step-end 6 \
-    --profile-dir "$LOG/prof_fp8" 2>&1 | tee "$LOG/profile_fp8.log" | grep -A 30 "^profile:"
+  for recipe in bf16 rowwise; do
+    fp8=""; [ "$recipe" = bf16 ] || fp8="--fp8-format hybrid --fp8-recipe $recipe"
+    python3 pretrain_moe.py $proxy $fp8 --moe-grouped-gemm-impl torch \
+      --train-iters 7 --log-interval 7 --profile --profile-step-start 4 --profile-step-end 6 \
+      --profile-dir "$LOG/prof_$recipe" 2>&1 | tee "$LOG/profile_$recipe.log" | grep -A 30 "^profile:"
+  done
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   python3 tools/bench_train.py --backends "${@:-torch}" 2>&1 | tee "$LOG/bench_train.log" | tail -30

@@ -33,7 +33,8 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from megamoe.kernels.fp8 import E4M3, AmaxReduce, Fp8Recipe, RowGroups, quantize, swiglu_backward, swiglu_quantize
+from megamoe.kernels.fp8 import (E4M3, AmaxReduce, Fp8Recipe, RowGroups, quantize, quantize_transposed, swiglu_backward,
+                                 swiglu_quantize)
 
 Cut = Optional[Literal["in", "out"]]
 
@@ -71,6 +72,13 @@ def _weight_rows(w_EOK: torch.Tensor, dtype, recipe: Fp8Recipe, reduce: AmaxRedu
     return q.view(shape), s.view(shape[:-1])
 
 
+def _weight_transposed(w_EOK: torch.Tensor, dtype, recipe: Fp8Recipe, reduce: AmaxReduce):
+    """The backward's copy: ``W^T`` quantized along O, ``[E, K, O]`` with scales ``[E, K]`` (or
+    ``[K, O]`` and ``[K]`` for a 2-D weight), read straight from ``W``."""
+    q, s = quantize_transposed(w_EOK if w_EOK.dim() == 3 else w_EOK[None], dtype, recipe.granularity, reduce)
+    return (q, s) if w_EOK.dim() == 3 else (q[0], s[0])
+
+
 def scaled_mm(a_q, a_scale_inv, b_q, b_scale_inv, out_dtype, fast_accum: bool) -> torch.Tensor:
     """``(a * a_scale) @ (b * b_scale)^T`` for FP8 ``a`` [M, K] and ``b`` [N, K], rowwise scales."""
     return torch._scaled_mm(a_q, b_q.t(), a_scale_inv[:, None], b_scale_inv[None, :], out_dtype=out_dtype,
@@ -93,10 +101,11 @@ def scaled_grouped_mm(a_q, a_scale_inv, b_q_EOK, b_scale_inv_EO, offsets, out_dt
 
 
 def grouped_weight_grad(dy_NO: torch.Tensor, x_NK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[E, O, K]: each expert's ``dy_e^T x_e`` in the activations' dtype (on CUDA computed as
-    ``x_e^T dy_e`` and viewed transposed, the layout torch's own grouped-GEMM backward uses)."""
+    """[E, O, K], contiguous like the weight: each expert's ``dy_e^T x_e`` in the activations'
+    dtype. (A transposed result would make the main-gradient copy a strided one: ~11 ms per
+    step on the V2-Lite proxy.)"""
     if dy_NO.is_cuda and dy_NO.dtype == torch.bfloat16:
-        return torch._grouped_mm(x_NK.t(), dy_NO, offs=offsets).transpose(-2, -1)
+        return torch._grouped_mm(dy_NO.t(), x_NK, offs=offsets)
     bounds = [0] + offsets.tolist()
     return torch.stack([dy_NO[lo:hi].t() @ x_NK[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])])
 
@@ -127,7 +136,7 @@ class _Fp8Linear(torch.autograd.Function):
             dq, ds = quantize(dy2, recipe.grad_dtype, recipe.granularity,
                               _reduce_for(cut == "out", cut == "out", recipe, reduce_amax))
             wt_reduce = _reduce_for(cut == "out", cut is not None, recipe, reduce_amax)
-            wtq, wts = ctx.cache.get(weight, "wt", lambda: _weight_rows(weight.detach().t(), E4M3, recipe, wt_reduce))
+            wtq, wts = ctx.cache.get(weight, "wt", lambda: _weight_transposed(weight.detach(), E4M3, recipe, wt_reduce))
             dx = scaled_mm(dq, ds, wtq, wts, dy.dtype, fast_accum=False).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dw = (dy2.t() @ x2).to(weight.dtype)
@@ -175,7 +184,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
                           _reduce_for(cut == "out", cut == "out", recipe, reduce_amax), ctx.groups)
         wt_reduce = _reduce_for(cut == "out", cut is not None, recipe, reduce_amax)
         wtq, wts = ctx.cache.get(weight, "wt",
-                                 lambda: _weight_rows(weight.detach().transpose(-2, -1), E4M3, recipe, wt_reduce))
+                                 lambda: _weight_transposed(weight.detach(), E4M3, recipe, wt_reduce))
         da = scaled_grouped_mm(dq, ds, wtq, wts, offsets, dy.dtype, fast_accum=False)
         # the SwiGLU's backward recomputes the activation (in bf16, as the forward quantized it)
         dx, a = swiglu_backward(x, da) if ctx.swiglu_input else (da, x)

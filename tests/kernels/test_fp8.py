@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megamoe.kernels.fp8 import E4M3, E5M2, FP8_MAX, Fp8Recipe, dequantize, quantize, swiglu
+from megamoe.kernels.fp8 import E4M3, E5M2, FP8_MAX, Fp8Recipe, dequantize, quantize, quantize_transposed, swiglu
 from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_grouped_linear, fp8_linear
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import spec_of
@@ -61,6 +61,23 @@ def test_tensorwise_and_per_group_scales():
     # a reduction over ranks sees (and can raise) every row's amax
     _, sr = quantize(x, E4M3, "rowwise", reduce_amax=lambda a: a.fill_(1000.0))
     assert (sr == sr[0]).all() and sr[0] > s[0]
+
+
+@pytest.mark.parametrize("granularity", ["rowwise", "tensorwise"])
+def test_quantize_transposed_is_quantize_of_each_transpose(granularity):
+    x = torch.randn(3, 20, 12) * torch.logspace(-2, 2, 12)
+    x[1, :, 4] = 0.0
+    q, s = quantize_transposed(x, E4M3, granularity)
+    assert q.shape == (3, 12, 20) and s.shape == (3, 12)
+    for b in range(3):
+        qb, sb = quantize(x[b].t(), E4M3, granularity)
+        assert torch.equal(s[b], sb) and torch.equal(q[b].float(), qb.float())
+    # the reduction sees each transposed row's amax (or each matrix's, tensorwise)
+    seen = []
+    quantize_transposed(x, E4M3, granularity, reduce_amax=lambda a: seen.append(a.clone()) or a)
+    want = x.abs().amax(1)
+    want = want if granularity == "rowwise" else want.amax(1, keepdim=True)
+    assert torch.equal(seen[0], want)
 
 
 def _reference_linear(x, w, recipe):
@@ -251,6 +268,21 @@ def test_triton_quantization_matches_torch(dtype):
     step = 2.0 ** -3 if dtype == E4M3 else 2.0 ** -2
     diff = (qa.float() - qa_ref.float()).abs()
     assert (diff <= step * qa_ref.float().abs() + 2.0 ** -9).all() and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["rowwise", "tensorwise"])
+def test_triton_transposed_quantization_matches_torch(granularity):
+    from megamoe.kernels import fp8
+
+    dev = _cuda()
+    # ragged sizes (not multiples of the 64 x 64 tile) and a zero column
+    w = (torch.randn(5, 300, 200, device=dev) * torch.logspace(-3, 3, 200, device=dev)).bfloat16()
+    w[2, :, 9] = 0
+    q, s = fp8.quantize_transposed(w, E4M3, granularity)
+    for b in range(w.shape[0]):
+        q_ref, s_ref = fp8.quantize(w[b].t().contiguous(), E4M3, granularity)
+        assert torch.equal(s[b], s_ref) and torch.equal(q[b].float(), q_ref.float())
 
 
 @pytest.mark.gpu
