@@ -170,6 +170,8 @@ class MoEConfig:
     """Capacity per expert as a multiple of the balanced load; tokens beyond it are dropped. Unset means dropless."""
     moe_pad_expert_input_to_capacity: bool = False
     """With a capacity factor, pad every expert's input to its capacity (static shapes)."""
+    moe_router_padding_for_fp8: bool = False
+    """Pad every expert's rows with zero rows to a multiple of 16, the FP8 GEMMs' alignment (the combine weights the padding 0, so no result changes). On by itself for the te expert backend under FP8, which needs it; the native FP8 experts do not."""
     moe_token_drop_policy: Literal["probs", "position"] = "probs"
     """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"

@@ -40,6 +40,7 @@ AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]  # in-place max ov
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+FP8_ALIGNMENT = 16  # FP8 GEMMs (torch's and TE's) need their dimensions in multiples of 16
 
 
 @dataclass(frozen=True)

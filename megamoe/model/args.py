@@ -18,6 +18,7 @@ from typing import Literal, Optional
 import torch
 
 from megamoe.config import Config, ConfigError, ModelConfig
+from megamoe.kernels.fp8 import FP8_ALIGNMENT
 from megamoe.model.rope import YarnScaling
 
 Normalization = Literal["LayerNorm", "RMSNorm"]
@@ -66,6 +67,7 @@ class MoEArgs:
     bias_update_rate: float
     capacity_factor: Optional[float]
     pad_to_capacity: bool
+    pad_multiple: int  # each expert's rows padded to a multiple of this (1: no padding)
     drop_policy: Literal["probs", "position"]
     dispatcher: Literal["allgather", "alltoall"]
     expert_backend: Literal["loop", "torch", "te"]
@@ -158,6 +160,13 @@ def attention_args(config: Config) -> AttentionArgs:
         max_positions=m.max_position_embeddings or m.seq_length, yarn=yarn)
 
 
+def _pad_multiple(config: Config) -> int:
+    """Rows per expert padded to the FP8 GEMM alignment with --moe-router-padding-for-fp8, and
+    always for TE's FP8 grouped GEMMs, which need it."""
+    te_fp8 = config.model.fp8_format is not None and config.moe.expert_backend == "te"
+    return FP8_ALIGNMENT if config.moe.moe_router_padding_for_fp8 or te_fp8 else 1
+
+
 def moe_args(config: Config, dense_ffn: int) -> Optional[MoEArgs]:
     """None for a dense model (--num-experts unset or 0)."""
     moe = config.moe
@@ -174,7 +183,8 @@ def moe_args(config: Config, dense_ffn: int) -> Optional[MoEArgs]:
         load_balancing=moe.moe_router_load_balancing_type, aux_loss_coeff=moe.moe_aux_loss_coeff,
         z_loss_coeff=moe.moe_z_loss_coeff, enable_expert_bias=moe.moe_router_enable_expert_bias,
         bias_update_rate=moe.moe_router_bias_update_rate, capacity_factor=moe.moe_expert_capacity_factor,
-        pad_to_capacity=moe.moe_pad_expert_input_to_capacity, drop_policy=moe.moe_token_drop_policy,
+        pad_to_capacity=moe.moe_pad_expert_input_to_capacity, pad_multiple=_pad_multiple(config),
+        drop_policy=moe.moe_token_drop_policy,
         dispatcher=moe.moe_token_dispatcher_type, expert_backend=moe.expert_backend,
         shared_expert_overlap=moe.moe_shared_expert_overlap, recompute=moe.moe_layer_recompute)
 

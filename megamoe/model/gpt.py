@@ -226,9 +226,10 @@ class GPTModel(nn.Module):
             shared = MLP(args.hidden_size, moe.shared_ffn_hidden_size, state.tp, sp, init_fn, output_init_fn,
                          gated=args.swiglu, fp8=fp8, device=device, dtype=dtype)
         if moe.dispatcher == "alltoall":
-            dispatcher = AllToAllDispatcher(state.ep, state.etp, E, moe.pad_to_capacity)
+            dispatcher = AllToAllDispatcher(state.ep, state.etp, E, moe.pad_to_capacity, moe.pad_multiple)
         else:
-            dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, moe.pad_to_capacity)
+            dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, moe.pad_to_capacity,
+                                             moe.pad_multiple)
         return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.shared_expert_overlap,
                         token_group=state.tp_cp)
 

@@ -19,6 +19,12 @@ to rows and summing rows into tokens are the gathers of ``permutation.py`` (no a
 Host synchronisation (``AllToAllDispatcher``): one, to read the split sizes that the all-to-all
 calls need (rows to send to each EP rank, rows coming from each EP / expert-TP rank). With
 ``pad_to_capacity`` every split is static and there is none.
+
+Padding (``pad_multiple``, ``--moe-router-padding-for-fp8``): every local expert's rows are
+padded with zero rows to a multiple (16: the FP8 GEMMs' alignment). The padding rows point at
+the scratch pair, so the combine weights them 0 and no output or gradient changes. The
+all-to-all dispatcher pads each (rank, expert) chunk before the exchange (the sums stay
+multiples); the all-gather dispatcher reads the padded row count to the host (one sync).
 """
 
 from __future__ import annotations
@@ -64,25 +70,34 @@ def _sort_pairs(experts_TK: torch.Tensor, kept_TK: Optional[torch.Tensor], first
     return pair[order], local[pair][order]
 
 
-def pad_rows_to_capacity(rows, tokens_per_group, pair_index, capacity, scratch_index):
-    """Give every group exactly ``capacity`` rows: zero rows aimed at the scratch pair."""
-    G = tokens_per_group.shape[0]
-    starts = torch.cumsum(tokens_per_group, 0) - tokens_per_group
-    slot = torch.arange(rows.shape[0], device=rows.device) - starts.repeat_interleave(tokens_per_group)
-    dest = torch.repeat_interleave(torch.arange(G, device=rows.device), tokens_per_group) * capacity + slot
-    padded_rows = rows.new_zeros(G * capacity, rows.shape[1]).index_copy(0, dest, rows)
-    padded_index = torch.full((G * capacity,), scratch_index, dtype=pair_index.dtype, device=rows.device)
-    padded_index = padded_index.index_copy(0, dest, pair_index)
-    return padded_rows, torch.full_like(tokens_per_group, capacity), padded_index
+def pad_pairs(pair_N: torch.Tensor, counts_G: torch.Tensor, padded_G: torch.Tensor, total: int,
+              scratch_index: int) -> torch.Tensor:
+    """[total] the pair index of rows grouped ``padded_G[g]`` (>= ``counts_G[g]``) per group:
+    each group's pairs in order, then padding rows aimed at the scratch pair. Padding rows are
+    zero rows (``permute_tokens``) weighted 0 by the combine, so no result changes."""
+    N = pair_N.numel()
+    shift = (torch.cumsum(padded_G, 0) - padded_G) - (torch.cumsum(counts_G, 0) - counts_G)
+    dest = torch.arange(N, device=pair_N.device) + shift.repeat_interleave(counts_G, output_size=N)
+    return torch.full((total,), scratch_index, dtype=pair_N.dtype, device=pair_N.device).index_copy(0, dest, pair_N)
+
+
+def padded_counts(counts_G: torch.Tensor, capacity: Optional[int], multiple: int) -> Optional[torch.Tensor]:
+    """Each group's padded row count: ``capacity`` when every group is padded to it, else the
+    count rounded up to ``multiple`` (FP8 GEMM alignment); None when nothing is padded."""
+    if capacity is not None:
+        return torch.full_like(counts_G, capacity)
+    if multiple > 1:
+        return (counts_G + multiple - 1) // multiple * multiple
+    return None
 
 
 class AllGatherDispatcher:
     """All-gather over ``etp x ep``; suits small EP and TP-heavy layouts."""
 
     def __init__(self, etp_ep: Group, num_experts: int, num_local_experts: int, first_expert: int,
-                 pad_to_capacity: bool = False):
+                 pad_to_capacity: bool = False, pad_multiple: int = 1):
         self.group, self.E, self.L, self.first = etp_ep, num_experts, num_local_experts, first_expert
-        self.pad_to_capacity = pad_to_capacity
+        self.pad_to_capacity, self.pad_multiple = pad_to_capacity, pad_multiple
 
     def dispatch(self, x_TD, probs_TK, experts_TK, kept_TK=None, capacity=None):
         g, K = self.group, experts_TK.shape[1]
@@ -92,13 +107,15 @@ class AllGatherDispatcher:
         kept_all = None if kept_TK is None else mappings.all_gather(kept_TK, g, dim=0)
         pair, expert = _sort_pairs(experts_all, kept_all, self.first, self.L, self.E)
         tokens_per_expert = count_per_expert(expert, self.L)
+        # each gathered rank's micro-batch slice may fill an expert's capacity
+        full = capacity * g.size if self.pad_to_capacity and capacity is not None else None
+        padded = padded_counts(tokens_per_expert, full, self.pad_multiple)
+        if padded is not None:
+            # the padded total sizes the rows: static with a capacity, else one host sync
+            total = self.L * full if full is not None else int(padded.sum())
+            pair, tokens_per_expert = pad_pairs(pair, tokens_per_expert, padded, total, probs_all.numel()), padded
         row_TK = row_of_pair(pair, probs_all.numel()).view(-1, K)
         rows = permute_tokens(x_all, pair, row_TK)
-        if self.pad_to_capacity and capacity is not None:
-            # each gathered rank's micro-batch slice may fill an expert's capacity
-            rows, tokens_per_expert, pair = pad_rows_to_capacity(
-                rows, tokens_per_expert, pair, capacity * g.size, probs_all.numel())
-            row_TK = row_of_pair(pair, probs_all.numel()).view(-1, K)
         return rows, tokens_per_expert, DispatchHandle(pair, probs_all, row_TK)
 
     def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
@@ -109,23 +126,22 @@ class AllGatherDispatcher:
 class AllToAllDispatcher:
     """All-to-all over EP (then a variable all-gather over expert-TP)."""
 
-    def __init__(self, ep: Group, etp: Group, num_experts: int, pad_to_capacity: bool = False):
+    def __init__(self, ep: Group, etp: Group, num_experts: int, pad_to_capacity: bool = False,
+                 pad_multiple: int = 1):
         self.ep, self.etp, self.E = ep, etp, num_experts
         self.L = num_experts // ep.size
-        self.pad_to_capacity = pad_to_capacity
+        self.pad_to_capacity, self.pad_multiple = pad_to_capacity, pad_multiple
 
     def dispatch(self, x_TD, probs_TK, experts_TK, kept_TK=None, capacity=None):
         K, device = experts_TK.shape[1], x_TD.device
-        # 1. permute this rank's kept pairs by global expert (= by destination EP rank)
+        # 1. sort this rank's kept pairs by global expert (= by destination EP rank); padding
+        # each (rank, expert) chunk to a multiple pads each local expert's rows to one
         pair, expert = _sort_pairs(experts_TK, kept_TK, 0, self.E, self.E)
-        counts_E = count_per_expert(expert, self.E)
-        row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
-        rows = permute_tokens(x_TD, pair, row_TK)
-        padded = self.pad_to_capacity and capacity is not None
-        if padded:
-            rows, counts_E, pair = pad_rows_to_capacity(rows, counts_E, pair, capacity, probs_TK.numel())
-            row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
-        if padded:  # every split is static: no count exchange, no host sync
+        real_counts_E = count_per_expert(expert, self.E)
+        static = self.pad_to_capacity and capacity is not None
+        padded = padded_counts(real_counts_E, capacity if static else None, self.pad_multiple)
+        counts_E = real_counts_E if padded is None else padded
+        if static:  # every split is static: no count exchange, no host sync
             recv_counts = counts_E.new_full((self.etp.size, self.ep.size, self.L), capacity)
             ep_send = ep_recv = [self.L * capacity] * self.ep.size
             etp_sizes = [self.ep.size * self.L * capacity] * self.etp.size
@@ -134,12 +150,16 @@ class AllToAllDispatcher:
             recv_counts = mappings.all_to_all_uneven(counts_E.view(self.ep.size, self.L).contiguous(), self.ep,
                                                      None, None)
             recv_counts = mappings.all_gather(recv_counts.unsqueeze(0), self.etp, dim=0)  # [etp, ep, L]
-            # 3. one host sync for every split size
+            # 3. one host sync for every split size (and the padded row count)
             host = torch.cat([counts_E.view(self.ep.size, self.L).sum(1), recv_counts.flatten()]).tolist()
             ep_send = host[: self.ep.size]
             per = torch.tensor(host[self.ep.size:]).view(recv_counts.shape)
             ep_recv = per[self.etp.rank].sum(1).tolist()
             etp_sizes = per.sum((1, 2)).tolist()
+        if padded is not None:
+            pair = pad_pairs(pair, real_counts_E, padded, sum(ep_send), probs_TK.numel())
+        row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
+        rows = permute_tokens(x_TD, pair, row_TK)
         # 4. rows to the EP ranks holding their experts, then gathered over expert-TP
         received = mappings.all_to_all(rows, self.ep, ep_recv, ep_send)
         if self.etp.size > 1:

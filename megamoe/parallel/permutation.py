@@ -9,8 +9,8 @@ The maps between rows and pairs are computed once per dispatch: ``pair_of_row`` 
 ``row_of_pair`` [T, K] (-1 for a dropped pair). Both directions are gathers, forward and
 backward alike:
 
-- :func:`permute_tokens` (tokens -> rows): ``rows[n] = x[pair_of_row[n] // K]``; its backward sums each
-  token's K row gradients through ``row_of_pair``.
+- :func:`permute_tokens` (tokens -> rows): ``rows[n] = x[pair_of_row[n] // K]``, a zero row for
+  a padding row; its backward sums each token's K row gradients through ``row_of_pair``.
 - :func:`combine_rows` (rows -> tokens): ``out[t] = sum_k probs[t, k] * y[row_of_pair[t, k]]``,
   accumulated in float32; backward gives ``dy[n] = probs[pair] * dout[token]`` and
   ``dprobs[t, k] = <y[row], dout[t]>``.
@@ -74,7 +74,7 @@ def _torch_gather_sum(y_ND, row_TK, w_TK):
 
 
 def _torch_rows(x_TD, token_N, w_N):
-    rows = x_TD[token_N]
+    rows = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])[token_N]  # token -1 reads the zero row
     if w_N is not None:
         rows = (rows.to(upcast(rows).dtype) * w_N.unsqueeze(-1)).to(x_TD.dtype)
     return rows
@@ -112,7 +112,7 @@ if triton is not None:
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = offs < D
         t = tl.load(token_ptr + n)
-        v = tl.load(x_ptr + t * D + offs, mask=mask, other=0.0)
+        v = tl.load(x_ptr + t * D + offs, mask=mask & (t >= 0), other=0.0)  # token -1: a zero row
         if HAS_W:
             v = (v.to(tl.float32) * tl.load(w_ptr + n).to(tl.float32)).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + n.to(tl.int64) * D + offs, v, mask=mask)
@@ -213,11 +213,15 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_probs, None, None, None
 
 
+def _token_of_row(pair_of_row_N: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """Each row's token, -1 for a padding row (its pair points past the T * K pairs)."""
+    return torch.where(pair_of_row_N < T * K, pair_of_row_N // K, -1)
+
+
 def permute_tokens(x_TD: torch.Tensor, pair_of_row_N: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
-    """Rows [N, D]: each row a copy of the token of its pair (padding rows copy token 0; their
-    outputs are weighted by 0 in :func:`combine_rows`)."""
-    K = row_TK.shape[1]
-    token_of_row = (pair_of_row_N // K).clamp(max=x_TD.shape[0] - 1)
+    """Rows [N, D]: each row a copy of the token of its pair; padding rows are zero rows (so
+    they add nothing to an FP8 scale either), weighted by 0 in :func:`combine_rows`."""
+    token_of_row = _token_of_row(pair_of_row_N, x_TD.shape[0], row_TK.shape[1])
     return _Permute.apply(x_TD, token_of_row, row_TK)
 
 
@@ -226,5 +230,4 @@ def combine_rows(y_ND: torch.Tensor, probs_TK: torch.Tensor, pair_of_row_N: torc
     """[T, D]: each token's probability-weighted sum of its rows (float32 accumulation, then
     the rows' dtype)."""
     T, K = probs_TK.shape
-    token_of_row = (pair_of_row_N // K).clamp(max=max(T - 1, 0))
-    return _Combine.apply(y_ND, probs_TK, row_TK, token_of_row, pair_of_row_N)
+    return _Combine.apply(y_ND, probs_TK, row_TK, _token_of_row(pair_of_row_N, T, K), pair_of_row_N)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamoe.kernels.fp8 import AmaxReduce, Fp8Recipe
+from megamoe.kernels.fp8 import FP8_ALIGNMENT, AmaxReduce, Fp8Recipe
 from megamoe.kernels.fp8_gemm import Cut, Fp8WeightCache, fp8_linear
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec, spec_of
@@ -65,7 +65,6 @@ def init_sharded_(
 
 
 log = logging.getLogger(__name__)
-_FP8_ALIGNMENT = 16  # FP8 GEMMs need both dimensions of the (local) weight in multiples of 16
 _warned_fp8_shapes: set[tuple[int, int]] = set()
 
 
@@ -78,12 +77,12 @@ def amax_reducer(group: Optional[Group]) -> AmaxReduce:
 
 def fp8_for_shape(fp8: Optional[Fp8Recipe], out_features: int, in_features: int) -> Optional[Fp8Recipe]:
     """``fp8``, or None (and a notice, once per shape) when the local weight cannot run in FP8."""
-    if fp8 is None or (out_features % _FP8_ALIGNMENT == 0 and in_features % _FP8_ALIGNMENT == 0):
+    if fp8 is None or (out_features % FP8_ALIGNMENT == 0 and in_features % FP8_ALIGNMENT == 0):
         return fp8
     if (out_features, in_features) not in _warned_fp8_shapes:
         _warned_fp8_shapes.add((out_features, in_features))
         log.warning("a [%d, %d] linear runs in the activations' dtype, not FP8: FP8 GEMMs need dimensions "
-                    "that are multiples of %d", out_features, in_features, _FP8_ALIGNMENT)
+                    "that are multiples of %d", out_features, in_features, FP8_ALIGNMENT)
     return None
 
 

@@ -39,6 +39,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
     cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
+    cfg.moe.moe_router_padding_for_fp8 = layout.get("pad", False)
     cfg.parallel.use_distributed_optimizer = layout.get("distopt", False)
     cfg.parallel.overlap_grad_reduce = layout.get("overlap", False)
     cfg.parallel.overlap_param_gather = layout.get("gather", False)

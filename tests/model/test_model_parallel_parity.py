@@ -19,6 +19,8 @@ order of summation differs, plus float32 rotary tables common to both sides)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -32,7 +34,9 @@ def _parity(variant: str, layout: dict):
     p = cfg.parallel
     state = ParallelState.build(**p.degrees())
     single = ParallelState.single()
-    model, ref = build(cfg, state), build(cfg, single)
+    ref_base = copy.deepcopy(cfg)
+    ref_base.moe.moe_router_padding_for_fp8 = False  # the reference never pads (layout key "pad")
+    model, ref = build(cfg, state), build(ref_base, single)
     opt, ref_opt = build_optimizer(model, cfg, state), MixedPrecisionAdamW(ref, cfg.training, single)
     data = MicroBatches(cfg, state, torch.device("cpu"))
     for step in range(1, cfg.training.train_iters + 1):
@@ -88,11 +92,12 @@ EP_CASES = [
     (variant, dict(ep=2, dispatcher=dispatcher))
     for variant in ("mla", "gqa", "mtp_capacity") for dispatcher in ("allgather", "alltoall")
 ] + [
-    ("gqa", dict(ep=4, dispatcher="alltoall")), ("mtp_capacity", dict(ep=4, dispatcher="allgather")),
+    # pad: each expert's rows padded to 16 (--moe-router-padding-for-fp8) against the unpadded reference
+    ("gqa", dict(ep=4, dispatcher="alltoall", pad=True)), ("mtp_capacity", dict(ep=4, dispatcher="allgather")),
     ("mla", dict(ep=2, etp=2, dispatcher="alltoall")), ("mtp_capacity", dict(ep=2, etp=2, dispatcher="allgather")),
     ("gqa", dict(tp=2, ep=4, etp=1, dispatcher="alltoall")),
     ("mtp_capacity", dict(tp=2, ep=4, etp=1, sp=True, dispatcher="alltoall")),
-    ("mla", dict(tp=2, ep=4, etp=1, sp=True, dispatcher="allgather")),
+    ("mla", dict(tp=2, ep=4, etp=1, sp=True, dispatcher="allgather", pad=True)),
 ]
 
 

@@ -85,6 +85,39 @@ def test_capacity_drops_and_padding_changes_nothing_else(pad):
     torch.testing.assert_close(grad_pad, x.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_fp8_padding_changes_no_output_or_gradient(dispatcher):
+    """--moe-router-padding-for-fp8: every expert's rows padded to 16 with zero rows, exactly
+    the unpadded layer's results in float32 (zero rows add exact zeros to every sum)."""
+    from megamoe.parallel.expert_parallel import AllToAllDispatcher
+
+    def run(pad_multiple):
+        layer = make_layer(dtype=torch.float32)
+        if dispatcher == "alltoall":
+            layer.dispatcher = AllToAllDispatcher(SINGLE.ep, SINGLE.etp, 6, pad_multiple=pad_multiple)
+        else:
+            layer.dispatcher = AllGatherDispatcher(SINGLE.etp_ep, 6, 6, 0, pad_multiple=pad_multiple)
+        seen = []
+        experts_forward = layer.experts.forward
+        layer.experts.forward = lambda x, counts: seen.append((x.detach().clone(), counts.clone())) or \
+            experts_forward(x, counts)
+        x = torch.randn(7, 3, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        out, _ = layer(x)
+        out.square().sum().backward()
+        return out, x.grad, {n: p.grad for n, p in layer.named_parameters()}, seen[0]
+
+    out, dx, grads, (_, counts) = run(1)
+    out_p, dx_p, grads_p, (rows_p, counts_p) = run(16)
+    assert (counts_p % 16 == 0).all() and (counts_p >= counts).all() and (counts_p > counts).any()
+    starts = torch.cumsum(counts_p, 0) - counts_p
+    for e in range(6):  # each expert's rows: its tokens, then zero rows (no FP8 scale sees them)
+        lo, real, hi = starts[e].item(), counts[e].item(), counts_p[e].item()
+        assert (rows_p[lo + real: lo + hi] == 0).all() and (rows_p[lo: lo + real] != 0).any(dim=1).all()
+    assert torch.equal(out, out_p) and torch.equal(dx, dx_p)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_p[name]), name
+
+
 def test_backends_agree_on_cpu_by_falling_back():
     loop, torch_backend = make_layer(backend="loop"), make_layer(backend="torch")
     x = torch.randn(4, 2, 16, dtype=DT)
