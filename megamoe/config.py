@@ -111,11 +111,11 @@ class ModelConfig:
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core (--recompute-activations is Megatron-LM's spelling of selective). Dropout masks are replayed exactly."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
-    """Layer implementation: plain PyTorch with megamoe's kernels ('local') or Transformer Engine (not supported yet)."""
+    """Where the FP8 layers' linear GEMMs run: megamoe's kernels ('local': recipes rowwise, tensorwise) or Transformer Engine's te.Linear ('transformer_engine': recipes delayed, tensorwise, blockwise). Linears in bf16 run torch's GEMM under either (the same cuBLAS product TE's bf16 Linear runs). The experts' backend is --moe-grouped-gemm-impl."""
     fp8_format: Optional[Literal["e4m3", "hybrid"]] = None
     """FP8 training (unset means none; needs --bf16): the linear layers' and experts' GEMMs run in FP8, the embedding, output head and routers do not. 'e4m3' everywhere, or 'hybrid': e4m3 forward, e5m2 gradients."""
     fp8_recipe: Literal["delayed", "tensorwise", "rowwise", "blockwise", "mxfp8"] = "delayed"
-    """FP8 scaling, used with --fp8-format. The local layers run 'rowwise' (one scale per token and per weight row; megamoe's, not Megatron's) and 'tensorwise' (one per tensor, per expert for experts), both from the current values; 'delayed' and 'blockwise' need --transformer-impl transformer_engine (not supported yet); 'mxfp8' needs Blackwell."""
+    """FP8 scaling, used with --fp8-format. megamoe's kernels (--transformer-impl local, --moe-grouped-gemm-impl torch) run 'rowwise' (one scale per token and per weight row; megamoe's, not Megatron's) and 'tensorwise' (one per tensor, per expert for experts), both from the current values. Transformer Engine (--transformer-impl transformer_engine, --moe-grouped-gemm-impl te) runs 'delayed' (scales from an amax history), 'tensorwise' (current scaling) and 'blockwise' (1x128 activation and 128x128 weight blocks). 'mxfp8' needs Blackwell."""
     fp8_amax_history_len: int = 1
     """Delayed scaling: how many steps of amax history choose the scale."""
     fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"

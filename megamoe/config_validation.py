@@ -38,7 +38,7 @@ from megamoe.parallel.state import ParallelLayout
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     {
         # Transformer Engine layers and FP8
-        "transformer_impl", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
+        "fp8_param_gather",
         # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
         "num_workers",
     }
@@ -258,27 +258,54 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
         _fail(f"--clip-grad {t.clip_grad}: must be 0 (off) or positive")
 
 
-LOCAL_FP8_RECIPES = ("rowwise", "tensorwise")
+LOCAL_FP8_RECIPES = ("rowwise", "tensorwise")  # megamoe's kernels
+TE_FP8_RECIPES = ("delayed", "tensorwise", "blockwise")  # Transformer Engine's
+
+
+def _recipes_for(what: str, on_te: bool, how: str) -> tuple[tuple[str, ...], str]:
+    """The recipes one kind of layer runs, and how to say which layers and why."""
+    return (TE_FP8_RECIPES, f"{what} on Transformer Engine ({how})") if on_te else \
+        (LOCAL_FP8_RECIPES, f"{what} on megamoe's FP8 kernels ({how})")
 
 
 def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig) -> None:
     for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
         if getattr(m, name) < 0:
             _fail(f"{flag_name(name)} {getattr(m, name)}: must be 0 or more")
+    _positive(m, "fp8_amax_history_len")
+    delayed_only = [flag_name(n) for n, default in (("fp8_amax_history_len", 1), ("fp8_amax_compute_algo", "most_recent"))
+                    if getattr(m, n) != default]
+    if delayed_only and not (m.fp8_format and m.fp8_recipe == "delayed"):
+        _fail(f"{', '.join(delayed_only)}: only used by --fp8-recipe delayed (with --fp8-format)")
     if not m.fp8_format:
         return
     if m.fp8_recipe == "mxfp8":
         _fail("--fp8-recipe mxfp8 needs Blackwell GPUs (MXFP8 tensor cores, compute capability 10.0); "
-              "on Hopper use --fp8-recipe rowwise or tensorwise")
-    if m.transformer_impl == "local" and m.fp8_recipe not in LOCAL_FP8_RECIPES:
-        _fail(f"--fp8-recipe {m.fp8_recipe} runs on Transformer Engine layers (--transformer-impl "
-              f"transformer_engine), which are not supported yet; the local layers run --fp8-recipe "
-              f"{' or '.join(LOCAL_FP8_RECIPES)}")
+              "on Hopper use --fp8-recipe rowwise or tensorwise, or blockwise with --transformer-impl "
+              "transformer_engine")
+    parts = [_recipes_for("the linear layers run", m.transformer_impl == "transformer_engine",
+                          f"--transformer-impl {m.transformer_impl}")]
+    if moe.num_experts:
+        parts.append(_recipes_for("the experts run", moe.expert_backend == "te",
+                                  f"--moe-grouped-gemm-impl {moe.expert_backend}"))
+    for recipes, what in parts:
+        if m.fp8_recipe not in recipes:
+            _fail(f"--fp8-recipe {m.fp8_recipe}: {what}, which take --fp8-recipe {' or '.join(recipes)}")
     if not t.bf16:
         _fail(f"--fp8-format {m.fp8_format}: needs --bf16 (the FP8 GEMMs take and return bf16 activations)")
-    if moe.num_experts and moe.expert_backend == "te":
-        _fail(f"--fp8-format {m.fp8_format} with the te expert backend is not supported yet: use "
-              "--moe-grouped-gemm-impl torch (megamoe's FP8 grouped GEMMs)")
+    recomputed = [f for f, on in (("--recompute-granularity full", m.recompute_granularity == "full"),
+                                  ("--moe-layer-recompute", moe.moe_layer_recompute)) if on]
+    if m.fp8_recipe == "delayed" and recomputed:
+        _fail(f"--fp8-recipe delayed with {' and '.join(recomputed)} is not supported yet: the recomputed forward "
+              "would enter each amax into the history twice; use --fp8-recipe tensorwise or blockwise")
+    if m.transformer_impl == "transformer_engine":
+        from megamoe.extensions.te import import_te
+
+        try:
+            import_te()
+        except ImportError:
+            _fail("--transformer-impl transformer_engine needs Transformer Engine, which is not installed "
+                  "(pip install 'megamoe[te]'), or use --transformer-impl local")
 
 
 def validate_data(d: DataConfig, t: TrainingConfig) -> None:

@@ -81,7 +81,10 @@ class PrecisionPolicy:
 
 
 def _fp8_recipe(m: ModelConfig) -> Optional[Fp8Recipe]:
-    return Fp8Recipe(m.fp8_format, m.fp8_recipe) if m.fp8_format else None
+    if not m.fp8_format:
+        return None
+    return Fp8Recipe(m.fp8_format, m.fp8_recipe, transformer_engine=m.transformer_impl == "transformer_engine",
+                     amax_history_len=m.fp8_amax_history_len, amax_compute_algo=m.fp8_amax_compute_algo)
 
 
 def _bf16_ends(m: ModelConfig) -> dict:

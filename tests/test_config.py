@@ -245,9 +245,20 @@ def _config(**fields) -> Config:
               num_layers_per_virtual_pipeline_stage=1), 2, "are alternatives: give one"),
         (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3), 2,
          "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers per stage"),
-        (dict(fp8_format="e4m3"), 1, "--fp8-recipe delayed runs on Transformer Engine layers"),
+        (dict(fp8_format="e4m3"), 1,
+         r"--fp8-recipe delayed: the linear layers run on megamoe's FP8 kernels \(--transformer-impl local\), "
+         "which take --fp8-recipe rowwise or tensorwise"),
         (dict(fp8_format="e4m3", fp8_recipe="rowwise"), 1, "--fp8-format e4m3: needs --bf16"),
-        (dict(transformer_impl="transformer_engine"), 1, "--transformer-impl: not supported yet"),
+        (dict(fp8_format="hybrid", fp8_recipe="rowwise", bf16=True, transformer_impl="transformer_engine"), 1,
+         r"--fp8-recipe rowwise: the linear layers run on Transformer Engine \(--transformer-impl transformer_engine"),
+        (dict(num_experts=8, moe_grouped_gemm=True, fp8_format="hybrid", fp8_recipe="blockwise", bf16=True,
+              transformer_impl="transformer_engine"), 1,
+         r"--fp8-recipe blockwise: the experts run on megamoe's FP8 kernels \(--moe-grouped-gemm-impl torch\)"),
+        (dict(fp8_format="hybrid", bf16=True, transformer_impl="transformer_engine", recompute_granularity="full"), 1,
+         "--fp8-recipe delayed with --recompute-granularity full is not supported yet"),
+        (dict(fp8_amax_history_len=16), 1, "--fp8-amax-history-len: only used by --fp8-recipe delayed"),
+        (dict(fp8_amax_history_len=0), 1, "--fp8-amax-history-len 0: must be positive"),
+        (dict(fp8_format="hybrid", fp8_recipe="mxfp8", bf16=True), 1, "--fp8-recipe mxfp8 needs Blackwell"),
         (dict(num_layers_at_start_in_bf16=-1), 1, "--num-layers-at-start-in-bf16 -1: must be 0 or more"),
         (dict(overlap_param_gather=True), 1, "--overlap-param-gather needs --use-distributed-optimizer"),
         (dict(ddp_bucket_size=0), 1, "--ddp-bucket-size 0: must be positive"),
@@ -262,6 +273,12 @@ def test_validation_errors_name_the_flags(fields, world, message):
 def test_te_backend_without_te_names_the_flag():
     with pytest.raises(ConfigError, match="--moe-grouped-gemm-impl te needs Transformer Engine"):
         validate(_config(num_experts=8, moe_grouped_gemm_impl="te"), 1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TE is installed here")
+def test_te_linears_without_te_name_the_flag():
+    with pytest.raises(ConfigError, match="--transformer-impl transformer_engine needs Transformer Engine"):
+        validate(_config(fp8_format="hybrid", fp8_recipe="tensorwise", bf16=True, transformer_impl="transformer_engine"), 1)
 
 
 def test_num_layers_per_virtual_stage_sets_the_virtual_size():

@@ -4,6 +4,8 @@ each native FP8 recipe, forward and forward + backward, on one GPU.
 
     python tools/bench_fp8.py [--iters 20] [--profile]
 
+Modes: bf16, megamoe's native rowwise and tensorwise recipes, and, when Transformer Engine is
+installed, TE's delayed, tensorwise and blockwise recipes (te.GroupedLinear experts, te.Linear).
 Shapes: 32,768 tokens (micro-batch 8 x seq 4096) routed top-6 to 64 experts (hidden 2048, ffn
 1408, SwiGLU), evenly; the dense linear is MLA's query projection, 2048 -> 3072. Each timed call
 first bumps the weights' version, as an optimizer step does, so the FP8 weight quantization is
@@ -30,6 +32,7 @@ from cuda_timing import median_ms  # noqa: E402
 
 TOKENS, TOPK, EXPERTS, HIDDEN, FFN, Q_OUT = 32768, 6, 64, 2048, 1408, 3072
 MODES = {"bf16": None, "rowwise": Fp8Recipe("hybrid", "rowwise"), "tensorwise": Fp8Recipe("hybrid", "tensorwise")}
+TE_MODES = {f"te-{g}": Fp8Recipe("hybrid", g, transformer_engine=True) for g in ("delayed", "tensorwise", "blockwise")}
 
 
 def _bump(params) -> None:
@@ -39,8 +42,9 @@ def _bump(params) -> None:
 
 
 def experts_case(recipe, device):
-    experts = GroupedExperts(EXPERTS, EXPERTS, 0, HIDDEN, FFN, ParallelState.single().etp, fp8=recipe,
-                             device=device, dtype=torch.bfloat16)
+    backend = "te" if recipe is not None and recipe.transformer_engine else "torch"
+    experts = GroupedExperts(EXPERTS, EXPERTS, 0, HIDDEN, FFN, ParallelState.single().etp, backend=backend,
+                             fp8=recipe, device=device, dtype=torch.bfloat16)
     experts.init_weights(torch.Generator(device=device).manual_seed(0))
     rows = TOKENS * TOPK
     x = torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -55,8 +59,14 @@ def linear_case(recipe, device):
     x = torch.randn(TOKENS, HIDDEN, device=device, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(TOKENS, Q_OUT, device=device, dtype=torch.bfloat16)
     cache = Fp8WeightCache()
-    fn = (lambda: F.linear(x, w)) if recipe is None else (lambda: fp8_linear(x, w, recipe, cache))
-    return [w], fn, dy
+    if recipe is None:
+        return [w], (lambda: F.linear(x, w)), dy
+    if recipe.transformer_engine:
+        from megamoe.extensions.te import TELinearGemm
+
+        te_gemm = TELinearGemm(recipe, None)
+        return [w], (lambda: te_gemm(x, w)), dy
+    return [w], (lambda: fp8_linear(x, w, recipe, cache)), dy
 
 
 def measure(case, recipe, device, iters):
@@ -94,13 +104,20 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'case':<10}{'mode':<12}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}")
+    print(f"{'case':<10}{'mode':<15}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}")
+    modes = dict(MODES)
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+
+        modes.update(TE_MODES)
+    except ImportError:
+        print("Transformer Engine is not installed: its modes are left out")
     for name, case in (("experts", experts_case), ("linear", linear_case)):
         base = None
-        for mode, recipe in MODES.items():
+        for mode, recipe in modes.items():
             _, fwd_bwd, f, fb = measure(case, recipe, device, args.iters)
             base = base or (f, fb)
-            print(f"{name:<10}{mode:<12}{f:9.2f}{fb:12.2f}{base[0] / f:8.2f}{base[1] / fb:11.2f}", flush=True)
+            print(f"{name:<10}{mode:<15}{f:9.2f}{fb:12.2f}{base[0] / f:8.2f}{base[1] / fb:11.2f}", flush=True)
             if args.profile:
                 print(top_kernels(fwd_bwd))
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp|cp|perf|ckpt|fp16]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
 # (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
@@ -22,6 +22,10 @@
 # proxy 200 iterations in bf16 and under each native FP8 recipe (hybrid format; throughput and
 # the loss curves, metrics in $OUT/metrics_*.jsonl), and a --profile run of bf16 and of the
 # rowwise recipe (summaries in $OUT/profile_<recipe>.log). Iterations: FP8_ITERS.
+# `fp8te` (Transformer Engine installed first, ../shared/gpu/README.md): the FP8 GPU tests with
+# TE's, tools/bench_fp8.py with TE's modes, the proxy under TE's delayed / tensorwise / blockwise
+# recipes and a profile of blockwise. `fp8peers` (bring .gpu/peers; TE installed): megamoe bf16,
+# native rowwise and TE blockwise, then Megatron-Core bf16 and FP8 blockwise, in one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -125,6 +129,42 @@ if [ "$mode" = fp8 ]; then
     python3 pretrain_moe.py $proxy $fp8 --moe-grouped-gemm-impl torch \
       --train-iters 7 --log-interval 7 --profile --profile-step-start 4 --profile-step-end 6 \
       --profile-dir "$LOG/prof_$recipe" 2>&1 | tee "$LOG/profile_$recipe.log" | grep -A 30 "^profile:"
+  done
+fi
+if [ "$mode" = fp8te ] || [ "$mode" = fp8peers ]; then
+  # the V2-Lite proxy with the metrics of one run in $LOG/metrics_<name>.jsonl; the last lines on failure
+  proxy_run() {
+    local name=$1; shift
+    echo "== $name"
+    python3 pretrain_moe.py $proxy "$@" --train-iters "$iters" --log-interval 25 --metrics-file "$LOG/metrics_$name.jsonl" \
+      > "$LOG/run_$name.log" 2>&1 || tail -20 "$LOG/run_$name.log"
+    grep -E "iteration +[0-9]+/" "$LOG/run_$name.log" | cut -c1-300
+  }
+  proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
+  te_flags="--transformer-impl transformer_engine --moe-grouped-gemm-impl te --fp8-format hybrid"
+fi
+if [ "$mode" = fp8te ]; then
+  # after Transformer Engine is installed: the GPU FP8 tests (TE's included), tools/bench_fp8.py
+  # with TE's modes, the proxy under each TE recipe (FP8_ITERS, default 200) and a profile of blockwise
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tee "$LOG/gpu_tests_fp8te.log" | tail -15
+  python3 tools/bench_fp8.py --profile > "$LOG/bench_fp8.log" 2>&1; grep -E "^(case|experts|linear) |Error" "$LOG/bench_fp8.log"
+  iters="${FP8_ITERS:-200}"
+  for recipe in blockwise tensorwise delayed; do proxy_run "te_$recipe" $te_flags --fp8-recipe "$recipe"; done
+  python3 pretrain_moe.py $proxy $te_flags --fp8-recipe blockwise --train-iters 7 --log-interval 7 --profile \
+    --profile-step-start 4 --profile-step-end 6 --profile-dir /tmp/prof_te 2>&1 | tee "$LOG/profile_te_blockwise.log" \
+    | grep -A 30 "^profile:"
+fi
+if [ "$mode" = fp8peers ]; then
+  # the same-call ratios (bring .gpu/peers; Megatron-Core needs TE installed): megamoe bf16 and
+  # native rowwise FP8 (FP8_ITERS, default 100), then Megatron-Core bf16 and FP8 blockwise
+  iters="${FP8_ITERS:-100}"
+  proxy_run bf16
+  proxy_run rowwise --fp8-format hybrid --fp8-recipe rowwise
+  proxy_run te_blockwise $te_flags --fp8-recipe blockwise
+  source .gpu/peers/install.sh
+  for fp8 in none blockwise; do
+    python3 .gpu/peers/mcore_bench.py --optim mcore --mbs 8 --fp8 $fp8 2>&1 | tee "$LOG/mcore_$fp8.log" | grep RESULT \
+      || tail -20 "$LOG/mcore_$fp8.log"
   done
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then

@@ -2,18 +2,35 @@
 
 ``TEGroupedMLP`` runs this rank's experts with two TE ``GroupedLinear`` layers: ``fc1``
 holds each expert's ``[w1; w3]`` slice fused ``[2F, D]`` (one grouped GEMM for both; ``w1``
-alone, ``[F, D]``, for GeLU experts), ``fc2`` its ``w2`` slice ``[D, F]``. Weights are drawn exactly as the other backends draw them, so all
-backends start from the same model, and their specs (set by ``GroupedExperts``) place them in
-the same global tensors.
+alone, ``[F, D]``, for GeLU experts), ``fc2`` its ``w2`` slice ``[D, F]``. Weights are drawn
+exactly as the other backends draw them, so all backends start from the same model, and their
+specs (set by ``GroupedExperts``) place them in the same global tensors.
+
+FP8 (``Fp8Recipe`` with ``delayed``, ``tensorwise`` or ``blockwise``): each TE call runs in its
+own ``te.autocast`` region with TE's recipe object, so the FP8 layers are exactly the ones the
+precision policy chose. ``TELinearGemm`` is the dense linears' TE GEMM: a ``te.Linear`` that
+borrows the megamoe layer's weight (TE does no communication: the megamoe layer around it
+does, the same for every backend). Weights are quantized once per weight version
+(``is_first_microbatch``: TE caches the FP8 weight until the optimizer changes it).
+
+Scaling state. Under ``delayed`` the amax histories live in the TE modules; the amaxes are
+reduced over ``amax_group`` (the layer's TP group, the experts' expert-TP group), so the ranks
+sharing a cut tensor use one scale. They are not checkpointed: a resumed run rebuilds them
+from the first steps' amaxes (``--fp8-amax-history-len`` steps), as a fresh run does. The
+current-scaling recipes keep no state.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megamoe.kernels.fp8 import Fp8Recipe
+from megamoe.parallel.state import Group
 
 
 def import_te():
@@ -28,14 +45,80 @@ def import_te():
     return te
 
 
+def te_recipe(recipe: Fp8Recipe):
+    """TE's recipe object for a megamoe FP8 recipe."""
+    from transformer_engine.common import recipe as te_recipes
+
+    fmt = te_recipes.Format.HYBRID if recipe.fmt == "hybrid" else te_recipes.Format.E4M3
+    if recipe.granularity == "delayed":
+        return te_recipes.DelayedScaling(fp8_format=fmt, amax_history_len=recipe.amax_history_len,
+                                         amax_compute_algo=recipe.amax_compute_algo)
+    if recipe.granularity == "tensorwise":
+        return te_recipes.Float8CurrentScaling(fp8_format=fmt)
+    if recipe.granularity == "blockwise":
+        return te_recipes.Float8BlockScaling(fp8_format=fmt)
+    raise ValueError(f"Transformer Engine has no '{recipe.granularity}' FP8 recipe (it runs delayed, tensorwise, "
+                     "blockwise)")
+
+
+class Fp8Region:
+    """One TE module call's FP8 settings: ``region()`` is its ``te.autocast`` (a no-op without
+    a recipe), ``first_use(weight)`` whether the weight changed since the last call (TE then
+    quantizes it again; otherwise it reuses its FP8 copy)."""
+
+    def __init__(self, recipe: Optional[Fp8Recipe], amax_group: Optional[Group]):
+        self.recipe = te_recipe(recipe) if recipe is not None else None
+        self.group = amax_group.process_group if amax_group is not None and amax_group.size > 1 else None
+        self._weight_key = None
+
+    def region(self):
+        if self.recipe is None:
+            return contextlib.nullcontext()
+        te = import_te()
+        if hasattr(te, "autocast"):
+            return te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=self.group)
+        return te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=self.group)
+
+    def first_use(self, weight: torch.Tensor) -> Optional[bool]:
+        if self.recipe is None or not torch.is_grad_enabled():
+            return None  # no caching: TE quantizes (or not) per call
+        key = (weight.data_ptr(), weight._version)
+        first, self._weight_key = key != self._weight_key, key
+        return first
+
+
+class TELinearGemm:
+    """``x W^T`` through ``te.Linear`` in FP8, for a megamoe linear that keeps its own weight
+    (spec, init, gradient hooks, checkpoint entry). Not an ``nn.Module``: the layer that holds
+    it lists no TE parameter or state. The TE module is made at the first call, on the weight's
+    device (the weight may still be on the meta device while the model is built)."""
+
+    def __init__(self, recipe: Fp8Recipe, amax_group: Optional[Group]):
+        self.fp8 = Fp8Region(recipe, amax_group)
+        self.linear = None
+
+    def __call__(self, x: torch.Tensor, weight: nn.Parameter) -> torch.Tensor:
+        if self.linear is None:
+            te = import_te()
+            out_features, in_features = weight.shape
+            self.linear = te.Linear(in_features, out_features, bias=False, params_dtype=weight.dtype,
+                                    device=weight.device)
+        if self.linear.weight is not weight:
+            self.linear.weight = weight  # borrowed (again, if the layer's parameter was replaced)
+        with self.fp8.region():
+            return self.linear(x, is_first_microbatch=self.fp8.first_use(weight))
+
+
 class TEGroupedMLP(nn.Module):
     """SwiGLU (``gated``) or GeLU experts on TE GroupedLinear; parameters ``fc1.weight{i}``,
     ``fc2.weight{i}``."""
 
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_local: int, gated: bool = True,
+                 fp8: Optional[Fp8Recipe] = None, amax_group: Optional[Group] = None,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         te = import_te()
+        self.fp8 = Fp8Region(fp8, amax_group)
         kw = dict(bias=False, params_dtype=dtype or torch.get_default_dtype(),
                   device=device if device is not None else "cuda")
         self.num_local_experts, self.ffn_local, self.gated = num_local_experts, ffn_local, gated
@@ -64,11 +147,16 @@ class TEGroupedMLP(nn.Module):
         return {"w1": fc1[:, : self.ffn_local], "w3": fc1[:, self.ffn_local:], "w2": fc2}
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Under FP8 every expert's row count must be a multiple of 16: the dispatcher pads them
+        (``--moe-router-padding-for-fp8`` is on for this backend under FP8)."""
         m_splits = tokens_per_expert.tolist()  # host sync: GroupedLinear takes host split sizes
-        h = self.fc1(x_ND, m_splits)
+        first = self.fp8.first_use(self.fc1_weight(0))
+        with self.fp8.region():
+            h = self.fc1(x_ND, m_splits, is_first_microbatch=first)
         if self.gated:  # [gate | up] halves, as megamoe.model.experts.activate_fc1
             h1, h3 = h.chunk(2, dim=-1)
             h = F.silu(h1) * h3
         else:
             h = F.gelu(h)
-        return self.fc2(h, m_splits)
+        with self.fp8.region():
+            return self.fc2(h, m_splits, is_first_microbatch=first)

@@ -35,7 +35,7 @@ try:  # Triton ships with CUDA builds of torch; the CPU build has none
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-Granularity = Literal["rowwise", "tensorwise"]
+Granularity = Literal["rowwise", "tensorwise", "delayed", "blockwise"]  # the last two: TE only
 AmaxReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]  # in-place max over the ranks sharing a row
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -46,10 +46,18 @@ FP8_ALIGNMENT = 16  # FP8 GEMMs (torch's and TE's) need their dimensions in mult
 @dataclass(frozen=True)
 class Fp8Recipe:
     """How one layer's GEMMs run in FP8. ``fmt``: ``e4m3`` everywhere, or ``hybrid`` (e4m3
-    activations and weights, e5m2 gradients, whose range matters more than their precision)."""
+    activations and weights, e5m2 gradients, whose range matters more than their precision).
+    ``granularity``: the scaling recipe; the native kernels here run ``rowwise`` and
+    ``tensorwise``, Transformer Engine (``megamoe/extensions/te.py``) runs ``delayed``,
+    ``tensorwise`` and ``blockwise``. ``transformer_engine``: the dense linears run TE's FP8
+    GEMMs (``--transformer-impl transformer_engine``); the experts' backend is their own flag.
+    ``amax_history_len`` / ``amax_compute_algo``: the delayed recipe's scaling history."""
 
     fmt: Literal["e4m3", "hybrid"]
     granularity: Granularity
+    transformer_engine: bool = False
+    amax_history_len: int = 1
+    amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
 
     @property
     def forward_dtype(self) -> torch.dtype:

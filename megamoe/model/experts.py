@@ -25,7 +25,9 @@ Backends:
 With an FP8 recipe (``fp8``, from the precision policy) the ``loop`` and ``torch`` backends run
 both GEMMs through ``megamoe/kernels/fp8_gemm.py``: ``torch._scaled_grouped_mm`` on CUDA, the
 SwiGLU fused into the quantization of the second GEMM's input. Expert-TP cuts the first GEMM's
-output and the second's input, so those operands' amaxes are reduced over expert-TP.
+output and the second's input, so those operands' amaxes are reduced over expert-TP. The
+``te`` backend runs TE's FP8 recipes in its ``GroupedLinear`` layers (rows per expert padded to
+16 by the dispatcher).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class GroupedExperts(nn.Module):
         f_local = ffn_hidden_size // etp.size
         kw = dict(device=device, dtype=dtype)
         # both GEMMs in FP8, or neither (w2's local shape is the first GEMM's, transposed); the
-        # te backend's FP8 recipes are refused by the config validation until they land
+        # te backend runs TE's recipes (delayed, tensorwise, blockwise), the others megamoe's
         self.fp8 = fp8_for_shape(fp8, f_local, hidden_size)
         self._fp8_caches = (Fp8WeightCache(), Fp8WeightCache())
         self._fp8_reduce = amax_reducer(etp)
@@ -125,7 +127,7 @@ class GroupedExperts(nn.Module):
         if backend == "te":
             from megamoe.extensions.te import TEGroupedMLP
 
-            self.te = TEGroupedMLP(num_local_experts, hidden_size, f_local, gated, **kw)
+            self.te = TEGroupedMLP(num_local_experts, hidden_size, f_local, gated, self.fp8, etp, **kw)
             for i in range(num_local_experts):  # one expert each: its slice of the global tensors
                 index = (first_expert + i,)
                 set_spec(self.te.fc1_weight(i), fc1_spec.with_(splits=fc1_spec.splits[1:], index=index,

@@ -14,9 +14,10 @@ Weights are initialised from the full (unsharded) tensor drawn from a generator,
 so a layout with TP > 1 starts from exactly the weights of the single-process model.
 
 GEMM backend: each linear runs ``F.linear``, or with an FP8 recipe (``fp8``, from the precision
-policy) the FP8 GEMMs of ``megamoe/kernels/fp8_gemm.py``. The communication around the GEMM is
-the same for both; the FP8 GEMM is told which weight dimension TP cuts, so the scales of the
-operands that cut splits are reduced over TP.
+policy) the FP8 GEMMs of ``megamoe/kernels/fp8_gemm.py`` or, with ``--transformer-impl
+transformer_engine``, TE's (``megamoe/extensions/te.py``). The communication around the GEMM is
+the same for all of them; the native FP8 GEMM is told which weight dimension TP cuts, so the
+scales of the operands that cut splits are reduced over TP.
 """
 
 from __future__ import annotations
@@ -95,11 +96,21 @@ class _Gemm(nn.Module):
         self.fp8 = fp8_for_shape(fp8, *self.weight.shape)
         self._fp8_cut, self._fp8_reduce = cut, amax_reducer(group)
         self._fp8_cache = Fp8WeightCache()
+        self._te_gemm = None
+        if self.fp8 is not None and self.fp8.transformer_engine:
+            from megamoe.extensions.te import TELinearGemm
+
+            # TE scales each rank's shard on its own (as in Megatron); delayed scaling reduces
+            # the amax histories over the TP group
+            self._te_gemm = TELinearGemm(self.fp8, group)
 
     def _gemm(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.fp8 is None:
             return F.linear(x, self.weight, bias)
-        y = fp8_linear(x, self.weight, self.fp8, self._fp8_cache, self._fp8_cut, self._fp8_reduce)
+        if self._te_gemm is not None:
+            y = self._te_gemm(x, self.weight)
+        else:
+            y = fp8_linear(x, self.weight, self.fp8, self._fp8_cache, self._fp8_cut, self._fp8_reduce)
         return y if bias is None else y + bias
 
     def _fp8_repr(self) -> str:

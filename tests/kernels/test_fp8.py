@@ -348,3 +348,86 @@ def test_fp8_linear_on_the_gpu_against_its_dequantized_operands(recipe):
     wtd = dequantize(*quantize(w.detach().t(), E4M3, recipe.granularity)).double()
     assert _rel(x.grad, dyd @ wtd.t()) < 4e-3
     assert _rel(y, x.detach().double() @ w.detach().double().t()) < BOUND[E4M3]
+
+
+TE_RECIPES = [Fp8Recipe("hybrid", g, transformer_engine=True) for g in ("delayed", "tensorwise", "blockwise")]
+
+
+def _te():
+    dev = _cuda()
+    pytest.importorskip("transformer_engine.pytorch", reason="needs Transformer Engine")
+    return dev
+
+
+def _te_steps(fn, steps: int):
+    """``fn()`` ``steps`` times (the delayed recipe's first call scales by 1: its amax history
+    is empty), returning the last call's results."""
+    for _ in range(steps):
+        out = fn()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", TE_RECIPES, ids=lambda r: f"te-{r.granularity}")
+def test_te_fp8_experts_on_the_gpu_against_bf16(recipe):
+    """TE GroupedLinear experts under each TE recipe (row counts padded to 16, as the dispatcher
+    pads them, one expert empty) against the same experts in bf16 (torch._grouped_mm): the
+    bounds of the module docstring, doubled for the chained GEMMs, e5m2 for the gradients."""
+    from megamoe.model.experts import GroupedExperts
+
+    dev = _te()
+    torch.manual_seed(0)
+    counts = torch.randint(0, 25, (64,)) * 16
+    counts[3] = 0
+    kw = dict(num_experts=64, num_local_experts=64, first_expert=0, hidden_size=2048, ffn_hidden_size=1408,
+              etp=ParallelState.single().etp, device=dev, dtype=torch.bfloat16)
+    te_experts, bf16_experts = GroupedExperts(backend="te", fp8=recipe, **kw), GroupedExperts(backend="torch", **kw)
+    te_experts.init_weights(torch.Generator(device=dev).manual_seed(1))
+    bf16_experts.init_weights(torch.Generator(device=dev).manual_seed(1))
+    x = torch.randn(int(counts.sum()), 2048, device=dev, dtype=torch.bfloat16)
+    tpe = counts.to(dev)
+
+    def step(experts):
+        for p in experts.parameters():
+            p.grad = None
+        xi = x.clone().requires_grad_()
+        y = experts(xi, tpe)
+        y.backward(torch.ones_like(y) * 1e-2)
+        w = experts.stacked(grads=True)
+        return y.float(), xi.grad.float(), w["w1"].float(), w["w2"].float()
+
+    y, dx, dw1, dw2 = _te_steps(lambda: step(te_experts), 3)
+    y_ref, dx_ref, dw1_ref, dw2_ref = step(bf16_experts)
+    assert _rel(y, y_ref) < 2 * BOUND[E4M3]
+    assert _rel(dx, dx_ref) < 2 * BOUND[E5M2]
+    assert _rel(dw2, dw2_ref) < 2 * BOUND[E5M2] and _rel(dw1, dw1_ref) < 2 * BOUND[E5M2]
+    assert dw1[3].abs().max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", TE_RECIPES, ids=lambda r: f"te-{r.granularity}")
+def test_te_fp8_linear_on_the_gpu_against_float64(recipe):
+    """A column-parallel linear on te.Linear (the megamoe layer's own weight, borrowed) against
+    float64 products of its bf16 operands: one GEMM's bound, e5m2 for the gradients."""
+    from megamoe.parallel.tensor_parallel import ColumnParallelLinear
+
+    dev = _te()
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(2048, 3072, ParallelState.single().tp, fp8=recipe, device=dev, dtype=torch.bfloat16)
+    layer.init_weights(torch.Generator(device=dev).manual_seed(2))
+    x = torch.randn(4096, 1, 2048, device=dev, dtype=torch.bfloat16)
+    dy = torch.randn(4096, 1, 3072, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        layer.weight.grad = None
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        return y, xi.grad, layer.weight.grad
+
+    y, dx, dw = _te_steps(step, 3)
+    assert [n for n, _ in layer.named_parameters()] == ["weight"]  # TE's module adds no parameter
+    xd, wd, dyd = x.double().view(4096, 2048), layer.weight.detach().double(), dy.double().view(4096, 3072)
+    assert _rel(y.view(4096, 3072), xd @ wd.t()) < BOUND[E4M3]
+    assert _rel(dx.view(4096, 2048), dyd @ wd) < BOUND[E5M2]
+    assert _rel(dw, dyd.t() @ xd) < BOUND[E5M2]
