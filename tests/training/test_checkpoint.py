@@ -293,6 +293,24 @@ def test_exit_interval_saves_and_stops_and_old_checkpoints_are_pruned(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
 
 
+def test_an_fp8_run_resumes_exactly(tmp_path):
+    """The native FP8 recipes keep no scaling state: a run stopped and resumed from its
+    checkpoint gives the uninterrupted run's losses and grad norms, bit for bit."""
+    from megamoe.training.train import train
+
+    def fp8_config(**ckpt):
+        cfg = _demo_config(4, **ckpt)
+        cfg.training.bf16, cfg.model.fp8_format, cfg.model.fp8_recipe = True, "hybrid", "rowwise"
+        validate(cfg, 1)
+        return cfg
+
+    whole = train(fp8_config(), ParallelState.single(), CPU)
+    train(fp8_config(save=str(tmp_path), save_interval=2, exit_interval=2), ParallelState.single(), CPU)
+    resumed = train(fp8_config(load=str(tmp_path)), ParallelState.single(), CPU)
+    assert [m.iteration for m in resumed] == [3, 4]
+    assert [(m.lm_loss, m.grad_norm) for m in resumed] == [(m.lm_loss, m.grad_norm) for m in whole[2:]]
+
+
 def test_exit_duration_saves_and_stops(tmp_path):
     from megamoe.training.train import train
 
