@@ -277,6 +277,14 @@ def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig) -> None:
                     if getattr(m, n) != default]
     if delayed_only and not (m.fp8_format and m.fp8_recipe == "delayed"):
         _fail(f"{', '.join(delayed_only)}: only used by --fp8-recipe delayed (with --fp8-format)")
+    if moe.moe_fp8_dispatch:
+        needs = [what for what, ok in (
+            ("--fp8-format with --fp8-recipe rowwise", m.fp8_format and m.fp8_recipe == "rowwise"),
+            ("megamoe's experts (--moe-grouped-gemm-impl torch or loop)", moe.expert_backend != "te"),
+            ("--moe-token-dispatcher-type alltoall", moe.moe_token_dispatcher_type == "alltoall")) if not ok]
+        if needs:
+            _fail(f"--moe-fp8-dispatch needs {', '.join(needs)}: the rows are quantized rowwise before the all-to-all "
+                  "for megamoe's FP8 experts to take as they arrive")
     if not m.fp8_format:
         return
     if m.fp8_recipe == "mxfp8":

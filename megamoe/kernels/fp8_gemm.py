@@ -33,8 +33,8 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from megamoe.kernels.fp8 import (E4M3, AmaxReduce, Fp8Recipe, RowGroups, quantize, quantize_transposed, swiglu_backward,
-                                 swiglu_quantize)
+from megamoe.kernels.fp8 import (E4M3, AmaxReduce, Fp8Recipe, RowGroups, dequantize, quantize, quantize_transposed,
+                                 swiglu_backward, swiglu_quantize)
 
 Cut = Optional[Literal["in", "out"]]
 
@@ -162,22 +162,30 @@ def _row_groups(offsets: torch.Tensor, num_rows: int) -> RowGroups:
 class _Fp8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offsets, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut,
-                reduce_amax: AmaxReduce, swiglu_input: bool):
+                reduce_amax: AmaxReduce, swiglu_input: bool, quantized_input):
         groups = _row_groups(offsets, x.shape[0]) if recipe.granularity == "tensorwise" else None
-        x_reduce = _reduce_for(cut == "in", cut == "in", recipe, reduce_amax)
-        quant = swiglu_quantize if swiglu_input else quantize
-        xq, xs = quant(x, E4M3, recipe.granularity, x_reduce, groups)
+        if quantized_input is not None:
+            xq, xs = quantized_input  # quantized before the exchange, rowwise (FP8 dispatch)
+        else:
+            x_reduce = _reduce_for(cut == "in", cut == "in", recipe, reduce_amax)
+            quant = swiglu_quantize if swiglu_input else quantize
+            xq, xs = quant(x, E4M3, recipe.granularity, x_reduce, groups)
         w_reduce = _reduce_for(cut == "in", cut is not None, recipe, reduce_amax)
         wq, ws = cache.get(weight, "w", lambda: _weight_rows(weight.detach(), E4M3, recipe, w_reduce))
         y = scaled_grouped_mm(xq, xs, wq, ws, offsets, x.dtype, fast_accum=True)
-        ctx.save_for_backward(x, weight, offsets)
+        # the weight gradient needs the input: the FP8 rows stand for it when x is a stand-in
+        ctx.save_for_backward(*((x,) if quantized_input is None else quantized_input), weight, offsets)
         ctx.recipe, ctx.cache, ctx.cut, ctx.reduce_amax, ctx.swiglu_input = recipe, cache, cut, reduce_amax, swiglu_input
-        ctx.groups = groups
+        ctx.groups, ctx.x_dtype, ctx.quantized_input = groups, x.dtype, quantized_input is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, offsets = ctx.saved_tensors
+        if ctx.quantized_input:
+            xq, xs, weight, offsets = ctx.saved_tensors
+            x = dequantize(xq, xs, ctx.x_dtype)
+        else:
+            x, weight, offsets = ctx.saved_tensors
         recipe, cut, reduce_amax = ctx.recipe, ctx.cut, ctx.reduce_amax
         dy = dy.contiguous()
         dq, ds = quantize(dy, recipe.expert_grad_dtype, recipe.granularity,
@@ -189,13 +197,17 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         # the SwiGLU's backward recomputes the activation (in bf16, as the forward quantized it)
         dx, a = swiglu_backward(x, da) if ctx.swiglu_input else (da, x)
         dw = grouped_weight_grad(dy, a, offsets).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def fp8_grouped_linear(x_NK: torch.Tensor, weight_EOK: torch.Tensor, offsets: torch.Tensor, recipe: Fp8Recipe,
                        cache: Fp8WeightCache, cut: Cut = None, reduce_amax: AmaxReduce = None,
-                       swiglu_input: bool = False) -> torch.Tensor:
+                       swiglu_input: bool = False,
+                       quantized_input: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Rows grouped by expert (``offsets``: int32 cumulative counts) times their expert's
     ``W^T``, in FP8. ``swiglu_input``: ``x`` is ``[gate | up]`` and the GEMM's input is its
-    SwiGLU, fused into the quantization and recomputed in backward (never stored)."""
-    return _Fp8GroupedLinear.apply(x_NK, weight_EOK, offsets, recipe, cache, cut, reduce_amax, swiglu_input)
+    SwiGLU, fused into the quantization and recomputed in backward (never stored).
+    ``quantized_input``: ``x`` already quantized rowwise (values, scale_inv); ``x`` is then a
+    stand-in for its shape and gradient, and the weight gradient uses the dequantized rows."""
+    return _Fp8GroupedLinear.apply(x_NK, weight_EOK, offsets, recipe, cache, cut, reduce_amax, swiglu_input,
+                                   quantized_input)

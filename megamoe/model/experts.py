@@ -181,15 +181,21 @@ class GroupedExperts(nn.Module):
         w1, w3 = fc1.chunk(2, dim=1)
         return {"w1": w1, "w3": w3, "w2": w2}
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor,
+                fp8_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """The MLP of each row's expert; rows are grouped by expert in local order.
+        ``fp8_rows``: the rows already quantized (FP8 dispatch), the first GEMM's input; ``x_ND``
+        is then only the stand-in that carries their gradient.
 
         Returns this rank's partial sum over the expert-TP shards of F.
         """
+        if fp8_rows is not None and (self.te is not None or self.fp8 is None):
+            raise ValueError("FP8-dispatched rows need the native FP8 experts (the config validation refuses "
+                             "--moe-fp8-dispatch without them)")
         if self.te is not None:
             return self.te(x_ND, tokens_per_expert)
         if self.fp8 is not None:
-            return self._forward_fp8(x_ND, tokens_per_expert)
+            return self._forward_fp8(x_ND, tokens_per_expert, fp8_rows)
         if self.backend == "torch":
             reason = grouped_mm_unsupported_reason(x_ND, self.fc1, self.w2)
             if reason is None:
@@ -200,10 +206,10 @@ class GroupedExperts(nn.Module):
         counts = tokens_per_expert.tolist()  # host sync: the loop needs the split sizes
         return _mlp_loop(x_ND, self.fc1, self.w2, self.gated, counts)
 
-    def _forward_fp8(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def _forward_fp8(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, fp8_rows) -> torch.Tensor:
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         recipe, (cache1, cache2), reduce = self.fp8, self._fp8_caches, self._fp8_reduce
-        h = fp8_grouped_linear(x_ND, self.fc1, offsets, recipe, cache1, "out", reduce)
+        h = fp8_grouped_linear(x_ND, self.fc1, offsets, recipe, cache1, "out", reduce, quantized_input=fp8_rows)
         if not self.gated:
             return fp8_grouped_linear(F.gelu(h), self.w2, offsets, recipe, cache2, "in", reduce)
         return fp8_grouped_linear(h, self.w2, offsets, recipe, cache2, "in", reduce, swiglu_input=True)

@@ -226,7 +226,8 @@ class GPTModel(nn.Module):
             shared = MLP(args.hidden_size, moe.shared_ffn_hidden_size, state.tp, sp, init_fn, output_init_fn,
                          gated=args.swiglu, fp8=fp8, device=device, dtype=dtype)
         if moe.dispatcher == "alltoall":
-            dispatcher = AllToAllDispatcher(state.ep, state.etp, E, moe.pad_to_capacity, moe.pad_multiple)
+            dispatcher = AllToAllDispatcher(state.ep, state.etp, E, moe.pad_to_capacity, moe.pad_multiple,
+                                            fp8_dispatch=moe.fp8_dispatch and experts.fp8 is not None)
         else:
             dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, moe.pad_to_capacity,
                                              moe.pad_multiple)

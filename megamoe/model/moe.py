@@ -120,7 +120,7 @@ class MoELayer(nn.Module):
         routing = self.route(x_own, positions)
         x_TD = x_own.reshape(-1, x_own.shape[-1])
         rows_ND, tokens_per_expert, handle = self.dispatch(x_TD, routing)
-        y_ND = self.experts(rows_ND, tokens_per_expert)
+        y_ND = self.experts(rows_ND, tokens_per_expert, handle.fp8_rows)
         out = self.combine(y_ND, handle, x.dtype).view_as(x_own)
         if not tokens_sharded:
             out = mappings.gather_from_region(out, self.tp, dim=0)

@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from megamoe.kernels.fp8 import E4M3, quantize
 from megamoe.parallel import mappings
 from megamoe.parallel.permutation import combine_rows, count_per_expert, permute_tokens, row_of_pair
 from megamoe.parallel.state import Group
@@ -51,6 +52,7 @@ class DispatchHandle:
     ep_send: Optional[list[int]] = None
     ep_recv: Optional[list[int]] = None
     etp_sizes: Optional[list[int]] = None  # rows each expert-TP rank received over EP
+    fp8_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # FP8 dispatch: (values, scale_inv) of the rows
 
 
 def _sort_pairs(experts_TK: torch.Tensor, kept_TK: Optional[torch.Tensor], first: int, count: int,
@@ -127,10 +129,10 @@ class AllToAllDispatcher:
     """All-to-all over EP (then a variable all-gather over expert-TP)."""
 
     def __init__(self, ep: Group, etp: Group, num_experts: int, pad_to_capacity: bool = False,
-                 pad_multiple: int = 1):
+                 pad_multiple: int = 1, fp8_dispatch: bool = False):
         self.ep, self.etp, self.E = ep, etp, num_experts
         self.L = num_experts // ep.size
-        self.pad_to_capacity, self.pad_multiple = pad_to_capacity, pad_multiple
+        self.pad_to_capacity, self.pad_multiple, self.fp8_dispatch = pad_to_capacity, pad_multiple, fp8_dispatch
 
     def dispatch(self, x_TD, probs_TK, experts_TK, kept_TK=None, capacity=None):
         K, device = experts_TK.shape[1], x_TD.device
@@ -160,26 +162,60 @@ class AllToAllDispatcher:
             pair = pad_pairs(pair, real_counts_E, padded, sum(ep_send), probs_TK.numel())
         row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
         rows = permute_tokens(x_TD, pair, row_TK)
-        # 4. rows to the EP ranks holding their experts, then gathered over expert-TP
-        received = mappings.all_to_all(rows, self.ep, ep_recv, ep_send)
-        if self.etp.size > 1:
-            mine = etp_sizes[self.etp.rank]
-            received = mappings.all_to_all(received.repeat(self.etp.size, 1), self.etp, etp_sizes,
-                                           [mine] * self.etp.size)
-        # 5. group the received rows by local expert: they arrive [etp rank][ep rank][expert]
+        # 5. (the order of step 4's output) the received rows arrive [etp rank][ep rank][expert]:
+        # group them by local expert
         local_expert = torch.arange(self.L, device=device).repeat(recv_counts.shape[0] * recv_counts.shape[1])
         local_expert = local_expert.repeat_interleave(recv_counts.flatten().to(device), output_size=sum(etp_sizes))
         order = torch.sort(local_expert, stable=True).indices
         tokens_per_expert = recv_counts.sum((0, 1)).to(device)
         handle = DispatchHandle(pair, probs_TK, row_TK, restore=order, ep_send=ep_send, ep_recv=ep_recv,
                                 etp_sizes=etp_sizes)
-        return received[order], tokens_per_expert, handle
+        # 4. rows to the EP ranks holding their experts, then gathered over expert-TP, sorted
+        if self.fp8_dispatch:
+            return _Fp8Exchange.apply(rows, self, handle), tokens_per_expert, handle
+        return self._send(rows, handle), tokens_per_expert, handle
 
-    def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
+    def _send(self, rows: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Step 4 and the sort of step 5: this rank's rows to the ranks holding their experts,
+        grouped by local expert there."""
+        received = mappings.all_to_all(rows, self.ep, handle.ep_recv, handle.ep_send)
+        if self.etp.size > 1:
+            mine = handle.etp_sizes[self.etp.rank]
+            received = mappings.all_to_all(received.repeat(self.etp.size, 1), self.etp, handle.etp_sizes,
+                                           [mine] * self.etp.size)
+        return received[handle.restore]
+
+    def _return(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """The reverse of :meth:`_send` (its adjoint): rows back to the ranks that sent them,
+        the expert-TP copies summed."""
         y = torch.empty_like(y_ND).index_copy(0, handle.restore, y_ND)  # back to arrival order
         if self.etp.size > 1:
             mine = handle.etp_sizes[self.etp.rank]
             y = mappings.all_to_all(y, self.etp, [mine] * self.etp.size, handle.etp_sizes)
             y = y.view(self.etp.size, mine, -1).sum(0)  # sum the expert-TP partials
-        y = mappings.all_to_all(y, self.ep, handle.ep_send, handle.ep_recv)
-        return combine_rows(y, handle.probs_TK, handle.pair_index, handle.row_TK)
+        return mappings.all_to_all(y, self.ep, handle.ep_send, handle.ep_recv)
+
+    def combine(self, y_ND, handle: DispatchHandle) -> torch.Tensor:
+        return combine_rows(self._return(y_ND, handle), handle.probs_TK, handle.pair_index, handle.row_TK)
+
+
+class _Fp8Exchange(torch.autograd.Function):
+    """FP8 dispatch (DeepSeek-V3's): the rows are quantized (e4m3, one power-of-two scale per
+    row, as the experts' rowwise FP8 GEMM quantizes them) before the exchange, which then moves
+    one byte per value (and a float32 scale per row) instead of two. The values and scales land
+    in ``handle.fp8_rows`` for the experts' first GEMM; the returned tensor is a zero-size
+    stand-in of the received rows' shape that carries the gradient. Backward returns the bf16
+    gradient along the reverse path (the combine's movement)."""
+
+    @staticmethod
+    def forward(ctx, rows, dispatcher: "AllToAllDispatcher", handle: DispatchHandle):
+        q, scale_inv = quantize(rows, E4M3, "rowwise")
+        q_recv = dispatcher._send(q.view(torch.uint8), handle).view(E4M3)  # FP8 travels as bytes
+        s_recv = dispatcher._send(scale_inv[:, None], handle)[:, 0]
+        handle.fp8_rows = (q_recv, s_recv)
+        ctx.dispatcher, ctx.handle = dispatcher, handle
+        return rows.new_empty(()).expand(q_recv.shape)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        return ctx.dispatcher._return(grad_rows.contiguous(), ctx.handle), None, None

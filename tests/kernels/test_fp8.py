@@ -153,6 +153,7 @@ def test_the_weight_cache_requantizes_after_an_in_place_update():
 def _fp8_config(layout: dict, recipe: str = "rowwise", **model):
     cfg = make_config("gqa" if layout.get("gqa") else "mla", layout)
     cfg.model.fp8_format, cfg.model.fp8_recipe = "hybrid", recipe
+    cfg.moe.moe_fp8_dispatch = layout.get("fp8_dispatch", False)
     for k, v in model.items():
         setattr(cfg.model, k, v)
     return cfg
@@ -173,29 +174,34 @@ def _fp8_step(layout: dict, recipe: str, num_dp: int):
     """One forward and backward of the FP8 model in float32 activations, each of ``num_dp``
     data-parallel ranks on its own sequences: the loss summed over them and every gradient
     summed as the optimizer sums it (over its gradient groups), as the global tensor. With an
-    empty ``layout``: one process running every rank's sequences (the reference)."""
-    cfg = _fp8_config(layout, recipe)
-    state = ParallelState.build(**cfg.parallel.degrees()) if layout else ParallelState.single()
+    single process (torch.distributed not initialised): one process running every rank's
+    sequences (the reference), with ``layout``'s other settings."""
+    distributed = torch.distributed.is_initialized()
+    cfg = _fp8_config(layout if distributed else {k: v for k, v in layout.items() if k in _SINGLE_KEYS}, recipe)
+    state = ParallelState.build(**cfg.parallel.degrees()) if distributed else ParallelState.single()
     model = build_model(cfg, state, "cpu", dtype=torch.float32)
     batches = [torch.randint(0, cfg.data.vocab_size, (2, cfg.model.seq_length),
                              generator=torch.Generator().manual_seed(7 + d)) for d in range(num_dp)]
     loss = torch.zeros(())
-    for tokens in (batches[state.dp.rank:state.dp.rank + 1] if layout else batches):
+    for tokens in (batches[state.dp.rank:state.dp.rank + 1] if distributed else batches):
         out = model(tokens, torch.roll(tokens, -1, 1))
         out.lm_loss_sum.backward()
         loss += out.lm_loss_sum.detach()
     grads = {}
     for name, param in model.named_parameters():
         g = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
-        if layout:
+        if distributed:
             _, group, first = spec_of(param).grad_groups(state)
             for grp in (first, group):
                 if grp is not None:
                     mappings.all_reduce_(g, grp)
         grads[name] = gather_full(g, param, state)
-    if layout:
+    if distributed:
         mappings.all_reduce_(loss, state.dp_cp)
     return loss.item(), grads
+
+
+_SINGLE_KEYS = ("dispatcher", "fp8_dispatch")  # the layout keys a single process keeps
 
 
 @pytest.mark.parametrize("layout, world", [({"tp": 2, "sp": True}, 2), ({"ep": 2, "etp": 2, "dispatcher": "alltoall"}, 4)],
@@ -209,6 +215,31 @@ def test_fp8_model_under_tp_and_ep_matches_one_process(workers, layout, world, r
     results = workers(world).run(_fp8_step, layout, recipe, num_dp)
     want_loss, want = _fp8_step({}, recipe, num_dp)
     for loss, grads in results:
+        assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+        for name, g in grads.items():
+            assert _rel(g, want[name]) < 1e-4 or (g - want[name]).abs().max() < 1e-7, name
+
+
+def test_fp8_dispatch_changes_only_the_first_expert_weight_gradient():
+    """--moe-fp8-dispatch (one process): the rows quantized before the exchange are the values
+    the experts would quantize, so the loss and every gradient but the first expert GEMM's
+    weight gradient are the same bits; that one is computed from the FP8 rows instead of the
+    rows, so it moves by about the e4m3 error."""
+    want_loss, want = _fp8_step({"dispatcher": "alltoall"}, "rowwise", 2)
+    loss, grads = _fp8_step({"dispatcher": "alltoall", "fp8_dispatch": True}, "rowwise", 2)
+    assert loss == want_loss
+    moved = {name for name, g in grads.items() if not torch.equal(g, want[name])}
+    assert moved == {f"layers.{i}.ffn.experts.w13" for i in (1, 2, 3)}, moved
+    for name in moved:
+        assert 1e-4 < _rel(grads[name], want[name]) < BOUND[E4M3], name
+
+
+def test_fp8_dispatch_under_ep_and_expert_tp_matches_one_process(workers):
+    """The FP8 rows and their scales cross EP and expert-TP and the bf16 gradients come back:
+    the one-process FP8-dispatch model's loss and gradients up to float32 summation order."""
+    layout = {"ep": 2, "etp": 2, "dispatcher": "alltoall", "fp8_dispatch": True}
+    want_loss, want = _fp8_step(layout, "rowwise", 4)  # 4 data-parallel ranks: no TP
+    for loss, grads in workers(4).run(_fp8_step, layout, "rowwise", 4):
         assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
         for name, g in grads.items():
             assert _rel(g, want[name]) < 1e-4 or (g - want[name]).abs().max() < 1e-7, name
