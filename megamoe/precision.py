@@ -21,9 +21,13 @@ Today's decisions:
   head and the routers never run in FP8 (the model does not hand them a recipe), as in Megatron
   and DeepSeek-V3.
 
-The FP8 recipes are current scaling (``megamoe/kernels/fp8.py``): the scales come from the values
-being quantized, so an FP8 run has no scaling state to checkpoint; the FP8 copies of the weights
-are rebuilt from the (checkpointed) bf16 weights and fp32 masters after a load.
+The native recipes (``megamoe/kernels/fp8.py``, rowwise and tensorwise) and TE's tensorwise and
+blockwise are current scaling: the scales come from the values being quantized, so there is no
+scaling state to checkpoint; the FP8 copies of the weights are rebuilt from the (checkpointed)
+bf16 weights after a load. TE's ``delayed`` keeps amax histories in its modules; they are not
+checkpointed and refill over the first ``--fp8-amax-history-len`` steps after a load, as at the
+start of a run (``megamoe/extensions/te.py``). ``--transformer-impl`` picks where the dense FP8
+GEMMs run (the recipe's ``transformer_engine``); the experts' backend is their own flag.
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ def test_fp8_padding_changes_no_output_or_gradient(dispatcher):
             layer.dispatcher = AllGatherDispatcher(SINGLE.etp_ep, 6, 6, 0, pad_multiple=pad_multiple)
         seen = []
         experts_forward = layer.experts.forward
-        layer.experts.forward = lambda x, counts: seen.append((x.detach().clone(), counts.clone())) or \
-            experts_forward(x, counts)
+        layer.experts.forward = lambda x, counts, *rest: seen.append((x.detach().clone(), counts.clone())) or \
+            experts_forward(x, counts, *rest)
         x = torch.randn(7, 3, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
         out, _ = layer(x)
         out.square().sum().backward()
