@@ -173,7 +173,7 @@ class MoEConfig:
     moe_router_padding_for_fp8: bool = False
     """Pad every expert's rows with zero rows to a multiple of 16, the FP8 GEMMs' alignment (the combine weights the padding 0, so no result changes). On by itself for the te expert backend under FP8, which needs it; the native FP8 experts do not."""
     moe_fp8_dispatch: bool = False
-    """FP8 on the wire (DeepSeek-V3's dispatch): quantize each token row to e4m3 (one power-of-two scale per row) before the all-to-all, so the exchange moves half the bytes and the experts' first FP8 GEMM takes the rows as they arrive; the combine stays in bf16. The first GEMM's weight gradient then uses the FP8 rows. Needs --fp8-recipe rowwise with megamoe's experts and --moe-token-dispatcher-type alltoall. Layers kept out of FP8 dispatch in bf16."""
+    """FP8 on the wire (DeepSeek-V3's dispatch): quantize each token to e4m3 (one power-of-two scale per row) before the permutation and the all-to-all, so they move half the bytes and the experts' first FP8 GEMM takes the rows as they arrive; the combine stays in bf16. The first GEMM's weight gradient then uses the FP8 rows. Needs --fp8-recipe rowwise with megamoe's experts and --moe-token-dispatcher-type alltoall. Layers kept out of FP8 dispatch in bf16."""
     moe_token_drop_policy: Literal["probs", "position"] = "probs"
     """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"

@@ -20,7 +20,8 @@
 # `fp16`: the V2-Lite proxy in bf16, then in fp16 with the dynamic loss scale (40 iterations each).
 # `fp8`: the FP8 GPU tests, tools/bench_fp8.py (log in $OUT/bench_fp8.log), then the V2-Lite
 # proxy 200 iterations in bf16 and under each native FP8 recipe (hybrid format; throughput and
-# the loss curves, metrics in $OUT/metrics_*.jsonl), and a --profile run of bf16 and of the
+# the loss curves, metrics in $OUT/metrics_*.jsonl), rowwise on the all-to-all dispatcher with
+# and without --moe-fp8-dispatch (100 iterations), and a --profile run of bf16 and of the
 # rowwise recipe (summaries in $OUT/profile_<recipe>.log). Iterations: FP8_ITERS.
 # `fp8te` (Transformer Engine installed first, ../shared/gpu/README.md): the FP8 GPU tests with
 # TE's, tools/bench_fp8.py with TE's modes, the proxy under TE's delayed / tensorwise / blockwise
@@ -122,6 +123,14 @@ if [ "$mode" = fp8 ]; then
     fp8=""; [ "$recipe" = bf16 ] || fp8="--fp8-format hybrid --fp8-recipe $recipe"
     python3 pretrain_moe.py $proxy $fp8 --moe-grouped-gemm-impl torch --train-iters "$iters" --log-interval 25 \
       --metrics-file "$LOG/metrics_$recipe.jsonl" 2>&1 | tee "$LOG/run_$recipe.log" \
+      | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-300
+  done
+  # FP8 dispatch (all-to-all dispatcher, EP 1 here): rowwise with and without it, 100 iterations
+  for dispatch in "" "--moe-fp8-dispatch"; do
+    echo "== alltoall rowwise $dispatch"
+    python3 pretrain_moe.py $proxy --fp8-format hybrid --fp8-recipe rowwise --moe-grouped-gemm-impl torch \
+      --moe-token-dispatcher-type alltoall $dispatch --train-iters 100 --log-interval 25 \
+      --metrics-file "$LOG/metrics_a2a${dispatch:+_dispatch}.jsonl" 2>&1 | tee "$LOG/run_a2a${dispatch:+_dispatch}.log" \
       | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-300
   done
   for recipe in bf16 rowwise; do

@@ -36,7 +36,8 @@ import torch
 
 from megamoe.kernels.fp8 import E4M3, quantize
 from megamoe.parallel import mappings
-from megamoe.parallel.permutation import combine_rows, count_per_expert, permute_tokens, row_of_pair
+from megamoe.parallel.permutation import (combine_rows, count_per_expert, permute_quantized, permute_tokens,
+                                          permute_tokens_backward, row_of_pair)
 from megamoe.parallel.state import Group
 
 
@@ -161,7 +162,6 @@ class AllToAllDispatcher:
         if padded is not None:
             pair = pad_pairs(pair, real_counts_E, padded, sum(ep_send), probs_TK.numel())
         row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
-        rows = permute_tokens(x_TD, pair, row_TK)
         # 5. (the order of step 4's output) the received rows arrive [etp rank][ep rank][expert]:
         # group them by local expert
         local_expert = torch.arange(self.L, device=device).repeat(recv_counts.shape[0] * recv_counts.shape[1])
@@ -170,9 +170,11 @@ class AllToAllDispatcher:
         tokens_per_expert = recv_counts.sum((0, 1)).to(device)
         handle = DispatchHandle(pair, probs_TK, row_TK, restore=order, ep_send=ep_send, ep_recv=ep_recv,
                                 etp_sizes=etp_sizes)
-        # 4. rows to the EP ranks holding their experts, then gathered over expert-TP, sorted
+        # 4. the pairs' rows to the EP ranks holding their experts, then gathered over
+        # expert-TP, sorted
         if self.fp8_dispatch:
-            return _Fp8Exchange.apply(rows, self, handle), tokens_per_expert, handle
+            return _Fp8Exchange.apply(x_TD, pair, row_TK, self, handle), tokens_per_expert, handle
+        rows = permute_tokens(x_TD, pair, row_TK)
         return self._send(rows, handle), tokens_per_expert, handle
 
     def _send(self, rows: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -200,22 +202,27 @@ class AllToAllDispatcher:
 
 
 class _Fp8Exchange(torch.autograd.Function):
-    """FP8 dispatch (DeepSeek-V3's): the rows are quantized (e4m3, one power-of-two scale per
-    row, as the experts' rowwise FP8 GEMM quantizes them) before the exchange, which then moves
-    one byte per value (and a float32 scale per row) instead of two. The values and scales land
-    in ``handle.fp8_rows`` for the experts' first GEMM; the returned tensor is a zero-size
-    stand-in of the received rows' shape that carries the gradient. Backward returns the bf16
-    gradient along the reverse path (the combine's movement)."""
+    """FP8 dispatch (DeepSeek-V3's): the tokens are quantized (e4m3, one power-of-two scale per
+    row, as the experts' rowwise FP8 GEMM would quantize their copies) before the permutation,
+    so the permutation and the exchange move one byte per value (and a float32 scale per row)
+    instead of two, and no bf16 copy of the rows is made. The values and scales land in
+    ``handle.fp8_rows`` for the experts' first GEMM; the returned tensor is a zero-size stand-in
+    of the received rows' shape that carries the gradient. Backward takes the bf16 gradient
+    along the reverse path (the combine's movement, then the permutation's backward)."""
 
     @staticmethod
-    def forward(ctx, rows, dispatcher: "AllToAllDispatcher", handle: DispatchHandle):
-        q, scale_inv = quantize(rows, E4M3, "rowwise")
-        q_recv = dispatcher._send(q.view(torch.uint8), handle).view(E4M3)  # FP8 travels as bytes
+    def forward(ctx, x_TD, pair, row_TK, dispatcher: "AllToAllDispatcher", handle: DispatchHandle):
+        q_T, scale_inv_T = quantize(x_TD, E4M3, "rowwise")
+        q, scale_inv = permute_quantized(q_T, scale_inv_T, pair, row_TK.shape[1])
+        q_recv = dispatcher._send(q, handle).view(E4M3)  # FP8 travels as bytes
         s_recv = dispatcher._send(scale_inv[:, None], handle)[:, 0]
         handle.fp8_rows = (q_recv, s_recv)
+        ctx.save_for_backward(row_TK)
         ctx.dispatcher, ctx.handle = dispatcher, handle
-        return rows.new_empty(()).expand(q_recv.shape)
+        return x_TD.new_empty(()).expand(q_recv.shape)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        return ctx.dispatcher._return(grad_rows.contiguous(), ctx.handle), None, None
+        (row_TK,) = ctx.saved_tensors
+        grad_sent = ctx.dispatcher._return(grad_rows.contiguous(), ctx.handle)
+        return permute_tokens_backward(grad_sent, row_TK), None, None, None, None

@@ -225,6 +225,23 @@ def permute_tokens(x_TD: torch.Tensor, pair_of_row_N: torch.Tensor, row_TK: torc
     return _Permute.apply(x_TD, token_of_row, row_TK)
 
 
+def permute_quantized(q_TD: torch.Tensor, scale_inv_T: torch.Tensor, pair_of_row_N: torch.Tensor,
+                      K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of :func:`permute_tokens` for tokens quantized row by row: (FP8 values as bytes
+    [N, D] uint8, scale_inv [N]). A row is a copy of its token, so quantizing the T tokens and
+    gathering equals gathering and quantizing the N rows, with K times less quantization and
+    half the bytes moved. Padding rows are zero (scale_inv 1). No autograd: the caller carries
+    the gradient (:func:`permute_tokens_backward`)."""
+    token = _token_of_row(pair_of_row_N, q_TD.shape[0], K)  # -1 reads the appended zero row
+    q = torch.cat([q_TD.view(torch.uint8), q_TD.new_zeros(1, q_TD.shape[1], dtype=torch.uint8)])[token]
+    return q, torch.cat([scale_inv_T, scale_inv_T.new_ones(1)])[token]
+
+
+def permute_tokens_backward(grad_rows_ND: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
+    """[T, D] the gradient of :func:`permute_tokens`' input: each token's rows' gradients summed."""
+    return _gather_sum(grad_rows_ND, row_TK)
+
+
 def combine_rows(y_ND: torch.Tensor, probs_TK: torch.Tensor, pair_of_row_N: torch.Tensor,
             row_TK: torch.Tensor) -> torch.Tensor:
     """[T, D]: each token's probability-weighted sum of its rows (float32 accumulation, then

@@ -201,7 +201,7 @@ def _fp8_step(layout: dict, recipe: str, num_dp: int):
     return loss.item(), grads
 
 
-_SINGLE_KEYS = ("dispatcher", "fp8_dispatch")  # the layout keys a single process keeps
+_SINGLE_KEYS = ("dispatcher", "fp8_dispatch", "pad")  # the layout keys a single process keeps
 
 
 @pytest.mark.parametrize("layout, world", [({"tp": 2, "sp": True}, 2), ({"ep": 2, "etp": 2, "dispatcher": "alltoall"}, 4)],
@@ -220,13 +220,15 @@ def test_fp8_model_under_tp_and_ep_matches_one_process(workers, layout, world, r
             assert _rel(g, want[name]) < 1e-4 or (g - want[name]).abs().max() < 1e-7, name
 
 
-def test_fp8_dispatch_changes_only_the_first_expert_weight_gradient():
-    """--moe-fp8-dispatch (one process): the rows quantized before the exchange are the values
-    the experts would quantize, so the loss and every gradient but the first expert GEMM's
-    weight gradient are the same bits; that one is computed from the FP8 rows instead of the
-    rows, so it moves by about the e4m3 error."""
-    want_loss, want = _fp8_step({"dispatcher": "alltoall"}, "rowwise", 2)
-    loss, grads = _fp8_step({"dispatcher": "alltoall", "fp8_dispatch": True}, "rowwise", 2)
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "padded"])
+def test_fp8_dispatch_changes_only_the_first_expert_weight_gradient(pad):
+    """--moe-fp8-dispatch (one process): the tokens quantized before the permutation give the
+    values the experts would quantize from their rows, so the loss and every gradient but the
+    first expert GEMM's weight gradient are the same bits; that one is computed from the FP8
+    rows instead of the rows, so it moves by about the e4m3 error. Also with the rows padded."""
+    base = {"dispatcher": "alltoall", "pad": pad}
+    want_loss, want = _fp8_step(base, "rowwise", 2)
+    loss, grads = _fp8_step({**base, "fp8_dispatch": True}, "rowwise", 2)
     assert loss == want_loss
     moved = {name for name, g in grads.items() if not torch.equal(g, want[name])}
     assert moved == {f"layers.{i}.ffn.experts.w13" for i in (1, 2, 3)}, moved
