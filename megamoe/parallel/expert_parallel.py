@@ -162,24 +162,24 @@ class AllToAllDispatcher:
         if padded is not None:
             pair = pad_pairs(pair, real_counts_E, padded, sum(ep_send), probs_TK.numel())
         row_TK = row_of_pair(pair, probs_TK.numel()).view(-1, K)
-        # 5. (the order of step 4's output) the received rows arrive [etp rank][ep rank][expert]:
-        # group them by local expert
+        # 4. the received rows will arrive [etp rank][ep rank][expert]: the order that groups
+        # them by local expert
         local_expert = torch.arange(self.L, device=device).repeat(recv_counts.shape[0] * recv_counts.shape[1])
         local_expert = local_expert.repeat_interleave(recv_counts.flatten().to(device), output_size=sum(etp_sizes))
         order = torch.sort(local_expert, stable=True).indices
         tokens_per_expert = recv_counts.sum((0, 1)).to(device)
         handle = DispatchHandle(pair, probs_TK, row_TK, restore=order, ep_send=ep_send, ep_recv=ep_recv,
                                 etp_sizes=etp_sizes)
-        # 4. the pairs' rows to the EP ranks holding their experts, then gathered over
-        # expert-TP, sorted
+        # 5. the pairs' rows (in FP8 with fp8_dispatch) to the EP ranks holding their experts,
+        # gathered over expert-TP, grouped by local expert
         if self.fp8_dispatch:
             return _Fp8Exchange.apply(x_TD, pair, row_TK, self, handle), tokens_per_expert, handle
         rows = permute_tokens(x_TD, pair, row_TK)
         return self._send(rows, handle), tokens_per_expert, handle
 
     def _send(self, rows: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """Step 4 and the sort of step 5: this rank's rows to the ranks holding their experts,
-        grouped by local expert there."""
+        """Step 5: this rank's rows to the ranks holding their experts, grouped by local expert
+        there."""
         received = mappings.all_to_all(rows, self.ep, handle.ep_recv, handle.ep_send)
         if self.etp.size > 1:
             mine = handle.etp_sizes[self.etp.rank]
