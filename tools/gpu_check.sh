@@ -113,35 +113,10 @@ if [ "$mode" = fp16 ]; then
       | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-420
   done
 fi
-if [ "$mode" = fp8 ]; then
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tee "$LOG/gpu_tests_fp8.log" | tail -8
-  python3 tools/bench_fp8.py --profile 2>&1 > "$LOG/bench_fp8.log"; grep -E "^(case|experts|linear) " "$LOG/bench_fp8.log"
+if [ "$mode" = fp8 ] || [ "$mode" = fp8te ] || [ "$mode" = fp8peers ]; then
   proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
-  iters="${FP8_ITERS:-200}"
-  for recipe in bf16 rowwise tensorwise; do
-    echo "== $recipe"
-    fp8=""; [ "$recipe" = bf16 ] || fp8="--fp8-format hybrid --fp8-recipe $recipe"
-    python3 pretrain_moe.py $proxy $fp8 --moe-grouped-gemm-impl torch --train-iters "$iters" --log-interval 25 \
-      --metrics-file "$LOG/metrics_$recipe.jsonl" 2>&1 | tee "$LOG/run_$recipe.log" \
-      | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-300
-  done
-  # FP8 dispatch (all-to-all dispatcher, EP 1 here): rowwise with and without it, 100 iterations
-  for dispatch in "" "--moe-fp8-dispatch"; do
-    echo "== alltoall rowwise $dispatch"
-    python3 pretrain_moe.py $proxy --fp8-format hybrid --fp8-recipe rowwise --moe-grouped-gemm-impl torch \
-      --moe-token-dispatcher-type alltoall $dispatch --train-iters 100 --log-interval 25 \
-      --metrics-file "$LOG/metrics_a2a${dispatch:+_dispatch}.jsonl" 2>&1 | tee "$LOG/run_a2a${dispatch:+_dispatch}.log" \
-      | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-300
-  done
-  for recipe in bf16 rowwise; do
-    fp8=""; [ "$recipe" = bf16 ] || fp8="--fp8-format hybrid --fp8-recipe $recipe"
-    python3 pretrain_moe.py $proxy $fp8 --moe-grouped-gemm-impl torch \
-      --train-iters 7 --log-interval 7 --profile --profile-step-start 4 --profile-step-end 6 \
-      --profile-dir "$LOG/prof_$recipe" 2>&1 | tee "$LOG/profile_$recipe.log" | grep -A 30 "^profile:"
-  done
-fi
-if [ "$mode" = fp8te ] || [ "$mode" = fp8peers ]; then
-  # the V2-Lite proxy with the metrics of one run in $LOG/metrics_<name>.jsonl; the last lines on failure
+  te_flags="--transformer-impl transformer_engine --moe-grouped-gemm-impl te --fp8-format hybrid"
+  # the V2-Lite proxy for $iters iterations, metrics in $LOG/metrics_<name>.jsonl; the last lines on failure
   proxy_run() {
     local name=$1; shift
     echo "== $name"
@@ -149,8 +124,27 @@ if [ "$mode" = fp8te ] || [ "$mode" = fp8peers ]; then
       > "$LOG/run_$name.log" 2>&1 || tail -20 "$LOG/run_$name.log"
     grep -E "iteration +[0-9]+/" "$LOG/run_$name.log" | cut -c1-300
   }
-  proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
-  te_flags="--transformer-impl transformer_engine --moe-grouped-gemm-impl te --fp8-format hybrid"
+  # a --profile run of steps 4-6; its summary in $LOG/profile_<name>.log (traces stay on the machine)
+  proxy_profile() {
+    local name=$1; shift
+    python3 pretrain_moe.py $proxy "$@" --train-iters 7 --log-interval 7 --profile --profile-step-start 4 \
+      --profile-step-end 6 --profile-dir "/tmp/prof_$name" 2>&1 | tee "$LOG/profile_$name.log" | grep -A 30 "^profile:"
+  }
+fi
+if [ "$mode" = fp8 ]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tee "$LOG/gpu_tests_fp8.log" | tail -8
+  python3 tools/bench_fp8.py --profile 2>&1 > "$LOG/bench_fp8.log"; grep -E "^(case|experts|linear) " "$LOG/bench_fp8.log"
+  rowwise="--fp8-format hybrid --fp8-recipe rowwise --moe-grouped-gemm-impl torch"
+  iters="${FP8_ITERS:-200}"
+  proxy_run bf16 --moe-grouped-gemm-impl torch
+  proxy_run rowwise $rowwise
+  proxy_run tensorwise --fp8-format hybrid --fp8-recipe tensorwise --moe-grouped-gemm-impl torch
+  # FP8 dispatch (all-to-all dispatcher, EP 1 here): rowwise with and without it, 100 iterations
+  iters=100
+  proxy_run a2a $rowwise --moe-token-dispatcher-type alltoall
+  proxy_run a2a_dispatch $rowwise --moe-token-dispatcher-type alltoall --moe-fp8-dispatch
+  proxy_profile bf16 --moe-grouped-gemm-impl torch
+  proxy_profile rowwise $rowwise
 fi
 if [ "$mode" = fp8te ]; then
   # after Transformer Engine is installed: the GPU FP8 tests (TE's included), tools/bench_fp8.py
@@ -159,9 +153,7 @@ if [ "$mode" = fp8te ]; then
   python3 tools/bench_fp8.py --profile > "$LOG/bench_fp8.log" 2>&1; grep -E "^(case|experts|linear) |Error" "$LOG/bench_fp8.log"
   iters="${FP8_ITERS:-200}"
   for recipe in blockwise tensorwise delayed; do proxy_run "te_$recipe" $te_flags --fp8-recipe "$recipe"; done
-  python3 pretrain_moe.py $proxy $te_flags --fp8-recipe blockwise --train-iters 7 --log-interval 7 --profile \
-    --profile-step-start 4 --profile-step-end 6 --profile-dir /tmp/prof_te 2>&1 | tee "$LOG/profile_te_blockwise.log" \
-    | grep -A 30 "^profile:"
+  proxy_profile te_blockwise $te_flags --fp8-recipe blockwise
 fi
 if [ "$mode" = fp8peers ]; then
   # the same-call ratios (bring .gpu/peers; Megatron-Core needs TE installed): megamoe bf16 and

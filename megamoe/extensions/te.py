@@ -68,16 +68,18 @@ class Fp8Region:
 
     def __init__(self, recipe: Optional[Fp8Recipe], amax_group: Optional[Group]):
         self.recipe = te_recipe(recipe) if recipe is not None else None
-        self.group = amax_group.process_group if amax_group is not None and amax_group.size > 1 else None
+        group = amax_group.process_group if amax_group is not None and amax_group.size > 1 else None
+        self._autocast = None  # resolved once: region() runs on every TE call
+        if self.recipe is not None:
+            te = import_te()
+            if hasattr(te, "autocast"):  # TE 2.x; fp8_autocast is its older name
+                self._autocast = lambda: te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=group)
+            else:
+                self._autocast = lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=group)
         self._weight_key = None
 
     def region(self):
-        if self.recipe is None:
-            return contextlib.nullcontext()
-        te = import_te()
-        if hasattr(te, "autocast"):
-            return te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=self.group)
-        return te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=self.group)
+        return contextlib.nullcontext() if self._autocast is None else self._autocast()
 
     def first_use(self, weight: torch.Tensor) -> Optional[bool]:
         if self.recipe is None or not torch.is_grad_enabled():

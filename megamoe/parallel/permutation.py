@@ -232,9 +232,9 @@ def permute_quantized(q_TD: torch.Tensor, scale_inv_T: torch.Tensor, pair_of_row
     gathering equals gathering and quantizing the N rows, with K times less quantization and
     half the bytes moved. Padding rows are zero (scale_inv 1). No autograd: the caller carries
     the gradient (:func:`permute_tokens_backward`)."""
-    token = _token_of_row(pair_of_row_N, q_TD.shape[0], K)  # -1 reads the appended zero row
-    q = torch.cat([q_TD.view(torch.uint8), q_TD.new_zeros(1, q_TD.shape[1], dtype=torch.uint8)])[token]
-    return q, torch.cat([scale_inv_T, scale_inv_T.new_ones(1)])[token]
+    token = _token_of_row(pair_of_row_N, q_TD.shape[0], K)
+    q = _torch_rows(q_TD.view(torch.uint8), token, None)  # torch's gather: Triton's row kernel is for floats
+    return q, torch.cat([scale_inv_T, scale_inv_T.new_ones(1)])[token]  # token -1 reads scale_inv 1
 
 
 def permute_tokens_backward(grad_rows_ND: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
