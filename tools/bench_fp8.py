@@ -10,7 +10,9 @@ Shapes: 32,768 tokens (micro-batch 8 x seq 4096) routed top-6 to 64 experts (hid
 1408, SwiGLU), evenly; the dense linear is MLA's query projection, 2048 -> 3072. Each timed call
 first bumps the weights' version, as an optimizer step does, so the FP8 weight quantization is
 counted once per call (one micro-batch per step). Reports medians of CUDA-event timings and the
-ratio to bf16; ``--profile`` adds each mode's top kernels of one forward + backward.
+ratio to bf16, and the host's time to issue one forward + backward while the GPU is busy (the
+launch overhead; about 50 ms or more would mean a host synchronisation); ``--profile`` adds
+each mode's top kernels of one forward + backward.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from megamoe.kernels.fp8 import Fp8Recipe  # noqa: E402
 from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_linear  # noqa: E402
 from megamoe.model.experts import GroupedExperts  # noqa: E402
 from megamoe.parallel.state import ParallelState  # noqa: E402
-from cuda_timing import median_ms  # noqa: E402
+from cuda_timing import host_ms, median_ms  # noqa: E402
 
 TOKENS, TOPK, EXPERTS, HIDDEN, FFN, Q_OUT = 32768, 6, 64, 2048, 1408, 3072
 MODES = {"bf16": None, "rowwise": Fp8Recipe("hybrid", "rowwise"), "tensorwise": Fp8Recipe("hybrid", "tensorwise")}
@@ -83,7 +85,7 @@ def measure(case, recipe, device, iters):
         for p in params:
             p.grad = None
 
-    return params, fwd_bwd, median_ms(fwd, iters), median_ms(fwd_bwd, iters)
+    return params, fwd_bwd, median_ms(fwd, iters), median_ms(fwd_bwd, iters), host_ms(fwd_bwd, iters)
 
 
 def top_kernels(fn, n=10) -> str:
@@ -104,7 +106,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'case':<10}{'mode':<15}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}")
+    print(f"{'case':<10}{'mode':<15}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}{'host ms':>9}")
     modes = dict(MODES)
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -115,9 +117,10 @@ def main() -> int:
     for name, case in (("experts", experts_case), ("linear", linear_case)):
         base = None
         for mode, recipe in modes.items():
-            _, fwd_bwd, f, fb = measure(case, recipe, device, args.iters)
+            _, fwd_bwd, f, fb, host = measure(case, recipe, device, args.iters)
             base = base or (f, fb)
-            print(f"{name:<10}{mode:<15}{f:9.2f}{fb:12.2f}{base[0] / f:8.2f}{base[1] / fb:11.2f}", flush=True)
+            print(f"{name:<10}{mode:<15}{f:9.2f}{fb:12.2f}{base[0] / f:8.2f}{base[1] / fb:11.2f}{host:9.2f}",
+                  flush=True)
             if args.profile:
                 print(top_kernels(fwd_bwd))
     return 0

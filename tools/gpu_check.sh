@@ -25,8 +25,9 @@
 # rowwise recipe (summaries in $OUT/profile_<recipe>.log). Iterations: FP8_ITERS.
 # `fp8te` (Transformer Engine installed first, ../shared/gpu/README.md): the FP8 GPU tests with
 # TE's, tools/bench_fp8.py with TE's modes, the proxy under TE's delayed / tensorwise / blockwise
-# recipes and a profile of blockwise. `fp8peers` (bring .gpu/peers; TE installed): megamoe bf16,
-# native rowwise and TE blockwise, then Megatron-Core bf16 and FP8 blockwise, in one call.
+# recipes and a profile of blockwise. `fp8peers` (bring .gpu/peers; TE installed): which cuDNN
+# torch's attention gets with TE imported (tools/check_te_cudnn.py), megamoe bf16, native rowwise
+# and TE blockwise, eager and --compile, then Megatron-Core bf16 and FP8 blockwise, in one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -158,10 +159,13 @@ fi
 if [ "$mode" = fp8peers ]; then
   # the same-call ratios (bring .gpu/peers; Megatron-Core needs TE installed): megamoe bf16 and
   # native rowwise FP8 (FP8_ITERS, default 100), then Megatron-Core bf16 and FP8 blockwise
+  for probe in none te megamoe; do python3 tools/check_te_cudnn.py $probe 2>&1 | grep -E "^$probe |Error"; done
   iters="${FP8_ITERS:-100}"
-  proxy_run bf16
-  proxy_run rowwise --fp8-format hybrid --fp8-recipe rowwise
-  proxy_run te_blockwise $te_flags --fp8-recipe blockwise
+  for compiled in "" "--compile"; do
+    proxy_run "bf16${compiled:+_compiled}" $compiled
+    proxy_run "rowwise${compiled:+_compiled}" --fp8-format hybrid --fp8-recipe rowwise $compiled
+    proxy_run "te_blockwise${compiled:+_compiled}" $te_flags --fp8-recipe blockwise $compiled
+  done
   source .gpu/peers/install.sh
   for fp8 in none blockwise; do
     python3 .gpu/peers/mcore_bench.py --optim mcore --mbs 8 --fp8 $fp8 2>&1 | tee "$LOG/mcore_$fp8.log" | grep RESULT \

@@ -23,6 +23,10 @@ current-scaling recipes keep no state.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
+import os
+import sys
 from typing import Optional
 
 import torch
@@ -33,8 +37,50 @@ from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.parallel.state import Group
 
 
+def loaded_library_dir(soname_prefix: str) -> Optional[str]:
+    """The directory of the first library mapped into this process whose file name starts
+    with ``soname_prefix`` (Linux: from /proc/self/maps), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith(soname_prefix):
+                    return os.path.dirname(path)
+    except OSError:
+        pass
+    return None
+
+
+def _load_torch_cudnn_first() -> None:
+    """Make TE use the cuDNN torch was built with.
+
+    TE's import loads the first cuDNN it finds (``CUDNN_HOME``, ``CUDNN_PATH``, ``CUDA_HOME``,
+    /usr/local/cuda, then the loader's path). Where that is another version than torch's (on the
+    H200 machine: the system's 9.14 against torch's bundled 9.19), torch's SDPA then finds a
+    runtime version it was not built against, drops its cuDNN attention and falls back to the
+    memory-efficient kernel (8x slower backward at MLA's 192-wide heads). So, before TE's
+    import: every library of torch's cuDNN is loaded (cuDNN 9's front library opens its engine
+    and heuristic libraries by name later, and a name already loaded is not searched again),
+    and TE's search is pointed at them, unless the user chose a cuDNN with CUDNN_HOME/PATH."""
+    if "transformer_engine" in sys.modules or not torch.cuda.is_available():
+        return
+    if os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH"):
+        return
+    torch.backends.cudnn.version()  # loads torch's cuDNN if it is not loaded yet
+    torch_cudnn = loaded_library_dir("libcudnn.so")
+    if torch_cudnn is None:
+        return
+    for path in sorted(glob.glob(os.path.join(torch_cudnn, "libcudnn*.so*"))):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass  # a sub-library whose own dependencies are missing: cuDNN does without it
+    os.environ["CUDNN_PATH"] = torch_cudnn
+
+
 def import_te():
     """``transformer_engine.pytorch``, or an ImportError that says how to get it."""
+    _load_torch_cudnn_first()
     try:
         import transformer_engine.pytorch as te
     except ImportError as err:
@@ -99,6 +145,7 @@ class TELinearGemm:
         self.fp8 = Fp8Region(recipe, amax_group)
         self.linear = None
 
+    @torch.compiler.disable  # TE's modules are not traceable (dynamo fails on their guards): run eagerly
     def __call__(self, x: torch.Tensor, weight: nn.Parameter) -> torch.Tensor:
         if self.linear is None:
             te = import_te()
@@ -148,6 +195,7 @@ class TEGroupedMLP(nn.Module):
             return {"w1": fc1, "w2": fc2}
         return {"w1": fc1[:, : self.ffn_local], "w3": fc1[:, self.ffn_local:], "w2": fc2}
 
+    @torch.compiler.disable  # as TELinearGemm.__call__
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Under FP8 every expert's row count must be a multiple of 16: the dispatcher pads them
         (``--moe-router-padding-for-fp8`` is on for this backend under FP8)."""

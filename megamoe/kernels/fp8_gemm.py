@@ -143,6 +143,11 @@ class _Fp8Linear(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
+# Under ``--compile`` both entry points run eagerly, between two graphs: the weight cache keys on
+# the weight's storage and version, which dynamo cannot trace (it would break the graph inside
+# the autograd function and retry it on every call), and the GEMMs and Triton casts gain nothing
+# from Inductor.
+@torch.compiler.disable
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut = None,
                reduce_amax: AmaxReduce = None) -> torch.Tensor:
     """``x W^T`` through FP8 GEMMs (see the module docstring)."""
@@ -200,6 +205,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None, None, None, None, None, None
 
 
+@torch.compiler.disable
 def fp8_grouped_linear(x_NK: torch.Tensor, weight_EOK: torch.Tensor, offsets: torch.Tensor, recipe: Fp8Recipe,
                        cache: Fp8WeightCache, cut: Cut = None, reduce_amax: AmaxReduce = None,
                        swiglu_input: bool = False,
