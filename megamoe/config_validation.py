@@ -186,6 +186,12 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
               f"--context-parallel-size {layout.cp} (needed by --sequence-parallel)")
     if layout.cp > 1 and m.seq_length % (2 * layout.cp):
         _fail(f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {layout.cp}")
+    if p.cp_comm_type not in ("p2p", "allgather"):
+        _fail(f"--cp-comm-type {p.cp_comm_type}: megamoe exchanges context-parallel keys and values with 'p2p' "
+              "(a ring) or 'allgather'; the all-to-all variants are not built")
+    if layout.cp > 1 and p.cp_comm_type == "p2p" and m.attention_dropout:
+        _fail(f"--attention-dropout {m.attention_dropout}: ring context-parallel attention (--cp-comm-type p2p, "
+              "the default) has no attention dropout; set --attention-dropout 0 or use --cp-comm-type allgather")
     if not moe.num_experts and layout.ep > 1:
         _fail(f"--expert-model-parallel-size {layout.ep} needs routed experts (--num-experts)")
     if moe.num_experts:

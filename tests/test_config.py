@@ -159,6 +159,19 @@ def test_megatron_values_megamoe_cannot_build_are_errors(argv, message):
         validate(parse_config(argv), 2 if "--expert-model-parallel-size" in argv else 1)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--cp-comm-type", "a2a"], "--cp-comm-type a2a: megamoe exchanges .* with 'p2p' .* or 'allgather'"),
+    (["--attention-dropout", "0.1"], "--attention-dropout 0.1: ring context-parallel attention .* has no attention "
+                                     "dropout; set --attention-dropout 0 or use --cp-comm-type allgather"),
+])
+def test_context_parallel_exchange_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(parse_config(["--context-parallel-size", "2", "--seq-length", "16", *argv]), 2)
+    # the all-gather exchange takes attention dropout
+    validate(parse_config(["--context-parallel-size", "2", "--seq-length", "16", "--attention-dropout", "0.1",
+                           "--cp-comm-type", "allgather"]), 2)
+
+
 def test_unknown_choice_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(["--normalization", "BatchNorm"], prog="pretrain_moe.py")

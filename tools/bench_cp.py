@@ -5,11 +5,14 @@ at CP = world size, against the same sequence on one GPU.
     python tools/bench_cp.py                                   # CP=1: the whole sequence on one GPU
     torchrun --nproc-per-node 2 tools/bench_cp.py              # CP=2
 
-Layers: DeepSeek-V2-Lite MLA (hidden 2048, 16 heads, kv_lora 512, qk 128 + rope 64, v 128),
-with the latent exchange and with the expanded-KV exchange, and a GQA layer (hidden 2048,
-16 heads, 4 key/value heads, head dim 128). bf16, one sequence of ``--seq-length`` tokens.
-Prints the median over ``--iters`` runs, the attention throughput (whole-sequence tokens per
-second, so CP=1 and CP=2 compare directly) and the bytes each rank all-gathers per layer.
+Layers: DeepSeek-V2-Lite MLA (hidden 2048, 16 heads, kv_lora 512, qk 128 + rope 64, v 128)
+under ``--cp-comm-type allgather`` with the latent exchange (``mla-latent``) and the
+expanded-KV exchange (``mla-expanded``), and under the ring, ``p2p`` (``mla-ring``); a GQA layer
+(hidden 2048, 16 heads, 4 key/value heads, head dim 128) under both (``gqa``, ``gqa-ring``).
+bf16, one sequence of ``--seq-length`` tokens. Prints the median over ``--iters`` runs, the
+attention throughput (whole-sequence tokens per second, so CP=1 and CP=2 compare directly) and
+the bytes each rank receives per layer in forward (the ring receives the same bytes as the
+all-gather of the same keys and values, in ``CP - 1`` transfers overlapped with compute).
 
 ``--kernels`` (one GPU) also times the attention kernels alone, forward + backward, 16 heads:
 a CP=2 rank's longest block (S/4 queries against S keys, causal aligned bottom-right) against
@@ -38,15 +41,16 @@ from megamoe.parallel.state import ParallelState  # noqa: E402
 
 
 def build(kind: str, state: ParallelState, seq: int, device):
-    kw = dict(device=device, dtype=torch.bfloat16)
+    kw = dict(device=device, dtype=torch.bfloat16, cp=state.cp,
+              cp_comm_type="p2p" if kind.endswith("-ring") else "allgather")
     if kind.startswith("mla"):
         rope = RotaryEmbedding(64, seq, 10000.0, device=device)
-        layer = MultiHeadLatentAttention(2048, 16, None, 512, 128, 64, 128, rope, state.tp, cp=state.cp,
+        layer = MultiHeadLatentAttention(2048, 16, None, 512, 128, 64, 128, rope, state.tp,
                                          cp_exchange="expanded" if kind == "mla-expanded" else "latent", **kw)
         per_token = (512 + 64) if kind == "mla-latent" else 16 * (128 + 64 + 128)
     else:
         rope = RotaryEmbedding(128, seq, 10000.0, device=device)
-        layer = GroupedQueryAttention(2048, 16, 4, 128, rope, state.tp, cp=state.cp, **kw)
+        layer = GroupedQueryAttention(2048, 16, 4, 128, rope, state.tp, **kw)
         per_token = 2 * 4 * 128
     for module in layer.modules():
         init = getattr(module, "init_weights", None)
@@ -104,8 +108,8 @@ def main() -> int:
     if rank == 0:
         print(f"CP={world}, sequence {args.seq_length} tokens ({positions.numel()} per rank), bf16, fwd+bwd, "
               f"median of {args.iters}")
-        print(f"{'layer':<14}{'ms / layer':>12}{'tokens/s':>14}{'MB gathered per rank':>22}")
-    for kind in ("mla-latent", "mla-expanded", "gqa"):
+        print(f"{'layer':<14}{'ms / layer':>12}{'tokens/s':>14}{'MB received per rank':>22}")
+    for kind in ("mla-latent", "mla-expanded", "mla-ring", "gqa", "gqa-ring"):
         layer, exchanged = build(kind, state, args.seq_length, device)
         ms = time_layer(layer, x, positions, args.iters)
         if rank == 0:

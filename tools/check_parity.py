@@ -53,6 +53,7 @@ FLAGS = {
     "pp": "--pipeline-model-parallel-size",
     "vpp": "--virtual-pipeline-model-parallel-size",
     "cp": "--context-parallel-size",
+    "cp_comm": "--cp-comm-type",
     "ep": "--expert-model-parallel-size",
     "etp": "--expert-tensor-parallel-size",
     "dispatcher": "--moe-token-dispatcher-type",

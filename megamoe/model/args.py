@@ -40,6 +40,7 @@ class AttentionArgs:
     qk_pos_emb_head_dim: int
     v_head_dim: int
     dropout: float
+    cp_comm_type: Literal["p2p", "allgather"]  # how context-parallel attention gets the other ranks' keys
     rope_dim: int  # dimensions RoPE rotates per head (the rope part of MLA's query/key)
     rope_base: float
     max_positions: int
@@ -156,7 +157,7 @@ def attention_args(config: Config) -> AttentionArgs:
         kind="mla" if mla else "gqa", num_heads=m.num_attention_heads, num_kv_heads=num_kv_heads(m),
         head_dim=head_dim, qk_layernorm=m.qk_layernorm, q_lora_rank=m.q_lora_rank or None,
         kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim, qk_pos_emb_head_dim=m.qk_pos_emb_head_dim,
-        v_head_dim=m.v_head_dim, dropout=m.attention_dropout,
+        v_head_dim=m.v_head_dim, dropout=m.attention_dropout, cp_comm_type=config.parallel.cp_comm_type,
         rope_dim=m.qk_pos_emb_head_dim if mla else head_dim, rope_base=m.rotary_base,
         max_positions=m.max_position_embeddings or m.seq_length, yarn=yarn)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import context_parallel_attention, gather_sequence
+from megamoe.parallel.ring_attention import ring_attention
 from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker, recompute_with_rng
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import ColumnParallelLinear, InitFn, RowParallelLinear, normal_init
@@ -50,13 +51,16 @@ def core_attention(
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def attend(q, k, v, softmax_scale, dropout_p, rng_tracker, recompute: bool, cp: Optional[Group] = None) -> torch.Tensor:
+def attend(q, k, v, softmax_scale, dropout_p, rng_tracker, recompute: bool, cp: Optional[Group] = None,
+           cp_comm_type: str = "allgather") -> torch.Tensor:
     """``core_attention``, recomputed in backward instead of stored when ``recompute``
     (selective recompute, which replays the dropout masks). With context parallelism (``cp`` of
-    more than one rank) ``q`` holds this rank's two chunks and ``k``, ``v`` the whole sequence
-    (see ``parallel/context_parallel.py``)."""
+    more than one rank) ``q`` holds this rank's two chunks, and ``k``, ``v`` the whole sequence
+    (``cp_comm_type="allgather"``, ``parallel/context_parallel.py``) or this rank's own chunks,
+    which the ring passes around (``"p2p"``, ``parallel/ring_attention.py``)."""
     if cp is not None and cp.size > 1:
-        core, args = context_parallel_attention, (q, k, v, cp, softmax_scale, dropout_p, rng_tracker)
+        cp_core = ring_attention if cp_comm_type == "p2p" else context_parallel_attention
+        core, args = cp_core, (q, k, v, cp, softmax_scale, dropout_p, rng_tracker)
     else:
         core, args = core_attention, (q, k, v, softmax_scale, dropout_p, rng_tracker)
     if recompute:
@@ -77,6 +81,7 @@ class GroupedQueryAttention(nn.Module):
         tp: Group,
         sequence_parallel: bool = False,
         cp: Optional[Group] = None,
+        cp_comm_type: Literal["p2p", "allgather"] = "allgather",
         qk_layernorm: bool = False,
         normalization: str = "RMSNorm",
         norm_eps: float = 1e-6,
@@ -92,6 +97,7 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"attention heads ({num_heads}) and key/value heads ({num_kv_heads}) must be "
                              f"divisible by the tensor-parallel size ({tp.size})")
         self.tp, self.sequence_parallel, self.cp = tp, sequence_parallel and tp.size > 1, cp
+        self.cp_comm_type = cp_comm_type
         self.head_dim, self.rope = head_dim, rope
         self.num_local_heads, self.num_local_kv = num_heads // tp.size, num_kv_heads // tp.size
         self.attention_dropout = attention_dropout
@@ -115,8 +121,8 @@ class GroupedQueryAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        if self.cp is not None and self.cp.size > 1:  # every query needs the whole causal prefix
-            k, v = gather_sequence(k, self.cp), gather_sequence(v, self.cp)
+        if self.cp is not None and self.cp.size > 1 and self.cp_comm_type == "allgather":
+            k, v = gather_sequence(k, self.cp), gather_sequence(v, self.cp)  # every query's causal prefix
         dropout = self.attention_dropout if self.training else 0.0
         return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training,
-                              self.cp))
+                              self.cp, self.cp_comm_type))

@@ -193,12 +193,12 @@ class GPTModel(nn.Module):
         if a.kind == "mla":
             attn = MultiHeadLatentAttention(
                 args.hidden_size, a.num_heads, a.q_lora_rank, a.kv_lora_rank, a.qk_head_dim,
-                a.qk_pos_emb_head_dim, a.v_head_dim, self.rope, cp=state.cp, attention_dropout=a.dropout,
-                **norm, **common)
+                a.qk_pos_emb_head_dim, a.v_head_dim, self.rope, cp=state.cp, cp_comm_type=a.cp_comm_type,
+                attention_dropout=a.dropout, **norm, **common)
         else:
             attn = GroupedQueryAttention(
                 args.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, self.rope, cp=state.cp,
-                attention_dropout=a.dropout, **norm, **common)
+                cp_comm_type=a.cp_comm_type, attention_dropout=a.dropout, **norm, **common)
         attn.recompute_core = args.recompute_granularity == "selective"
         if moe_layer:
             ffn = self._build_moe(args, state, init_fn, output_init_fn, fp8, **kw)

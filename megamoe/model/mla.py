@@ -16,9 +16,11 @@ up-projections gather the (small) latents, not the hidden states. The shared rop
 this rank's heads only, so its gradient is a partial sum over TP: it enters the TP region
 through ``enter_tensor_region`` like every other replicated input.
 
-Context parallel: by default the ranks exchange the normalised latent and the rotated rope key
+Context parallel: with ``cp_comm_type="p2p"`` (the ring, ``parallel/ring_attention.py``) each
+rank expands its own tokens' keys and values and the ring passes those around. With
+``"allgather"`` the ranks exchange the normalised latent and the rotated rope key
 (``kv_lora_rank + qk_pos_emb_head_dim`` values per token) and each expands the whole sequence's
-keys and values itself; ``cp_exchange="expanded"`` exchanges the expanded keys and values
+keys and values itself; ``cp_exchange="expanded"`` all-gathers the expanded keys and values
 instead (for measuring the trade-off: ``tools/bench_cp.py``).
 """
 
@@ -63,6 +65,7 @@ class MultiHeadLatentAttention(nn.Module):
         tp: Group,
         sequence_parallel: bool = False,
         cp: Optional[Group] = None,
+        cp_comm_type: Literal["p2p", "allgather"] = "allgather",
         cp_exchange: Literal["latent", "expanded"] = "latent",
         qk_layernorm: bool = True,
         normalization: str = "RMSNorm",
@@ -80,7 +83,8 @@ class MultiHeadLatentAttention(nn.Module):
         sp = sequence_parallel and tp.size > 1
         self.tp, self.sequence_parallel, self.rope = tp, sp, rope
         self.cp = cp if cp is not None and cp.size > 1 else None
-        self.cp_exchange = cp_exchange
+        self.cp_comm_type, self.cp_exchange = cp_comm_type, cp_exchange
+        self._gather = self.cp is not None and cp_comm_type == "allgather"
         self.num_local_heads = num_heads // tp.size
         self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim = kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim, v_head_dim
         self.attention_dropout = attention_dropout
@@ -120,7 +124,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = mappings.enter_tensor_region(k_rope.contiguous(), self.tp, self.sequence_parallel)
         s, b = latent.shape[0], latent.shape[1]
         k_rope = self.rope(k_rope.unsqueeze(2), positions)  # [s, b, 1, rope_dim]
-        if self.cp is not None and self.cp_exchange == "latent":
+        if self._gather and self.cp_exchange == "latent":
             latent, k_rope = gather_sequence(latent, self.cp), gather_sequence(k_rope, self.cp)
         kv = self.wkv_b(latent)
         s_kv = kv.shape[0]  # the whole sequence once the latent is gathered
@@ -128,8 +132,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.view(s_kv, b, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, self.rope(q_rope, positions)], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(s_kv, b, heads, self.rope_dim)], dim=-1)
-        if self.cp is not None and self.cp_exchange == "expanded":
+        if self._gather and self.cp_exchange == "expanded":
             k, v = gather_sequence(k, self.cp), gather_sequence(v.contiguous(), self.cp)
         dropout = self.attention_dropout if self.training else 0.0
         return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training,
-                              self.cp))
+                              self.cp, self.cp_comm_type))

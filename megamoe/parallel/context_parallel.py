@@ -7,13 +7,13 @@ early chunk has a short prefix and a late one a long one, so every rank does the
 work: ``(2 cp + 1) c^2`` query-key pairs. Positions (RoPE), labels and the loss mask follow the
 same indices (:func:`sequence_shard_indices`).
 
-**Exchange (all-gather of K and V).** Each rank all-gathers the keys and values of the CP group
-(backward: reduce-scatter of their gradients), puts them in sequence order, and runs two
+**Exchange (``--cp-comm-type allgather``).** Each rank all-gathers the keys and values of the
+CP group (backward: reduce-scatter of their gradients), puts them in sequence order, and runs two
 attentions: chunk ``i``'s queries against the first ``(i + 1) c`` keys, chunk ``2 cp - 1 - i``'s
 against the first ``(2 cp - i) c``, each causal aligned at the bottom right. This is exact
-causal attention with one collective per layer, for both GQA and MLA. A ring exchange with
-online-softmax merging would overlap communication with compute and keep only two KV blocks in
-memory; the all-gather is chosen for simplicity and exactness, and its cost is
+causal attention with one collective per layer, for both GQA and MLA, and takes attention
+dropout. The ring (``p2p``, the default: :mod:`megamoe.parallel.ring_attention`) passes the
+keys and values around instead, overlapped with blockwise attention. The all-gather's cost is
 
     per layer and rank, forward: (cp - 1) / cp x S x b x (bytes of one token's K and V)
 

@@ -34,6 +34,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.expert_model_parallel_size = layout.get("ep", 1)
     cfg.parallel.pipeline_model_parallel_size = layout.get("pp", 1)
     cfg.parallel.context_parallel_size = layout.get("cp", 1)
+    cfg.parallel.cp_comm_type = layout.get("cp_comm", "p2p")
     cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
     cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")

@@ -138,13 +138,16 @@ def test_pipeline_parallel_model_matches_single_process(workers, variant, layout
 
 
 # seq_aux_position: sequence-level balancing loss and first-come capacity, both of which must
-# see whole sequences although CP shards them
+# see whole sequences although CP shards them. The ring (--cp-comm-type p2p) is the default;
+# cp_comm="allgather" runs the all-gather exchange.
 CP_CASES = [
     ("mla", dict(cp=2)), ("gqa", dict(cp=2)), ("mtp_capacity", dict(cp=2)), ("seq_aux_position", dict(cp=2)),
     ("mla", dict(cp=4)), ("seq_aux_position", dict(cp=4)),
     ("gqa", dict(cp=2, tp=2, sp=True)), ("mtp_capacity", dict(cp=2, tp=2, sp=True)),
     ("seq_aux_position", dict(cp=2, tp=2)),
     ("mla", dict(cp=2, ep=2, dispatcher="alltoall")), ("seq_aux_position", dict(cp=2, ep=2, dispatcher="allgather")),
+    ("mla", dict(cp=2, cp_comm="allgather")), ("gqa", dict(cp=2, tp=2, sp=True, cp_comm="allgather")),
+    ("mla", dict(cp=4, cp_comm="allgather")),
 ]
 
 

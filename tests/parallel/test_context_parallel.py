@@ -1,6 +1,8 @@
 """Context parallel pieces against hand-computed values and plain attention: the load-balanced
-shard indices, the all-gather back into sequence order, and causal attention of a rank's two
-chunks against the whole sequence (float64, gloo), gradients included."""
+shard indices, the all-gather back into sequence order, causal attention of a rank's two
+chunks against the whole sequence (float64, gloo), gradients included, and the ring
+(``--cp-comm-type p2p``): its block plan, its blocks and merge in one process (float64 on CPU,
+flash blocks in bf16 on a GPU), and the ring itself on gloo."""
 
 from __future__ import annotations
 
@@ -14,6 +16,15 @@ from megamoe.parallel.context_parallel import (
     gather_sequence,
     sequence_shard_indices,
     shard_sequence,
+)
+from megamoe.parallel.ring_attention import (
+    _block_backward,
+    _block_forward,
+    _expand_heads,
+    _fold_heads,
+    merge_block,
+    ring_attention,
+    ring_block,
 )
 from megamoe.parallel.state import ParallelState
 
@@ -69,3 +80,125 @@ def _cp_attention_on_rank():
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_attention_matches_whole_sequence_attention(workers, world):
     assert all(workers(world).run(_cp_attention_on_rank))
+
+
+# ---------------------------------------------------------------------------------------------
+# the ring (--cp-comm-type p2p)
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_ring_blocks_cover_each_causal_pair_once(cp):
+    """Over the ring's steps each rank's blocks cover exactly the causal (query, key) pairs of
+    its queries, each once, and every block is unmasked or a square causal one."""
+    c = 3
+    S = 2 * cp * c
+    for rank in range(cp):
+        rows_pos = sequence_shard_indices(S, cp, rank)
+        covered = torch.zeros(S, S, dtype=torch.int64)
+        for step in range(cp):
+            rows, keys, causal = ring_block(step, rank, cp, c)
+            key_pos = sequence_shard_indices(S, cp, (rank - step) % cp)[keys]
+            q_pos = rows_pos[rows]
+            block = torch.ones(len(q_pos), len(key_pos), dtype=torch.int64)
+            if causal:
+                assert len(q_pos) == len(key_pos)
+                block = block.tril()
+            covered[q_pos[:, None], key_pos[None, :]] += block
+        expected = torch.zeros(S, S, dtype=torch.int64)
+        expected[rows_pos] = torch.ones(S, S, dtype=torch.int64).tril()[rows_pos]
+        assert torch.equal(covered, expected), (cp, rank)
+
+
+def _simulated_ring(q, k, v, cp, scale):
+    """Every rank's ring in one process (no communication): the blocks, the merge and the
+    backward with the merged output and log-sum-exp, as ``_RingAttention`` runs them. Returns
+    (out, dq, dk, dv) in sequence order for the gradient ``dout`` = ones."""
+    S, heads, kv_heads = q.shape[2], q.shape[1], k.shape[1]
+    c = S // (2 * cp)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    shard = [sequence_shard_indices(S, cp, r, q.device) for r in range(cp)]
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    dq, dk, dv = (torch.zeros_like(t, dtype=acc) for t in (q, k, v))
+    for r in range(cp):
+        qr = q[:, :, shard[r]]
+        o = qr.new_zeros(*qr.shape[:-1], v.shape[-1], dtype=acc)
+        lse = qr.new_full(qr.shape[:-1], float("-inf"), dtype=acc)
+        blocks = []
+        for step in range(cp):
+            rows, keys, causal = ring_block(step, r, cp, c)
+            kv_pos = shard[(r - step) % cp][keys]
+            kb, vb = (_expand_heads(t[:, :, kv_pos], heads) for t in (k, v))
+            o_b, lse_b, aux = _block_forward(qr[:, :, rows], kb, vb, causal, scale)
+            merge_block(o[:, :, rows], lse[:, :, rows], o_b, lse_b)
+            blocks.append((rows, kv_pos, kb, vb, causal, aux))
+        o = o.to(q.dtype)
+        out[:, :, shard[r]] = o
+        dout = torch.ones_like(o)
+        for rows, kv_pos, kb, vb, causal, aux in blocks:
+            lse_rows = lse[:, :, rows].float() if aux is not None else lse[:, :, rows]
+            dq_b, dk_b, dv_b = _block_backward(dout[:, :, rows], qr[:, :, rows], kb, vb, o[:, :, rows], lse_rows,
+                                               causal, scale, aux)
+            dq[:, :, shard[r][rows]] += dq_b.to(acc)
+            dk[:, :, kv_pos] += _fold_heads(dk_b.to(acc), kv_heads)
+            dv[:, :, kv_pos] += _fold_heads(dv_b.to(acc), kv_heads)
+    return out, dq, dk, dv
+
+
+def _ring_case(device, dtype, dv=8):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(2, 4, 24, 8, dtype=dtype, device=device, generator=g)
+    k = torch.randn(2, 2, 24, 8, dtype=dtype, device=device, generator=g)
+    v = torch.randn(2, 2, 24, dv, dtype=dtype, device=device, generator=g)
+    leaves = [t.clone().float().requires_grad_() if dtype != DT else t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=0.3, enable_gqa=True)
+    ref.sum().backward()
+    return (q, k, v), ref, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dv", [8, 6])
+def test_ring_blocks_and_merge_match_whole_sequence_attention_float64(dv):
+    (q, k, v), ref, grads = _ring_case("cpu", DT, dv)
+    for cp in (2, 3):
+        out, *got = _simulated_ring(q, k, v, cp, 0.3)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dv", [8, 6])
+def test_ring_flash_blocks_match_whole_sequence_attention_bf16(dv):
+    """The CUDA path's flash-attention blocks (bf16), merged, against float32 attention of the
+    whole sequence: within bf16's rounding of the inputs' products (2e-2)."""
+    (q, k, v), ref, grads = _ring_case("cuda", torch.bfloat16, dv)
+    out, *got = _simulated_ring(q, k, v, 2, 0.3)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(got, grads):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+
+
+def _ring_attention_on_rank(dv):
+    state = ParallelState.build(cp=dist.get_world_size())
+    cp = state.cp
+    g = torch.Generator().manual_seed(0)
+    S, B, H, KV, D = 16, 2, 4, 2, 8
+    q, k = torch.randn(S, B, H, D, dtype=DT, generator=g), torch.randn(S, B, KV, D, dtype=DT, generator=g)
+    v, grad_out = torch.randn(S, B, KV, dv, dtype=DT, generator=g), torch.randn(S, B, H * dv, dtype=DT, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*leaves, 0.3)
+    ref.backward(grad_out)
+    mine = [shard_sequence(t, cp).clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*mine, cp, 0.3)
+    torch.testing.assert_close(out, shard_sequence(ref, cp), rtol=1e-12, atol=1e-12)
+    out.backward(shard_sequence(grad_out, cp))
+    for got, leaf in zip(mine, leaves):
+        torch.testing.assert_close(got.grad, shard_sequence(leaf.grad, cp), rtol=1e-10, atol=1e-12)
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_matches_whole_sequence_attention(workers, world):
+    """GQA heads (4 query heads on 2 key/value heads) and MLA-like narrower values, float64, gloo."""
+    assert all(workers(world).run(_ring_attention_on_rank, 8))
+    assert all(workers(world).run(_ring_attention_on_rank, 6))

@@ -1,0 +1,229 @@
+"""Ring context-parallel attention (``--cp-comm-type p2p``): keys and values travel around the
+CP ranks with point-to-point sends, each step's transfer hidden behind the previous block's
+attention, and the blocks' outputs are merged by their log-sum-exp.
+
+**Blocks.** CP rank ``r`` of ``n`` holds sequence chunks ``r`` and ``2n - 1 - r`` (the
+load-balanced sharding of :mod:`megamoe.parallel.context_parallel`), ``c`` tokens each, for its
+queries and for its keys and values. At step ``s`` it holds the keys and values of rank
+``j = r - s (mod n)`` and computes one block of its attention:
+
+- ``s = 0`` (its own): all its queries against all its keys, causal. Within the two chunks in
+  this order the causal mask is the square lower triangle;
+- ``j < r``: all its queries against chunk ``j`` only (chunk ``2n - 1 - j`` lies after both of
+  its query chunks), no mask;
+- ``j > r``: its late chunk ``2n - 1 - r`` against both of ``j``'s chunks (its early chunk ``r``
+  precedes both), no mask.
+
+So every block is either unmasked or a square causal block, and every rank does the same work
+at every step: ``c x 2c`` or ``2c x c`` query-key pairs, ``(2c)^2 / 2`` at step 0.
+
+**Merge.** Each block returns its output ``o_b`` and its rows' log-sum-exp ``lse_b``; the rows'
+running output and log-sum-exp are merged as ``lse = log(e^lse + e^lse_b)``,
+``o = o e^(lse_old - lse) + o_b e^(lse_b - lse)`` in float32 (float64 for float64 inputs).
+
+**Backward** runs the ring again: each block's gradients come from the block kernel's backward
+given the merged output and log-sum-exp (the softmax's global normalisation). The query
+gradients stay on the rank; each key/value block's gradient accumulates (in float32) in a buffer
+that follows the block around the ring and reaches the block's owner after the last step. The
+next block's keys and values are received while the current one computes; the accumulators are
+received while the next block computes.
+
+**Kernels.** bf16 / fp16 on CUDA run each block on torch's flash-attention kernels (the values
+zero-padded to the query/key head size when it differs, MLA's 128 vs 192, as the all-gather path
+does). Other dtypes and devices run the same block in plain torch (scores, log-sum-exp and their
+gradients written out): the float64 path the parity tests use.
+
+**Cost per layer and rank** (forward): ``n - 1`` transfers of ``2c`` tokens' keys and values
+(GQA: ``2 x kv_heads x head_dim`` values per token; MLA: the expanded ``heads x (qk + v)``),
+against one all-gather of ``(n - 1) / n`` of the sequence with ``--cp-comm-type allgather``;
+backward moves the same keys and values again plus their float32 gradient accumulators. In
+exchange, only two blocks of keys and values are in memory at a time, and every transfer can
+overlap compute. Attention dropout is not supported on the ring (the config validation refuses
+it): the models here train without it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megamoe.parallel.state import Group
+
+_KV_TAG, _GRAD_TAG = 0, 1  # separate streams of messages between the same pair of ranks
+
+
+def ring_block(step: int, rank: int, size: int, chunk: int) -> tuple[slice, slice, bool]:
+    """Rows of this rank's queries, rows of the held keys/values, and whether the block is
+    causal, at ``step`` of the ring (see the module docstring)."""
+    everything = slice(0, 2 * chunk)
+    if step == 0:
+        return everything, everything, True
+    source = (rank - step) % size
+    if source < rank:
+        return everything, slice(0, chunk), False
+    return slice(chunk, 2 * chunk), everything, False
+
+
+# ---------------------------------------------------------------------------------------------
+# block kernels: [b, heads, s, d] in, output and log-sum-exp of the block's rows out
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
+
+
+def _causal_mask(rows: int, cols: int, device) -> torch.Tensor:
+    return torch.ones(rows, cols, dtype=torch.bool, device=device).triu(1)
+
+
+def _math_scores(q, k, causal: bool, scale: float) -> torch.Tensor:
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(_causal_mask(scores.shape[-2], scores.shape[-1], q.device), float("-inf"))
+    return scores
+
+
+def _block_forward(q, k, v, causal: bool, scale: float):
+    """(output in q's dtype [b, h, sq, dv], lse float32/64 [b, h, sq], what the backward needs)."""
+    if _use_flash(q):
+        dv = v.shape[-1]
+        if dv != q.shape[-1]:
+            v = torch.nn.functional.pad(v, (0, q.shape[-1] - dv))
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+        return out[..., :dv], lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+    scores = _math_scores(q, k, causal, scale)
+    lse = scores.logsumexp(-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v.to(scores.dtype))
+    return out.to(q.dtype), lse, None
+
+
+def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float, aux):
+    """(dq, dk, dv) of one block under the merged (global) ``out`` and ``lse``."""
+    if aux is not None:
+        dv_size, d = v.shape[-1], q.shape[-1]
+        if dv_size != d:
+            pad = (0, d - dv_size)
+            v, out, dout = (torch.nn.functional.pad(t, pad) for t in (v, out, dout))
+        cum_q, cum_k, max_q, max_k, seed, offset = aux
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal,
+            seed, offset, scale=scale)
+        return dq, dk, dv[..., :dv_size]
+    scores = _math_scores(q, k, causal, scale)
+    probs = torch.exp(scores - lse[..., None])
+    dout_, out_, v_, q_, k_ = (t.to(scores.dtype) for t in (dout, out, v, q, k))
+    dv = torch.matmul(probs.transpose(-1, -2), dout_)
+    dprobs = torch.matmul(dout_, v_.transpose(-1, -2))
+    dscores = probs * (dprobs - (dout_ * out_).sum(-1, keepdim=True))
+    dq = torch.matmul(dscores, k_) * scale
+    dk = torch.matmul(dscores.transpose(-1, -2), q_) * scale
+    return dq, dk, dv
+
+
+def merge_block(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Fold one block's rows (``out_b``, ``lse_b``) into the running ones, in place."""
+    lse_new = torch.logaddexp(lse_acc, lse_b)
+    out_acc.mul_(torch.exp(lse_acc - lse_new)[..., None]).add_(out_b.to(out_acc.dtype) * torch.exp(lse_b - lse_new)[..., None])
+    lse_acc.copy_(lse_new)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ring
+
+
+class _Exchange:
+    """Send ``tensors`` to the next rank of the ring and receive the same shapes from the
+    previous one, asynchronously; ``wait()`` returns the received tensors."""
+
+    def __init__(self, tensors: list[torch.Tensor], cp: Group, tag: int):
+        nxt, prev = cp.ranks[(cp.rank + 1) % cp.size], cp.ranks[(cp.rank - 1) % cp.size]
+        # both ends in the standard contiguous layout (the inputs are permuted views)
+        self.sent = [t.contiguous() for t in tensors]  # kept alive until the sends complete
+        self.received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, nxt, cp.process_group, tag) for t in self.sent]
+        ops += [dist.P2POp(dist.irecv, t, prev, cp.process_group, tag) for t in self.received]
+        self.requests = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> list[torch.Tensor]:
+        for request in self.requests:
+            request.wait()
+        self.sent = None
+        return self.received
+
+
+def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _fold_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gradient of ``_expand_heads``: the query heads of one key/value head summed."""
+    if t.shape[1] == kv_heads:
+        return t
+    b, h, s, d = t.shape
+    return t.view(b, kv_heads, h // kv_heads, s, d).sum(2)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cp: Group, scale: float):
+        n, r, c, heads = cp.size, cp.rank, q.shape[2] // 2, q.shape[1]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=acc)
+        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
+        held, aux = (k, v), []
+        for step in range(n):
+            incoming = _Exchange(list(held), cp, _KV_TAG) if step + 1 < n else None
+            rows, keys, causal = ring_block(step, r, n, c)
+            kb, vb = (_expand_heads(t[:, :, keys], heads) for t in held)
+            out_b, lse_b, aux_b = _block_forward(q[:, :, rows], kb, vb, causal, scale)
+            merge_block(out[:, :, rows], lse[:, :, rows], out_b, lse_b)
+            aux.append(aux_b)
+            if incoming is not None:
+                held = tuple(incoming.wait())
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse.float() if aux[0] is not None else lse)
+        ctx.cp, ctx.scale, ctx.aux = cp, scale, aux
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        cp, scale = ctx.cp, ctx.scale
+        n, r, c, heads, kv_heads = cp.size, cp.rank, q.shape[2] // 2, q.shape[1], k.shape[1]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros_like(q, dtype=acc)
+        held, grads_in = (k, v), None
+        for step in range(n):
+            incoming = _Exchange(list(held), cp, _KV_TAG) if step + 1 < n else None
+            rows, keys, causal = ring_block(step, r, n, c)
+            kb, vb = (_expand_heads(t[:, :, keys], heads) for t in held)
+            dq_b, dk_b, dv_b = _block_backward(dout[:, :, rows], q[:, :, rows], kb, vb, out[:, :, rows],
+                                               lse[:, :, rows], causal, scale, ctx.aux[step])
+            dq[:, :, rows] += dq_b
+            # the held block's gradient so far (the ranks that held it before), plus this rank's part
+            dk, dv = (torch.zeros_like(t, dtype=acc) for t in held) if grads_in is None else grads_in.wait()
+            dk[:, :, keys] += _fold_heads(dk_b.to(acc), kv_heads)
+            dv[:, :, keys] += _fold_heads(dv_b.to(acc), kv_heads)
+            grads_in = _Exchange([dk, dv], cp, _GRAD_TAG)  # on to the next holder; the last send reaches the owner
+            if incoming is not None:
+                held = tuple(incoming.wait())
+        dk, dv = grads_in.wait()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Group, softmax_scale: float,
+                   dropout_p: float = 0.0, rng_tracker: Optional[object] = None) -> torch.Tensor:
+    """Causal attention of this rank's queries ``[s/cp, b, heads, d]`` (its two chunks) against
+    the whole sequence, from this rank's own keys and values ``[s/cp, b, kv_heads, d]``.
+    Returns ``[s/cp, b, heads * dv]``, as ``context_parallel_attention``."""
+    if dropout_p:
+        raise ValueError("ring context-parallel attention (--cp-comm-type p2p) has no attention dropout: "
+                         "set --attention-dropout 0 or use --cp-comm-type allgather")
+    s, b = q.shape[0], q.shape[1]
+    qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+    out = _RingAttention.apply(qh, kh, vh, cp, softmax_scale)
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
