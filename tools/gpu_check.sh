@@ -5,7 +5,8 @@
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
 # (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
-# `cp` needs two GPUs: NCCL parity of CP=2 (GQA, MLA) and the attention benchmark at CP 1 and 2.
+# `cp` needs two GPUs: the ring's GPU test, NCCL parity of CP=2 (GQA, MLA; ring and all-gather)
+# and the attention benchmark at CP 1 and 2 (32k and 128k tokens; every exchange).
 # `dp` needs two GPUs: the NCCL tier of the bucket tests, NCCL parity of DP 2 with overlapped
 # reduction and the distributed optimizer, and how much of the gradient reduction hides behind
 # backward (tools/bench_dp.py on the V2-Lite proxy at DP 2); a few minutes.
@@ -60,11 +61,14 @@ if [ "$mode" = pp ]; then
   done
 fi
 if [ "$mode" = cp ]; then
-  python3 tools/check_parity.py --models mla gqa --layouts tp=1 cp=2 2>&1 | tee "$LOG/parity_cp_nccl.log" \
-    | grep -v "^ *\[" | tail -16
-  python3 tools/bench_cp.py --kernels 2>&1 | tee "$LOG/bench_cp1.log" | grep -v -i warn | tail -12
-  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_cp.py 2>&1 \
-    | tee "$LOG/bench_cp2.log" | grep -v -i warn | tail -5
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/parallel/test_context_parallel.py 2>&1 | tail -3
+  python3 tools/check_parity.py --models mla gqa --layouts tp=1 cp=2 cp=2,cp_comm=allgather 2>&1 \
+    | tee "$LOG/parity_cp_nccl.log" | grep -v "^ *\[" | tail -16
+  python3 tools/bench_cp.py --kernels 2>&1 | tee "$LOG/bench_cp1.log" | grep -v -i warn | tail -14
+  for seq in 32768 131072; do
+    python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_cp.py --seq-length $seq 2>&1 \
+      | tee "$LOG/bench_cp2_$seq.log" | grep -v -i warn | tail -7
+  done
 fi
 if [ "$mode" = dp ]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/parallel/test_data_parallel.py 2>&1 \
