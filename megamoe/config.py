@@ -120,6 +120,11 @@ class ModelConfig:
     """Delayed scaling: how many steps of amax history choose the scale."""
     fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
     """Delayed scaling: the scale from the most recent amax or the history's maximum."""
+    tp_only_amax_red: bool = False
+    """Delayed scaling: reduce the FP8 amaxes over each layer's tensor-parallel group only. By
+    default (Megatron's) Transformer Engine reduces them over every TP x DP x CP rank of the
+    pipeline stage, so all replicas quantize with one scale history; the current-scaling recipes
+    keep no amax history and reduce only where a tensor is cut over TP."""
     fp8_param_gather: bool = False
     """Keep the parameters in FP8 and all-gather them in FP8 (the distributed optimizer's parameter gather)."""
     first_last_layers_bf16: bool = False

@@ -279,7 +279,8 @@ def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig) -> None:
         if getattr(m, name) < 0:
             _fail(f"{flag_name(name)} {getattr(m, name)}: must be 0 or more")
     _positive(m, "fp8_amax_history_len")
-    delayed_only = [flag_name(n) for n, default in (("fp8_amax_history_len", 1), ("fp8_amax_compute_algo", "most_recent"))
+    delayed_only = [flag_name(n) for n, default in (("fp8_amax_history_len", 1), ("fp8_amax_compute_algo", "most_recent"),
+                                                    ("tp_only_amax_red", False))
                     if getattr(m, n) != default]
     if delayed_only and not (m.fp8_format and m.fp8_recipe == "delayed"):
         _fail(f"{', '.join(delayed_only)}: only used by --fp8-recipe delayed (with --fp8-format)")

@@ -88,7 +88,8 @@ def _fp8_recipe(m: ModelConfig) -> Optional[Fp8Recipe]:
     if not m.fp8_format:
         return None
     return Fp8Recipe(m.fp8_format, m.fp8_recipe, transformer_engine=m.transformer_impl == "transformer_engine",
-                     amax_history_len=m.fp8_amax_history_len, amax_compute_algo=m.fp8_amax_compute_algo)
+                     amax_history_len=m.fp8_amax_history_len, amax_compute_algo=m.fp8_amax_compute_algo,
+                     tp_only_amax_reduction=m.tp_only_amax_red)
 
 
 def _bf16_ends(m: ModelConfig) -> dict:

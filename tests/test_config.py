@@ -270,6 +270,8 @@ def _config(**fields) -> Config:
         (dict(fp8_format="hybrid", bf16=True, transformer_impl="transformer_engine", recompute_granularity="full"), 1,
          "--fp8-recipe delayed with --recompute-granularity full is not supported yet"),
         (dict(fp8_amax_history_len=16), 1, "--fp8-amax-history-len: only used by --fp8-recipe delayed"),
+        (dict(fp8_format="hybrid", fp8_recipe="rowwise", bf16=True, tp_only_amax_red=True), 1,
+         "--tp-only-amax-red: only used by --fp8-recipe delayed"),
         (dict(num_experts=8, moe_fp8_dispatch=True, moe_token_dispatcher_type="alltoall"), 1,
          "--moe-fp8-dispatch needs --fp8-format with --fp8-recipe rowwise: the rows are quantized"),
         (dict(num_experts=8, moe_fp8_dispatch=True, fp8_format="hybrid", fp8_recipe="rowwise", bf16=True), 1,

@@ -14,10 +14,15 @@ does, the same for every backend). Weights are quantized once per weight version
 (``is_first_microbatch``: TE caches the FP8 weight until the optimizer changes it).
 
 Scaling state. Under ``delayed`` the amax histories live in the TE modules; the amaxes are
-reduced over ``amax_group`` (the layer's TP group, the experts' expert-TP group), so the ranks
-sharing a cut tensor use one scale. They are not checkpointed: a resumed run rebuilds them
-from the first steps' amaxes (``--fp8-amax-history-len`` steps), as a fresh run does. The
-current-scaling recipes keep no state.
+reduced over every TP x DP x CP rank of the pipeline stage (the recipe's ``te_amax_group``, set
+by ``GPTModel``: Megatron's default), so all replicas keep one scale history, or with
+``--tp-only-amax-red`` over each layer's own group (the layer's TP group, the experts'
+expert-TP group), so at least the ranks sharing a cut tensor use one scale. Each region's
+reduction is a collective over that group when the region ends, and every rank of the stage
+runs the same regions in the same order (the experts' too, with or without tokens). The
+histories are not checkpointed: a resumed run rebuilds them from the first steps' amaxes
+(``--fp8-amax-history-len`` steps), as a fresh run does. The current-scaling recipes keep no
+state and reduce over the layer's own group, for the tensors it cuts.
 """
 
 from __future__ import annotations
@@ -110,10 +115,14 @@ def te_recipe(recipe: Fp8Recipe):
 class Fp8Region:
     """One TE module call's FP8 settings: ``region()`` is its ``te.autocast`` (a no-op without
     a recipe), ``first_use(weight)`` whether the weight changed since the last call (TE then
-    quantizes it again; otherwise it reuses its FP8 copy)."""
+    quantizes it again; otherwise it reuses its FP8 copy). ``amax_group``: the layer's own
+    group, used unless the recipe names a wider one (``te_amax_group``, delayed scaling)."""
 
     def __init__(self, recipe: Optional[Fp8Recipe], amax_group: Optional[Group]):
         self.recipe = te_recipe(recipe) if recipe is not None else None
+        if recipe is not None and recipe.te_amax_group is not None:
+            amax_group = recipe.te_amax_group
+        self.amax_group = amax_group
         group = amax_group.process_group if amax_group is not None and amax_group.size > 1 else None
         self._autocast = None  # resolved once: region() runs on every TE call
         if self.recipe is not None:

@@ -24,7 +24,7 @@ the row stays in cache between them); elsewhere the torch versions do the same a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import torch
@@ -51,13 +51,20 @@ class Fp8Recipe:
     ``tensorwise``, Transformer Engine (``megamoe/extensions/te.py``) runs ``delayed``,
     ``tensorwise`` and ``blockwise``. ``transformer_engine``: the dense linears run TE's FP8
     GEMMs (``--transformer-impl transformer_engine``); the experts' backend is their own flag.
-    ``amax_history_len`` / ``amax_compute_algo``: the delayed recipe's scaling history."""
+    ``amax_history_len`` / ``amax_compute_algo``: the delayed recipe's scaling history.
+    ``tp_only_amax_reduction``: the delayed recipe reduces its amaxes over each layer's own
+    tensor-parallel group only (``--tp-only-amax-red``), not over the pipeline stage.
+    ``te_amax_group``: the group TE's delayed scaling reduces every amax over (a
+    :class:`megamoe.parallel.state.Group`, set by the model that holds the layers; None: each
+    layer's own TP group)."""
 
     fmt: Literal["e4m3", "hybrid"]
     granularity: Granularity
     transformer_engine: bool = False
     amax_history_len: int = 1
     amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+    tp_only_amax_reduction: bool = False
+    te_amax_group: Optional[object] = field(default=None, compare=False, repr=False)
 
     @property
     def forward_dtype(self) -> torch.dtype:

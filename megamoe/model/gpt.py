@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -185,6 +185,9 @@ class GPTModel(nn.Module):
                      device, dtype):
         sp, a = self.sequence_parallel, args.attention
         kw = dict(device=device, dtype=dtype)
+        if fp8 is not None and fp8.granularity == "delayed" and not fp8.tp_only_amax_reduction:
+            # TE's amax histories shared by the whole stage, dense and expert layers (Megatron's default)
+            fp8 = replace(fp8, te_amax_group=state.tp_dp_cp)
         init_fn = normal_init(args.init_method_std)
         # Output projections start smaller so the residual stream's variance does not grow with depth.
         output_init_fn = normal_init(args.init_method_std / math.sqrt(2.0 * args.num_blocks))

@@ -47,6 +47,7 @@ GROUP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tp_cp": ("dense", ("tp", "cp")),
     "dp_cp": ("dense", ("cp", "dp")),
     "mp": ("dense", ("tp", "pp")),
+    "tp_dp_cp": ("dense", ("tp", "cp", "dp")),
     "etp": ("expert", ("etp",)),
     "ep": ("expert", ("ep",)),
     "edp": ("expert", ("edp",)),
@@ -60,6 +61,7 @@ GROUP_DESCRIPTIONS = {
     "tp_cp": "tensor x context parallel",
     "dp_cp": "dense gradient reduction (data x context)",
     "mp": "model parallel (tensor x pipeline)",
+    "tp_dp_cp": "one pipeline stage (FP8 delayed-scaling amax reduction)",
     "etp": "expert tensor parallel",
     "ep": "expert parallel (token all-to-all)",
     "edp": "expert data parallel (expert gradient reduction)",
@@ -266,7 +268,7 @@ class ParallelState:
 
     Build it once with :meth:`build` (collective: every rank calls it with the same degrees)
     and pass it to every module and function that communicates. Attributes ``tp``, ``cp``,
-    ``dp``, ``pp``, ``tp_cp``, ``dp_cp``, ``mp``, ``etp``, ``ep``, ``edp``, ``etp_ep`` and
+    ``dp``, ``pp``, ``tp_cp``, ``dp_cp``, ``mp``, ``tp_dp_cp``, ``etp``, ``ep``, ``edp``, ``etp_ep`` and
     ``embd`` are :class:`Group` objects (``embd`` is None on middle pipeline stages).
     """
 
@@ -285,6 +287,7 @@ class ParallelState:
     tp_cp: Group
     dp_cp: Group
     mp: Group
+    tp_dp_cp: Group
     etp: Group
     ep: Group
     edp: Group

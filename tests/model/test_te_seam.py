@@ -98,3 +98,27 @@ def test_a_te_linear_borrows_its_weight_and_requantizes_only_after_a_change(stan
     layer.weight = nn.Parameter(layer.weight.detach().clone())  # as a meta-device build's to_empty does
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
     assert te_linear.weight is layer.weight and te_linear.calls[-1] is True
+
+
+@pytest.mark.parametrize("tp_only", [False, True])
+def test_delayed_scaling_reduces_amaxes_over_the_stage_unless_tp_only(stand_in_te, tp_only):
+    """Under TE's delayed recipe every TE region of the model reduces its amaxes over the
+    pipeline stage's TP x DP x CP ranks (Megatron's default), or with --tp-only-amax-red over
+    the layer's own TP group; a current-scaling recipe always over the layer's own group."""
+    from megamoe.cli import parse_config
+    from megamoe.model.args import gpt_args
+    from megamoe.model.gpt import GPTModel
+    from megamoe.precision import PrecisionPolicy
+
+    argv = ["--config", "examples/configs/demo.yaml", "--num-experts", "0", "--bf16", "--fp8-format", "hybrid",
+            "--transformer-impl", "transformer_engine"] + (["--tp-only-amax-red"] if tp_only else [])
+    own = {"tp", None}  # column/row-parallel layers: their TP group; replicated ones (MLA's down-projections): none
+    for recipe, expected in (("delayed", own if tp_only else {"tp_dp_cp"}), ("blockwise", own)):
+        if tp_only and recipe != "delayed":
+            continue
+        cfg = parse_config(argv + ["--fp8-recipe", recipe])
+        args = gpt_args(cfg)
+        policy = PrecisionPolicy.from_config(cfg)
+        model = GPTModel(args, ParallelState.single(), fp8_layers=policy.fp8_layers(args.num_layers, args.num_blocks))
+        regions = [m._te_gemm.fp8 for m in model.modules() if getattr(m, "_te_gemm", None) is not None]
+        assert regions and {r.amax_group.name if r.amax_group else None for r in regions} == expected, recipe
