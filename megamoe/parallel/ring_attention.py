@@ -127,7 +127,8 @@ def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float, aux):
 def merge_block(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """Fold one block's rows (``out_b``, ``lse_b``) into the running ones, in place."""
     lse_new = torch.logaddexp(lse_acc, lse_b)
-    out_acc.mul_(torch.exp(lse_acc - lse_new)[..., None]).add_(out_b.to(out_acc.dtype) * torch.exp(lse_b - lse_new)[..., None])
+    out_acc.mul_(torch.exp(lse_acc - lse_new)[..., None])
+    out_acc.add_(out_b.to(out_acc.dtype) * torch.exp(lse_b - lse_new)[..., None])
     lse_acc.copy_(lse_new)
 
 
@@ -215,6 +216,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+@torch.compiler.disable  # point-to-point requests and their waits are not traceable: run eagerly
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Group, softmax_scale: float,
                    dropout_p: float = 0.0, rng_tracker: Optional[object] = None) -> torch.Tensor:
     """Causal attention of this rank's queries ``[s/cp, b, heads, d]`` (its two chunks) against

@@ -51,25 +51,30 @@ def _reference(q, k, v, scale):
     return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
 
 
-def _inputs(S=16, B=2, H=4, KV=2, D=8):
+def _inputs(S=16, B=2, H=4, KV=2, D=8, DV=8):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(S, B, h, D, dtype=DT, generator=g) for h in (H, KV, KV)] + [torch.randn(S, B, H * D, dtype=DT, generator=g)]
+    q, k = torch.randn(S, B, H, D, dtype=DT, generator=g), torch.randn(S, B, KV, D, dtype=DT, generator=g)
+    return [q, k, torch.randn(S, B, KV, DV, dtype=DT, generator=g), torch.randn(S, B, H * DV, dtype=DT, generator=g)]
 
 
-def _cp_attention_on_rank():
+def _cp_attention_on_rank(exchange: str, dv: int):
+    """One rank's CP attention (``exchange``: 'allgather' or the ring, 'p2p') against the whole
+    sequence's on one rank: outputs and gradients of this rank's q, k, v shards."""
     state = ParallelState.build(cp=dist.get_world_size())
     cp = state.cp
-    q, k, v, grad_out = _inputs()
+    q, k, v, grad_out = _inputs(DV=dv)
     scale = 0.3
     # reference: the whole sequence on one rank
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = _reference(*leaves, scale)
     ref.backward(grad_out)
-    # this rank: its shard of q, k, v; k and v gathered back into sequence order
     mine = [shard_sequence(t, cp).clone().requires_grad_() for t in (q, k, v)]
-    k_all, v_all = gather_sequence(mine[1], cp), gather_sequence(mine[2], cp)
-    torch.testing.assert_close(k_all, k, rtol=0, atol=0)
-    out = context_parallel_attention(mine[0], k_all, v_all, cp, scale)
+    if exchange == "allgather":  # k and v gathered back into sequence order
+        k_all, v_all = gather_sequence(mine[1], cp), gather_sequence(mine[2], cp)
+        torch.testing.assert_close(k_all, k, rtol=0, atol=0)
+        out = context_parallel_attention(mine[0], k_all, v_all, cp, scale)
+    else:  # each rank's own keys and values, passed around the ring
+        out = ring_attention(*mine, cp, scale)
     torch.testing.assert_close(out, shard_sequence(ref, cp), rtol=1e-12, atol=1e-12)
     out.backward(shard_sequence(grad_out, cp))
     for got, leaf in zip(mine, leaves):
@@ -78,8 +83,12 @@ def _cp_attention_on_rank():
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_attention_matches_whole_sequence_attention(workers, world):
-    assert all(workers(world).run(_cp_attention_on_rank))
+@pytest.mark.parametrize("exchange", ["allgather", "p2p"])
+def test_context_parallel_attention_matches_whole_sequence_attention(workers, world, exchange):
+    """GQA heads (4 query heads on 2 key/value heads), and MLA-like values narrower than the
+    keys, float64, gloo."""
+    assert all(workers(world).run(_cp_attention_on_rank, exchange, 8))
+    assert all(workers(world).run(_cp_attention_on_rank, exchange, 6))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,29 +185,3 @@ def test_ring_flash_blocks_match_whole_sequence_attention_bf16(dv):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     for a, b in zip(got, grads):
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
-
-
-def _ring_attention_on_rank(dv):
-    state = ParallelState.build(cp=dist.get_world_size())
-    cp = state.cp
-    g = torch.Generator().manual_seed(0)
-    S, B, H, KV, D = 16, 2, 4, 2, 8
-    q, k = torch.randn(S, B, H, D, dtype=DT, generator=g), torch.randn(S, B, KV, D, dtype=DT, generator=g)
-    v, grad_out = torch.randn(S, B, KV, dv, dtype=DT, generator=g), torch.randn(S, B, H * dv, dtype=DT, generator=g)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = _reference(*leaves, 0.3)
-    ref.backward(grad_out)
-    mine = [shard_sequence(t, cp).clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*mine, cp, 0.3)
-    torch.testing.assert_close(out, shard_sequence(ref, cp), rtol=1e-12, atol=1e-12)
-    out.backward(shard_sequence(grad_out, cp))
-    for got, leaf in zip(mine, leaves):
-        torch.testing.assert_close(got.grad, shard_sequence(leaf.grad, cp), rtol=1e-10, atol=1e-12)
-    return True
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_ring_attention_matches_whole_sequence_attention(workers, world):
-    """GQA heads (4 query heads on 2 key/value heads) and MLA-like narrower values, float64, gloo."""
-    assert all(workers(world).run(_ring_attention_on_rank, 8))
-    assert all(workers(world).run(_ring_attention_on_rank, 6))
