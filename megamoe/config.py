@@ -222,10 +222,10 @@ class ParallelConfig:
     """Context-parallel degree (CP): each sequence is sharded over this many ranks."""
     cp_comm_type: Literal["p2p", "allgather", "a2a", "a2a+p2p"] = "p2p"
     """How context-parallel attention exchanges keys and values. 'p2p': a ring of point-to-point
-    transfers overlapped with the blockwise attention, merged by log-sum-exp (MLA passes its
-    expanded keys and values; no attention dropout). 'allgather': one all-gather of the keys and
-    values per layer (MLA gathers its compressed latent and re-expands it). Megatron's 'a2a' and
-    'a2a+p2p' (head-scattering all-to-all) are not built."""
+    transfers overlapped with the blockwise attention, merged by log-sum-exp (no attention
+    dropout). 'allgather': one all-gather of the keys and values per layer. MLA exchanges its
+    compressed latent under both and re-expands it. Megatron's 'a2a' and 'a2a+p2p'
+    (head-scattering all-to-all) are not built."""
     expert_model_parallel_size: int = 1
     """Expert-parallel degree (EP): routed experts are spread over this many ranks."""
     expert_tensor_parallel_size: Optional[int] = None

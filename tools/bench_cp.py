@@ -7,7 +7,8 @@ at CP = world size, against the same sequence on one GPU.
 
 Layers: DeepSeek-V2-Lite MLA (hidden 2048, 16 heads, kv_lora 512, qk 128 + rope 64, v 128)
 under ``--cp-comm-type allgather`` with the latent exchange (``mla-latent``) and the
-expanded-KV exchange (``mla-expanded``), and under the ring, ``p2p`` (``mla-ring``); a GQA layer
+expanded-KV exchange (``mla-expanded``), and under the ring, ``p2p``, passing the latent
+(``mla-ring``) or the expanded keys and values (``mla-ring-expanded``); a GQA layer
 (hidden 2048, 16 heads, 4 key/value heads, head dim 128) under both (``gqa``, ``gqa-ring``).
 bf16, one sequence of ``--seq-length`` tokens. Prints the median over ``--iters`` runs, the
 attention throughput (whole-sequence tokens per second, so CP=1 and CP=2 compare directly) and
@@ -42,12 +43,13 @@ from megamoe.parallel.state import ParallelState  # noqa: E402
 
 def build(kind: str, state: ParallelState, seq: int, device):
     kw = dict(device=device, dtype=torch.bfloat16, cp=state.cp,
-              cp_comm_type="p2p" if kind.endswith("-ring") else "allgather")
+              cp_comm_type="p2p" if "-ring" in kind else "allgather")
     if kind.startswith("mla"):
         rope = RotaryEmbedding(64, seq, 10000.0, device=device)
+        expanded = kind.endswith("expanded")
         layer = MultiHeadLatentAttention(2048, 16, None, 512, 128, 64, 128, rope, state.tp,
-                                         cp_exchange="expanded" if kind == "mla-expanded" else "latent", **kw)
-        per_token = (512 + 64) if kind == "mla-latent" else 16 * (128 + 64 + 128)
+                                         cp_exchange="expanded" if expanded else "latent", **kw)
+        per_token = 16 * (128 + 64 + 128) if expanded else (512 + 64)
     else:
         rope = RotaryEmbedding(128, seq, 10000.0, device=device)
         layer = GroupedQueryAttention(2048, 16, 4, 128, rope, state.tp, **kw)
@@ -109,7 +111,7 @@ def main() -> int:
         print(f"CP={world}, sequence {args.seq_length} tokens ({positions.numel()} per rank), bf16, fwd+bwd, "
               f"median of {args.iters}")
         print(f"{'layer':<14}{'ms / layer':>12}{'tokens/s':>14}{'MB received per rank':>22}")
-    for kind in ("mla-latent", "mla-expanded", "mla-ring", "gqa", "gqa-ring"):
+    for kind in ("mla-latent", "mla-expanded", "mla-ring", "mla-ring-expanded", "gqa", "gqa-ring"):
         layer, exchanged = build(kind, state, args.seq_length, device)
         ms = time_layer(layer, x, positions, args.iters)
         if rank == 0:

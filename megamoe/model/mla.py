@@ -16,12 +16,13 @@ up-projections gather the (small) latents, not the hidden states. The shared rop
 this rank's heads only, so its gradient is a partial sum over TP: it enters the TP region
 through ``enter_tensor_region`` like every other replicated input.
 
-Context parallel: with ``cp_comm_type="p2p"`` (the ring, ``parallel/ring_attention.py``) each
-rank expands its own tokens' keys and values and the ring passes those around. With
-``"allgather"`` the ranks exchange the normalised latent and the rotated rope key
-(``kv_lora_rank + qk_pos_emb_head_dim`` values per token) and each expands the whole sequence's
-keys and values itself; ``cp_exchange="expanded"`` all-gathers the expanded keys and values
-instead (for measuring the trade-off: ``tools/bench_cp.py``).
+Context parallel: the ranks exchange the normalised latent and the rotated rope key
+(``kv_lora_rank + qk_pos_emb_head_dim`` values per token) and expand the keys and values
+themselves: with ``cp_comm_type="p2p"`` the ring passes them around and every block is expanded
+by ``wkv_b`` as it arrives (``parallel/ring_attention.py``); with ``"allgather"`` one all-gather
+brings the whole sequence's, which each rank expands at once. ``cp_exchange="expanded"``
+exchanges the expanded keys and values instead, under either (for measuring the trade-off:
+``tools/bench_cp.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import gather_sequence
-from megamoe.parallel.random import RNGStatesTracker
+from megamoe.parallel.random import RNGStatesTracker, recompute_with_rng
+from megamoe.parallel.ring_attention import latent_ring_attention
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -124,6 +126,16 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = mappings.enter_tensor_region(k_rope.contiguous(), self.tp, self.sequence_parallel)
         s, b = latent.shape[0], latent.shape[1]
         k_rope = self.rope(k_rope.unsqueeze(2), positions)  # [s, b, 1, rope_dim]
+        dropout = self.attention_dropout if self.training else 0.0
+        recompute = self.recompute_core and self.training
+        if self.cp is not None and self.cp_comm_type == "p2p" and self.cp_exchange == "latent":
+            q_nope, q_rope = q.view(s, b, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+            q = torch.cat([q_nope, self.rope(q_rope, positions)], dim=-1)
+            args = (q, latent, k_rope, self.wkv_b, self.nope_dim, self.v_dim, self.cp, self.softmax_scale, dropout,
+                    rng_tracker)
+            if recompute:
+                return self.wo(recompute_with_rng(latent_ring_attention, *args, rng_tracker=rng_tracker))
+            return self.wo(latent_ring_attention(*args))
         if self._gather and self.cp_exchange == "latent":
             latent, k_rope = gather_sequence(latent, self.cp), gather_sequence(k_rope, self.cp)
         kv = self.wkv_b(latent)
@@ -134,6 +146,5 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(s_kv, b, heads, self.rope_dim)], dim=-1)
         if self._gather and self.cp_exchange == "expanded":
             k, v = gather_sequence(k, self.cp), gather_sequence(v.contiguous(), self.cp)
-        dropout = self.attention_dropout if self.training else 0.0
-        return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training,
-                              self.cp, self.cp_comm_type))
+        return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, recompute, self.cp,
+                              self.cp_comm_type))

@@ -34,7 +34,8 @@ does). Other dtypes and devices run the same block in plain torch (scores, log-s
 gradients written out): the float64 path the parity tests use.
 
 **Cost per layer and rank** (forward): ``n - 1`` transfers of ``2c`` tokens' keys and values
-(GQA: ``2 x kv_heads x head_dim`` values per token; MLA: the expanded ``heads x (qk + v)``),
+(GQA: ``2 x kv_heads x head_dim`` values per token; MLA: its latent and rope key,
+``kv_lora_rank + rope``, re-expanded block by block with ``wkv_b``: :class:`Latent`),
 against one all-gather of ``(n - 1) / n`` of the sequence with ``--cp-comm-type allgather``;
 backward moves the same keys and values again plus their float32 gradient accumulators. In
 exchange, only two blocks of keys and values are in memory at a time, and every transfer can
@@ -168,52 +169,123 @@ def _fold_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return t.view(b, kv_heads, h // kv_heads, s, d).sum(2)
 
 
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(1, 2, 0, 3)  # [s, b, h, d] -> [b, h, s, d]
+
+
+def _seq_first(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(2, 0, 1, 3)  # [b, h, s, d] -> [s, b, h, d]
+
+
+class KeyValues:
+    """What travels around the ring for GQA / MHA: each rank's keys and values themselves,
+    ``[s, b, kv_heads, d]`` (sequence first, as every held tensor)."""
+
+    def __init__(self, heads: int):
+        self.heads = heads
+
+    def expand(self, held, keys: slice, params):
+        """The block's keys and values, ``[b, heads, s_keys, d]``, from the held tensors' rows."""
+        return tuple(_expand_heads(_heads_first(t[keys]), self.heads) for t in held)
+
+    def backward(self, held, keys: slice, params, dk, dv, param_grads):
+        """The held tensors' gradients on rows ``keys`` from the block's key/value gradients."""
+        return [_seq_first(_fold_heads(g, t.shape[2])) for g, t in zip((dk, dv), held)]
+
+
+class Latent:
+    """What travels around the ring for MLA: each rank's normalised latent ``[s, b, r]`` and
+    rotated rope key ``[s, b, 1, rope]`` (``kv_lora_rank + rope`` values per token, against
+    ``heads x (qk + v)`` for the expanded keys and values); every block re-expands them with
+    ``project``, the ``wkv_b`` layer (called as a module, so its hooks and its GEMM backend,
+    FP8 included, run), whose weight (``params[0]``, ``[heads x (nope + v), r]``, this rank's
+    heads under TP) the backward differentiates in plain torch. That weight gradient accumulates
+    over the blocks on this rank and is returned once (the data-parallel reduction over DP x CP
+    sums the ranks' parts, as for every dense weight)."""
+
+    def __init__(self, project, heads: int, nope_dim: int, v_dim: int):
+        self.project, self.heads, self.nope_dim, self.v_dim = project, heads, nope_dim, v_dim
+
+    def expand(self, held, keys: slice, params):
+        latent, k_rope = held[0][keys], held[1][keys]
+        s, b = latent.shape[0], latent.shape[1]
+        kv = self.project(latent).view(s, b, self.heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(s, b, self.heads, k_rope.shape[-1])], dim=-1)
+        return _heads_first(k), _heads_first(v)
+
+    def backward(self, held, keys: slice, params, dk, dv, param_grads):
+        latent, weight = held[0][keys], params[0]
+        dk, dv = _seq_first(dk), _seq_first(dv)
+        dk_nope, dk_rope = dk.split([self.nope_dim, dk.shape[-1] - self.nope_dim], dim=-1)
+        dkv = torch.cat([dk_nope, dv], dim=-1).flatten(2).to(weight.dtype)  # [s, b, heads x (nope + v)]
+        param_grads[0] += (dkv.flatten(0, 1).t() @ latent.flatten(0, 1).to(weight.dtype)).to(param_grads[0].dtype)
+        return [dkv @ weight, dk_rope.sum(2, keepdim=True)]
+
+
 class _RingAttention(torch.autograd.Function):
+    """``apply(q, cp, scale, source, *held, *params)``: ``q`` ``[b, heads, 2c, d]``, ``held``
+    this rank's tensors that ``source`` turns into keys and values (sequence first), ``params``
+    the weights it uses (their gradients are returned)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, cp: Group, scale: float):
-        n, r, c, heads = cp.size, cp.rank, q.shape[2] // 2, q.shape[1]
+    def forward(ctx, q, cp: Group, scale: float, source, num_held: int, *tensors):
+        n, r, c = cp.size, cp.rank, q.shape[2] // 2
+        held, params = tensors[:num_held], tensors[num_held:]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=acc)
-        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
-        held, aux = (k, v), []
+        out = lse = None
+        aux = []
         for step in range(n):
             incoming = _Exchange(list(held), cp, _KV_TAG) if step + 1 < n else None
             rows, keys, causal = ring_block(step, r, n, c)
-            kb, vb = (_expand_heads(t[:, :, keys], heads) for t in held)
+            kb, vb = source.expand(held, keys, params)
+            if out is None:
+                out = q.new_zeros(*q.shape[:-1], vb.shape[-1], dtype=acc)
+                lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
             out_b, lse_b, aux_b = _block_forward(q[:, :, rows], kb, vb, causal, scale)
             merge_block(out[:, :, rows], lse[:, :, rows], out_b, lse_b)
             aux.append(aux_b)
             if incoming is not None:
                 held = tuple(incoming.wait())
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse.float() if aux[0] is not None else lse)
-        ctx.cp, ctx.scale, ctx.aux = cp, scale, aux
+        ctx.save_for_backward(q, out, lse.float() if aux[0] is not None else lse, *tensors)
+        ctx.cp, ctx.scale, ctx.source, ctx.num_held, ctx.aux = cp, scale, source, num_held, aux
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        cp, scale = ctx.cp, ctx.scale
-        n, r, c, heads, kv_heads = cp.size, cp.rank, q.shape[2] // 2, q.shape[1], k.shape[1]
+        q, out, lse, *tensors = ctx.saved_tensors
+        cp, scale, source = ctx.cp, ctx.scale, ctx.source
+        n, r, c = cp.size, cp.rank, q.shape[2] // 2
+        held, params = tuple(tensors[:ctx.num_held]), tensors[ctx.num_held:]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros_like(q, dtype=acc)
-        held, grads_in = (k, v), None
+        param_grads = [torch.zeros_like(p, dtype=acc) for p in params]
+        grads_in = None
         for step in range(n):
             incoming = _Exchange(list(held), cp, _KV_TAG) if step + 1 < n else None
             rows, keys, causal = ring_block(step, r, n, c)
-            kb, vb = (_expand_heads(t[:, :, keys], heads) for t in held)
+            kb, vb = source.expand(held, keys, params)
             dq_b, dk_b, dv_b = _block_backward(dout[:, :, rows], q[:, :, rows], kb, vb, out[:, :, rows],
                                                lse[:, :, rows], causal, scale, ctx.aux[step])
             dq[:, :, rows] += dq_b
-            # the held block's gradient so far (the ranks that held it before), plus this rank's part
-            dk, dv = (torch.zeros_like(t, dtype=acc) for t in held) if grads_in is None else grads_in.wait()
-            dk[:, :, keys] += _fold_heads(dk_b.to(acc), kv_heads)
-            dv[:, :, keys] += _fold_heads(dv_b.to(acc), kv_heads)
-            grads_in = _Exchange([dk, dv], cp, _GRAD_TAG)  # on to the next holder; the last send reaches the owner
+            # the held block's gradients so far (from the ranks that held it before), plus this rank's part
+            grads = [torch.zeros_like(t, dtype=acc) for t in held] if grads_in is None else grads_in.wait()
+            for g, part in zip(grads, source.backward(held, keys, params, dk_b, dv_b, param_grads)):
+                g[keys] += part.to(acc)
+            grads_in = _Exchange(grads, cp, _GRAD_TAG)  # on to the next holder; the last send reaches the owner
             if incoming is not None:
                 held = tuple(incoming.wait())
-        dk, dv = grads_in.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        grads = grads_in.wait()
+        held_grads = [g.to(t.dtype) for g, t in zip(grads, tensors)]
+        return (dq.to(q.dtype), None, None, None, None, *held_grads,
+                *(g.to(p.dtype) for g, p in zip(param_grads, params)))
+
+
+def _check_dropout(dropout_p: float) -> None:
+    if dropout_p:
+        raise ValueError("ring context-parallel attention (--cp-comm-type p2p) has no attention dropout: "
+                         "set --attention-dropout 0 or use --cp-comm-type allgather")
 
 
 @torch.compiler.disable  # point-to-point requests and their waits are not traceable: run eagerly
@@ -222,10 +294,22 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Group,
     """Causal attention of this rank's queries ``[s/cp, b, heads, d]`` (its two chunks) against
     the whole sequence, from this rank's own keys and values ``[s/cp, b, kv_heads, d]``.
     Returns ``[s/cp, b, heads * dv]``, as ``context_parallel_attention``."""
-    if dropout_p:
-        raise ValueError("ring context-parallel attention (--cp-comm-type p2p) has no attention dropout: "
-                         "set --attention-dropout 0 or use --cp-comm-type allgather")
+    _check_dropout(dropout_p)
     s, b = q.shape[0], q.shape[1]
-    qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-    out = _RingAttention.apply(qh, kh, vh, cp, softmax_scale)
-    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+    out = _RingAttention.apply(_heads_first(q), cp, softmax_scale, KeyValues(q.shape[2]), 2, k, v)
+    return _seq_first(out).reshape(s, b, -1)
+
+
+@torch.compiler.disable
+def latent_ring_attention(q: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, wkv_b: torch.nn.Module,
+                          nope_dim: int, v_dim: int, cp: Group, softmax_scale: float, dropout_p: float = 0.0,
+                          rng_tracker: Optional[object] = None) -> torch.Tensor:
+    """MLA's ring: queries ``[s/cp, b, heads, nope + rope]``, this rank's normalised latent
+    ``[s/cp, b, r]`` and rotated rope key ``[s/cp, b, 1, rope]``; the keys and values are
+    expanded with the ``wkv_b`` layer block by block (see :class:`Latent`). Returns
+    ``[s/cp, b, heads * v]``."""
+    _check_dropout(dropout_p)
+    s, b, heads = q.shape[0], q.shape[1], q.shape[2]
+    out = _RingAttention.apply(_heads_first(q), cp, softmax_scale, Latent(wkv_b, heads, nope_dim, v_dim), 2,
+                               latent, k_rope, wkv_b.weight)
+    return _seq_first(out).reshape(s, b, -1)
