@@ -2,7 +2,9 @@
 shard indices, the all-gather back into sequence order, causal attention of a rank's two
 chunks against the whole sequence (float64, gloo), gradients included, and the ring
 (``--cp-comm-type p2p``): its block plan, its blocks and merge in one process (float64 on CPU,
-flash blocks in bf16 on a GPU), and the ring itself on gloo."""
+flash blocks in bf16 on a GPU), the ring itself on gloo, and on threads under NCCL's matching
+rules (gloo matches messages by tag, NCCL by posting order only: a ring whose ranks post the
+key/value and gradient transfers in different orders passes on gloo and fails there)."""
 
 from __future__ import annotations
 
@@ -185,3 +187,94 @@ def test_ring_flash_blocks_match_whole_sequence_attention_bf16(dv):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     for a, b in zip(got, grads):
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+
+
+class _NcclRules:
+    """Point-to-point between threads with NCCL's matching: no tags; the i-th receive a rank
+    posts from a peer takes the i-th send that peer posted to it (posting order, whatever the
+    order of the waits); sends and receives are asynchronous and ``wait()`` blocks until the
+    data is there. A ring whose ranks post their transfers in different orders receives the
+    wrong tensor or waits forever."""
+
+    def __init__(self, timeout: float = 20.0):
+        import threading
+        from collections import defaultdict
+
+        self.cond = threading.Condition()
+        self.sent = defaultdict(list)  # (sender, receiver) -> tensors in posting order
+        self.received = defaultdict(int)  # (sender, receiver) -> receives posted so far
+        self.timeout = timeout
+        self.local = threading.local()
+        self.isend, self.irecv = "isend", "irecv"  # the torch.distributed names ring_attention uses
+
+    def P2POp(self, op, tensor, peer, group=None, tag=0):
+        return (op, tensor, peer)
+
+    def batch_isend_irecv(self, ops):
+        me, requests = self.local.rank, []
+        with self.cond:
+            for op, tensor, peer in ops:
+                if op == self.isend:
+                    self.sent[(me, peer)].append(tensor.detach().clone())
+                else:
+                    requests.append(self._Request(self, tensor, (peer, me), self.received[(peer, me)]))
+                    self.received[(peer, me)] += 1
+            self.cond.notify_all()
+        return requests
+
+    class _Request:
+        def __init__(self, hub, tensor, pair, index):
+            self.hub, self.tensor, self.pair, self.index = hub, tensor, pair, index
+
+        def wait(self):
+            hub = self.hub
+            with hub.cond:
+                if not hub.cond.wait_for(lambda: len(hub.sent[self.pair]) > self.index, hub.timeout):
+                    raise TimeoutError(f"rank {self.pair[1]} waits forever for rank {self.pair[0]} (deadlock)")
+                data = hub.sent[self.pair][self.index]
+            assert data.shape == self.tensor.shape and data.dtype == self.tensor.dtype, (data.shape, self.tensor.shape)
+            self.tensor.copy_(data)
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_ring_under_nccl_matching_rules_on_threads(monkeypatch, cp):
+    """The ring's transfers (keys/values and gradient accumulators, between the same pairs) on
+    threads with NCCL's rules: every rank's output and gradients match whole-sequence attention."""
+    import threading
+
+    from megamoe.parallel import ring_attention as ring
+    from megamoe.parallel.state import Group
+
+    hub = _NcclRules()
+    monkeypatch.setattr(ring, "dist", hub)
+    S = 4 * cp
+    q, k, v, grad_out = _inputs(S=S, DV=6)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*leaves, 0.3)
+    ref.backward(grad_out)
+    results, errors = {}, []
+
+    def rank_main(rank):
+        try:
+            hub.local.rank = rank
+            group = Group("cp", tuple(range(cp)), rank, None)
+            idx = sequence_shard_indices(S, cp, rank)
+            mine = [t[idx].clone().requires_grad_() for t in (q, k, v)]
+            out = ring_attention(*mine, group, 0.3)
+            out.backward(grad_out[idx])
+            results[rank] = (idx, out.detach(), [t.grad for t in mine])
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(cp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert all(len(sends) == hub.received[pair] for pair, sends in hub.sent.items()), "messages left unreceived"
+    for idx, out, grads in results.values():
+        torch.testing.assert_close(out, ref[idx], rtol=1e-12, atol=1e-12)
+        for got, leaf in zip(grads, leaves):
+            torch.testing.assert_close(got, leaf.grad[idx], rtol=1e-10, atol=1e-12)
