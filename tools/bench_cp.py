@@ -16,8 +16,10 @@ the bytes each rank receives per layer in forward (the ring receives the same by
 all-gather of the same keys and values, in ``CP - 1`` transfers overlapped with compute).
 
 ``--kernels`` (one GPU) also times the attention kernels alone, forward + backward, 16 heads:
-a CP=2 rank's longest block (S/4 queries against S keys, causal aligned bottom-right) against
-the whole-sequence causal square, and the MLA block with and without padding v to 192.
+a CP=2 rank's longest block under the all-gather (S/4 queries against S keys, causal aligned
+bottom-right) against the whole-sequence causal square, the MLA block with and without padding
+v to 192, and a CP=2 rank's ring blocks (a causal S/2 square and S/4 x S/2 unmasked, on the
+ring's flash-attention blocks with their log-sum-exp merge and backward, no communication).
 """
 
 from __future__ import annotations
@@ -83,14 +85,51 @@ def kernel_comparison(seq: int, iters: int, device) -> None:
 
         return median_ms(run, iters, warmup=2)
 
+    from megamoe.parallel.ring_attention import _cudnn_usable
+
+    cudnn = _cudnn_usable(torch.device(device))
+
+    def ring_blocks(dqk, dv, kernel=None) -> float:
+        """A CP=2 rank's ring compute: its causal square (both chunks) and its unmasked block
+        (all queries against the other rank's first chunk, rank 1's case), merged, and both
+        blocks' backward under the merged output."""
+        from megamoe.parallel.ring_attention import _block_backward, _block_forward, merge_block
+
+        c = seq // 4
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k0, k1 = (torch.randn(1, 16, 2 * c, dqk, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+        v0, v1 = (torch.randn(1, 16, 2 * c, dv, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+        dout = torch.randn(1, 16, 2 * c, dv, device=device, dtype=torch.bfloat16, generator=g)
+        blocks = ((k0, v0, True), (k1[:, :, :c], v1[:, :, :c], False))
+
+        def run():
+            out = q.new_zeros(1, 16, 2 * c, dv, dtype=torch.float32)
+            lse = q.new_full((1, 16, 2 * c), float("-inf"), dtype=torch.float32)
+            aux = []
+            for k, v, causal in blocks:
+                o, l, a = _block_forward(q, k, v, causal, 0.1, kernel)
+                merge_block(out, lse, o, l)
+                aux.append(a)
+            out = out.to(q.dtype)
+            for (k, v, causal), a in zip(blocks, aux):
+                _block_backward(dout, q, k, v, out, lse, causal, 0.1, a)
+
+        return median_ms(run, iters, warmup=2)
+
     rows = [
         ("causal square, S x S, d 128", timed(seq, seq, 128, 128, False)),
         ("bottom-right, S/4 x S, d 128", timed(seq // 4, seq, 128, 128, True)),
         ("causal square, S x S, MLA 192/128", timed(seq, seq, 192, 128, False)),
         ("bottom-right, S/4 x S, MLA 192/128", timed(seq // 4, seq, 192, 128, True)),
         ("bottom-right, S/4 x S, MLA, v padded", timed(seq // 4, seq, 192, 128, True, pad_v=True)),
+        ("causal square, S x S, MLA, v padded", timed(seq, seq, 192, 128, False, pad_v=True)),
+        ("ring blocks of a CP=2 rank, d 128, cuDNN", ring_blocks(128, 128, "cudnn") if cudnn else float("nan")),
+        ("ring blocks of a CP=2 rank, MLA 192/128, cuDNN", ring_blocks(192, 128, "cudnn") if cudnn else float("nan")),
+        ("ring blocks of a CP=2 rank, d 128, flash", ring_blocks(128, 128, "flash")),
+        ("ring blocks of a CP=2 rank, MLA 192/128, flash", ring_blocks(192, 128, "flash")),
     ]
-    print(f"\nattention kernels alone, S = {seq}, 16 heads, fwd+bwd")
+    print(f"\nattention kernels alone, S = {seq}, 16 heads, fwd+bwd; the ring's cuDNN self-test: "
+          f"{'passed' if cudnn else 'failed'}")
     for name, ms in rows:
         print(f"{name:<40}{ms:>10.2f} ms")
 

@@ -28,10 +28,14 @@ that follows the block around the ring and reaches the block's owner after the l
 next block's keys and values are received while the current one computes; the accumulators are
 received while the next block computes.
 
-**Kernels.** bf16 / fp16 on CUDA run each block on torch's flash-attention kernels (the values
-zero-padded to the query/key head size when it differs, MLA's 128 vs 192, as the all-gather path
-does). Other dtypes and devices run the same block in plain torch (scores, log-sum-exp and their
-gradients written out): the float64 path the parity tests use.
+**Kernels.** bf16 / fp16 on CUDA run each block on cuDNN's attention (what torch's SDPA picks
+on Hopper; head sizes multiples of 8), or where that does not apply on torch's
+FlashAttention-2 (the values zero-padded to the query/key head size when it differs, MLA's 128
+vs 192), about half as fast: a CP=2 rank's blocks at 32k tokens, fwd + bwd, take 13.7 ms on
+cuDNN against 25.4 ms on FlashAttention-2 at head size 128, and 24.0 against 44.1 ms for MLA,
+where one GPU's whole causal sequence takes 27.2 and 37.4 ms (``tools/bench_cp.py --kernels``,
+one H200). Other dtypes and devices run the same block in plain torch (scores, log-sum-exp and
+their gradients written out): the float64 path the parity tests use.
 
 **Cost per layer and rank** (forward): ``n - 1`` transfers of ``2c`` tokens' keys and values
 (GQA: ``2 x kv_heads x head_dim`` values per token; MLA: its latent and rope key,
@@ -71,8 +75,57 @@ def ring_block(step: int, rank: int, size: int, chunk: int) -> tuple[slice, slic
 # block kernels: [b, heads, s, d] in, output and log-sum-exp of the block's rows out
 
 
-def _use_flash(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
+def _block_kernel(q: torch.Tensor, v: torch.Tensor) -> str:
+    """cuDNN's attention where it applies (bf16/fp16 on CUDA, head sizes multiples of 8 up to
+    256, its op passing the self-test below), else FlashAttention-2 (values no wider than the
+    queries and keys: they are zero-padded to them), else the plain-torch block."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return "math"
+    if d % 8 == 0 and dv % 8 == 0 and max(d, dv) <= 256 and _cudnn_usable(q.device):
+        return "cudnn"
+    return "flash" if dv <= d <= 256 else "math"
+
+
+_CUDNN_USABLE: dict = {}  # device -> whether cuDNN's attention with log-sum-exp passed its self-test
+
+
+def _cudnn_usable(device: torch.device) -> bool:
+    """cuDNN's attention (Hopper kernels: about 2x torch's FlashAttention-2 at these shapes,
+    ``tools/bench_cp.py --kernels``) when this torch exposes it with its log-sum-exp and its
+    backward accepts a given output and log-sum-exp: checked once per device on a small block
+    against the plain-torch one; otherwise the blocks run on FlashAttention-2."""
+    if device not in _CUDNN_USABLE:
+        ok = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+        if ok:
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                q, k = (torch.randn(1, 2, 128, 64, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+                v, dout = (torch.randn(1, 2, 128, 32, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+                out, lse, aux = _cudnn_forward(q, k, v, True, 0.125)
+                got = _cudnn_backward(dout, q, k, v, out, lse, True, 0.125, aux)
+                ref_out, ref_lse, _ = _block_forward(q, k, v, True, 0.125, kernel="math")
+                ref = _block_backward(dout, q, k, v, ref_out, ref_lse, True, 0.125, None)
+                ok = bool(torch.allclose(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+                          and torch.allclose(lse.float(), ref_lse.float(), atol=2e-2, rtol=2e-2)
+                          and all(torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2) for a, b in zip(got, ref)))
+            except (RuntimeError, TypeError, ValueError, NotImplementedError):  # an op this torch lacks or rejects
+                ok = False
+        _CUDNN_USABLE[device] = ok
+    return _CUDNN_USABLE[device]
+
+
+def _cudnn_forward(q, k, v, causal: bool, scale: float):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return out, lse.reshape(q.shape[:-1]), ("cudnn", lse.shape, cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal: bool, scale: float, aux):
+    _, lse_shape, cum_q, cum_k, max_q, max_k, seed, offset = aux
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse.reshape(lse_shape).contiguous(), seed, offset, None,
+        cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale)
 
 
 def _causal_mask(rows: int, cols: int, device) -> torch.Tensor:
@@ -87,15 +140,19 @@ def _math_scores(q, k, causal: bool, scale: float) -> torch.Tensor:
     return scores
 
 
-def _block_forward(q, k, v, causal: bool, scale: float):
-    """(output in q's dtype [b, h, sq, dv], lse float32/64 [b, h, sq], what the backward needs)."""
-    if _use_flash(q):
+def _block_forward(q, k, v, causal: bool, scale: float, kernel: Optional[str] = None):
+    """(output in q's dtype [b, h, sq, dv], lse float32/64 [b, h, sq], what the backward needs:
+    None for the plain-torch block)."""
+    kernel = kernel or _block_kernel(q, v)
+    if kernel == "cudnn":
+        return _cudnn_forward(q, k, v, causal, scale)
+    if kernel == "flash":
         dv = v.shape[-1]
-        if dv != q.shape[-1]:
+        if dv != q.shape[-1]:  # FlashAttention-2 needs equal head dims: MLA's v padded from 128 to 192
             v = torch.nn.functional.pad(v, (0, q.shape[-1] - dv))
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)
-        return out[..., :dv], lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+        return out[..., :dv], lse, ("flash", cum_q, cum_k, max_q, max_k, seed, offset)
     scores = _math_scores(q, k, causal, scale)
     lse = scores.logsumexp(-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]), v.to(scores.dtype))
@@ -104,12 +161,14 @@ def _block_forward(q, k, v, causal: bool, scale: float):
 
 def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float, aux):
     """(dq, dk, dv) of one block under the merged (global) ``out`` and ``lse``."""
+    if aux is not None and aux[0] == "cudnn":
+        return _cudnn_backward(dout, q, k, v, out, lse, causal, scale, aux)
     if aux is not None:
         dv_size, d = v.shape[-1], q.shape[-1]
         if dv_size != d:
             pad = (0, d - dv_size)
             v, out, dout = (torch.nn.functional.pad(t, pad) for t in (v, out, dout))
-        cum_q, cum_k, max_q, max_k, seed, offset = aux
+        _, cum_q, cum_k, max_q, max_k, seed, offset = aux
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), cum_q, cum_k, max_q, max_k, 0.0, causal,
             seed, offset, scale=scale)

@@ -120,7 +120,7 @@ def test_ring_blocks_cover_each_causal_pair_once(cp):
         assert torch.equal(covered, expected), (cp, rank)
 
 
-def _simulated_ring(q, k, v, cp, scale):
+def _simulated_ring(q, k, v, cp, scale, kernel=None):
     """Every rank's ring in one process (no communication): the blocks, the merge and the
     backward with the merged output and log-sum-exp, as ``_RingAttention`` runs them. Returns
     (out, dq, dk, dv) in sequence order for the gradient ``dout`` = ones."""
@@ -139,7 +139,7 @@ def _simulated_ring(q, k, v, cp, scale):
             rows, keys, causal = ring_block(step, r, cp, c)
             kv_pos = shard[(r - step) % cp][keys]
             kb, vb = (_expand_heads(t[:, :, kv_pos], heads) for t in (k, v))
-            o_b, lse_b, aux = _block_forward(qr[:, :, rows], kb, vb, causal, scale)
+            o_b, lse_b, aux = _block_forward(qr[:, :, rows], kb, vb, causal, scale, kernel)
             merge_block(o[:, :, rows], lse[:, :, rows], o_b, lse_b)
             blocks.append((rows, kv_pos, kb, vb, causal, aux))
         o = o.to(q.dtype)
@@ -155,10 +155,10 @@ def _simulated_ring(q, k, v, cp, scale):
     return out, dq, dk, dv
 
 
-def _ring_case(device, dtype, dv=8):
+def _ring_case(device, dtype, dv=8, d=8):
     g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(2, 4, 24, 8, dtype=dtype, device=device, generator=g)
-    k = torch.randn(2, 2, 24, 8, dtype=dtype, device=device, generator=g)
+    q = torch.randn(2, 4, 24, d, dtype=dtype, device=device, generator=g)
+    k = torch.randn(2, 2, 24, d, dtype=dtype, device=device, generator=g)
     v = torch.randn(2, 2, 24, dv, dtype=dtype, device=device, generator=g)
     leaves = [t.clone().float().requires_grad_() if dtype != DT else t.clone().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*leaves, is_causal=True, scale=0.3, enable_gqa=True)
@@ -178,12 +178,18 @@ def test_ring_blocks_and_merge_match_whole_sequence_attention_float64(dv):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dv", [8, 6])
-def test_ring_flash_blocks_match_whole_sequence_attention_bf16(dv):
-    """The CUDA path's flash-attention blocks (bf16), merged, against float32 attention of the
-    whole sequence: within bf16's rounding of the inputs' products (2e-2)."""
-    (q, k, v), ref, grads = _ring_case("cuda", torch.bfloat16, dv)
-    out, *got = _simulated_ring(q, k, v, 2, 0.3)
+@pytest.mark.parametrize("dv", [16, 8])
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_ring_cuda_blocks_match_whole_sequence_attention_bf16(dv, kernel):
+    """The CUDA path's blocks (cuDNN's attention, or FlashAttention-2), bf16, merged, against
+    float32 attention of the whole sequence: within bf16's rounding of the inputs' products
+    (2e-2). On Hopper cuDNN's op must pass the ring's self-test (it is the kernel used there)."""
+    from megamoe.parallel.ring_attention import _cudnn_usable
+
+    if kernel == "cudnn" and torch.cuda.get_device_capability() >= (9, 0):
+        assert _cudnn_usable(torch.device("cuda", torch.cuda.current_device()))
+    (q, k, v), ref, grads = _ring_case("cuda", torch.bfloat16, dv, d=16)
+    out, *got = _simulated_ring(q, k, v, 2, 0.3, kernel)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
     for a, b in zip(got, grads):
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
