@@ -222,3 +222,26 @@ def fake_state(world_size: int, rank: int = 0, **degrees) -> ParallelState:
         mine = [g for g in layout.groups(kind) if rank in g]
         groups[kind] = Group(kind, tuple(mine[0]), mine[0].index(rank)) if mine else None
     return ParallelState(layout, rank, groups)
+
+
+def run_on_threads(fn: Callable[[int], Any], world_size: int) -> dict[int, Any]:
+    """``fn(rank)`` on one thread per rank, for tests whose ranks talk through a simulated
+    transport (e.g. point-to-point with NCCL's matching rules); returns each rank's result and
+    re-raises the first exception a rank raised."""
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            results[rank] = fn(rank)
+        except BaseException as e:  # re-raised by the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -246,10 +246,9 @@ class _NcclRules:
 def test_ring_under_nccl_matching_rules_on_threads(monkeypatch, cp):
     """The ring's transfers (keys/values and gradient accumulators, between the same pairs) on
     threads with NCCL's rules: every rank's output and gradients match whole-sequence attention."""
-    import threading
-
     from megamoe.parallel import ring_attention as ring
     from megamoe.parallel.state import Group
+    from megamoe.testing.distributed import run_on_threads
 
     hub = _NcclRules()
     monkeypatch.setattr(ring, "dist", hub)
@@ -258,27 +257,16 @@ def test_ring_under_nccl_matching_rules_on_threads(monkeypatch, cp):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = _reference(*leaves, 0.3)
     ref.backward(grad_out)
-    results, errors = {}, []
-
     def rank_main(rank):
-        try:
-            hub.local.rank = rank
-            group = Group("cp", tuple(range(cp)), rank, None)
-            idx = sequence_shard_indices(S, cp, rank)
-            mine = [t[idx].clone().requires_grad_() for t in (q, k, v)]
-            out = ring_attention(*mine, group, 0.3)
-            out.backward(grad_out[idx])
-            results[rank] = (idx, out.detach(), [t.grad for t in mine])
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
+        hub.local.rank = rank
+        group = Group("cp", tuple(range(cp)), rank, None)
+        idx = sequence_shard_indices(S, cp, rank)
+        mine = [t[idx].clone().requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*mine, group, 0.3)
+        out.backward(grad_out[idx])
+        return idx, out.detach(), [t.grad for t in mine]
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(cp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    results = run_on_threads(rank_main, cp)
     assert all(len(sends) == hub.received[pair] for pair, sends in hub.sent.items()), "messages left unreceived"
     for idx, out, grads in results.values():
         torch.testing.assert_close(out, ref[idx], rtol=1e-12, atol=1e-12)

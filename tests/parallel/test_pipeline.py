@@ -25,6 +25,7 @@ from megamoe.parallel.pipeline_parallel import (
     virtual_stage_layer_ranges,
 )
 from megamoe.parallel.state import ParallelState
+from megamoe.testing.distributed import run_on_threads
 
 DT = torch.float64
 NUM_MICRO, S, B, D = 6, 3, 2, 5
@@ -156,32 +157,22 @@ class _ThreadP2P(P2P):
 
 
 def _run_threads(pp: int, vpp: int, num_micro: int, forward_only_run: bool = False):
-    hub, results, errors = _RendezvousRing(), {}, []
+    hub = _RendezvousRing()
     all_weights = _stage_weights(pp * vpp)
 
     def rank_main(rank: int):
-        try:
-            weights = {c * pp + rank: all_weights[c * pp + rank].clone().requires_grad_() for c in range(vpp)}
-            record: list = []
-            step = _toy_forward_step(weights, rank, pp, vpp, num_micro, record)
-            p2p = _ThreadP2P(hub, rank, pp)
-            if forward_only_run:
-                with torch.no_grad():
-                    forward_only(step, num_micro, p2p, vpp)
-                results[rank] = (None, None, record)
-                return
-            stats = interleaved_one_forward_one_backward(step, num_micro, p2p, vpp)
-            results[rank] = (stats.max_in_flight, {v: w.grad for v, w in weights.items()}, record)
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
+        weights = {c * pp + rank: all_weights[c * pp + rank].clone().requires_grad_() for c in range(vpp)}
+        record: list = []
+        step = _toy_forward_step(weights, rank, pp, vpp, num_micro, record)
+        p2p = _ThreadP2P(hub, rank, pp)
+        if forward_only_run:
+            with torch.no_grad():
+                forward_only(step, num_micro, p2p, vpp)
+            return None, None, record
+        stats = interleaved_one_forward_one_backward(step, num_micro, p2p, vpp)
+        return stats.max_in_flight, {v: w.grad for v, w in weights.items()}, record
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(pp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    results = run_on_threads(rank_main, pp)
     assert not any(hub.channels.values()), "messages left unreceived"
     return results
 
