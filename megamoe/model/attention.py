@@ -21,8 +21,8 @@ from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
 from megamoe.parallel.context_parallel import context_parallel_attention, gather_sequence
-from megamoe.parallel.ring_attention import ring_attention
 from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker, recompute_with_rng
+from megamoe.parallel.ring_attention import ring_attention
 from megamoe.parallel.state import Group
 from megamoe.parallel.tensor_parallel import ColumnParallelLinear, InitFn, RowParallelLinear, normal_init
 
