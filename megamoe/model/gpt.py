@@ -157,6 +157,10 @@ class GPTModel(nn.Module):
         fp8_layers = tuple(fp8_layers) if fp8_layers is not None else (None,) * args.num_blocks
         if len(fp8_layers) != args.num_blocks:
             raise ValueError(f"fp8_layers has {len(fp8_layers)} entries for {args.num_blocks} blocks")
+        # TE's delayed amax histories shared by the whole stage, dense and expert layers (Megatron's default)
+        fp8_layers = tuple(replace(r, te_amax_group=state.tp_dp_cp)
+                           if r is not None and r.granularity == "delayed" and not r.tp_only_amax_reduction else r
+                           for r in fp8_layers)
         self.layers = nn.ModuleDict({
             name: self._build_block(args, state, is_moe[int(name)], fp8_layers[int(name)], **kw)
             for names in self.chunk_layers for name in names
@@ -185,9 +189,6 @@ class GPTModel(nn.Module):
                      device, dtype):
         sp, a = self.sequence_parallel, args.attention
         kw = dict(device=device, dtype=dtype)
-        if fp8 is not None and fp8.granularity == "delayed" and not fp8.tp_only_amax_reduction:
-            # TE's amax histories shared by the whole stage, dense and expert layers (Megatron's default)
-            fp8 = replace(fp8, te_amax_group=state.tp_dp_cp)
         init_fn = normal_init(args.init_method_std)
         # Output projections start smaller so the residual stream's variance does not grow with depth.
         output_init_fn = normal_init(args.init_method_std / math.sqrt(2.0 * args.num_blocks))

@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megamoe.numerics import upcast_dtype
 from megamoe.parallel.state import Group
 
 _KV_TAG, _GRAD_TAG = 0, 1  # separate streams of messages between the same pair of ranks
@@ -133,7 +134,7 @@ def _causal_mask(rows: int, cols: int, device) -> torch.Tensor:
 
 
 def _math_scores(q, k, causal: bool, scale: float) -> torch.Tensor:
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = upcast_dtype(q.dtype)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     if causal:
         scores = scores.masked_fill(_causal_mask(scores.shape[-2], scores.shape[-1], q.device), float("-inf"))
@@ -291,7 +292,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, cp: Group, scale: float, source, num_held: int, *tensors):
         n, r, c = cp.size, cp.rank, q.shape[2] // 2
         held, params = tensors[:num_held], tensors[num_held:]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = upcast_dtype(q.dtype)
         out = lse = None
         aux = []
         for step in range(n):
@@ -317,7 +318,7 @@ class _RingAttention(torch.autograd.Function):
         cp, scale, source = ctx.cp, ctx.scale, ctx.source
         n, r, c = cp.size, cp.rank, q.shape[2] // 2
         held, params = tuple(tensors[:ctx.num_held]), tensors[ctx.num_held:]
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = upcast_dtype(q.dtype)
         dq = torch.zeros_like(q, dtype=acc)
         param_grads = [torch.zeros_like(p, dtype=acc) for p in params]
         grads_in = None

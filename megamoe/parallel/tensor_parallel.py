@@ -101,7 +101,7 @@ class _Gemm(nn.Module):
             from megamoe.extensions.te import TELinearGemm
 
             # TE scales each rank's shard on its own (as in Megatron); delayed scaling reduces
-            # the amax histories over the TP group
+            # the amax histories over the recipe's te_amax_group (the stage), else this TP group
             self._te_gemm = TELinearGemm(self.fp8, group)
 
     def _gemm(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
