@@ -29,6 +29,8 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from megamoe.numerics import upcast
+
 try:  # Triton ships with CUDA builds of torch; the CPU build has none
     import triton
     import triton.language as tl
@@ -166,8 +168,8 @@ def quantize_transposed(x_BRC: torch.Tensor, dtype: torch.dtype, granularity: Gr
 
 
 def swiglu(h_RC: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of the ``[gate | up]`` halves, computed in float32, in ``h``'s dtype."""
-    gate, up = h_RC.float().chunk(2, dim=-1)
+    """silu(gate) * up of the ``[gate | up]`` halves, computed in (at least) float32, in ``h``'s dtype."""
+    gate, up = upcast(h_RC).chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(h_RC.dtype)
 
 
