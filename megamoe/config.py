@@ -218,6 +218,15 @@ class ParallelConfig:
     """Layers on the first pipeline stage, when it should differ from the others."""
     decoder_last_pipeline_num_layers: Optional[int] = None
     """Layers on the last pipeline stage, when it should differ from the others."""
+    pipeline_schedule: Literal["1f1b", "dualpipev"] = "1f1b"
+    """Pipeline schedule. '1f1b': one forward, one backward (interleaved over the chunks of
+    --virtual-pipeline-model-parallel-size when set). 'dualpipev': DeepSeek's DualPipeV: each rank
+    holds two chunks placed as a V (rank 0 the first and the last layers), micro-batches flow
+    from both ends, and backward passes leave the dense linears' and experts' weight gradients
+    to fill the bubbles; a bubble of (pp/2 - 1)(F&B + B - 3W) instead of 1F1B's (pp - 1)(F + B).
+    Needs at least 2 x --pipeline-model-parallel-size micro-batches and no virtual size; the
+    layers split over 2 x pp stages (--decoder-first/last-pipeline-num-layers: the first and last
+    of those)."""
     context_parallel_size: int = 1
     """Context-parallel degree (CP): each sequence is sharded over this many ranks."""
     cp_comm_type: Literal["p2p", "allgather", "a2a", "a2a+p2p"] = "p2p"

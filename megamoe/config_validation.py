@@ -208,6 +208,18 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     if (first is not None or last is not None) and layout.pp == 1:
         _fail("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+    if p.pipeline_schedule == "dualpipev":
+        _validate_dualpipev(p, m, layout)
+    else:
+        _validate_stage_layers(p, m, layout)
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        _fail("--overlap-param-gather needs --use-distributed-optimizer")
+    _positive(p, "ddp_bucket_size")
+    return layout
+
+
+def _validate_stage_layers(p: ParallelConfig, m: ModelConfig, layout: ParallelLayout) -> None:
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     try:
         ranges = stage_layer_ranges(m.num_layers, layout.pp, first, last)
     except ValueError:
@@ -227,13 +239,26 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
             counts = [end - start for start, end in ranges]
             _fail(f"--virtual-pipeline-model-parallel-size {layout.vpp} does not divide the layers of every "
                   f"pipeline stage ({counts}; --num-layers {m.num_layers})")
-    if p.overlap_param_gather and not p.use_distributed_optimizer:
-        _fail("--overlap-param-gather needs --use-distributed-optimizer")
-    _positive(p, "ddp_bucket_size")
-    return layout
 
 
-def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
+def _validate_dualpipev(p: ParallelConfig, m: ModelConfig, layout: ParallelLayout) -> None:
+    if layout.pp < 2:
+        _fail("--pipeline-schedule dualpipev needs --pipeline-model-parallel-size 2 or more")
+    if layout.vpp:
+        _fail(f"--pipeline-schedule dualpipev places two chunks per rank itself: drop "
+              f"--virtual-pipeline-model-parallel-size {layout.vpp}")
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    try:
+        ranges = stage_layer_ranges(m.num_layers, 2 * layout.pp, first, last)
+    except ValueError:
+        ranges = []
+    if not ranges or any(end <= start for start, end in ranges):
+        _fail(f"--pipeline-schedule dualpipev splits --num-layers {m.num_layers} over 2 x "
+              f"--pipeline-model-parallel-size = {2 * layout.pp} stages of at least one layer each, equal but for "
+              f"--decoder-first/last-pipeline-num-layers")
+
+
+def validate_training(t: TrainingConfig, layout: ParallelLayout, schedule: str) -> None:
     _positive(t, "micro_batch_size", "global_batch_size", "train_iters", "lr", "eval_interval")
     if t.global_batch_size % (t.micro_batch_size * layout.dp):
         _fail(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
@@ -244,6 +269,10 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout) -> None:
               f"micro-batches per step ({num_micro} = --global-batch-size {t.global_batch_size} / "
               f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp})) to be a multiple "
               f"of --pipeline-model-parallel-size {layout.pp}")
+    if schedule == "dualpipev" and num_micro < 2 * layout.pp:
+        _fail(f"--pipeline-schedule dualpipev needs at least 2 x --pipeline-model-parallel-size = {2 * layout.pp} "
+              f"micro-batches per step, got {num_micro} (= --global-batch-size {t.global_batch_size} / "
+              f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp}))")
     if t.bf16 and t.fp16:
         _fail("--bf16 and --fp16 cannot both be set")
     if t.loss_scale is not None and not (t.fp16 or t.bf16):
@@ -439,7 +468,7 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     validate_model(config.model)
     validate_moe(config.moe, config.model)
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
-    validate_training(config.training, layout)
+    validate_training(config.training, layout, config.parallel.pipeline_schedule)
     validate_fp8(config.model, config.moe, config.training)
     validate_data(config.data, config.training)
     validate_logging(config.logging, config.training)

@@ -258,6 +258,13 @@ def _config(**fields) -> Config:
               num_layers_per_virtual_pipeline_stage=1), 2, "are alternatives: give one"),
         (dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3), 2,
          "--num-layers-per-virtual-pipeline-stage 3 does not divide the 2 layers per stage"),
+        (dict(pipeline_schedule="dualpipev"), 1, "--pipeline-schedule dualpipev needs --pipeline-model-parallel-size 2"),
+        (dict(pipeline_schedule="dualpipev", pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+              global_batch_size=8), 2, "places two chunks per rank itself: drop --virtual-pipeline-model-parallel-size 2"),
+        (dict(pipeline_schedule="dualpipev", pipeline_model_parallel_size=4, global_batch_size=8), 4,
+         r"splits --num-layers 4 over 2 x --pipeline-model-parallel-size = 8 stages"),
+        (dict(pipeline_schedule="dualpipev", pipeline_model_parallel_size=2, global_batch_size=3, micro_batch_size=1), 2,
+         r"dualpipev needs at least 2 x --pipeline-model-parallel-size = 4 micro-batches per step, got 3"),
         (dict(fp8_format="e4m3"), 1,
          r"--fp8-recipe delayed: the linear layers run on megamoe's FP8 kernels \(--transformer-impl local\), "
          "which take --fp8-recipe rowwise or tensorwise"),

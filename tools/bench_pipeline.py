@@ -7,7 +7,8 @@ point-to-point exchanges with the device synchronised around them. What a stage 
 there is its bubble (waiting for a neighbour) plus the transfers themselves; the rest of the
 step is its own compute. Rank 0 prints one row per stage, averaged over the steps after
 ``--warmup``, with the ideal bubble of balanced stages for comparison:
-1F1B (pp - 1) / (m + pp - 1), interleaved (pp - 1) / (vpp m + pp - 1), m micro-batches.
+1F1B (pp - 1) / (m + pp - 1), interleaved (pp - 1) / (vpp m + pp - 1), m micro-batches
+(DualPipeV, ``--pipeline-schedule dualpipev``: (pp/2 - 1)(F&B + B - 3W) per rank).
 
     torchrun --nproc-per-node 2 tools/bench_pipeline.py --pipeline-model-parallel-size 2
     torchrun --nproc-per-node 2 tools/bench_pipeline.py --pipeline-model-parallel-size 2 \\
@@ -72,9 +73,12 @@ def main() -> int:
         dist.all_gather(everyone, mine)
     if info.rank == 0:
         pp, vpp, m = layout.pp, layout.vpp or 1, data.num_micro
-        ideal = (pp - 1) / (vpp * m + pp - 1)
+        if config.parallel.pipeline_schedule == "dualpipev":  # depends on the F, B and W times
+            ideal_text = "ideal bubble (pp/2 - 1)(F&B + B - 3W) per rank (DualPipeV)"
+        else:
+            ideal_text = f"ideal bubble of balanced stages {100 * (pp - 1) / (vpp * m + pp - 1):.1f}%"
         print(f"\npp {pp}, vpp {vpp}, {m} micro-batches of {data.micro}, steps {args.warmup + 1}-{args.iters}; "
-              f"ideal bubble of balanced stages {100 * ideal:.1f}%")
+              f"{ideal_text}")
         print(f"{'stage':>5}{'step (ms)':>11}{'blocked in p2p (ms)':>21}{'compute (ms)':>14}{'blocked %':>11}")
         for rank_row in sorted((tuple(t.tolist()) for t in everyone), key=lambda r: r[0]):
             stage, step_s, wait_s = rank_row

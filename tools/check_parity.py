@@ -58,6 +58,7 @@ FLAGS = {
     "etp": "--expert-tensor-parallel-size",
     "dispatcher": "--moe-token-dispatcher-type",
     "bucket": "--ddp-bucket-size",
+    "schedule": "--pipeline-schedule",
 }
 SWITCHES = {
     "sp": "--sequence-parallel",

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|pp|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
-# `moe` runs only that benchmark. `pp` needs two GPUs: NCCL parity of pipeline layouts
-# (interleaved, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven / 2 x VPP 2.
+# `moe` runs only that benchmark. `wgrad` (one GPU): a MoE block's F, B, input-only B and deferred W
+# (tools/bench_wgrad.py) and the pipeline bubbles they model. `pp` needs two GPUs: NCCL parity of pipeline layouts
+# (interleaved, DualPipeV, MTP, tied head) and the per-stage bubble at PP 1 / 2 / 2 uneven /
+# 2 x VPP 2 / 2 under DualPipeV.
 # `cp` needs two GPUs: the ring's GPU test, NCCL parity of CP=2 (GQA, MLA; ring and all-gather)
 # and the attention benchmark at CP 1 and 2 (32k and 128k tokens; every exchange).
 # `dp` needs two GPUs: the NCCL tier of the bucket tests, NCCL parity of DP 2 with overlapped
@@ -46,16 +48,21 @@ if [ "$mode" = ep ]; then
   python3 tools/bench_moe.py --json "$LOG/moe_ep1.json" 2>&1 | tail -12
   python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_moe.py --json "$LOG/moe_ep2.json" 2>&1 | tail -12
 fi
+if [ "$mode" = wgrad ]; then
+  python3 tools/bench_wgrad.py --iters 10 2>&1 | tee "$LOG/bench_wgrad.log" | tail -14
+fi
 if [ "$mode" = moe ]; then
   python3 tools/bench_moe.py --json "$LOG/moe_ep1.json" 2>&1 | tail -10
   python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_moe.py --json "$LOG/moe_ep2.json" 2>&1 | tail -10
 fi
 if [ "$mode" = pp ]; then
-  [ "${1:-}" = bubble ] || python3 tools/check_parity.py --models mla --layouts tp=1 pp=2 pp=2,vpp=2 -- \
+  [ "${1:-}" = bubble ] || python3 tools/check_parity.py --models mla --layouts tp=1 pp=2 pp=2,vpp=2 \
+    pp=2,schedule=dualpipev -- \
     --mtp-num-layers 1 --no-untie-embeddings-and-output-weights 2>&1 | tee "$LOG/parity_pp_nccl.log" \
     | grep -v "^ *\[" | tail -14
   python3 tools/bench_pipeline.py 2>&1 | tee "$LOG/bubble_pp1.log" | tail -4
-  for layout in "" "--decoder-first-pipeline-num-layers 3" "--virtual-pipeline-model-parallel-size 2"; do
+  for layout in "" "--decoder-first-pipeline-num-layers 3" "--virtual-pipeline-model-parallel-size 2" \
+      "--pipeline-schedule dualpipev"; do
     python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_pipeline.py \
       --pipeline-model-parallel-size 2 $layout 2>&1 | tee -a "$LOG/bubble_pp2.log" | tail -5
   done

@@ -43,6 +43,7 @@ from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_grouped_linear
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec
 from megamoe.parallel.state import Group
+from megamoe.parallel.weight_grad import WeightGradStore, grouped_linear
 from megamoe.parallel.tensor_parallel import InitFn, amax_reducer, fp8_for_shape, normal_init
 
 ExpertBackend = Literal["loop", "torch", "te"]
@@ -118,6 +119,7 @@ class GroupedExperts(nn.Module):
         self._fp8_caches = (Fp8WeightCache(), Fp8WeightCache())
         self._fp8_reduce = amax_reducer(etp)
         self.te = None
+        self.wgrad_store: Optional[WeightGradStore] = None  # set by GPTModel.defer_weight_grads
         self.fc1_name = "w13" if gated else "w1"
         # The global tensors every backend's parameters are cut from (param_spec.py).
         parts = 2 if gated else 1
@@ -196,13 +198,19 @@ class GroupedExperts(nn.Module):
             return self.te(x_ND, tokens_per_expert)
         if self.fp8 is not None:
             return self._forward_fp8(x_ND, tokens_per_expert, fp8_rows)
+        grouped_mm = False
         if self.backend == "torch":
             reason = grouped_mm_unsupported_reason(x_ND, self.fc1, self.w2)
-            if reason is None:
-                return _mlp_grouped_mm(x_ND, self.fc1, self.w2, self.gated, tokens_per_expert)
-            if reason not in _warned:
+            grouped_mm = reason is None
+            if reason is not None and reason not in _warned:
                 _warned.add(reason)
                 log.warning("expert backend 'torch' runs the loop instead: %s", reason)
+        if self.wgrad_store is not None:  # weight gradients a zero-bubble schedule may defer
+            h = grouped_linear(x_ND, self.fc1, tokens_per_expert, self.wgrad_store, grouped_mm)
+            return grouped_linear(activate_fc1(h, self.gated), self.w2, tokens_per_expert, self.wgrad_store,
+                                  grouped_mm)
+        if grouped_mm:
+            return _mlp_grouped_mm(x_ND, self.fc1, self.w2, self.gated, tokens_per_expert)
         counts = tokens_per_expert.tolist()  # host sync: the loop needs the split sizes
         return _mlp_loop(x_ND, self.fc1, self.w2, self.gated, counts)
 

@@ -45,6 +45,7 @@ from megamoe.parallel.tensor_parallel import (
     VocabParallelEmbedding,
     normal_init,
 )
+from megamoe.parallel.weight_grad import WeightGradStore
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -110,14 +111,19 @@ class GPTModel(nn.Module):
     embedding lives on the first stage, the final norm, head and MTP modules on the last. The
     last stage also keeps a copy of the embedding when the head is tied to it or MTP reads it;
     the copy starts equal (same name, same initialisation) and stays equal because the gradient
-    buffers sum the two copies' gradients over the ``embd`` group.
+    buffers sum the two copies' gradients over the ``embd`` group. ``ends``: (the chunk that
+    starts the model, the chunk that ends it) on this rank, None where it holds neither; by
+    default the loop placement's (the first rank's chunk 0, the last rank's last chunk). The V
+    placement (DualPipeV) has both ends on rank 0.
     """
 
     def __init__(self, args: GPTArgs, state: ParallelState, chunk_ranges: Optional[list[tuple[int, int]]] = None,
                  sequence_parallel: bool = False, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None, fp8_layers: Optional[Sequence[Optional[Fp8Recipe]]] = None):
+                 dtype: Optional[torch.dtype] = None, fp8_layers: Optional[Sequence[Optional[Fp8Recipe]]] = None,
+                 ends: Optional[tuple[Optional[int], Optional[int]]] = None):
         super().__init__()
         self.args, self.state = args, state
+        self.wgrad_store: Optional[WeightGradStore] = None  # defer_weight_grads
         tp = state.tp
         sp = sequence_parallel and tp.size > 1
         self.sequence_parallel = sp
@@ -128,17 +134,22 @@ class GPTModel(nn.Module):
         init_fn = normal_init(args.init_method_std)
         chunk_ranges = chunk_ranges or [(0, args.num_layers)]
         self.num_chunks = len(chunk_ranges)
-        self.first_stage, self.last_stage = state.is_first_stage, state.is_last_stage
+        if ends is None:  # the loop placement: the first rank's first chunk, the last rank's last
+            ends = (0 if state.is_first_stage else None, self.num_chunks - 1 if state.is_last_stage else None)
+        self.input_chunk, self.output_chunk = ends
+        self.first_stage, self.last_stage = self.input_chunk is not None, self.output_chunk is not None
         # The head tied to the embedding, and MTP, read the embedding on the last stage.
         last_stage_reads_embedding = args.tie_embeddings or args.mtp_num_layers > 0
         self.embed = None
         if self.first_stage or (self.last_stage and last_stage_reads_embedding):
             self.embed = VocabParallelEmbedding(self.padded_vocab, args.hidden_size, tp, sequence_parallel=sp,
                                                 init_fn=init_fn, **kw)
-            # the global table has the real vocabulary; the pipeline's two copies are summed
-            # over `embd` (parallel/data_parallel.py)
+            # the global table has the real vocabulary; two copies (first and last pipeline
+            # rank) are summed over `embd` (parallel/data_parallel.py); a V placement holds both
+            # ends on one rank, with one copy
             set_spec(self.embed.weight, self._vocab_spec("embedding").with_(
-                shared_embedding=state.pp.size > 1 and last_stage_reads_embedding))
+                shared_embedding=state.pp.size > 1 and last_stage_reads_embedding
+                and not (self.first_stage and self.last_stage)))
         a = args.attention
         self.rope = RotaryEmbedding(a.rope_dim, a.max_positions, a.rope_base, a.yarn, device=device)
         is_moe = args.moe_layers
@@ -150,7 +161,7 @@ class GPTModel(nn.Module):
         self.chunk_moe_index = [[moe_ordinal[int(i)] for i in names if int(i) in moe_ordinal]
                                 for names in self.chunk_layers]
         if self.last_stage:
-            self.chunk_moe_index[-1] += [moe_ordinal[i] for i in range(args.num_layers, args.num_blocks)
+            self.chunk_moe_index[self.output_chunk] += [moe_ordinal[i] for i in range(args.num_layers, args.num_blocks)
                                          if i in moe_ordinal]
         self.moe_index = [i for chunk in self.chunk_moe_index for i in chunk]  # in moe_layers() order
         # each block's FP8 recipe (precision.py), or None: the embedding, head and routers never run in FP8
@@ -252,6 +263,13 @@ class GPTModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def defer_weight_grads(self, store: Optional[WeightGradStore]) -> None:
+        """Let ``store`` defer the weight gradients of the dense linears and the experts (a
+        zero-bubble pipeline schedule's ``W``; ``parallel/weight_grad.py``). None: never."""
+        for module in self.modules():
+            if hasattr(module, "wgrad_store"):
+                module.wgrad_store = store
+
     def moe_layers(self) -> list[MoELayer]:
         blocks = list(self.layers.values()) + [mtp.block for mtp in self.mtp]
         return [b.ffn for b in blocks if isinstance(b.ffn, MoELayer)]
@@ -287,11 +305,11 @@ class GPTModel(nn.Module):
             return t_SB if cp.size == 1 else t_SB.index_select(0, positions)
 
         stats: list[MoEStats] = []
-        x = self.embed(shard(tokens_SB)) if self.first_stage and chunk == 0 else hidden_in
+        x = self.embed(shard(tokens_SB)) if chunk == self.input_chunk else hidden_in
         for name in self.chunk_layers[chunk]:
             x, s = self._run_block(self.layers[name], x, positions, rng_tracker)
             stats += [s] if s is not None else []
-        if not (self.last_stage and chunk == self.num_chunks - 1):
+        if chunk != self.output_chunk:
             return ModelOutput(None, None, moe_stats=stats, moe_index=self.chunk_moe_index[chunk], hidden=x)
         lm_sum, num_tokens = self._token_loss(x, self.norm, shard(labels_SB), shard(mask_SB))
         out = ModelOutput(lm_sum, num_tokens, moe_index=self.chunk_moe_index[chunk])

@@ -239,6 +239,8 @@ class DataParallelGrads:
         self._num_micro = num_micro if self.overlap else None
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
+        if param.grad is None:  # a deferred weight gradient (weight_grad.py): it comes with its W
+            return
         if param in self._seen:
             param.main_grad.add_(param.grad)
         else:

@@ -1,43 +1,38 @@
-"""Pipeline parallelism: point-to-point exchange between stages and the micro-batch schedules.
+"""Pipeline parallelism: point-to-point transfers between stages, the one interpreter that runs
+every schedule, and which layers each stage holds.
 
-A schedule drives a ``forward_step(micro_batch, input_tensor) -> (output_tensor, loss)``
-callback: ``input_tensor`` is what the previous stage sent (None on the first stage),
-``output_tensor`` what goes to the next stage (None on the last) and ``loss`` a scalar this
-stage backpropagates itself (its MoE balancing losses; on the last stage also the language
-model loss). Backward runs ``autograd.backward([loss, output], [1, grad from the next stage])``
-and sends the input's gradient to the previous stage.
+The schedules themselves are data (``megamoe/parallel/schedules.py``: 1F1B, interleaved 1F1B,
+DualPipeV): per rank, a list of forward, backward, weight-gradient and transfer actions.
+:func:`run_schedule` runs such a list with a ``forward_step(micro_batch, input_tensor,
+chunk=c) -> (output_tensor, loss)`` callback: ``input_tensor`` is what the previous stage sent
+(None on the first stage), ``output_tensor`` what goes to the next (None on the last), and
+``loss`` a scalar the stage backpropagates itself (its MoE balancing losses; on the last stage
+also the language-model loss). A backward runs ``autograd.backward([loss, output], [1, grad
+from the next stage])`` and the input's gradient goes to the previous stage; with a
+:class:`~megamoe.parallel.weight_grad.WeightGradStore` it may leave the weight gradients for a
+later ``W`` action.
 
 Shapes are known ahead (``[s, micro_batch, hidden]``, ``s / tp`` with sequence parallel), so
-only activations and gradients travel. Sends and receives that happen at the same time are
-posted together (``batch_isend_irecv``) so neighbouring stages never wait on each other.
-
-- ``all_forward_all_backward``: every forward, then every backward (reference; keeps all
-  micro-batches' activations).
-- ``one_forward_one_backward`` (1F1B): ``pp - stage - 1`` warm-up forwards, then alternate;
-  at most ``pp - stage`` micro-batches' activations are alive on a stage at any time.
-- ``interleaved_one_forward_one_backward``: each rank holds ``vpp`` model chunks; virtual
-  stage ``chunk * pp + rank`` runs chunk ``chunk`` of rank ``rank``, so activations go round
-  the ranks ``vpp`` times (the last rank sends to the first). The bubble shrinks by ``vpp``
-  for ``vpp`` times the messages. Micro-batches go through the chunks in groups of ``pp``;
-  ``2 (pp - rank - 1) + (vpp - 1) pp`` warm-up forwards, then alternate.
-
-Interleaving follows Megatron-LM's order and its pairing of sends and receives: each schedule
-step posts one batch with everything the rank sends and receives, and each neighbour pair
-sees its sends and receives in the same order on both sides, which is what NCCL needs to
-never deadlock. ``tests/parallel/test_pipeline.py`` replays every rank's calls against
-NCCL-like rendezvous semantics to check that, for many ``pp x vpp x micro-batch`` shapes.
+only activations and gradients travel. The transfers a schedule queues between two ``FLUSH``
+actions are posted together (``batch_isend_irecv``), in the order listed, which is what NCCL's
+matching needs: ``tests/parallel/test_pipeline.py`` replays every schedule on threads under
+NCCL-like rendezvous rules for many shapes.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel.schedules import (Action, Placement, all_forward_all_backward, dualpipev, forward_only,
+                                        interleaved_1f1b, one_f_one_b)
 from megamoe.parallel.state import Group
+from megamoe.parallel.weight_grad import WeightGradStore
 
 # forward_step(micro_batch, input_tensor, chunk=0) -> (output_tensor, loss)
 ForwardStep = Callable[..., tuple[Optional[torch.Tensor], torch.Tensor]]
@@ -45,46 +40,20 @@ ForwardStep = Callable[..., tuple[Optional[torch.Tensor], torch.Tensor]]
 
 @dataclass
 class P2P:
-    """This stage's neighbours and the activation shape exchanged with them."""
+    """The pipeline group's transport and the activation shape exchanged between stages."""
 
     pp: Group
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    ring: bool = False  # interleaved: the last rank feeds the first (the schedule decides when)
     timed: bool = False  # measure the time blocked in exchanges (synchronises the device: benchmarks only)
     wait_seconds: float = 0.0  # accumulated when ``timed``: the pipeline bubble plus the transfers
 
-    @property
-    def first(self) -> bool:
-        return self.pp.rank == 0
+    def buffer(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
-    @property
-    def last(self) -> bool:
-        return self.pp.rank == self.pp.size - 1
-
-    def _exchange(self, send_next=None, send_prev=None, recv_next=False, recv_prev=False):
-        ops, received = [], {}
-        has_prev, has_next = self.ring or not self.first, self.ring or not self.last
-        prev, next_ = (self.pp.rank - 1) % self.pp.size, (self.pp.rank + 1) % self.pp.size
-        # The order matters when prev == next (a ring of two): sends and receives between one
-        # pair of ranks match in the order they are posted.
-        if recv_prev and has_prev:
-            received["prev"] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(("recv", received["prev"], prev))
-        if send_next is not None and has_next:
-            ops.append(("send", send_next.contiguous(), next_))
-        if send_prev is not None and has_prev:
-            ops.append(("send", send_prev.contiguous(), prev))
-        if recv_next and has_next:
-            received["next"] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(("recv", received["next"], next_))
-        if ops:
-            self._post(ops)
-        return received.get("prev"), received.get("next")
-
-    def _post(self, ops: list[tuple[str, torch.Tensor, int]]) -> None:
-        """Post ``(kind, tensor, stage)`` operations as one batch and wait for all of them."""
+    def post(self, ops: list[tuple[str, torch.Tensor, int]]) -> None:
+        """Post ``(kind, tensor, pipeline rank)`` operations as one batch and wait for all of them."""
         batch = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, tensor, self.pp.ranks[stage])
                  for kind, tensor, stage in ops]
         if self.timed:
@@ -100,35 +69,9 @@ class P2P:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def recv_forward(self) -> Optional[torch.Tensor]:
-        x, _ = self._exchange(recv_prev=True)
-        return None if x is None else x.requires_grad_()
 
-    def send_forward(self, y: Optional[torch.Tensor]) -> None:
-        self._exchange(send_next=y)
-
-    def recv_backward(self) -> Optional[torch.Tensor]:
-        return self._exchange(recv_next=True)[1]
-
-    def send_backward(self, grad: Optional[torch.Tensor]) -> None:
-        self._exchange(send_prev=grad)
-
-    def send_forward_recv_backward(self, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return self._exchange(send_next=y, recv_next=True)[1]
-
-    def send_backward_recv_forward(self, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        x, _ = self._exchange(send_prev=grad, recv_prev=True)
-        return None if x is None else x.requires_grad_()
-
-    def exchange(self, y: Optional[torch.Tensor], grad: Optional[torch.Tensor], recv_prev: bool,
-                 recv_next: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Send an activation forward and a gradient backward, receive either, in one batch."""
-        x, grad_out = self._exchange(send_next=y, send_prev=grad, recv_next=recv_next, recv_prev=recv_prev)
-        return (None if x is None else x.requires_grad_()), grad_out
-
-
-def _backward(saved, grad_output: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    x, y, loss = saved
+def _backward(x: Optional[torch.Tensor], y: Optional[torch.Tensor], loss: torch.Tensor,
+              grad_output: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     tensors, grads = [], []
     if loss.requires_grad:  # a stage without MoE layers before the last has no loss of its own
         tensors.append(loss)
@@ -142,169 +85,115 @@ def _backward(saved, grad_output: Optional[torch.Tensor]) -> Optional[torch.Tens
 
 @dataclass
 class ScheduleStats:
-    max_in_flight: int  # most micro-batches whose activations were alive at once on this stage
+    max_in_flight: int  # most micro-batches whose activations were alive at once on this rank
 
 
-def all_forward_all_backward(forward_step: ForwardStep, num_micro: int, p2p: P2P) -> ScheduleStats:
-    saved = []
-    for i in range(num_micro):
-        x = p2p.recv_forward()
-        y, loss = forward_step(i, x)
-        p2p.send_forward(y)
-        saved.append((x, y, loss))
-    peak = len(saved)
-    while saved:
-        grad = p2p.recv_backward()
-        p2p.send_backward(_backward(saved.pop(0), grad))
-    return ScheduleStats(peak)
+class _Run:
+    """One rank's run of a schedule: the tensors between its actions, keyed by (micro, chunk)."""
 
+    def __init__(self, placement: Placement, forward_step: ForwardStep, p2p: P2P, train: bool,
+                 wgrad_store: Optional[WeightGradStore]):
+        self.placement, self.forward_step, self.p2p = placement, forward_step, p2p
+        self.train, self.wgrad_store, self.rank = train, wgrad_store, p2p.pp.rank
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # F's input (none on the first stage)
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # F's output waiting for its SEND_F
+        self.saved: dict[tuple[int, int], tuple] = {}  # (input, output, loss) until B
+        self.grads_out: dict[tuple[int, int], torch.Tensor] = {}  # B's output gradient
+        self.grads_in: dict[tuple[int, int], torch.Tensor] = {}  # B's input gradient waiting for its SEND_B
+        self.queued: list[tuple[str, torch.Tensor, int]] = []
+        self.received: list[torch.Tensor] = []
+        self.peak = 0
 
-def one_forward_one_backward(forward_step: ForwardStep, num_micro: int, p2p: P2P) -> ScheduleStats:
-    warmup = min(p2p.pp.size - p2p.pp.rank - 1, num_micro)
-    steady = num_micro - warmup
-    saved, peak = [], 0
-    for i in range(warmup):
-        x = p2p.recv_forward()
-        y, loss = forward_step(i, x)
-        p2p.send_forward(y)
-        saved.append((x, y, loss))
-        peak = max(peak, len(saved))
-    x = p2p.recv_forward() if steady else None
-    for i in range(steady):
-        y, loss = forward_step(warmup + i, x)
-        saved.append((x, y, loss))
-        peak = max(peak, len(saved))
-        grad = p2p.send_forward_recv_backward(y)
-        grad_in = _backward(saved.pop(0), grad)
-        if i == steady - 1:
-            p2p.send_backward(grad_in)
+    def forward(self, a: Action) -> None:
+        key = (a.micro, a.chunk)
+        x = self.inputs.pop(key, None)
+        if self.train:
+            y, loss = self.forward_step(a.micro, x, chunk=a.chunk)
+            self.saved[key] = (x, y, loss)
+            self.peak = max(self.peak, len(self.saved))
         else:
-            x = p2p.send_backward_recv_forward(grad_in)
-    for _ in range(warmup):
-        grad = p2p.recv_backward()
-        p2p.send_backward(_backward(saved.pop(0), grad))
-    return ScheduleStats(peak)
+            with torch.no_grad():
+                y, _ = self.forward_step(a.micro, x, chunk=a.chunk)
+        following = self.placement.neighbour(self.rank, a.chunk, 1)
+        if following is not None and following[0] == self.rank:  # the V's turn: handed over here
+            self.inputs[(a.micro, following[1])] = y.detach().requires_grad_(self.train)
+        elif following is not None:
+            self.outputs[key] = y if self.train else y.detach()
+
+    def backward(self, a: Action) -> None:
+        key = (a.micro, a.chunk)
+        x, y, loss = self.saved.pop(key)
+        if a.defer_w and self.wgrad_store is None:
+            raise ValueError("the schedule defers weight gradients but no WeightGradStore was given")
+        store = self.wgrad_store
+        with store.deferring(a.defer_w) if store is not None else nullcontext():
+            grad_input = _backward(x, y, loss, self.grads_out.pop(key, None))
+        preceding = self.placement.neighbour(self.rank, a.chunk, -1)
+        if preceding is not None and preceding[0] == self.rank:
+            self.grads_out[(a.micro, preceding[1])] = grad_input
+        elif preceding is not None:
+            self.grads_in[key] = grad_input
+
+    def transfer(self, a: Action) -> None:
+        key, peer = (a.micro, a.chunk), self.placement.peer(self.rank, a.kind, a.chunk)
+        if a.kind in ("RECV_F", "RECV_B"):
+            buffer = self.p2p.buffer()
+            (self.inputs if a.kind == "RECV_F" else self.grads_out)[key] = buffer
+            self.queued.append(("recv", buffer, peer))
+            if a.kind == "RECV_F":
+                self.received.append(buffer)
+        else:
+            tensor = (self.outputs if a.kind == "SEND_F" else self.grads_in).pop(key)
+            self.queued.append(("send", tensor.contiguous(), peer))
+
+    def flush(self) -> None:
+        self.p2p.post(self.queued)
+        for x in self.received:  # activations received for a forward: its backward needs their gradient
+            x.requires_grad_(self.train)
+        self.queued, self.received = [], []
 
 
-def forward_only(forward_step: ForwardStep, num_micro: int, p2p: P2P, vpp: int = 1) -> None:
-    """Evaluation: every micro-batch through every stage, no backward."""
+def run_schedule(actions: list[Action], placement: Placement, forward_step: ForwardStep, p2p: P2P,
+                 train: bool = True, wgrad_store: Optional[WeightGradStore] = None) -> ScheduleStats:
+    """Run this rank's ``actions`` (see ``schedules.py``). ``train=False``: forwards only, without
+    autograd. ``wgrad_store``: where backward actions with ``defer_w`` leave weight gradients."""
+    run = _Run(placement, forward_step, p2p, train, wgrad_store)
+    for a in actions:
+        if a.kind == "F":
+            run.forward(a)
+        elif a.kind == "B":
+            run.backward(a)
+        elif a.kind == "W":
+            wgrad_store.run_next()
+        elif a.kind == "FLUSH":
+            run.flush()
+        else:
+            run.transfer(a)
+    assert not (run.queued or run.saved or run.grads_in or run.outputs), "the schedule left work undone"
+    return ScheduleStats(run.peak)
+
+
+def build_schedule(name: str, pp: int, rank: int, num_micro: int, vpp: int = 1,
+                   train: bool = True) -> tuple[Placement, list[Action]]:
+    """(placement, this rank's actions) of ``--pipeline-schedule name`` ('1f1b', interleaved with
+    ``vpp`` > 1, or 'dualpipev'); ``train=False`` for evaluation."""
+    if name == "dualpipev":
+        placement, actions = Placement(pp, 2, "v"), dualpipev(pp, rank, num_micro)
+        return placement, actions if train else forward_only(actions)
     if vpp > 1:
-        interleaved_one_forward_one_backward(forward_step, num_micro, p2p, vpp, forward_only=True)
-        return
-    for i in range(num_micro):
-        x = p2p.recv_forward()
-        y, _ = forward_step(i, None if x is None else x.detach())
-        p2p.send_forward(None if y is None else y.detach())
+        return Placement(pp, vpp), interleaved_1f1b(pp, rank, num_micro, vpp, forward_only=not train)
+    if train:
+        return Placement(pp), one_f_one_b(pp, rank, num_micro)
+    return Placement(pp), forward_only(all_forward_all_backward(pp, rank, num_micro))  # each micro-batch through
 
 
-def _virtual_chunk(k: int, pp: int, vpp: int, backward: bool = False) -> int:
-    """The chunk of a rank's ``k``-th forward (or backward): groups of ``pp`` micro-batches
-    go through chunk 0, then chunk 1, ...; backward visits the chunks in reverse."""
-    chunk = (k // pp) % vpp  # Python's floor division: negative k wraps, as the schedule expects
-    return vpp - 1 - chunk if backward else chunk
-
-
-def _virtual_micro(k: int, pp: int, vpp: int) -> int:
-    return (k // (pp * vpp)) * pp + k % pp
-
-
-def interleaved_one_forward_one_backward(forward_step: ForwardStep, num_micro: int, p2p: P2P, vpp: int,
-                                         forward_only: bool = False) -> ScheduleStats:
-    """Interleaved 1F1B over this rank's ``vpp`` chunks (``p2p.ring`` must be set).
-
-    ``num_micro`` must be a multiple of ``pp``. ``forward_step(micro, x, chunk=c)``; the first
-    virtual stage (rank 0, chunk 0) gets ``x=None`` and the last (rank pp-1, chunk vpp-1)
-    returns no output. At most ``2 (pp - rank - 1) + (vpp - 1) pp + 1`` chunk-micro-batches'
-    activations are alive on a rank.
-    """
-    pp, rank = p2p.pp.size, p2p.pp.rank
-    if num_micro % pp:
-        raise ValueError(f"interleaved pipeline: {num_micro} micro-batches is not a multiple of the "
-                         f"pipeline size {pp}")
-    total = num_micro * vpp
-    if forward_only or num_micro == pp:  # Megatron's rule: with pp micro-batches, all forwards first
-        warmup = total
-    else:
-        warmup = min(2 * (pp - rank - 1) + (vpp - 1) * pp, total)
-    remaining = total - warmup
-
-    def first_virtual(chunk: int) -> bool:
-        return rank == 0 and chunk == 0
-
-    def last_virtual(chunk: int) -> bool:
-        return rank == pp - 1 and chunk == vpp - 1
-
-    inputs: list[list] = [[] for _ in range(vpp)]  # received activations, per chunk, in order
-    grads: list[list] = [[] for _ in range(vpp)]  # received output gradients, per chunk, in order
-    saved: list[list] = [[] for _ in range(vpp)]
-    peak = 0
-
-    def forward(k: int) -> Optional[torch.Tensor]:
-        nonlocal peak
-        chunk = _virtual_chunk(k, pp, vpp)
-        x = None if first_virtual(chunk) else inputs[chunk].pop(0)
-        if forward_only:
-            y, _ = forward_step(_virtual_micro(k, pp, vpp), None if x is None else x.detach(), chunk=chunk)
-            return None if last_virtual(chunk) or y is None else y.detach()
-        y, loss = forward_step(_virtual_micro(k, pp, vpp), x, chunk=chunk)
-        saved[chunk].append((x, y, loss))
-        peak = max(peak, sum(len(s) for s in saved))
-        return None if last_virtual(chunk) else y
-
-    def backward(k: int) -> Optional[torch.Tensor]:
-        chunk = _virtual_chunk(k, pp, vpp, backward=True)
-        grad_output = None if last_virtual(chunk) else grads[chunk].pop(0)
-        grad_input = _backward(saved[chunk].pop(0), grad_output)
-        return None if first_virtual(chunk) else grad_input
-
-    if rank != 0:
-        inputs[0].append(p2p.exchange(None, None, recv_prev=True, recv_next=False)[0])
-    for k in range(warmup):
-        y = forward(k)
-        next_chunk = _virtual_chunk(k + 1, pp, vpp)
-        recv_prev = k + 1 < total and not first_virtual(next_chunk)
-        # The last warm-up step also collects the first output gradient.
-        recv_next = k == warmup - 1 and remaining > 0 and rank != pp - 1
-        x, grad = p2p.exchange(y, None, recv_prev, recv_next)
-        if recv_prev:
-            inputs[next_chunk].append(x)
-        if recv_next:
-            grads[vpp - 1].append(grad)
-
-    for i in range(remaining):
-        y = forward(warmup + i)
-        grad_input = backward(i)
-        # What arrives now was produced by the neighbour at the same step. Across the wrap
-        # (rank pp-1 -> rank 0, and back) that neighbour is pp - 1 steps behind in the order.
-        if rank == 0:
-            sender_chunk = _virtual_chunk(warmup + i - (pp - 1), pp, vpp)
-            recv_prev, next_chunk = sender_chunk != vpp - 1, sender_chunk + 1
-        else:
-            recv_prev, next_chunk = True, _virtual_chunk(warmup + i + 1, pp, vpp)
-        if rank == pp - 1:
-            sender_chunk = _virtual_chunk(i - (pp - 1), pp, vpp, backward=True)
-            recv_next, next_grad_chunk = sender_chunk != 0, sender_chunk - 1
-        else:
-            recv_next, next_grad_chunk = True, _virtual_chunk(i + 1, pp, vpp, backward=True)
-        recv_prev = recv_prev and i < remaining - 1
-        x, grad = p2p.exchange(y, grad_input, recv_prev, recv_next)
-        if recv_prev:
-            inputs[next_chunk].append(x)
-        if recv_next:
-            grads[next_grad_chunk].append(grad)
-
-    if forward_only:
-        return ScheduleStats(peak)
-    if remaining == 0 and rank != pp - 1:
-        grads[vpp - 1].append(p2p.exchange(None, None, recv_prev=False, recv_next=True)[1])
-    for k in range(remaining, total):
-        grad_input = backward(k)
-        next_chunk = _virtual_chunk(k + 1, pp, vpp, backward=True)
-        recv_next = k + 1 < total and not last_virtual(next_chunk)
-        _, grad = p2p.exchange(None, grad_input, False, recv_next)
-        if recv_next:
-            grads[next_chunk].append(grad)
-    return ScheduleStats(peak)
+def v_stage_layer_ranges(num_layers: int, pp: int, first: Optional[int] = None,
+                         last: Optional[int] = None) -> list[list[tuple[int, int]]]:
+    """The V placement's (DualPipeV) ``ranges[rank][chunk]``: ``2 pp`` virtual stages of
+    consecutive layers (``first`` / ``last``: the first and last virtual stages' counts); rank r
+    holds stage r and stage ``2 pp - 1 - r``."""
+    stages = stage_layer_ranges(num_layers, 2 * pp, first, last)
+    return [[stages[r], stages[2 * pp - 1 - r]] for r in range(pp)]
 
 
 def virtual_stage_layer_ranges(num_layers: int, pp: int, vpp: int = 1, first: Optional[int] = None,

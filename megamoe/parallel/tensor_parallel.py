@@ -13,7 +13,8 @@ have ``grad_partial_over_tp``: each TP rank holds a partial gradient that must b
 Weights are initialised from the full (unsharded) tensor drawn from a generator, then sliced,
 so a layout with TP > 1 starts from exactly the weights of the single-process model.
 
-GEMM backend: each linear runs ``F.linear``, or with an FP8 recipe (``fp8``, from the precision
+GEMM backend: each linear runs ``F.linear`` (whose weight gradient a zero-bubble pipeline
+schedule may defer: ``weight_grad.py``), or with an FP8 recipe (``fp8``, from the precision
 policy) the FP8 GEMMs of ``megamoe/kernels/fp8_gemm.py`` or, with ``--transformer-impl
 transformer_engine``, TE's (``megamoe/extensions/te.py``). The communication around the GEMM is
 the same for all of them; the native FP8 GEMM is told which weight dimension TP cuts, so the
@@ -35,6 +36,7 @@ from megamoe.kernels.fp8_gemm import Cut, Fp8WeightCache, fp8_linear
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec, spec_of
 from megamoe.parallel.state import Group
+from megamoe.parallel.weight_grad import WeightGradStore, linear
 
 InitFn = Callable[[torch.Tensor, torch.Generator], None]
 
@@ -97,6 +99,7 @@ class _Gemm(nn.Module):
         self._fp8_cut, self._fp8_reduce = cut, amax_reducer(group)
         self._fp8_cache = Fp8WeightCache()
         self._te_gemm = None
+        self.wgrad_store: Optional[WeightGradStore] = None  # set by GPTModel.defer_weight_grads
         if self.fp8 is not None and self.fp8.transformer_engine:
             from megamoe.extensions.te import TELinearGemm
 
@@ -106,7 +109,7 @@ class _Gemm(nn.Module):
 
     def _gemm(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.fp8 is None:
-            return F.linear(x, self.weight, bias)
+            return linear(x, self.weight, bias, self.wgrad_store)
         if self._te_gemm is not None:
             y = self._te_gemm(x, self.weight)
         else:

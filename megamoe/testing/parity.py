@@ -38,6 +38,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
     cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
+    cfg.parallel.pipeline_schedule = layout.get("schedule", "1f1b")
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
     cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
     cfg.moe.moe_router_padding_for_fp8 = layout.get("pad", False)

@@ -308,9 +308,12 @@ def _all_ok(ok: bool, state: ParallelState, device: torch.device) -> bool:
 
 def layout_signature(config: Config, state: ParallelState) -> dict:
     p = config.parallel
-    return {"world_size": state.layout.world_size, **p.degrees(),
-            "first_stage_layers": p.decoder_first_pipeline_num_layers,
-            "last_stage_layers": p.decoder_last_pipeline_num_layers}
+    signature = {"world_size": state.layout.world_size, **p.degrees(),
+                 "first_stage_layers": p.decoder_first_pipeline_num_layers,
+                 "last_stage_layers": p.decoder_last_pipeline_num_layers}
+    if p.pipeline_schedule != "1f1b":  # another placement of the layers (1F1B's keeps older signatures)
+        signature["pipeline_schedule"] = p.pipeline_schedule
+    return signature
 
 
 def _begin_save(root: str, iteration: int, model, optimizer, state: ParallelState, config: Config,

@@ -26,13 +26,14 @@ from megamoe.model.gpt import GPTModel, materialize
 from megamoe.parallel import mappings
 from megamoe.parallel.pipeline_parallel import (
     P2P,
-    forward_only,
-    interleaved_one_forward_one_backward,
-    one_forward_one_backward,
+    build_schedule,
+    run_schedule,
+    v_stage_layer_ranges,
     virtual_stage_layer_ranges,
 )
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
+from megamoe.parallel.weight_grad import WeightGradStore
 from megamoe.precision import PrecisionPolicy
 from megamoe.training.flops import flops_per_token, peak_tflops
 from megamoe.training.checkpoint import AsyncSaver, load_checkpoint, remove_old_checkpoints, save_checkpoint
@@ -55,14 +56,22 @@ def build_model(config: Config, state: ParallelState, device: torch.device | str
         dtype = policy.params_dtype
     args = gpt_args(config)
     p = config.parallel
-    chunks = virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
-                                        p.decoder_first_pipeline_num_layers,
-                                        p.decoder_last_pipeline_num_layers)[state.pp.rank]
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    ends = None  # the loop placement's
+    dualpipev = p.pipeline_schedule == "dualpipev" and state.pp.size > 1  # (one process: the whole model)
+    if dualpipev:  # the V: rank 0 holds the first and the last stage
+        chunks = v_stage_layer_ranges(config.model.num_layers, state.pp.size, first, last)[state.pp.rank]
+        ends = (0, 1) if state.pp.rank == 0 else (None, None)
+    else:
+        chunks = virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
+                                            first, last)[state.pp.rank]
     with torch.device("meta"):
         model = GPTModel(args, state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype,
-                         fp8_layers=policy.fp8_layers(args.num_layers, args.num_blocks))
+                         fp8_layers=policy.fp8_layers(args.num_layers, args.num_blocks), ends=ends)
     model = materialize(model, device)
     model.init_weights(config.training.seed)
+    if dualpipev:  # its W actions run the deferred weight gradients
+        model.defer_weight_grads(WeightGradStore())
     if config.training.compile:
         compile_blocks(model, torch.device(device))
     return model
@@ -167,14 +176,14 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         return out.hidden, loss
 
     p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, device,
-              ring=model.num_chunks > 1, timed=time_pipeline)
+              timed=time_pipeline)
     if state.pp.size == 1:
         for j in range(num_micro):
             forward_step(j, None)[1].backward()
-    elif model.num_chunks > 1:
-        interleaved_one_forward_one_backward(forward_step, num_micro, p2p, model.num_chunks)
     else:
-        one_forward_one_backward(forward_step, num_micro, p2p)
+        placement, actions = build_schedule(config.parallel.pipeline_schedule, state.pp.size, state.pp.rank,
+                                            num_micro, state.layout.vpp or 1)
+        run_schedule(actions, placement, forward_step, p2p, wgrad_store=model.wgrad_store)
 
     optimizer.finish_grad_sync()
     grad_norm = optimizer.clip_grad_norm(t.clip_grad, loss_scale)
@@ -288,9 +297,10 @@ def evaluate(model: GPTModel, data: MicroBatches, config: Config, state: Paralle
                 total.add_(torch.stack([out.lm_loss_sum.double(), out.num_tokens.double()]))
             return out.hidden, None
 
-        p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, data.device,
-                  ring=model.num_chunks > 1)
-        forward_only(forward_step, data.num_micro, p2p, model.num_chunks)
+        p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, data.device)
+        placement, actions = build_schedule(config.parallel.pipeline_schedule, state.pp.size, state.pp.rank,
+                                            data.num_micro, state.layout.vpp or 1, train=False)
+        run_schedule(actions, placement, forward_step, p2p, train=False)
     model.train()
     mappings.all_reduce_(total, state.dp_cp)
     mappings.all_reduce_(total, state.pp)

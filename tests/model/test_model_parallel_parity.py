@@ -4,8 +4,8 @@ gathered), the weights after three optimizer steps and the expert-bias buffers.
 
 Layouts: TP 2 and 4 with and without sequence parallel; EP 2, 4 and 8; EP 2 with expert-TP 2;
 TP 2 for attention with EP 4 for experts (with and without SP); PP 2 and 4 (1F1B), PP 2 x VPP 2
-and PP 2 x VPP 4 (interleaved), PP 2 with TP 2 or EP 2, uneven stages (1 + 3 layers), and
-PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
+and PP 2 x VPP 4 (interleaved), PP 2 and 4 under DualPipeV (with EP 2), PP 2 with TP 2 or EP 2,
+uneven stages (1 + 3 layers), and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
 expert bias, dropless; softmax router with aux and z-loss; group-limited routing with capacity
 dropping and MTP; the same with the output head tied to the embedding (under PP the last stage
 keeps a copy of the embedding, whose gradient is summed with the first stage's); and a dense
@@ -129,6 +129,11 @@ PP_CASES = [
     ("mla", dict(pp=2, ep=2, dispatcher="alltoall")),
     ("mtp_tied", dict(pp=2, last=3)), ("gqa", dict(pp=2, first=3)),
     ("dense", dict(pp=2)), ("dense", dict(pp=2, tp=2, sp=True)),
+    # DualPipeV: the V placement (rank 0 holds the embedding and the tied head), weight gradients
+    # of the linears and experts deferred to W actions; 2 x pp micro-batches per rank and more
+    ("mtp_tied", dict(pp=2, schedule="dualpipev", gbs=8)),
+    ("mla", dict(pp=2, ep=2, dispatcher="alltoall", schedule="dualpipev", gbs=12)),
+    ("gqa", dict(pp=4, schedule="dualpipev", layers=8, gbs=8)),
 ]
 
 
@@ -166,6 +171,12 @@ def test_pipeline_tensor_expert_8_ranks(workers):
     assert all(workers(8).run(_parity, "mla", layout))
 
 
+def test_dualpipev_with_expert_parallel_8_ranks(workers):
+    # PP 4 (8 virtual stages of one layer) x EP 2 (all-to-all), 8 micro-batches per rank
+    layout = {"pp": 4, "ep": 2, "dispatcher": "alltoall", "schedule": "dualpipev", "layers": 8, "gbs": 16}
+    assert all(workers(8).run(_parity, "mtp_capacity", layout))
+
+
 def test_every_dimension_at_once_8_ranks(workers):
     # attention: TP 2 (+SP) x CP 2 x PP 2; experts: EP 2 x expert-DP 2 (expert-TP 1); MLA + MTP +
     # capacity; the distributed optimizer shards dense weights over DP x CP = 2 and experts over
@@ -195,6 +206,7 @@ DP_LAYOUTS = [
     (4, "mla", dict(tp=2, sp=True, distopt=True, overlap=True, bucket=B)),  # SP weights: TP then DP
     (4, "mtp_tied", dict(pp=2, distopt=True, overlap=True, gather=True, bucket=B, gbs=8)),  # 1F1B, embd
     (4, "mtp_tied", dict(pp=2, vpp=2, distopt=True, overlap=True, bucket=B, gbs=8)),  # interleaved
+    (4, "mla", dict(pp=2, schedule="dualpipev", distopt=True, overlap=True, bucket=B, gbs=8)),  # deferred W
 ]
 
 

@@ -1,10 +1,12 @@
-"""Pipeline schedules: 1F1B and interleaved 1F1B give the same gradients as the unsplit model
-and keep the activations in flight within their bounds.
+"""Pipeline schedules (1F1B, interleaved 1F1B, DualPipeV, all-forward-all-backward) give the
+gradients of the unsplit model and keep the activations in flight within their bounds.
 
-Two tiers: the real schedules on gloo ranks, and the interleaved schedule on threads whose
-point-to-point layer has NCCL's rules (a send completes only when its receive is posted; sends
-and receives between two ranks match in posting order). The threaded tier runs many
-``pp x vpp x micro-batch`` shapes quickly and turns a deadlock into a timeout."""
+Three tiers: the action lists' bookkeeping (``check_schedule``, pure logic); every schedule
+on threads whose point-to-point layer has NCCL's rules (a send completes only when its receive
+is posted; sends and receives between two ranks match in posting order), which runs many
+``pp x chunks x micro-batch`` shapes quickly and turns a deadlock into a timeout; and the
+schedules on gloo ranks. The toy stages are ``tanh(x W^T)`` through the deferrable linear, so
+DualPipeV's deferred weight gradients are exercised too."""
 
 from __future__ import annotations
 
@@ -17,14 +19,16 @@ import torch.distributed as dist
 
 from megamoe.parallel.pipeline_parallel import (
     P2P,
-    all_forward_all_backward,
-    forward_only,
-    interleaved_one_forward_one_backward,
-    one_forward_one_backward,
+    build_schedule,
+    run_schedule,
     stage_layer_ranges,
+    v_stage_layer_ranges,
     virtual_stage_layer_ranges,
 )
+from megamoe.parallel.schedules import (Action, Placement, all_forward_all_backward, check_schedule, dualpipev,
+                                        interleaved_1f1b, one_f_one_b)
 from megamoe.parallel.state import ParallelState
+from megamoe.parallel.weight_grad import WeightGradStore, linear
 from megamoe.testing.distributed import run_on_threads
 
 DT = torch.float64
@@ -36,88 +40,98 @@ def _stage_weights(num_stages: int) -> list[torch.Tensor]:
     return [torch.randn(D, D, dtype=DT, generator=g) / D**0.5 for _ in range(num_stages)]
 
 
-def _inputs(num_micro: int = NUM_MICRO) -> list[torch.Tensor]:
+def _inputs(num_micro: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(S, B, D, dtype=DT, generator=g) for _ in range(num_micro)]
 
 
-def _toy_forward_step(weights: dict[int, torch.Tensor], rank: int, pp: int, vpp: int, num_micro: int,
-                      record: list):
-    """Virtual stage ``chunk * pp + rank`` is ``tanh(x @ W)``; micro-batch j's loss is weighted by
-    j + 1, so a micro-batch fed to the wrong stage or mixed with another changes the gradients."""
-    inputs, last = _inputs(num_micro), pp * vpp - 1
+def _toy_forward_step(weights: dict[int, torch.Tensor], rank: int, placement: Placement, num_micro: int,
+                      record: list, store: WeightGradStore):
+    """Virtual stage v is ``tanh(x W_v^T)``; micro-batch j's loss is weighted by j + 1, so a
+    micro-batch fed to the wrong stage or mixed with another changes the gradients."""
+    inputs, last = _inputs(num_micro), placement.num_stages - 1
 
     def forward_step(j, x, chunk=0):
-        virtual = chunk * pp + rank
+        stage = placement.stage(rank, chunk)
         record.append((chunk, j))
-        x = inputs[j] if virtual == 0 else x
-        y = torch.tanh(x @ weights[virtual])
-        if virtual == last:
+        x = inputs[j] if stage == 0 else x
+        y = torch.tanh(linear(x, weights[stage], None, store))
+        if stage == last:
             return None, (y * y).sum() * (j + 1)
-        return y, (weights[virtual] * 0).sum()  # a stage's own loss term (like MoE aux losses)
+        return y, (weights[stage] * 0).sum()  # a stage's own loss term (like MoE aux losses)
 
     return forward_step
-
-
-def _run(schedule_name: str, vpp: int = 1):
-    state = ParallelState.build(pp=dist.get_world_size())
-    rank, pp = state.pp.rank, state.pp.size
-    all_weights = _stage_weights(pp * vpp)
-    weights = {c * pp + rank: all_weights[c * pp + rank].clone().requires_grad_() for c in range(vpp)}
-    forward_step = _toy_forward_step(weights, rank, pp, vpp, NUM_MICRO, [])
-    p2p = P2P(state.pp, (S, B, D), DT, torch.device("cpu"), ring=vpp > 1)
-    if schedule_name == "interleaved":
-        stats = interleaved_one_forward_one_backward(forward_step, NUM_MICRO, p2p, vpp)
-    else:
-        schedule = one_forward_one_backward if schedule_name == "1f1b" else all_forward_all_backward
-        stats = schedule(forward_step, NUM_MICRO, p2p)
-    return rank, stats.max_in_flight, {v: w.grad for v, w in weights.items()}
 
 
 def _reference_grads(num_stages: int, num_micro: int = NUM_MICRO) -> list[torch.Tensor]:
     weights = [w.clone().requires_grad_() for w in _stage_weights(num_stages)]
     for j, x in enumerate(_inputs(num_micro)):
         for w in weights:
-            x = torch.tanh(x @ w)
+            x = torch.tanh(x @ w.t())
         ((x * x).sum() * (j + 1)).backward()
     return [w.grad for w in weights]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_1f1b_matches_all_forward_all_backward_and_bounds_activations(workers, world):
-    ref = _reference_grads(world)
-    one = workers(world).run(_run, "1f1b")
-    afab = workers(world).run(_run, "afab")
-    for (stage, peak, grads), (_, afab_peak, afab_grads) in zip(one, afab):
-        torch.testing.assert_close(grads[stage], ref[stage], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(afab_grads[stage], ref[stage], rtol=1e-12, atol=1e-14)
-        assert peak <= world - stage, (stage, peak)  # 1F1B: at most pp - stage in flight
-        assert afab_peak == NUM_MICRO
-    assert one[0][1] == world  # the first stage does reach the bound
+def _schedule(name: str, pp: int, rank: int, num_micro: int, chunks: int,
+              train: bool = True) -> tuple[Placement, list[Action]]:
+    if name == "afab":
+        return Placement(pp), all_forward_all_backward(pp, rank, num_micro)
+    return build_schedule(name, pp, rank, num_micro, chunks if name == "1f1b" else 1, train)
 
 
-def test_stage_layer_ranges():
-    assert stage_layer_ranges(8, 1) == [(0, 8)]
-    assert stage_layer_ranges(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
-    assert stage_layer_ranges(8, 4, first=1, last=1) == [(0, 1), (1, 4), (4, 7), (7, 8)]
-    assert stage_layer_ranges(61, 4, first=13, last=16) == [(0, 13), (13, 29), (29, 45), (45, 61)]
-    assert stage_layer_ranges(4, 2, last=3) == [(0, 1), (1, 4)]
-    for bad in [dict(num_layers=8, pp=4, first=3), dict(num_layers=4, pp=2, first=3, last=3)]:
-        with pytest.raises(ValueError):
-            stage_layer_ranges(**bad)
+def _run_rank(name: str, rank: int, pp: int, chunks: int, num_micro: int, p2p: P2P, train: bool = True):
+    placement, actions = _schedule(name, pp, rank, num_micro, chunks, train)
+    all_weights = _stage_weights(placement.num_stages)
+    stages = [placement.stage(rank, c) for c in range(placement.chunks)]
+    weights = {v: all_weights[v].clone().requires_grad_() for v in stages}
+    record: list = []
+    store = WeightGradStore()
+    step = _toy_forward_step(weights, rank, placement, num_micro, record, store)
+    stats = run_schedule(actions, placement, step, p2p, train=train, wgrad_store=store)
+    assert len(store) == 0
+    return stats.max_in_flight, {v: w.grad for v, w in weights.items()}, record
 
 
-def test_interleaved_on_gloo_matches_the_unsplit_model(workers):
-    pp, vpp = 2, 2
-    ref = _reference_grads(pp * vpp)
-    for rank, peak, grads in workers(pp).run(_run, "interleaved", vpp):
-        assert sorted(grads) == [rank, pp + rank]
-        for virtual, grad in grads.items():
-            torch.testing.assert_close(grad, ref[virtual], rtol=1e-12, atol=1e-14)
-        assert peak <= 2 * (pp - rank - 1) + (vpp - 1) * pp + 1
+# ---------------------------------------------------------------------------------------------
+# pure logic
 
 
-class _RendezvousRing:
+@pytest.mark.parametrize("pp", [2, 3, 4, 8])
+def test_every_schedule_runs_each_micro_batch_once_with_its_transfers_in_order(pp):
+    for rank in range(pp):
+        for m in (1, pp, 2 * pp + 1):
+            peak = check_schedule(one_f_one_b(pp, rank, m), Placement(pp), rank, m)
+            assert peak == min(pp - rank, m)
+        for vpp in (2, 3):
+            for m in (pp, 2 * pp):
+                check_schedule(interleaved_1f1b(pp, rank, m, vpp), Placement(pp, vpp), rank, m)
+        for m in (2 * pp, 2 * pp + 1, 3 * pp + 2):
+            actions = dualpipev(pp, rank, m)
+            # 2 pp + 1 half-stage chunks alive on every rank, for every micro-batch count
+            assert check_schedule(actions, Placement(pp, 2, "v"), rank, m) == 2 * pp + 1
+            # zero bubble: every deferred backward's weights run, by a W, in this list
+            assert sum(a.defer_w for a in actions) == sum(a.kind == "W" for a in actions) > 0
+
+
+def test_a_broken_schedule_is_named():
+    actions = one_f_one_b(2, 1, 2)
+    with pytest.raises(AssertionError, match="before its input is received"):
+        check_schedule([a for a in actions if a.kind != "FLUSH"] + [Action("FLUSH")], Placement(2), 1, 2)
+    swapped = [Action("B", 0), Action("F", 0)]
+    with pytest.raises(AssertionError, match="without its forward"):
+        check_schedule(swapped, Placement(1), 0, 1)
+
+
+def test_dualpipev_needs_two_micro_batches_per_rank():
+    with pytest.raises(ValueError, match="at least 2 x pipeline size = 8 micro-batches"):
+        dualpipev(4, 0, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# threads with NCCL's rules
+
+
+class _RendezvousHub:
     """Point-to-point with NCCL's rules, between threads: FIFO per (sender, receiver) pair; a
     batch returns once its receives have data and its sends have been received."""
 
@@ -138,7 +152,7 @@ class _RendezvousRing:
             if kind == "recv":
                 with self.cond:
                     if not self.cond.wait_for(lambda: self.channels[(peer, rank)], self.timeout):
-                        raise TimeoutError(f"rank {rank} waits forever for stage {peer} (deadlock)")
+                        raise TimeoutError(f"rank {rank} waits forever for rank {peer} (deadlock)")
                     data, received = self.channels[(peer, rank)].popleft()
                 tensor.copy_(data)
                 received.set()
@@ -147,60 +161,124 @@ class _RendezvousRing:
 
 
 class _ThreadP2P(P2P):
-    def __init__(self, ring: _RendezvousRing, rank: int, pp: int):
+    def __init__(self, hub: _RendezvousHub, rank: int, pp: int):
         group = type("G", (), {"rank": rank, "size": pp, "ranks": list(range(pp))})()
-        super().__init__(group, (S, B, D), DT, torch.device("cpu"), ring=True)
-        self.hub = ring
+        super().__init__(group, (S, B, D), DT, torch.device("cpu"))
+        self.hub = hub
 
-    def _post(self, ops) -> None:
+    def post(self, ops) -> None:
         self.hub.post(self.pp.rank, ops)
 
 
-def _run_threads(pp: int, vpp: int, num_micro: int, forward_only_run: bool = False):
-    hub = _RendezvousRing()
-    all_weights = _stage_weights(pp * vpp)
-
-    def rank_main(rank: int):
-        weights = {c * pp + rank: all_weights[c * pp + rank].clone().requires_grad_() for c in range(vpp)}
-        record: list = []
-        step = _toy_forward_step(weights, rank, pp, vpp, num_micro, record)
-        p2p = _ThreadP2P(hub, rank, pp)
-        if forward_only_run:
-            with torch.no_grad():
-                forward_only(step, num_micro, p2p, vpp)
-            return None, None, record
-        stats = interleaved_one_forward_one_backward(step, num_micro, p2p, vpp)
-        return stats.max_in_flight, {v: w.grad for v, w in weights.items()}, record
-
-    results = run_on_threads(rank_main, pp)
+def _run_threads(name: str, pp: int, chunks: int, num_micro: int, train: bool = True):
+    hub = _RendezvousHub()
+    results = run_on_threads(lambda rank: _run_rank(name, rank, pp, chunks, num_micro, _ThreadP2P(hub, rank, pp),
+                                                    train), pp)
     assert not any(hub.channels.values()), "messages left unreceived"
     return results
 
 
-@pytest.mark.parametrize("pp,vpp,num_micro", [
-    (pp, vpp, m * pp) for pp in (2, 3, 4) for vpp in (2, 3) for m in (1, 2, 3)
-])
-def test_interleaved_schedule_matches_the_unsplit_model_under_nccl_rules(pp, vpp, num_micro):
-    ref = _reference_grads(pp * vpp, num_micro)
-    results = _run_threads(pp, vpp, num_micro)
-    for rank, (peak, grads, record) in results.items():
-        for virtual, grad in grads.items():
-            torch.testing.assert_close(grad, ref[virtual], rtol=1e-12, atol=1e-14)
-        # every chunk ran every micro-batch once, and in-flight activations stay within the bound
-        assert sorted(record) == [(c, j) for c in range(vpp) for j in range(num_micro)]
-        bound = min(2 * (pp - rank - 1) + (vpp - 1) * pp + 1, num_micro * vpp)
-        assert peak <= (num_micro * vpp if num_micro == pp else bound), (rank, peak)
-    assert results[0][0] == min(2 * (pp - 1) + (vpp - 1) * pp + 1, num_micro * vpp)  # the bound is reached
+def _check_against_reference(results, num_stages: int, num_micro: int) -> None:
+    ref = _reference_grads(num_stages, num_micro)
+    for rank, (_, grads, record) in results.items():
+        for stage, grad in grads.items():
+            torch.testing.assert_close(grad, ref[stage], rtol=1e-12, atol=1e-14)
 
 
-def test_interleaved_forward_only_visits_every_chunk_and_micro_batch():
-    for rank, (_, _, record) in _run_threads(pp=3, vpp=2, num_micro=6, forward_only_run=True).items():
-        assert sorted(record) == [(c, j) for c in range(2) for j in range(6)]
+SHAPES = ([("1f1b", pp, 1, m) for pp in (2, 3, 4) for m in (1, pp, 2 * pp + 1)]
+          + [("1f1b", pp, vpp, m * pp) for pp in (2, 3, 4) for vpp in (2, 3) for m in (1, 2, 3)]
+          + [("dualpipev", pp, 2, m) for pp in (2, 3, 4) for m in (2 * pp, 2 * pp + 1, 3 * pp + 2)])
+
+
+@pytest.mark.parametrize("name,pp,chunks,num_micro", SHAPES)
+def test_schedule_matches_the_unsplit_model_under_nccl_rules(name, pp, chunks, num_micro):
+    placement = _schedule(name, pp, 0, num_micro, chunks)[0]
+    results = _run_threads(name, pp, chunks, num_micro)
+    _check_against_reference(results, placement.num_stages, num_micro)
+    for rank, (peak, _, record) in results.items():
+        assert sorted(record) == [(c, j) for c in range(placement.chunks) for j in range(num_micro)]
+        if name == "1f1b" and chunks > 1:  # the interleaved bound, reached on rank 0
+            bound = min(2 * (pp - rank - 1) + (chunks - 1) * pp + 1, num_micro * chunks)
+            assert peak <= (num_micro * chunks if num_micro == pp else bound), (rank, peak)
+            assert rank or peak == min(2 * (pp - 1) + (chunks - 1) * pp + 1, num_micro * chunks)
+
+
+@pytest.mark.parametrize("name,pp,chunks", [("1f1b", 3, 1), ("1f1b", 3, 2), ("dualpipev", 3, 2)])
+def test_forward_only_visits_every_chunk_and_micro_batch(name, pp, chunks):
+    for _, _, record in _run_threads(name, pp, chunks, 2 * pp, train=False).values():
+        assert sorted(record) == [(c, j) for c in range(chunks) for j in range(2 * pp)]
 
 
 def test_interleaved_rejects_micro_batches_not_a_multiple_of_pp():
     with pytest.raises(ValueError, match="not a multiple of the pipeline size 2"):
-        _run_threads(pp=2, vpp=2, num_micro=3)
+        interleaved_1f1b(2, 0, 3, 2)
+
+
+def test_a_deadlocking_order_fails_on_threads():
+    """The thread tier can fail: rank 1 receiving its input only after sending its output is
+    the classic deadlock, and turns into a timeout there."""
+    hub = _RendezvousHub(timeout=1.0)
+
+    def rank_main(rank: int):
+        p2p = _ThreadP2P(hub, rank, 2)
+        if rank == 0:
+            p2p.post([("recv", p2p.buffer(), 1)])
+            p2p.post([("send", torch.zeros(S, B, D, dtype=DT), 1)])
+        else:
+            p2p.post([("recv", p2p.buffer(), 0)])
+            p2p.post([("send", torch.zeros(S, B, D, dtype=DT), 0)])
+
+    with pytest.raises(TimeoutError, match="deadlock"):
+        run_on_threads(rank_main, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# gloo ranks
+
+
+def _run_gloo(name: str, chunks: int = 1):
+    state = ParallelState.build(pp=dist.get_world_size())
+    p2p = P2P(state.pp, (S, B, D), DT, torch.device("cpu"))
+    return _run_rank(name, state.pp.rank, state.pp.size, chunks, NUM_MICRO, p2p)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_1f1b_matches_all_forward_all_backward_and_bounds_activations(workers, world):
+    ref = _reference_grads(world)
+    one = workers(world).run(_run_gloo, "1f1b")
+    afab = workers(world).run(_run_gloo, "afab")
+    for stage, ((peak, grads, _), (afab_peak, afab_grads, _)) in enumerate(zip(one, afab)):
+        torch.testing.assert_close(grads[stage], ref[stage], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(afab_grads[stage], ref[stage], rtol=1e-12, atol=1e-14)
+        assert peak <= world - stage, (stage, peak)  # 1F1B: at most pp - stage in flight
+        assert afab_peak == NUM_MICRO
+    assert one[0][0] == world  # the first stage does reach the bound
+
+
+@pytest.mark.parametrize("name,chunks", [("1f1b", 2), ("dualpipev", 2)])
+def test_interleaved_and_dualpipev_on_gloo_match_the_unsplit_model(workers, name, chunks):
+    pp = 2
+    ref = _reference_grads(pp * chunks)
+    for rank, (_, grads, _) in enumerate(workers(pp).run(_run_gloo, name, chunks)):
+        placement = _schedule(name, pp, rank, NUM_MICRO, chunks)[0]
+        assert sorted(grads) == sorted(placement.stage(rank, c) for c in range(chunks))
+        for stage, grad in grads.items():
+            torch.testing.assert_close(grad, ref[stage], rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer ranges
+
+
+def test_stage_layer_ranges():
+    assert stage_layer_ranges(8, 1) == [(0, 8)]
+    assert stage_layer_ranges(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert stage_layer_ranges(8, 4, first=1, last=1) == [(0, 1), (1, 4), (4, 7), (7, 8)]
+    assert stage_layer_ranges(61, 4, first=13, last=16) == [(0, 13), (13, 29), (29, 45), (45, 61)]
+    assert stage_layer_ranges(4, 2, last=3) == [(0, 1), (1, 4)]
+    for bad in [dict(num_layers=8, pp=4, first=3), dict(num_layers=4, pp=2, first=3, last=3)]:
+        with pytest.raises(ValueError):
+            stage_layer_ranges(**bad)
 
 
 def test_virtual_stage_layer_ranges():
@@ -211,3 +289,9 @@ def test_virtual_stage_layer_ranges():
     assert virtual_stage_layer_ranges(8, 2, 2, first=2) == [[(0, 1), (4, 5)], [(1, 4), (5, 8)]]
     with pytest.raises(ValueError):
         virtual_stage_layer_ranges(6, 2, 2)
+
+
+def test_v_stage_layer_ranges():
+    # 8 layers, pp 2: virtual stages 0..3; rank 0 holds the first and the last (embedding and head)
+    assert v_stage_layer_ranges(8, 2) == [[(0, 2), (6, 8)], [(2, 4), (4, 6)]]
+    assert v_stage_layer_ranges(6, 2, first=0, last=0) == [[(0, 0), (6, 6)], [(0, 3), (3, 6)]]

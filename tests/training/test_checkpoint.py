@@ -183,6 +183,7 @@ RESHARD = [  # (world, layout) saved -> (world, layout) loaded
     ((8, ALL_DIMS), (1, {})),
     ((1, {}), (4, {"ep": 4, "etp": 1, "dispatcher": "alltoall", "distopt": True})),
     ((4, {"pp": 2, "first": 1}), (4, {"tp": 2, "sp": True, "distopt": True})),  # uneven stages (1 + 3 layers)
+    ((2, {"pp": 2, "schedule": "dualpipev"}), (4, {"pp": 2, "ep": 2, "dispatcher": "alltoall"})),  # the V placement
 ]
 
 
