@@ -183,6 +183,8 @@ class MoEConfig:
     """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     """How tokens reach experts on other ranks."""
+    moe_a2a_overlap_chunks: int = 1
+    """All-to-all dispatcher: cut each MoE layer's tokens into this many chunks, dispatched and combined one by one, so one chunk's exchange runs while another chunk's experts compute, in forward and in backward. The results are those of one chunk (each token's experts stay in its chunk); one count exchange and one host synchronisation per layer whatever the count. 1: one exchange each way."""
     moe_grouped_gemm: bool = False
     """Run each rank's experts as grouped GEMMs (backend: --moe-grouped-gemm-impl). Without it, one GEMM per expert (Megatron-LM's SequentialMLP)."""
     moe_grouped_gemm_impl: Optional[Literal["loop", "torch", "te"]] = None

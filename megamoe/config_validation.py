@@ -131,6 +131,16 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
         if moe.moe_router_topk > group_topk * (moe.num_experts // groups):
             _fail(f"--moe-router-topk {moe.moe_router_topk} exceeds the experts in "
                   f"--moe-router-group-topk {group_topk} groups of {moe.num_experts // groups}")
+    _positive(moe, "moe_a2a_overlap_chunks")
+    if moe.moe_a2a_overlap_chunks > 1:
+        chunks = f"--moe-a2a-overlap-chunks {moe.moe_a2a_overlap_chunks}"
+        if moe.moe_token_dispatcher_type != "alltoall":
+            _fail(f"{chunks} needs --moe-token-dispatcher-type alltoall")
+        if moe.moe_pad_expert_input_to_capacity:
+            _fail(f"{chunks} cannot pad each chunk to the micro-batch's capacity: drop it or "
+                  "--moe-pad-expert-input-to-capacity")
+        if moe.moe_fp8_dispatch:
+            _fail(f"{chunks} with --moe-fp8-dispatch is not supported yet: drop one")
     if moe.moe_pad_expert_input_to_capacity and moe.moe_expert_capacity_factor is None:
         _fail("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if moe.moe_aux_loss_coeff < 0 or (moe.moe_z_loss_coeff or 0) < 0:

@@ -15,6 +15,11 @@ buckets (:mod:`megamoe.parallel.data_parallel`), twice:
 
 ``exposed = total(overlap) - compute`` and ``hidden = 1 - exposed / reduction``. Means over the
 steps after ``--warmup``; the optimizer step is not run (it is the same in both).
+
+Per bucket (``--per-bucket``, CUDA): the last overlapped step again, with CUDA events recorded
+from outside the buckets (their start and wait are wrapped here): when each bucket started
+relative to the end of backward (negative: during it), when its wait returned, and the part of
+the exposed time that is its own (the time its wait added after the previous bucket's).
 """
 
 from __future__ import annotations
@@ -66,11 +71,48 @@ def run_mode(model, grads: DataParallelGrads, data: MicroBatches, rng, iters: in
     return tuple(sum(r[i] for r in steady) / len(steady) for i in range(2))
 
 
+def bucket_timeline(model, grads: DataParallelGrads, data: MicroBatches, rng, step: int) -> list[tuple]:
+    """One overlapped step with events around every bucket: per bucket in launch order, (order,
+    buffer, MB, started in backward, start ms, done ms, own exposed ms); times from the end of
+    backward."""
+    marks: dict[tuple[int, str], torch.cuda.Event] = {}
+
+    def mark(key) -> None:
+        marks[key] = torch.cuda.Event(enable_timing=True)
+        marks[key].record()
+
+    originals = [(b, b.start_grad_reduce, b.wait_grad_reduce) for b in grads.buckets]
+    for b, start, wait in originals:
+        b.start_grad_reduce = lambda rs, b=b, start=start: (mark((b.order, "start")), start(rs))
+        b.wait_grad_reduce = lambda b=b, wait=wait: (wait(), mark((b.order, "done")))
+    try:
+        grads.start_step(data.num_micro)
+        for j in range(data.num_micro):
+            batch = data.get(step, j)
+            out = model(batch["tokens"], batch["labels"], batch["loss_mask"], rng)
+            (out.lm_loss_sum / out.num_tokens + sum(s.aux_loss + s.z_loss for s in out.moe_stats)).backward()
+        mark((-1, "backward"))
+        grads.finish()
+        torch.cuda.synchronize()
+    finally:
+        for b, start, wait in originals:
+            b.start_grad_reduce, b.wait_grad_reduce = start, wait
+    end = marks[(-1, "backward")]
+    rows, previous = [], 0.0
+    for b in sorted(grads.buckets, key=lambda b: end.elapsed_time(marks[(b.order, "done")])):
+        started, done = end.elapsed_time(marks[(b.order, "start")]), end.elapsed_time(marks[(b.order, "done")])
+        rows.append((b.order, b.buffer.name, b.grad_data.numel() * b.grad_data.element_size() / 1e6,
+                     b.launched_in_backward, started, done, max(done, 0.0) - max(previous, 0.0)))
+        previous = max(previous, done)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench_dp.py")
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2, help="Steps left out of the mean.")
     parser.add_argument("--no-proxy", action="store_true", help="Do not prepend the V2-Lite proxy flags.")
+    parser.add_argument("--per-bucket", action="store_true", help="Time every bucket of one more step (CUDA).")
     # Everything else goes to the training config (torchrun 2.11 drops a lone `--`).
     args, extra = parser.parse_known_args([a for a in sys.argv[1:] if a != "--"])
     info = process_info_from_env()
@@ -88,13 +130,15 @@ def main() -> int:
     model.train()
     data = MicroBatches(config, state, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    results = {}
+    results, timelines = {}, {}
     for reduce_scatter in (False, True):
         grads = DataParallelGrads(params, state, overlap=True, reduce_scatter=reduce_scatter,
                                   bucket_size=config.parallel.ddp_bucket_size)
         compute, reduction = run_mode(model, grads, data, rng, args.iters, args.warmup, False, device)
         total, _ = run_mode(model, grads, data, rng, args.iters, args.warmup, True, device)
         results[reduce_scatter] = (compute, reduction, total, grads.grad_bytes(), len(grads.buckets))
+        if args.per_bucket and device.type == "cuda":
+            timelines[reduce_scatter] = bucket_timeline(model, grads, data, rng, args.iters)
         grads.remove_hooks()
         del grads
     mine = torch.tensor([v for r in results.values() for v in r[:3]], dtype=torch.float64, device=device)
@@ -113,6 +157,11 @@ def main() -> int:
             name = "reduce-scatter" if reduce_scatter else "all-reduce"
             print(f"{name:<16}{nbuckets:>8}{nbytes / 1e9:>7.2f}{compute:>10.1f}{reduction:>11.1f}{total:>12.1f}"
                   f"{exposed:>9.1f}{100 * hidden:>7.0f}%")
+        for reduce_scatter, rows in timelines.items():
+            print(f"\n{'reduce-scatter' if reduce_scatter else 'all-reduce'}, rank 0, ms from the end of backward:")
+            print(f"{'bucket':>6}  {'buffer':<10}{'MB':>8}{'in bwd':>8}{'start':>9}{'done':>9}{'own exposed':>13}")
+            for order, name, mb, in_bwd, started, done, own in rows:
+                print(f"{order:>6}  {name:<10}{mb:>8.1f}{'yes' if in_bwd else 'no':>8}{started:>9.1f}{done:>9.1f}{own:>13.1f}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -12,7 +12,11 @@ Shape: hidden 2048, 64 routed experts (top-6, ffn 1408, softmax router), 2 share
   all-to-all (dispatch + combine exchanges, re-timed alone with the same split sizes),
   expert GEMMs, combine (un-permute and weighted sum);
 - forward + backward of the whole layer with the shared-expert side-stream overlap on and off,
-  the shared experts alone, and how much time the overlap saves.
+  the shared experts alone, and how much time the overlap saves;
+- forward + backward with the tokens in ``--chunks`` chunks (``--moe-a2a-overlap-chunks``; shared
+  overlap on): at EP > 1 the time saved against one chunk, as a share of the all-to-all time
+  (4 exchanges), is the share of the all-to-all hidden; at EP 1 (no exchange) what chunking
+  costs.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--backend", default="torch", choices=["loop", "torch", "te"])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[2, 4], help="Chunk counts to time.")
     parser.add_argument("--json", default=None, help="Write the results here (rank 0).")
     args = parser.parse_args()
     info = process_info_from_env()
@@ -94,6 +99,13 @@ def main() -> None:
     total_on = timed(fwd_bwd, args.iters)
     layer.shared_expert_overlap = False
     total_off = timed(fwd_bwd, args.iters)
+
+    layer.shared_expert_overlap = True
+    chunked = {}
+    for num_chunks in args.chunks:
+        layer.dispatcher.num_chunks = num_chunks
+        chunked[num_chunks] = timed(fwd_bwd, args.iters)
+    layer.dispatcher.num_chunks = 1
 
     def shared_only():
         layer.shared_experts(x).float().mul(grad).sum().backward()
@@ -121,6 +133,7 @@ def main() -> None:
         "fwd_bwd_ms_overlap_on": total_on, "fwd_bwd_ms_overlap_off": total_off,
         "shared_experts_fwd_bwd_ms": shared_ms, "overlap_saves_ms": total_off - total_on,
         "all_to_all_fwd_bwd_ms_estimate": 4 * a2a if world > 1 else 0.0,
+        "fwd_bwd_ms_chunks": chunked,
     }
     if rank == 0:
         print(f"\nMoE layer, DeepSeek-V2-Lite shape, EP={world}, {args.seq * args.batch} tokens/rank, {args.backend}")
@@ -130,6 +143,9 @@ def main() -> None:
         print(f"  fwd+bwd, shared overlap off         {total_off:8.2f} ms")
         print(f"  shared experts alone (fwd+bwd)      {shared_ms:8.2f} ms")
         print(f"  overlap saves                       {total_off - total_on:8.2f} ms")
+        for num_chunks, ms in chunked.items():
+            hidden = f", {100 * (total_on - ms) / (4 * a2a):.0f}% of the all-to-all hidden" if world > 1 else ""
+            print(f"  fwd+bwd in {num_chunks} chunks                 {ms:8.2f} ms ({ms - total_on:+.2f}{hidden})")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
     if world > 1:

@@ -11,7 +11,7 @@
 # and the attention benchmark at CP 1 and 2 (32k and 128k tokens; every exchange).
 # `dp` needs two GPUs: the NCCL tier of the bucket tests, NCCL parity of DP 2 with overlapped
 # reduction and the distributed optimizer, and how much of the gradient reduction hides behind
-# backward (tools/bench_dp.py on the V2-Lite proxy at DP 2); a few minutes.
+# backward (tools/bench_dp.py on the V2-Lite proxy at DP 2, with the per-bucket timeline); a few minutes.
 # `perf` (one GPU; bring .gpu/peers, staged by ../shared/peers/stage-peers.sh): the GPU tests,
 # MLA's attention on every SDPA backend, torchtitan compiled and megamoe (eager, --compile,
 # --compile at micro-batch 16) side by side on the V2-Lite proxy, the head's GEMMs per chunk size
@@ -82,8 +82,8 @@ if [ "$mode" = dp ]; then
     | tee "$LOG/gpu_tests_dp.log" | tail -4
   python3 tools/check_parity.py --models mla --layouts tp=1 dp=2 dp=2,overlap,bucket=200000 dp=2,distopt \
     dp=2,distopt,overlap,gather,bucket=200000 2>&1 | tee "$LOG/parity_dp_nccl.log" | grep -v "^ *\[" | tail -22
-  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_dp.py 2>&1 \
-    | tee "$LOG/bench_dp.log" | tail -6
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_dp.py --per-bucket 2>&1 \
+    | tee "$LOG/bench_dp.log" | tail -45
 fi
 if [ "$mode" = perf ]; then
   source .gpu/peers/install.sh

@@ -242,7 +242,8 @@ class GPTModel(nn.Module):
                          gated=args.swiglu, fp8=fp8, device=device, dtype=dtype)
         if moe.dispatcher == "alltoall":
             dispatcher = AllToAllDispatcher(state.ep, state.etp, E, moe.pad_to_capacity, moe.pad_multiple,
-                                            fp8_dispatch=moe.fp8_dispatch and experts.fp8 is not None)
+                                            fp8_dispatch=moe.fp8_dispatch and experts.fp8 is not None,
+                                            num_chunks=moe.a2a_chunks)
         else:
             dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, moe.pad_to_capacity,
                                              moe.pad_multiple)

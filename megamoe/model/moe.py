@@ -81,6 +81,19 @@ class MoELayer(nn.Module):
     def combine(self, y_ND: torch.Tensor, handle: DispatchHandle, dtype: torch.dtype) -> torch.Tensor:
         return self.dispatcher.combine(y_ND, handle).to(dtype)
 
+    def _experts_in_chunks(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Dispatch, experts and combine chunk by chunk (``--moe-a2a-overlap-chunks``): every
+        chunk's exchange is started first; each chunk's experts then run while the later chunks'
+        rows travel, and each chunk's outputs travel back while the next chunk computes. In
+        backward autograd meets the same pieces in reverse, with the same overlap."""
+        sent = self.dispatcher.dispatch_chunks(x_TD, routing.probs_TK, routing.experts_TK, routing.kept_TK,
+                                               routing.capacity)
+        returning = []
+        for pending, handle in sent:
+            y_ND = self.experts(self.dispatcher.receive(pending, handle), handle.tokens_per_expert)
+            returning.append((self.dispatcher.start_combine(y_ND, handle), handle))
+        return torch.cat([self.dispatcher.finish_combine(pending, handle) for pending, handle in returning])
+
     # ----------------------------------------------------------------------------- forward
 
     def _shared_start(self, x: torch.Tensor):
@@ -119,9 +132,12 @@ class MoELayer(nn.Module):
             positions = positions.chunk(self.tp.size)[self.tp.rank]  # the slice x_own holds
         routing = self.route(x_own, positions)
         x_TD = x_own.reshape(-1, x_own.shape[-1])
-        rows_ND, tokens_per_expert, handle = self.dispatch(x_TD, routing)
-        y_ND = self.experts(rows_ND, tokens_per_expert, handle.fp8_rows)
-        out = self.combine(y_ND, handle, x.dtype).view_as(x_own)
+        if getattr(self.dispatcher, "num_chunks", 1) > 1:
+            out = self._experts_in_chunks(x_TD, routing).to(x.dtype).view_as(x_own)
+        else:
+            rows_ND, tokens_per_expert, handle = self.dispatch(x_TD, routing)
+            y_ND = self.experts(rows_ND, tokens_per_expert, handle.fp8_rows)
+            out = self.combine(y_ND, handle, x.dtype).view_as(x_own)
         if not tokens_sharded:
             out = mappings.gather_from_region(out, self.tp, dim=0)
         shared = self._shared_finish(shared)

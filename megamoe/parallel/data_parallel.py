@@ -34,11 +34,14 @@ unreduced gradients.
 With ``overlap``, a post-accumulate-grad hook counts each parameter's backward passes in the
 step; when every parameter of a bucket has received its last micro-batch's gradient the bucket's
 reduction starts asynchronously, overlapping the rest of backward. Earlier micro-batches only
-accumulate. Buckets start in one fixed order (backward order, the same on every rank), a bucket
-never before the ones ahead of it, so every communicator sees its collectives in the same order
-on all its ranks even when some parameter gets no gradient on some rank (an expert without
-tokens, an unused weight): such a bucket, and those behind it, simply start in
+accumulate. Each communicator's buckets (those reduced over one rank set) start in one fixed
+order (backward order, the same on every rank), a bucket never before the ones of its
+communicator ahead of it, so every communicator sees its collectives in the same order on all
+its ranks even when some parameter gets no gradient on some rank (an expert without tokens, an
+unused weight): such a bucket, and those behind it, simply start in
 :meth:`DataParallelGrads.finish`, which starts whatever has not started and waits for all.
+Communicators do not wait for each other: an expert bucket (expert-DP) starts as soon as it is
+ready, whatever the dense buckets (DP x CP) ahead of it in backward order are doing.
 
 Bucket size (``--ddp-bucket-size``): unset means Megatron-LM's ``max(40M, 1M x group size)``
 elements, which for small models is one bucket per buffer.
@@ -90,7 +93,7 @@ class Bucket:
         self.order = 0  # position in the launch order (set by DataParallelGrads)
         self.num_ready = 0  # parameters whose last micro-batch gradient has arrived this step
         self.num_launches = 0  # lifetime count (tests check there is one per step)
-        self.launched_in_backward = False
+        self.launched = self.launched_in_backward = False  # this step
         self._grad_work = self._grad_scratch = None
         self._param_work = self._param_send = None
 
@@ -106,6 +109,7 @@ class Bucket:
 
     def start_grad_reduce(self, reduce_scatter: bool) -> None:
         self.num_launches += 1
+        self.launched = True
         if self.group.size == 1:
             return
         if reduce_scatter:
@@ -210,14 +214,20 @@ class DataParallelGrads:
         # parameter; deferred buckets (reduced only after their first group) go last.
         buckets = [b for buf in self.buffers for b in buf.buckets]
         self.buckets = sorted(buckets, key=lambda b: (b.deferred, max(position[p] for p in b.params)))
+        # Each communicator (rank set) sees its buckets in that order on every rank; different
+        # communicators do not wait for each other (an expert bucket on expert-DP need not wait
+        # for a dense bucket ahead of it that is not ready yet).
+        self._queues: dict[tuple[int, ...], list[Bucket]] = {}
         for i, b in enumerate(self.buckets):
             b.order = i
+            if not b.deferred:
+                self._queues.setdefault(tuple(b.group.ranks), []).append(b)
+        self._next = {key: 0 for key in self._queues}  # each queue's first bucket not launched this step
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._counts: dict[torch.nn.Parameter, int] = {}
         self._params = ordered
         self._seen: set[torch.nn.Parameter] = set()  # parameters with a gradient this step
         self._num_micro: Optional[int] = None
-        self._next = 0  # first bucket in self.buckets not launched this step
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in ordered]
 
     # -- per step
@@ -233,9 +243,9 @@ class DataParallelGrads:
         sum its zeros."""
         self._seen.clear()
         for b in self.buckets:
-            b.num_ready, b.launched_in_backward = 0, False
+            b.num_ready, b.launched, b.launched_in_backward = 0, False, False
         self._counts.clear()
-        self._next = 0
+        self._next = dict.fromkeys(self._queues, 0)
         self._num_micro = num_micro if self.overlap else None
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
@@ -261,13 +271,13 @@ class DataParallelGrads:
                 f"{self._num_micro} micro-batches (start_step); its bucket's reduction had already started")
         if count == self._num_micro:
             bucket.num_ready += 1
-            while self._next < len(self.buckets):
-                b = self.buckets[self._next]
-                if b.deferred or b.num_ready < len(b.params):
-                    break
+            key = tuple(bucket.group.ranks)
+            queue = self._queues[key]
+            while self._next[key] < len(queue) and queue[self._next[key]].num_ready == len(queue[self._next[key]].params):
+                b = queue[self._next[key]]
                 b.launched_in_backward = True
                 b.start_grad_reduce(self.reduce_scatter)
-                self._next += 1
+                self._next[key] += 1
 
     def finish(self) -> None:
         """After the last backward: start every bucket not started yet (after summing the
@@ -279,16 +289,15 @@ class DataParallelGrads:
         for p in self._params:
             if p not in self._seen:
                 p.main_grad.zero_()
-        for b in self.buckets[self._next:]:
-            if not b.deferred:
+        for b in self.buckets:  # what has not started, each communicator's buckets in its order
+            if not (b.deferred or b.launched):
                 b.start_grad_reduce(self.reduce_scatter)
         for buf in self.buffers:
             if buf.pre_group is not None and buf.pre_group.size > 1:
                 dist.all_reduce(buf.grad_data, group=buf.pre_group.process_group)
-        for b in self.buckets[self._next:]:
+        for b in self.buckets:
             if b.deferred:
                 b.start_grad_reduce(self.reduce_scatter)
-        self._next = len(self.buckets)
         for b in self.buckets:
             b.wait_grad_reduce()
 

@@ -12,7 +12,13 @@ gather_from_region(dim)               all-gather along dim     keep own slice
 gather_from_sequence_region(dim)      all-gather along dim     reduce-scatter along dim
 reduce_scatter_to_sequence_region     reduce-scatter           all-gather
 all_to_all(out_splits, in_splits)     all-to-all (variable)    all-to-all (splits swapped)
+start_all_to_all(...).wait()          the same, in flight      the same, in flight
 ====================================  =======================  ===========================
+
+``start_all_to_all`` returns a :class:`PendingAllToAll`: the exchange runs while the caller
+does other work, and ``wait()`` gives the received tensor. Autograd mirrors it: the backward of
+``wait()`` starts the reverse exchange of the gradient and the backward of the start waits for
+it, so whatever autograd runs between the two (another chunk's expert GEMMs) overlaps it.
 
 Every function takes a :class:`~megamoe.parallel.state.Group` and is the identity for a group
 of one rank. Collectives are the tensor forms (``all_gather_single`` / ``all_gather_into_tensor``,
@@ -89,24 +95,27 @@ def all_to_all_uneven(
     group: Group,
     output_splits: Optional[Sequence[int]],
     input_splits: Optional[Sequence[int]],
-) -> torch.Tensor:
+    async_op: bool = False,
+):
     """All-to-all along dim 0: row block i of ``x`` (``input_splits[i]`` rows) goes to rank i.
 
-    Splits of None mean equal blocks. The result stacks the blocks received from each rank.
+    Splits of None mean equal blocks. The result stacks the blocks received from each rank;
+    with ``async_op`` it is ``(result, work)``, the result valid after ``work.wait()``.
     """
     if group.size == 1:
-        return x
+        return (x, None) if async_op else x
     x = x.contiguous()
     num_out = sum(output_splits) if output_splits is not None else x.shape[0]
     out = x.new_empty((num_out, *x.shape[1:]))
-    dist.all_to_all_single(
+    work = dist.all_to_all_single(
         out,
         x,
         output_split_sizes=list(output_splits) if output_splits is not None else None,
         input_split_sizes=list(input_splits) if input_splits is not None else None,
         group=group.process_group,
+        async_op=async_op,
     )
-    return out
+    return (out, work) if async_op else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +197,65 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad):
         grad_in = all_to_all_uneven(grad, ctx.group, ctx.input_splits, ctx.output_splits)
         return grad_in, None, None, None
+
+
+class _Exchange:
+    """One all-to-all in flight and, in backward, its reverse."""
+
+    def __init__(self, group: Group, output_splits, input_splits):
+        self.group, self.output_splits, self.input_splits = group, output_splits, input_splits
+        self.work = self.backward_work = self.backward_result = None
+
+
+class _StartAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, exchange: _Exchange):
+        out, exchange.work = all_to_all_uneven(x, exchange.group, exchange.output_splits, exchange.input_splits,
+                                               async_op=True)
+        ctx.exchange = exchange
+        return out
+
+    @staticmethod
+    def backward(ctx, _):  # the gradient that matters arrives by the reverse exchange
+        exchange = ctx.exchange
+        exchange.backward_work.wait()
+        grad, exchange.backward_result, exchange.backward_work = exchange.backward_result, None, None
+        return grad, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, exchange: _Exchange):
+        exchange.work.wait()
+        exchange.work = None
+        ctx.exchange = exchange
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        exchange = ctx.exchange
+        exchange.backward_result, exchange.backward_work = all_to_all_uneven(
+            grad, exchange.group, exchange.input_splits, exchange.output_splits, async_op=True)
+        return grad, None  # a stand-in: the start's backward returns the received gradient
+
+
+class PendingAllToAll:
+    """An all-to-all in flight (:func:`start_all_to_all`); :meth:`wait` gives its result."""
+
+    def __init__(self, out: torch.Tensor, exchange: Optional[_Exchange]):
+        self._out, self._exchange = out, exchange
+
+    def wait(self) -> torch.Tensor:
+        return self._out if self._exchange is None else _WaitAllToAll.apply(self._out, self._exchange)
+
+
+def start_all_to_all(x: torch.Tensor, group: Group, output_splits: Optional[Sequence[int]] = None,
+                     input_splits: Optional[Sequence[int]] = None) -> PendingAllToAll:
+    """Start :func:`all_to_all` and return at once; see the module docstring for backward."""
+    if group.size == 1:
+        return PendingAllToAll(x, None)
+    exchange = _Exchange(group, output_splits, input_splits)
+    return PendingAllToAll(_StartAllToAll.apply(x, exchange), exchange)
 
 
 def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:

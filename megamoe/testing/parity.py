@@ -27,7 +27,7 @@ def make_config(variant: str, layout: dict) -> Config:
         cfg.moe.moe_layer_freq = f"[0]*1+[1]*{layout['layers'] - 1}"
     cfg.training.micro_batch_size = 1
     cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
-    cfg.training.train_iters = 3
+    cfg.training.train_iters = layout.get("iters", 3)
     cfg.training.clip_grad = layout.get("clip", 0.0)
     cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)
     cfg.parallel.sequence_parallel = layout.get("sp", False)
@@ -42,6 +42,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
     cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
     cfg.moe.moe_router_padding_for_fp8 = layout.get("pad", False)
+    cfg.moe.moe_a2a_overlap_chunks = layout.get("chunks", 1)
     cfg.parallel.use_distributed_optimizer = layout.get("distopt", False)
     cfg.parallel.overlap_grad_reduce = layout.get("overlap", False)
     cfg.parallel.overlap_param_gather = layout.get("gather", False)

@@ -3,6 +3,7 @@ on gloo in float64: per-step loss, aux and z-losses, grad norm, every gradient (
 gathered), the weights after three optimizer steps and the expert-bias buffers.
 
 Layouts: TP 2 and 4 with and without sequence parallel; EP 2, 4 and 8; EP 2 with expert-TP 2;
+the all-to-all in 2 or 3 overlapped chunks at EP 2 and 4 (with expert-TP 2, capacity, padding);
 TP 2 for attention with EP 4 for experts (with and without SP); PP 2 and 4 (1F1B), PP 2 x VPP 2
 and PP 2 x VPP 4 (interleaved), PP 2 and 4 under DualPipeV (with EP 2), PP 2 with TP 2 or EP 2,
 uneven stages (1 + 3 layers), and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
@@ -49,7 +50,7 @@ def _parity(variant: str, layout: dict):
         data.dp_rank = state.dp.rank
         got = train_step(model, opt, mine, step, cfg, state, None)
         ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size, "layers": cfg.model.num_layers,
-                                        "clip": cfg.training.clip_grad})
+                                        "clip": cfg.training.clip_grad, "iters": cfg.training.train_iters})
         want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
         assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
         assert abs(got.grad_norm - want.grad_norm) <= 1e-9 * want.grad_norm, (step, got.grad_norm, want.grad_norm)
@@ -77,7 +78,7 @@ def _parity(variant: str, layout: dict):
 def _name(case) -> str:
     if isinstance(case, str):
         return case
-    return ",".join(k if v is True else f"{k}={v}" for k, v in case.items() if k != "gbs")
+    return ",".join(k if v is True else f"{k}={v}" for k, v in case.items() if k not in ("gbs", "iters"))
 
 
 # (variant, layout) pairs: every layout once, every variant under every dimension; the suite
@@ -98,6 +99,11 @@ EP_CASES = [
     ("gqa", dict(tp=2, ep=4, etp=1, dispatcher="alltoall")),
     ("mtp_capacity", dict(tp=2, ep=4, etp=1, sp=True, dispatcher="alltoall")),
     ("mla", dict(tp=2, ep=4, etp=1, sp=True, dispatcher="allgather", pad=True)),
+    # chunks: each MoE layer's tokens in 2 or 3 chunks whose all-to-alls are in flight while the
+    # other chunks' experts run (--moe-a2a-overlap-chunks), forward and backward
+    ("mla", dict(ep=2, dispatcher="alltoall", chunks=2)),
+    ("mtp_capacity", dict(ep=4, dispatcher="alltoall", chunks=3, pad=True)),
+    ("gqa", dict(ep=2, etp=2, dispatcher="alltoall", chunks=2)),
 ]
 
 
@@ -172,8 +178,10 @@ def test_pipeline_tensor_expert_8_ranks(workers):
 
 
 def test_dualpipev_with_expert_parallel_8_ranks(workers):
-    # PP 4 (8 virtual stages of one layer) x EP 2 (all-to-all), 8 micro-batches per rank
-    layout = {"pp": 4, "ep": 2, "dispatcher": "alltoall", "schedule": "dualpipev", "layers": 8, "gbs": 16}
+    # PP 4 (8 virtual stages of one layer) x EP 2 (all-to-all), 8 micro-batches per rank; two
+    # steps (the slowest case on two cores)
+    layout = {"pp": 4, "ep": 2, "dispatcher": "alltoall", "schedule": "dualpipev", "layers": 8, "gbs": 16,
+              "iters": 2}
     assert all(workers(8).run(_parity, "mtp_capacity", layout))
 
 

@@ -179,6 +179,39 @@ def test_a_parameter_without_a_last_gradient_hangs_nothing(workers, backend):
         assert calls == ["micro2"] * in_backward.count(True) + ["finish"] * in_backward.count(False)
 
 
+def _communicators_do_not_wait_for_each_other():
+    """4 ranks, EP 2: layer 1 is an expert layer (reduced over expert-DP, 2 ranks), the rest dense
+    (DP, 4 ranks). Layer 2 skips the last micro-batch, so its dense bucket and the dense ones
+    behind it wait for finish; layer 1's expert buckets, behind layer 2 in backward order but on
+    another communicator, start during backward. The sums are each group's."""
+    state, device = ParallelState.build(ep=2), worker_device()
+    model = Toy(device)
+    for p in model.layers[1].parameters():
+        set_spec(p, ParamSpec("expert", tuple(p.shape)))
+    grads = DataParallelGrads(list(model.parameters()), state, overlap=True, bucket_size=150)
+    grads.start_step(2)
+    for j in range(2):
+        model(_inputs(state.rank, j, device), skip=j == 1).backward()
+    expert_buckets = [b for b in grads.buckets if b.group is state.edp]
+    launched = [b.launched_in_backward for b in expert_buckets]
+    grads.finish()
+    ref = Toy(device)
+    for j in range(2):
+        ref(_inputs(state.rank, j, device), skip=j == 1).backward()
+    experts = {id(p) for p in model.layers[1].parameters()}
+    for p, q in zip(model.parameters(), ref.parameters()):
+        want = torch.zeros_like(q) if q.grad is None else q.grad.clone()
+        dist.all_reduce(want, group=(state.edp if id(p) in experts else state.dp).process_group)
+        torch.testing.assert_close(p.main_grad, want, rtol=1e-12, atol=1e-12)
+    return launched, [b.launched_in_backward for b in grads.buckets if b.group is not state.edp]
+
+
+def test_expert_buckets_do_not_wait_for_dense_ones(workers):
+    for expert, dense in workers(4).run(_communicators_do_not_wait_for_each_other):
+        assert expert and all(expert)  # all during backward
+        assert not all(dense) and any(dense)  # layer 3's during backward, layer 2's and after at finish
+
+
 def _optimizer_memory_and_gather(dp_shard: bool):
     state = ParallelState.build()
     model = Toy()
