@@ -183,6 +183,8 @@ class MoEConfig:
     """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     """How tokens reach experts on other ranks."""
+    overlap_moe_expert_parallel_comm: bool = False
+    """Megatron's name: run each micro-batch's forward interleaved, piece by piece, with another micro-batch's backward, so that one's expert all-to-all is in flight while the other computes (cut at each MoE layer's dispatch and combine). With --pipeline-model-parallel-size 1 every forward pairs with the previous micro-batch's backward (gradient accumulation); with --pipeline-schedule dualpipev its forward-and-backward pairs run so. Needs the all-to-all dispatcher. Not supported yet: 1F1B pipelines (PP > 1 without dualpipev), full and MoE-layer recompute, --moe-a2a-overlap-chunks, --moe-fp8-dispatch, --compile. With dropout the masks are drawn in another order than without it (still independent masks)."""
     moe_a2a_overlap_chunks: int = 1
     """All-to-all dispatcher: cut each MoE layer's tokens into this many chunks, dispatched and combined one by one, so one chunk's exchange runs while another chunk's experts compute, in forward and in backward. The results are those of one chunk (each token's experts stay in its chunk); one count exchange and one host synchronisation per layer whatever the count. 1: one exchange each way."""
     moe_grouped_gemm: bool = False

@@ -268,6 +268,25 @@ def _validate_dualpipev(p: ParallelConfig, m: ModelConfig, layout: ParallelLayou
               f"--decoder-first/last-pipeline-num-layers")
 
 
+def validate_moe_overlap(config: Config, layout: ParallelLayout) -> None:
+    """--overlap-moe-expert-parallel-comm: where the pieces it interleaves are built."""
+    moe, flag = config.moe, "--overlap-moe-expert-parallel-comm"
+    if not moe.overlap_moe_expert_parallel_comm:
+        return
+    if not moe.num_experts or moe.moe_token_dispatcher_type != "alltoall":
+        _fail(f"{flag} needs routed experts on --moe-token-dispatcher-type alltoall")
+    if layout.pp > 1 and config.parallel.pipeline_schedule != "dualpipev":
+        _fail(f"{flag} with --pipeline-schedule 1f1b at --pipeline-model-parallel-size {layout.pp} is not "
+              "supported yet: use --pipeline-schedule dualpipev, or PP 1")
+    unsupported = [("--recompute-granularity full", config.model.recompute_granularity == "full"),
+                   ("--moe-layer-recompute", moe.moe_layer_recompute),
+                   (f"--moe-a2a-overlap-chunks {moe.moe_a2a_overlap_chunks}", moe.moe_a2a_overlap_chunks > 1),
+                   ("--moe-fp8-dispatch", moe.moe_fp8_dispatch), ("--compile", config.training.compile)]
+    for other, given in unsupported:
+        if given:
+            _fail(f"{flag} with {other} is not supported yet: drop one")
+
+
 def validate_training(t: TrainingConfig, layout: ParallelLayout, schedule: str) -> None:
     _positive(t, "micro_batch_size", "global_batch_size", "train_iters", "lr", "eval_interval")
     if t.global_batch_size % (t.micro_batch_size * layout.dp):
@@ -480,6 +499,7 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
     validate_training(config.training, layout, config.parallel.pipeline_schedule)
     validate_fp8(config.model, config.moe, config.training)
+    validate_moe_overlap(config, layout)
     validate_data(config.data, config.training)
     validate_logging(config.logging, config.training)
     validate_checkpoint(config.checkpoint)

@@ -14,6 +14,8 @@ from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.mlp import MLP
 from megamoe.model.moe import MoELayer, MoEStats
 from megamoe.model.norm import build_norm
+from megamoe.parallel.pieces import Piece
+from megamoe.parallel.expert_parallel import AllToAllDispatcher
 from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker, recompute_with_rng
 
 
@@ -69,3 +71,39 @@ class TransformerBlock(nn.Module):
         if isinstance(out, tuple):
             out, stats = out
         return h + self._dropout(out, rng_tracker), stats
+
+    def pieces(self, name: str, positions: torch.Tensor, rng_tracker: Optional[RNGStatesTracker] = None) -> list[Piece]:
+        """This block's forward as pieces over the residual stream ``x`` (parallel/pieces.py). A MoE
+        layer on the all-to-all dispatcher takes three, cut where its exchanges are in flight:
+        attention, routing and the dispatch's start; the experts and the combine's start; the
+        combine and the residual. Any other block is one piece. Values are named after the
+        layer (``name``); ``{name}.aux`` and ``{name}.z`` are its balancing losses, and
+        ``{name}.ctx["stats"]`` its statistics."""
+        if not (isinstance(self.ffn, MoELayer) and isinstance(self.ffn.dispatcher, AllToAllDispatcher)):
+            def whole(x):
+                out, stats = self(x, positions, rng_tracker)
+                if stats is None:
+                    return {"x": out}
+                return {"x": out, f"{name}.aux": stats.aux_loss, f"{name}.z": stats.z_loss,
+                        f"{name}.ctx": {"stats": MoEStats(stats.aux_loss.detach(), stats.z_loss.detach(),
+                                                          stats.tokens_per_expert, stats.num_dropped)}}
+            return [Piece(name, ("x",), whole)]
+
+        def attention_and_dispatch(x):
+            h = x + self._dropout(self.attn(self.attn_norm(x), positions, rng_tracker), rng_tracker)
+            started = self.ffn.start(self.ffn_norm(h), positions)
+            return {f"{name}.h": h, **{f"{name}.{k}": v for k, v in started.items()}}
+
+        def experts(sent, ctx):
+            return {f"{name}.{k}": v for k, v in self.ffn.run_experts(sent, ctx).items()}
+
+        def combine(back, probs, shared, h, ctx):
+            return {"x": h + self._dropout(self.ffn.finish(back, probs, shared, ctx), rng_tracker)}
+
+        def reads(*names):
+            return tuple(f"{name}.{n}" for n in names)
+
+        return [Piece(f"{name}.attention", ("x",), attention_and_dispatch),
+                Piece(f"{name}.experts", reads("sent", "ctx"), experts),
+                Piece(f"{name}.combine", reads("back", "probs", "shared", "h", "ctx"), combine)]
+

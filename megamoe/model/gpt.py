@@ -30,6 +30,7 @@ from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.mlp import MLP
 from megamoe.model.moe import MoELayer, MoEStats
 from megamoe.model.norm import Norm, build_norm
+from megamoe.parallel.pieces import Piece, PieceRun
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.model.router import TopKRouter
 from megamoe.parallel import mappings
@@ -51,6 +52,16 @@ from megamoe.parallel.weight_grad import WeightGradStore
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     multiple = divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+@dataclass
+class LossWeights:
+    """The gradient each loss of a piece run gets (the training step's loss assembly): the LM
+    loss sum, each MTP depth's, and every balancing loss (aux and z)."""
+
+    lm: float | torch.Tensor
+    mtp: list
+    balance: float | torch.Tensor
 
 
 @dataclass
@@ -290,30 +301,24 @@ class GPTModel(nn.Module):
                                         self.state.tp, self.vocab_size)
         return loss_sum, mask_SB.sum()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
-                rng_tracker: Optional[RNGStatesTracker] = None, hidden_in: Optional[torch.Tensor] = None,
-                chunk: int = 0) -> ModelOutput:
-        """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``, whole sequences. Returns loss sums over
-        this rank's tokens (its share of each sequence under context parallelism).
-        ``hidden_in``: except on the first (virtual) stage, the previous stage's output.
-        ``chunk``: which of this rank's model chunks to run (interleaved pipeline)."""
+    def _sequences(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor]):
+        """Sequence-first tokens, labels and mask, this CP rank's positions, and ``shard`` (this
+        CP rank's tokens of a whole-sequence tensor)."""
         cp = self.state.cp
         tokens_SB, labels_SB = tokens.t(), labels.t()
         mask_SB = (torch.ones_like(labels_SB, dtype=torch.float32) if loss_mask is None else loss_mask.t().float())
         positions = sequence_shard_indices(tokens_SB.shape[0], cp.size, cp.rank, tokens.device)
 
-        def shard(t_SB: torch.Tensor) -> torch.Tensor:  # this CP rank's tokens of a whole-sequence tensor
+        def shard(t_SB: torch.Tensor) -> torch.Tensor:
             return t_SB if cp.size == 1 else t_SB.index_select(0, positions)
 
-        stats: list[MoEStats] = []
-        x = self.embed(shard(tokens_SB)) if chunk == self.input_chunk else hidden_in
-        for name in self.chunk_layers[chunk]:
-            x, s = self._run_block(self.layers[name], x, positions, rng_tracker)
-            stats += [s] if s is not None else []
-        if chunk != self.output_chunk:
-            return ModelOutput(None, None, moe_stats=stats, moe_index=self.chunk_moe_index[chunk], hidden=x)
+        return tokens_SB, labels_SB, mask_SB, positions, shard
+
+    def _head(self, x, tokens_SB, labels_SB, mask_SB, positions, shard, rng_tracker) -> ModelOutput:
+        """The last stage's losses: the LM loss, then the MTP depths (their MoE statistics in
+        ``moe_stats``)."""
         lm_sum, num_tokens = self._token_loss(x, self.norm, shard(labels_SB), shard(mask_SB))
-        out = ModelOutput(lm_sum, num_tokens, moe_index=self.chunk_moe_index[chunk])
+        out = ModelOutput(lm_sum, num_tokens)
         hidden = x
         for depth, mtp in enumerate(self.mtp, start=1):
             # Depth k sees the token k positions ahead and predicts the one after it; the last k
@@ -323,9 +328,72 @@ class GPTModel(nn.Module):
             depth_mask = torch.roll(mask_SB, -depth, dims=0)
             depth_mask[-depth:] = 0.0
             hidden, s = mtp(hidden, self.embed(ahead), positions, rng_tracker)
-            stats += [s] if s is not None else []
+            out.moe_stats += [s] if s is not None else []
             loss_sum, count = self._token_loss(hidden, mtp.norm, depth_labels, shard(depth_mask))
             out.mtp_loss_sums.append(loss_sum)
             out.mtp_num_tokens.append(count)
-        out.moe_stats = stats
         return out
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None,
+                rng_tracker: Optional[RNGStatesTracker] = None, hidden_in: Optional[torch.Tensor] = None,
+                chunk: int = 0) -> ModelOutput:
+        """``tokens``, ``labels``, ``loss_mask``: ``[b, s]``, whole sequences. Returns loss sums over
+        this rank's tokens (its share of each sequence under context parallelism).
+        ``hidden_in``: except on the first (virtual) stage, the previous stage's output.
+        ``chunk``: which of this rank's model chunks to run (interleaved pipeline)."""
+        tokens_SB, labels_SB, mask_SB, positions, shard = self._sequences(tokens, labels, loss_mask)
+        stats: list[MoEStats] = []
+        x = self.embed(shard(tokens_SB)) if chunk == self.input_chunk else hidden_in
+        for name in self.chunk_layers[chunk]:
+            x, s = self._run_block(self.layers[name], x, positions, rng_tracker)
+            stats += [s] if s is not None else []
+        if chunk != self.output_chunk:
+            return ModelOutput(None, None, moe_stats=stats, moe_index=self.chunk_moe_index[chunk], hidden=x)
+        out = self._head(x, tokens_SB, labels_SB, mask_SB, positions, shard, rng_tracker)
+        out.moe_stats, out.moe_index = stats + out.moe_stats, self.chunk_moe_index[chunk]
+        return out
+
+    def piece_run(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
+                  rng_tracker: Optional[RNGStatesTracker], hidden_in: Optional[torch.Tensor], chunk: int,
+                  weights: LossWeights) -> PieceRun:
+        """The same forward as :meth:`forward`, as pieces that a schedule can interleave with
+        another micro-batch's (parallel/pieces.py; ``--overlap-moe-expert-parallel-comm``).
+        ``weights``: each loss's gradient. :meth:`piece_output` reads the results."""
+        tokens_SB, labels_SB, mask_SB, positions, shard = self._sequences(tokens, labels, loss_mask)
+        pieces, values, loss_weights = [], {}, {}
+        if chunk == self.input_chunk:
+            pieces.append(Piece("embed", (), lambda: {"x": self.embed(shard(tokens_SB))}))
+        else:
+            values["x"] = hidden_in
+        for name in self.chunk_layers[chunk]:
+            pieces += self.layers[name].pieces(name, positions, rng_tracker)
+            loss_weights.update({f"{name}.aux": weights.balance, f"{name}.z": weights.balance})
+        if chunk != self.output_chunk:
+            return PieceRun(pieces, values, loss_weights, output="x")
+
+        def head(x):
+            out = self._head(x, tokens_SB, labels_SB, mask_SB, positions, shard, rng_tracker)
+            losses = {"lm_loss_sum": out.lm_loss_sum, **{f"mtp{k}": v for k, v in enumerate(out.mtp_loss_sums)}}
+            for k, st in enumerate(out.moe_stats):
+                losses.update({f"mtp{k}.aux": st.aux_loss, f"mtp{k}.z": st.z_loss})
+            out.moe_stats = [MoEStats(st.aux_loss.detach(), st.z_loss.detach(), st.tokens_per_expert, st.num_dropped)
+                             for st in out.moe_stats]
+            return {"head": out, **losses}
+
+        pieces.append(Piece("head", ("x",), head))
+        loss_weights["lm_loss_sum"] = weights.lm
+        for k in range(len(self.mtp)):
+            loss_weights.update({f"mtp{k}": weights.mtp[k], f"mtp{k}.aux": weights.balance,
+                                 f"mtp{k}.z": weights.balance})
+        return PieceRun(pieces, values, loss_weights)
+
+    def piece_output(self, run: PieceRun, chunk: int) -> ModelOutput:
+        """What :meth:`forward` returns, from a piece run whose forward is done (losses detached)."""
+        stats = [run.result(f"{name}.ctx")["stats"] for name in self.chunk_layers[chunk]
+                 if isinstance(self.layers[name].ffn, MoELayer)]
+        if chunk != self.output_chunk:
+            return ModelOutput(None, None, moe_stats=stats, moe_index=self.chunk_moe_index[chunk],
+                               hidden=run.result("x"))
+        out = run.result("head")
+        return ModelOutput(out.lm_loss_sum.detach(), out.num_tokens, [t.detach() for t in out.mtp_loss_sums],
+                           out.mtp_num_tokens, stats + out.moe_stats, self.chunk_moe_index[chunk])

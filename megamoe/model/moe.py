@@ -28,6 +28,7 @@ from megamoe.model.mlp import MLP
 from megamoe.model.router import Routing, TopKRouter
 from megamoe.parallel import mappings
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher, DispatchHandle
+from megamoe.parallel.permutation import combine_rows
 from megamoe.parallel.state import Group
 
 
@@ -93,6 +94,48 @@ class MoELayer(nn.Module):
             y_ND = self.experts(self.dispatcher.receive(pending, handle), handle.tokens_per_expert)
             returning.append((self.dispatcher.start_combine(y_ND, handle), handle))
         return torch.cat([self.dispatcher.finish_combine(pending, handle) for pending, handle in returning])
+
+    # ----------------------------------------------------------------------------- split forward
+
+    def start(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> dict:
+        """The forward's first piece (parallel/pieces.py): the shared experts start, the tokens are
+        routed and permuted and their exchange starts. Returns the tensors the later pieces read
+        (``sent``: the rows in flight; ``probs``; ``shared``), the scalar losses (``aux``, ``z``),
+        and ``ctx`` (what is not differentiated: the handle, the exchange, the statistics)."""
+        shared = self._shared_start(x)
+        tokens_sharded = self.sequence_parallel or self.tp.size == 1
+        x_own = x if tokens_sharded else mappings.scatter_to_region(x, self.tp, dim=0)
+        if positions is not None and self.tp.size > 1:
+            positions = positions.chunk(self.tp.size)[self.tp.rank]
+        routing = self.route(x_own, positions)
+        ((pending, handle),) = self.dispatcher.dispatch_chunks(x_own.reshape(-1, x_own.shape[-1]), routing.probs_TK,
+                                                               routing.experts_TK, routing.kept_TK, routing.capacity)
+        stats = MoEStats(routing.aux_loss.detach(), routing.z_loss.detach(), routing.tokens_per_expert_E,
+                         routing.num_dropped)
+        stream, shared = shared if isinstance(shared, tuple) else (None, shared)
+        ctx = dict(handle=handle, exchange=pending.exchange, shape=x_own.shape, dtype=x.dtype,
+                   gather=not tokens_sharded, stream=stream, stats=stats)
+        return dict(sent=pending.out, probs=routing.probs_TK, shared=shared, aux=routing.aux_loss,
+                    z=routing.z_loss, ctx=ctx)
+
+    def run_experts(self, sent: torch.Tensor, ctx: dict) -> dict:
+        """The second piece: the rows arrive, the experts run, their outputs start back."""
+        handle = ctx["handle"]
+        rows = self.dispatcher.receive(mappings.PendingAllToAll(sent, ctx["exchange"]), handle)
+        pending = self.dispatcher.start_combine(self.experts(rows, handle.tokens_per_expert), handle)
+        ctx["back"] = pending.exchange
+        return dict(back=pending.out)
+
+    def finish(self, back: torch.Tensor, probs: torch.Tensor, shared: Optional[torch.Tensor], ctx: dict) -> torch.Tensor:
+        """The third piece: the outputs arrive and are combined with the shared experts'."""
+        handle = ctx["handle"]
+        out = combine_rows(mappings.PendingAllToAll(back, ctx["back"]).wait(), probs, handle.pair_index,
+                           handle.row_TK).to(ctx["dtype"]).view(ctx["shape"])
+        if ctx["gather"]:
+            out = mappings.gather_from_region(out, self.tp, dim=0)
+        if shared is not None:
+            out = out + self._shared_finish((ctx["stream"], shared) if ctx["stream"] is not None else shared)
+        return out
 
     # ----------------------------------------------------------------------------- forward
 

@@ -240,13 +240,15 @@ class _WaitAllToAll(torch.autograd.Function):
 
 
 class PendingAllToAll:
-    """An all-to-all in flight (:func:`start_all_to_all`); :meth:`wait` gives its result."""
+    """An all-to-all in flight (:func:`start_all_to_all`); :meth:`wait` gives its result.
+    ``out`` (the buffer being filled, the autograd output of the start) may be replaced by a
+    detached copy of itself when the wait runs in another autograd island (parallel/pieces.py)."""
 
     def __init__(self, out: torch.Tensor, exchange: Optional[_Exchange]):
-        self._out, self._exchange = out, exchange
+        self.out, self.exchange = out, exchange
 
     def wait(self) -> torch.Tensor:
-        return self._out if self._exchange is None else _WaitAllToAll.apply(self._out, self._exchange)
+        return self.out if self.exchange is None else _WaitAllToAll.apply(self.out, self.exchange)
 
 
 def start_all_to_all(x: torch.Tensor, group: Group, output_splits: Optional[Sequence[int]] = None,

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel.pieces import PieceRun, interleave
 from megamoe.parallel.schedules import (Action, Placement, all_forward_all_backward, dualpipev, forward_only,
                                         interleaved_1f1b, one_f_one_b)
 from megamoe.parallel.state import Group
@@ -36,6 +37,8 @@ from megamoe.parallel.weight_grad import WeightGradStore
 
 # forward_step(micro_batch, input_tensor, chunk=0) -> (output_tensor, loss)
 ForwardStep = Callable[..., tuple[Optional[torch.Tensor], torch.Tensor]]
+# piece_step(micro_batch, input_tensor, chunk) -> a PieceRun not run yet (parallel/pieces.py)
+PieceStep = Callable[[int, Optional[torch.Tensor], int], PieceRun]
 
 
 @dataclass
@@ -89,31 +92,45 @@ class ScheduleStats:
 
 
 class _Run:
-    """One rank's run of a schedule: the tensors between its actions, keyed by (micro, chunk)."""
+    """One rank's run of a schedule: the tensors between its actions, keyed by (micro, chunk).
+
+    With ``piece_step`` (``--overlap-moe-expert-parallel-comm``) every forward is a
+    :class:`~megamoe.parallel.pieces.PieceRun`, and a forward listed right before a backward runs
+    interleaved with it, piece by piece (DualPipe's overlapped pairs)."""
 
     def __init__(self, placement: Placement, forward_step: ForwardStep, p2p: P2P, train: bool,
-                 wgrad_store: Optional[WeightGradStore]):
+                 wgrad_store: Optional[WeightGradStore], piece_step: Optional[PieceStep]):
         self.placement, self.forward_step, self.p2p = placement, forward_step, p2p
         self.train, self.wgrad_store, self.rank = train, wgrad_store, p2p.pp.rank
+        self.piece_step = piece_step if train else None
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}  # F's input (none on the first stage)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # F's output waiting for its SEND_F
-        self.saved: dict[tuple[int, int], tuple] = {}  # (input, output, loss) until B
+        self.saved: dict[tuple[int, int], tuple] = {}  # (input, output, loss) or (input, PieceRun) until B
         self.grads_out: dict[tuple[int, int], torch.Tensor] = {}  # B's output gradient
         self.grads_in: dict[tuple[int, int], torch.Tensor] = {}  # B's input gradient waiting for its SEND_B
         self.queued: list[tuple[str, torch.Tensor, int]] = []
         self.received: list[torch.Tensor] = []
         self.peak = 0
 
-    def forward(self, a: Action) -> None:
+    def forward(self, a: Action, paired: Optional[Action] = None) -> None:
+        """F; with ``paired`` (a B), the two interleaved piece by piece."""
         key = (a.micro, a.chunk)
         x = self.inputs.pop(key, None)
-        if self.train:
+        if self.piece_step is not None:
+            run = self.piece_step(a.micro, x, a.chunk)
+            if paired is None:
+                run.forward()
+            else:
+                interleave(run.forward_steps(), self._backward_steps(paired))
+            y = None if run.output is None else run.result(run.output)
+            self.saved[key] = (x, run)
+        elif self.train:
             y, loss = self.forward_step(a.micro, x, chunk=a.chunk)
             self.saved[key] = (x, y, loss)
-            self.peak = max(self.peak, len(self.saved))
         else:
             with torch.no_grad():
                 y, _ = self.forward_step(a.micro, x, chunk=a.chunk)
+        self.peak = max(self.peak, len(self.saved) + (paired is not None))  # the paired B's, until it ends
         following = self.placement.neighbour(self.rank, a.chunk, 1)
         if following is not None and following[0] == self.rank:  # the V's turn: handed over here
             self.inputs[(a.micro, following[1])] = y.detach().requires_grad_(self.train)
@@ -121,13 +138,21 @@ class _Run:
             self.outputs[key] = y if self.train else y.detach()
 
     def backward(self, a: Action) -> None:
+        for _ in self._backward_steps(a):
+            pass
+
+    def _backward_steps(self, a: Action):
         key = (a.micro, a.chunk)
-        x, y, loss = self.saved.pop(key)
+        saved = self.saved.pop(key)
         if a.defer_w and self.wgrad_store is None:
             raise ValueError("the schedule defers weight gradients but no WeightGradStore was given")
-        store = self.wgrad_store
+        store, grad_output = self.wgrad_store, self.grads_out.pop(key, None)
         with store.deferring(a.defer_w) if store is not None else nullcontext():
-            grad_input = _backward(x, y, loss, self.grads_out.pop(key, None))
+            if len(saved) == 2:  # a piece run
+                yield from saved[1].backward_steps(grad_output)
+                grad_input = None if saved[0] is None else saved[1].grad("x")
+            else:
+                grad_input = _backward(*saved, grad_output)
         preceding = self.placement.neighbour(self.rank, a.chunk, -1)
         if preceding is not None and preceding[0] == self.rank:
             self.grads_out[(a.micro, preceding[1])] = grad_input
@@ -154,13 +179,22 @@ class _Run:
 
 
 def run_schedule(actions: list[Action], placement: Placement, forward_step: ForwardStep, p2p: P2P,
-                 train: bool = True, wgrad_store: Optional[WeightGradStore] = None) -> ScheduleStats:
+                 train: bool = True, wgrad_store: Optional[WeightGradStore] = None,
+                 piece_step: Optional[PieceStep] = None) -> ScheduleStats:
     """Run this rank's ``actions`` (see ``schedules.py``). ``train=False``: forwards only, without
-    autograd. ``wgrad_store``: where backward actions with ``defer_w`` leave weight gradients."""
-    run = _Run(placement, forward_step, p2p, train, wgrad_store)
-    for a in actions:
+    autograd. ``wgrad_store``: where backward actions with ``defer_w`` leave weight gradients.
+    ``piece_step``: forwards as piece runs, and each F listed right before a B (no transfer
+    between them) interleaved with it."""
+    run = _Run(placement, forward_step, p2p, train, wgrad_store, piece_step)
+    pending_pair = None
+    for i, a in enumerate(actions):
+        if a is pending_pair:  # the B already run with the F before it
+            pending_pair = None
+            continue
         if a.kind == "F":
-            run.forward(a)
+            following = actions[i + 1] if i + 1 < len(actions) else None
+            pending_pair = following if run.piece_step is not None and following and following.kind == "B" else None
+            run.forward(a, pending_pair)
         elif a.kind == "B":
             run.backward(a)
         elif a.kind == "W":

@@ -22,7 +22,7 @@ import torch
 from megamoe.config import Config
 from megamoe.data.loader import build_data_source, with_tokenizer_vocab
 from megamoe.model.args import gpt_args
-from megamoe.model.gpt import GPTModel, materialize
+from megamoe.model.gpt import GPTModel, LossWeights, ModelOutput, materialize
 from megamoe.parallel import mappings
 from megamoe.parallel.pipeline_parallel import (
     P2P,
@@ -31,6 +31,7 @@ from megamoe.parallel.pipeline_parallel import (
     v_stage_layer_ranges,
     virtual_stage_layer_ranges,
 )
+from megamoe.parallel.pieces import PieceRun, interleave
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.weight_grad import WeightGradStore
@@ -150,40 +151,67 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     load = torch.zeros(model.num_moe_layers, config.moe.num_experts or 0, dtype=torch.float64, device=device)
     dropped = torch.zeros(model.num_moe_layers, dtype=torch.float64, device=device)
 
+    # each loss's gradient (every stage's losses are scaled, so the gradients between stages agree)
+    weights = LossWeights(lm=loss_scale / counts[0],
+                          mtp=[loss_scale * config.model.mtp_loss_scaling_factor / depths / counts[k]
+                               for k in range(1, depths + 1)],
+                          balance=loss_scale / (num_micro * dp))
+
+    @torch.no_grad()
+    def record(out: ModelOutput) -> None:
+        if out.lm_loss_sum is not None:
+            sums[0] += out.lm_loss_sum.double()
+            for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
+                sums[k] += mtp_sum.double()
+        for i, stats in zip(out.moe_index, out.moe_stats):
+            aux[0, i] += stats.aux_loss.double()
+            aux[1, i] += stats.z_loss.double()
+            load[i] += stats.tokens_per_expert.double()
+            dropped[i] += stats.num_dropped.double()
+
     def forward_step(j: int, hidden_in: Optional[torch.Tensor], chunk: int = 0):
         batch = batches[j]
         out = model(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker, hidden_in=hidden_in,
                     chunk=chunk)
         loss = torch.zeros((), dtype=torch.float32, device=device)
         for stats in out.moe_stats:
-            loss = loss + (stats.aux_loss + stats.z_loss) / (num_micro * dp)
+            loss = loss + (stats.aux_loss + stats.z_loss) * weights.balance
         if out.lm_loss_sum is not None:
-            loss = loss + out.lm_loss_sum / counts[0]
-            for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
-                loss = loss + config.model.mtp_loss_scaling_factor / depths * mtp_sum / counts[k]
-        if loss_scale != 1.0:  # every stage's losses, so the gradients between stages agree
-            loss = loss * loss_scale
-        with torch.no_grad():
-            if out.lm_loss_sum is not None:
-                sums[0] += out.lm_loss_sum.double()
-                for k, mtp_sum in enumerate(out.mtp_loss_sums, start=1):
-                    sums[k] += mtp_sum.double()
-            for i, stats in zip(out.moe_index, out.moe_stats):
-                aux[0, i] += stats.aux_loss.double()
-                aux[1, i] += stats.z_loss.double()
-                load[i] += stats.tokens_per_expert.double()
-                dropped[i] += stats.num_dropped.double()
+            loss = loss + out.lm_loss_sum * weights.lm
+            for mtp_sum, weight in zip(out.mtp_loss_sums, weights.mtp):
+                loss = loss + mtp_sum * weight
+        record(out)
         return out.hidden, loss
 
+    def piece_step(j: int, hidden_in: Optional[torch.Tensor], chunk: int) -> PieceRun:
+        """``forward_step`` as pieces (--overlap-moe-expert-parallel-comm); metrics once it ran."""
+        batch = batches[j]
+        run = model.piece_run(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker, hidden_in, chunk,
+                              weights)
+        run.on_forward_done = lambda done: record(model.piece_output(done, chunk))
+        return run
+
+    overlap = config.moe.overlap_moe_expert_parallel_comm
     p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, device,
               timed=time_pipeline)
-    if state.pp.size == 1:
+    if state.pp.size == 1 and overlap:  # each forward interleaved with the previous micro-batch's backward
+        previous = None
+        for j in range(num_micro):
+            run = piece_step(j, None, 0)
+            if previous is None:
+                run.forward()
+            else:
+                interleave(run.forward_steps(), previous.backward_steps())
+            previous = run
+        previous.backward()
+    elif state.pp.size == 1:
         for j in range(num_micro):
             forward_step(j, None)[1].backward()
     else:
         placement, actions = build_schedule(config.parallel.pipeline_schedule, state.pp.size, state.pp.rank,
                                             num_micro, state.layout.vpp or 1)
-        run_schedule(actions, placement, forward_step, p2p, wgrad_store=model.wgrad_store)
+        run_schedule(actions, placement, forward_step, p2p, wgrad_store=model.wgrad_store,
+                     piece_step=piece_step if overlap else None)
 
     optimizer.finish_grad_sync()
     grad_norm = optimizer.clip_grad_norm(t.clip_grad, loss_scale)

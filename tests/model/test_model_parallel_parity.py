@@ -104,6 +104,11 @@ EP_CASES = [
     ("mla", dict(ep=2, dispatcher="alltoall", chunks=2)),
     ("mtp_capacity", dict(ep=4, dispatcher="alltoall", chunks=3, pad=True)),
     ("gqa", dict(ep=2, etp=2, dispatcher="alltoall", chunks=2)),
+    # --overlap-moe-expert-parallel-comm: each micro-batch's forward pieces interleaved with the
+    # previous one's backward pieces (2 micro-batches per rank), with TP (+SP), expert-TP, MTP
+    ("mla", dict(ep=2, dispatcher="alltoall", moe_overlap=True, gbs=8)),
+    ("mtp_capacity", dict(tp=2, sp=True, ep=2, etp=1, dispatcher="alltoall", moe_overlap=True, gbs=8)),
+    ("gqa", dict(tp=2, ep=2, etp=2, dispatcher="alltoall", moe_overlap=True, gbs=4)),
 ]
 
 
@@ -140,6 +145,8 @@ PP_CASES = [
     ("mtp_tied", dict(pp=2, schedule="dualpipev", gbs=8)),
     ("mla", dict(pp=2, ep=2, dispatcher="alltoall", schedule="dualpipev", gbs=12)),
     ("gqa", dict(pp=4, schedule="dualpipev", layers=8, gbs=8)),
+    # and its forward-and-backward pairs overlapped piece by piece (--overlap-moe-expert-parallel-comm)
+    ("mtp_tied", dict(pp=2, ep=2, dispatcher="alltoall", schedule="dualpipev", moe_overlap=True, gbs=12)),
 ]
 
 
