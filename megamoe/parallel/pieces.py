@@ -107,7 +107,10 @@ class PieceRun:
                 if leaf.grad is not None:
                     previous = self._grads.get(producer)
                     self._grads[producer] = leaf.grad if previous is None else previous + leaf.grad
-            done.outputs, done.inputs = {}, {}  # free the island
+            for name in done.outputs:  # free the island's activations
+                if self._producer.get(name) == (index, name):
+                    self.values.pop(name, None)
+            done.outputs, done.inputs = {}, {}
             yield
 
     def backward(self, grad_output: Optional[torch.Tensor] = None) -> None:
