@@ -58,9 +58,14 @@ class TransformerBlock(nn.Module):
         with fork:
             return F.dropout(x, self.hidden_dropout, training=True)
 
+    def _attention(self, x: torch.Tensor, positions: torch.Tensor,
+                   rng_tracker: Optional[RNGStatesTracker]) -> torch.Tensor:
+        """``h = x + attn(attn_norm(x))``: the residual stream after the attention half."""
+        return x + self._dropout(self.attn(self.attn_norm(x), positions, rng_tracker), rng_tracker)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 rng_tracker: Optional[RNGStatesTracker] = None) -> tuple[torch.Tensor, Optional[MoEStats]]:
-        h = x + self._dropout(self.attn(self.attn_norm(x), positions, rng_tracker), rng_tracker)
+        h = self._attention(x, positions, rng_tracker)
         if not isinstance(self.ffn, MoELayer):
             out = self.ffn(self.ffn_norm(h))
         elif self.recompute_ffn and self.training:
@@ -90,7 +95,7 @@ class TransformerBlock(nn.Module):
             return [Piece(name, ("x",), whole)]
 
         def attention_and_dispatch(x):
-            h = x + self._dropout(self.attn(self.attn_norm(x), positions, rng_tracker), rng_tracker)
+            h = self._attention(x, positions, rng_tracker)
             started = self.ffn.start(self.ffn_norm(h), positions)
             return {f"{name}.h": h, **{f"{name}.{k}": v for k, v in started.items()}}
 

@@ -103,10 +103,7 @@ class MoELayer(nn.Module):
         (``sent``: the rows in flight; ``probs``; ``shared``), the scalar losses (``aux``, ``z``),
         and ``ctx`` (what is not differentiated: the handle, the exchange, the statistics)."""
         shared = self._shared_start(x)
-        tokens_sharded = self.sequence_parallel or self.tp.size == 1
-        x_own = x if tokens_sharded else mappings.scatter_to_region(x, self.tp, dim=0)
-        if positions is not None and self.tp.size > 1:
-            positions = positions.chunk(self.tp.size)[self.tp.rank]
+        x_own, positions, tokens_sharded = self._own_tokens(x, positions)
         routing = self.route(x_own, positions)
         ((pending, handle),) = self.dispatcher.dispatch_chunks(x_own.reshape(-1, x_own.shape[-1]), routing.probs_TK,
                                                                routing.experts_TK, routing.kept_TK, routing.capacity)
@@ -131,11 +128,23 @@ class MoELayer(nn.Module):
         handle = ctx["handle"]
         out = combine_rows(mappings.PendingAllToAll(back, ctx["back"]).wait(), probs, handle.pair_index,
                            handle.row_TK).to(ctx["dtype"]).view(ctx["shape"])
-        if ctx["gather"]:
+        return self._output(out, not ctx["gather"], (ctx["stream"], shared) if ctx["stream"] is not None else shared)
+
+    def _own_tokens(self, x: torch.Tensor, positions: Optional[torch.Tensor]):
+        """(the tokens this TP rank routes, their positions, whether ``x`` held only them already)."""
+        tokens_sharded = self.sequence_parallel or self.tp.size == 1
+        x_own = x if tokens_sharded else mappings.scatter_to_region(x, self.tp, dim=0)
+        if positions is not None and self.tp.size > 1:
+            positions = positions.chunk(self.tp.size)[self.tp.rank]  # the slice x_own holds
+        return x_own, positions, tokens_sharded
+
+    def _output(self, out: torch.Tensor, tokens_sharded: bool, shared) -> torch.Tensor:
+        """The routed experts' output of this rank's tokens, back in ``x``'s layout, plus the
+        shared experts' (``shared``: as ``_shared_start`` returned it)."""
+        if not tokens_sharded:
             out = mappings.gather_from_region(out, self.tp, dim=0)
-        if shared is not None:
-            out = out + self._shared_finish((ctx["stream"], shared) if ctx["stream"] is not None else shared)
-        return out
+        shared = self._shared_finish(shared)
+        return out if shared is None else out + shared
 
     # ----------------------------------------------------------------------------- forward
 
@@ -169,10 +178,7 @@ class MoELayer(nn.Module):
         """``x``: ``[s, b, D]`` (``[s/tp, b, D]`` with sequence parallel); ``positions``: the
         global positions of the ``s`` tokens (orders the tokens for capacity decisions)."""
         shared = self._shared_start(x)
-        tokens_sharded = self.sequence_parallel or self.tp.size == 1
-        x_own = x if tokens_sharded else mappings.scatter_to_region(x, self.tp, dim=0)
-        if positions is not None and self.tp.size > 1:
-            positions = positions.chunk(self.tp.size)[self.tp.rank]  # the slice x_own holds
+        x_own, positions, tokens_sharded = self._own_tokens(x, positions)
         routing = self.route(x_own, positions)
         x_TD = x_own.reshape(-1, x_own.shape[-1])
         if getattr(self.dispatcher, "num_chunks", 1) > 1:
@@ -181,10 +187,6 @@ class MoELayer(nn.Module):
             rows_ND, tokens_per_expert, handle = self.dispatch(x_TD, routing)
             y_ND = self.experts(rows_ND, tokens_per_expert, handle.fp8_rows)
             out = self.combine(y_ND, handle, x.dtype).view_as(x_own)
-        if not tokens_sharded:
-            out = mappings.gather_from_region(out, self.tp, dim=0)
-        shared = self._shared_finish(shared)
-        if shared is not None:
-            out = out + shared
+        out = self._output(out, tokens_sharded, shared)
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E, routing.num_dropped)
         return out, stats

@@ -91,6 +91,7 @@ class Bucket:
         self.shard_size = (end - start) // self.group.size
         self.shard_start = self.group.rank * self.shard_size  # this rank's shard, bucket offsets
         self.order = 0  # position in the launch order (set by DataParallelGrads)
+        self.queue = -1  # index of its communicator's launch queue (DataParallelGrads), -1 if deferred
         self.num_ready = 0  # parameters whose last micro-batch gradient has arrived this step
         self.num_launches = 0  # lifetime count (tests check there is one per step)
         self.launched = self.launched_in_backward = False  # this step
@@ -217,12 +218,16 @@ class DataParallelGrads:
         # Each communicator (rank set) sees its buckets in that order on every rank; different
         # communicators do not wait for each other (an expert bucket on expert-DP need not wait
         # for a dense bucket ahead of it that is not ready yet).
-        self._queues: dict[tuple[int, ...], list[Bucket]] = {}
+        queues: dict[tuple[int, ...], list[Bucket]] = {}
         for i, b in enumerate(self.buckets):
             b.order = i
             if not b.deferred:
-                self._queues.setdefault(tuple(b.group.ranks), []).append(b)
-        self._next = {key: 0 for key in self._queues}  # each queue's first bucket not launched this step
+                queues.setdefault(tuple(b.group.ranks), []).append(b)
+        self._queues = list(queues.values())
+        for q, queue in enumerate(self._queues):
+            for b in queue:
+                b.queue = q
+        self._next = [0] * len(self._queues)  # each queue's first bucket not launched this step
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._counts: dict[torch.nn.Parameter, int] = {}
         self._params = ordered
@@ -245,7 +250,7 @@ class DataParallelGrads:
         for b in self.buckets:
             b.num_ready, b.launched, b.launched_in_backward = 0, False, False
         self._counts.clear()
-        self._next = dict.fromkeys(self._queues, 0)
+        self._next = [0] * len(self._queues)
         self._num_micro = num_micro if self.overlap else None
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
@@ -271,13 +276,12 @@ class DataParallelGrads:
                 f"{self._num_micro} micro-batches (start_step); its bucket's reduction had already started")
         if count == self._num_micro:
             bucket.num_ready += 1
-            key = tuple(bucket.group.ranks)
-            queue = self._queues[key]
-            while self._next[key] < len(queue) and queue[self._next[key]].num_ready == len(queue[self._next[key]].params):
-                b = queue[self._next[key]]
+            q, queue = bucket.queue, self._queues[bucket.queue]
+            while self._next[q] < len(queue) and queue[self._next[q]].num_ready == len(queue[self._next[q]].params):
+                b = queue[self._next[q]]
                 b.launched_in_backward = True
                 b.start_grad_reduce(self.reduce_scatter)
-                self._next[key] += 1
+                self._next[q] += 1
 
     def finish(self) -> None:
         """After the last backward: start every bucket not started yet (after summing the

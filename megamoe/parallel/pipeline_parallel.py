@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megamoe.parallel.pieces import PieceRun, interleave
 from megamoe.parallel.schedules import (Action, Placement, all_forward_all_backward, dualpipev, forward_only,
-                                        interleaved_1f1b, one_f_one_b)
+                                        interleaved_1f1b, one_f_one_b, paired_accumulation)
 from megamoe.parallel.state import Group
 from megamoe.parallel.weight_grad import WeightGradStore
 
@@ -193,7 +193,9 @@ def run_schedule(actions: list[Action], placement: Placement, forward_step: Forw
             continue
         if a.kind == "F":
             following = actions[i + 1] if i + 1 < len(actions) else None
-            pending_pair = following if run.piece_step is not None and following and following.kind == "B" else None
+            pairs = (run.piece_step is not None and following is not None and following.kind == "B"
+                     and (following.micro, following.chunk) != (a.micro, a.chunk))
+            pending_pair = following if pairs else None
             run.forward(a, pending_pair)
         elif a.kind == "B":
             run.backward(a)
@@ -208,9 +210,12 @@ def run_schedule(actions: list[Action], placement: Placement, forward_step: Forw
 
 
 def build_schedule(name: str, pp: int, rank: int, num_micro: int, vpp: int = 1,
-                   train: bool = True) -> tuple[Placement, list[Action]]:
+                   train: bool = True, paired: bool = False) -> tuple[Placement, list[Action]]:
     """(placement, this rank's actions) of ``--pipeline-schedule name`` ('1f1b', interleaved with
-    ``vpp`` > 1, or 'dualpipev'); ``train=False`` for evaluation."""
+    ``vpp`` > 1, or 'dualpipev'); ``train=False`` for evaluation. ``paired``: one stage's
+    forwards listed before the previous micro-batch's backwards (--overlap-moe-expert-parallel-comm)."""
+    if pp == 1 and paired and train:
+        return Placement(1), paired_accumulation(num_micro)
     if name == "dualpipev":
         placement, actions = Placement(pp, 2, "v"), dualpipev(pp, rank, num_micro)
         return placement, actions if train else forward_only(actions)

@@ -179,6 +179,19 @@ def all_forward_all_backward(pp: int, rank: int, num_micro: int) -> list[Action]
     return b.done()
 
 
+def paired_accumulation(num_micro: int) -> list[Action]:
+    """One stage (PP 1) with ``--overlap-moe-expert-parallel-comm``: each forward listed right
+    before the previous micro-batch's backward, a pair the interpreter interleaves piece by
+    piece; at most two micro-batches' activations alive."""
+    b = _Builder(Placement(1), 0)
+    b.compute("F", 0)
+    for m in range(1, num_micro):
+        b.compute("F", m)
+        b.compute("B", m - 1)
+    b.compute("B", num_micro - 1)
+    return b.done()
+
+
 def one_f_one_b(pp: int, rank: int, num_micro: int) -> list[Action]:
     """1F1B: ``pp - rank - 1`` warm-up forwards, then one forward and one backward at a time; at
     most ``pp - rank`` micro-batches' activations alive. Transfers as Megatron-LM pairs them."""

@@ -31,7 +31,7 @@ from megamoe.parallel.pipeline_parallel import (
     v_stage_layer_ranges,
     virtual_stage_layer_ranges,
 )
-from megamoe.parallel.pieces import PieceRun, interleave
+from megamoe.parallel.pieces import PieceRun
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.weight_grad import WeightGradStore
@@ -194,22 +194,12 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     overlap = config.moe.overlap_moe_expert_parallel_comm
     p2p = P2P(state.pp, _activation_shape(config, state), next(model.parameters()).dtype, device,
               timed=time_pipeline)
-    if state.pp.size == 1 and overlap:  # each forward interleaved with the previous micro-batch's backward
-        previous = None
-        for j in range(num_micro):
-            run = piece_step(j, None, 0)
-            if previous is None:
-                run.forward()
-            else:
-                interleave(run.forward_steps(), previous.backward_steps())
-            previous = run
-        previous.backward()
-    elif state.pp.size == 1:
+    if state.pp.size == 1 and not overlap:
         for j in range(num_micro):
             forward_step(j, None)[1].backward()
-    else:
+    else:  # a pipeline, or one stage's forwards interleaved with the previous micro-batch's backwards
         placement, actions = build_schedule(config.parallel.pipeline_schedule, state.pp.size, state.pp.rank,
-                                            num_micro, state.layout.vpp or 1)
+                                            num_micro, state.layout.vpp or 1, paired=overlap)
         run_schedule(actions, placement, forward_step, p2p, wgrad_store=model.wgrad_store,
                      piece_step=piece_step if overlap else None)
 

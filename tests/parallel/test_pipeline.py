@@ -26,7 +26,7 @@ from megamoe.parallel.pipeline_parallel import (
     virtual_stage_layer_ranges,
 )
 from megamoe.parallel.schedules import (Action, Placement, all_forward_all_backward, check_schedule, dualpipev,
-                                        interleaved_1f1b, one_f_one_b)
+                                        interleaved_1f1b, one_f_one_b, paired_accumulation)
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.weight_grad import WeightGradStore, linear
 from megamoe.testing.distributed import run_on_threads
@@ -111,6 +111,17 @@ def test_every_schedule_runs_each_micro_batch_once_with_its_transfers_in_order(p
             assert check_schedule(actions, Placement(pp, 2, "v"), rank, m) == 2 * pp + 1
             # zero bubble: every deferred backward's weights run, by a W, in this list
             assert sum(a.defer_w for a in actions) == sum(a.kind == "W" for a in actions) > 0
+
+
+def test_paired_accumulation_keeps_two_micro_batches_alive():
+    for m in (1, 2, 5):
+        actions = paired_accumulation(m)
+        assert check_schedule(actions, Placement(1), 0, m) == min(2, m)
+        # every forward after the first is followed by the previous micro-batch's backward (an F
+        # followed by its own B, the single micro-batch's, is no pair to the interpreter)
+        pairs = [(a.micro, b.micro) for a, b in zip(actions, actions[1:])
+                 if a.kind == "F" and b.kind == "B" and a.micro != b.micro]
+        assert pairs == [(j, j - 1) for j in range(1, m)]
 
 
 def test_a_broken_schedule_is_named():
