@@ -63,9 +63,12 @@ setup(
         "matplotlib>=3.6",
         # --tokenizer-type HuggingFaceTokenizer (DeepSeek, Qwen, Mixtral ship tokenizer.json)
         "tokenizers",
+        # tools/convert_checkpoint.py reads and writes Hugging Face's weight files
+        "safetensors",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=7", "pybind11>=2.10"],
+        # transformers: the conversion tests compare logits with its models (DeepSeek-V2/V3, Mixtral, Qwen3-MoE)
+        "dev": ["pytest>=7", "pybind11>=2.10", "transformers>=4.57"],
     },
 )

@@ -349,6 +349,8 @@ class DataConfig:
     """The tokenizer's file: a sentencepiece .model, or a local Hugging Face tokenizer.json (or its directory)."""
     vocab_size: int = 512
     """Vocabulary size of mock data and of the NullTokenizer (which adds one end-of-document id); other tokenizers bring their own."""
+    model_vocab_size: Optional[int] = None
+    """The model's vocabulary when it is larger than the tokenizer's (a published model's padded table, e.g. Qwen3's 151936 rows for 151669 token ids; checkpoints imported from Hugging Face set it). Unset means the tokenizer's (or --vocab-size with mock data)."""
     make_vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this (times TP) for efficient vocab-parallel GEMMs."""
     data_cache_path: Optional[str] = None

@@ -393,6 +393,9 @@ def validate_data(d: DataConfig, t: TrainingConfig) -> None:
         split_document_ranges(d.split, 1)
     except ValueError as err:
         _fail(str(err))
+    if d.model_vocab_size is not None and d.uses_mock_data and d.model_vocab_size < d.vocab_size:
+        _fail(f"--model-vocab-size {d.model_vocab_size} is smaller than --vocab-size {d.vocab_size}: mock data "
+              "would draw token ids the model has no rows for")
     if d.uses_mock_data:
         if d.tokenizer_type != "NullTokenizer" or d.tokenizer_model is not None:
             _fail("--tokenizer-type and --tokenizer-model apply to --data-path; mock data uses --vocab-size")

@@ -20,7 +20,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from megamoe.config import Config
+from megamoe.config import Config, ConfigError
 from megamoe.data.blended_dataset import BlendedDataset, parse_blend
 from megamoe.data.gpt_dataset import SPLITS, GPTDataset, split_document_ranges
 from megamoe.data.index_cache import file_fingerprint
@@ -68,6 +68,9 @@ def with_tokenizer_vocab(config: Config) -> Config:
     if config.data.uses_mock_data:
         return config
     vocab = build_tokenizer(config.data).vocab_size
+    if config.data.model_vocab_size is not None and config.data.model_vocab_size < vocab:
+        raise ConfigError(f"--model-vocab-size {config.data.model_vocab_size} is smaller than the vocabulary of "
+                          f"--tokenizer-model {config.data.tokenizer_model} ({vocab} ids)")
     return dataclasses.replace(config, data=dataclasses.replace(config.data, vocab_size=vocab))
 
 

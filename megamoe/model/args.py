@@ -203,7 +203,7 @@ def gpt_args(config: Config) -> GPTArgs:
     is_moe = is_moe + [is_moe[-1]] * m.mtp_num_layers
     return GPTArgs(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=ffn, normalization=m.normalization,
-        norm_eps=m.norm_epsilon, swiglu=m.swiglu, vocab_size=config.data.vocab_size,
+        norm_eps=m.norm_epsilon, swiglu=m.swiglu, vocab_size=config.data.model_vocab_size or config.data.vocab_size,
         make_vocab_size_divisible_by=config.data.make_vocab_size_divisible_by,
         tie_embeddings=not m.untie_embeddings_and_output_weights, init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout, mtp_num_layers=m.mtp_num_layers,

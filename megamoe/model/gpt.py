@@ -353,6 +353,19 @@ class GPTModel(nn.Module):
         out.moe_stats, out.moe_index = stats + out.moe_stats, self.chunk_moe_index[chunk]
         return out
 
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[b, s, vocab]`` of a whole model in one process (no TP, PP or CP):
+        for evaluation and conversion checks, where training never materialises them."""
+        if not (self.first_stage and self.last_stage and self.num_chunks == 1) or self.state.tp.size > 1 \
+                or self.state.cp.size > 1:
+            raise ValueError("GPTModel.logits needs the whole model in one process (TP, PP and CP of 1)")
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens.t())
+        for name in self.chunk_layers[0]:
+            x, _ = self.layers[name](x, positions, None)
+        weight = (self.head.weight if self.head is not None else self.embed.weight)[:self.vocab_size]
+        return torch.nn.functional.linear(self.norm(x), weight).transpose(0, 1)
+
     def piece_run(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
                   rng_tracker: Optional[RNGStatesTracker], hidden_in: Optional[torch.Tensor], chunk: int,
                   weights: LossWeights) -> PieceRun:

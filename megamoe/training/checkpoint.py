@@ -60,8 +60,22 @@ FORMAT_VERSION = 1
 WRITER_THREADS = 4
 
 
+class CheckedFileSystemWriter(dcp.FileSystemWriter):
+    """DCP's file writer, failing when a piece was not written. Its extra writer threads drop
+    their exceptions (a full disk, a failed read of the data): the save would then complete
+    with metadata naming pieces that no file holds."""
+
+    def write_data(self, plan, planner):
+        done = super().write_data(plan, planner)
+        written = len(done.value())
+        if written != len(plan.items):
+            raise OSError(f"{len(plan.items) - written} of {len(plan.items)} pieces were not written to {self.path} "
+                          "(a writer thread failed; its error is printed above)")
+        return done
+
+
 def _writer(path: str) -> dcp.FileSystemWriter:
-    return dcp.FileSystemWriter(path, thread_count=WRITER_THREADS)
+    return CheckedFileSystemWriter(path, thread_count=WRITER_THREADS)
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -231,7 +245,7 @@ class _PieceSavePlanner(DefaultSavePlanner):
         return self.state_dict[f"{fqn}@{','.join(map(str, offsets))}"]
 
 
-class _PieceLoadPlanner(DefaultLoadPlanner):
+class PieceLoadPlanner(DefaultLoadPlanner):
     """Reads each piece from whichever saved shards overlap it."""
 
     def __init__(self, pieces: list[Piece]):
@@ -342,7 +356,7 @@ def _finish_save(root: str, iteration: int, tmp: str, error: Optional[BaseExcept
     A failure on any rank raises and records nothing."""
     if not _all_ok(error is None, state, device):
         raise RuntimeError(f"saving iteration {iteration} to {root} failed"
-                           + (f" on rank {state.rank}: {_first_failure(error)}" if error is not None
+                           + (f" on rank {state.rank}: {first_failure(error)}" if error is not None
                               else " on another rank")
                            + "; the tracker still names the previous checkpoint")
     final = iteration_dir(root, iteration)
@@ -493,9 +507,9 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
     try:
         with _quiet_single_process():
             dcp.load({str(i): p.view for i, p in enumerate(pieces)}, storage_reader=dcp.FileSystemReader(path),
-                     planner=_PieceLoadPlanner(pieces), no_dist=not _distributed(state))
+                     planner=PieceLoadPlanner(pieces), no_dist=not _distributed(state))
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - truncated or corrupt files
-        raise ConfigError(f"--load: {path} is corrupt or incomplete ({_first_failure(err)})") from None
+        raise ConfigError(f"--load: {path} is corrupt or incomplete ({first_failure(err)})") from None
     if not load_optim:
         optimizer.reset_masters_from_params()
     else:
@@ -510,12 +524,12 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
     return Loaded(common["iteration"], common["consumed_samples"], restored)
 
 
-def _first_failure(err: BaseException) -> str:
+def first_failure(err: BaseException) -> str:
     """One line: the underlying error (DCP wraps each rank's, with its traceback)."""
     failures = getattr(err, "failures", None)
     if failures:
         cause = sorted(failures.items())[0][1]
-        return _first_failure(cause[0] if isinstance(cause, tuple) else cause)
+        return first_failure(cause[0] if isinstance(cause, tuple) else cause)
     text = str(err).splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 

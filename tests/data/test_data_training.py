@@ -15,6 +15,7 @@ from datagen import ROOT
 from megamoe.config import Config, ConfigError
 from megamoe.config_validation import notices, validate
 from megamoe.data.loader import with_tokenizer_vocab
+from megamoe.model.args import gpt_args
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.presets import preset
 from megamoe.training.train import MicroBatches, train
@@ -101,6 +102,12 @@ def test_data_flag_validation(null_dataset, sp_model, tmp_path):
     assert any("--vocab-size 102400 is replaced by the vocabulary of --tokenizer-model" in n and "(320 ids)" in n
                for n in notices(_set(sp, vocab_size=102400)))
     assert not any("--vocab-size" in n for n in notices(_set(sp, vocab_size=320)))
+    # a published model's padded table (an HF import) keeps its rows; fewer rows than token ids is an error
+    assert gpt_args(with_tokenizer_vocab(_set(sp, model_vocab_size=384))).vocab_size == 384
+    with pytest.raises(ConfigError, match="--model-vocab-size 300 is smaller than the vocabulary of --tokenizer-model"):
+        with_tokenizer_vocab(_set(sp, model_vocab_size=300))
+    with pytest.raises(ConfigError, match="--model-vocab-size 100 is smaller than --vocab-size 512"):
+        validate(_set(Config(), model_vocab_size=100), 1)
     cases = [
         (_set(real, mock_data=True), "--mock-data and --data-path are mutually exclusive"),
         (_set(Config(), mock_data=False), "--no-mock-data needs --data-path"),

@@ -241,6 +241,28 @@ def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert latest_iteration(str(tmp_path)) == 2 and not (tmp_path / "iter_0000002.tmp").exists()
 
 
+def test_a_writer_thread_that_fails_fails_the_save(tmp_path, monkeypatch):
+    """DCP's extra writer threads drop their exceptions; the save must fail all the same."""
+    import threading
+
+    cfg, state, model, opt = _single()
+    save_checkpoint(str(tmp_path), 1, model, opt, state, cfg, 8, None, CPU)
+    real = checkpoint._PieceSavePlanner.resolve_data
+    failed = []
+
+    def fails_off_the_main_thread(self, item):
+        if threading.current_thread() is not threading.main_thread() and not failed:
+            failed.append(item.index.fqn)
+            raise OSError("No space left on device")
+        return real(self, item)
+
+    monkeypatch.setattr(checkpoint._PieceSavePlanner, "resolve_data", fails_off_the_main_thread)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's own report
+    with pytest.raises(RuntimeError, match="pieces were not written"):
+        save_checkpoint(str(tmp_path), 2, model, opt, state, cfg, 16, None, CPU)
+    assert failed and latest_iteration(str(tmp_path)) == 1 and not (tmp_path / "iter_0000002").exists()
+
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
     cfg, state, model, opt = _single()
     save_checkpoint(str(tmp_path / "ok"), 1, model, opt, state, cfg, 8, None, CPU)

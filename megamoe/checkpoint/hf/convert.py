@@ -1,0 +1,360 @@
+"""Hugging Face <-> megamoe checkpoints, streamed tensor by tensor (``tools/convert_checkpoint.py``).
+
+Import writes a megamoe checkpoint at iteration 0 (``OUT/iter_0000000``, the tracker, and
+``OUT/megamoe.yaml`` with the model's flags) that ``--load`` or ``--finetune`` reads in any
+layout: DCP's writer threads ask for one HF tensor at a time (:class:`_StreamingSavePlanner`),
+which is read from the memory-mapped safetensors, dequantized if FP8, permuted if its RoPE
+convention differs, and written as one piece (a routed expert is a box of the stacked expert
+tensor). Peak memory: one tensor per writer thread, twice over when it is cast.
+
+Export reads a megamoe checkpoint saved in any layout and writes HF's sharded safetensors, one
+output shard per task: each megamoe tensor a shard needs is read once, as the box covering the
+shard's pieces of it (DCP reads the stored pieces that overlap it). Peak memory: per worker,
+one output shard plus the stored pieces its boxes overlap.
+
+Both write into ``OUT.tmp`` and rename it to ``OUT`` at the end, so a failed or killed
+conversion never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+from megamoe.checkpoint.hf.config_map import (ConversionError, family_of_config, hf_config, megamoe_values,
+                                              values_to_config)
+from megamoe.checkpoint.hf.safetensors_io import (TOKENIZER_FILES, HFReader, shard_names, write_index,
+                                                  write_shard)
+from megamoe.checkpoint.hf.tensor_map import TensorMap, is_mtp_tensor, tensor_maps, to_half_split, to_interleaved
+from megamoe.config import SECTIONS, Config, section_of
+from megamoe.config_validation import validate
+from megamoe.model.args import GPTArgs, gpt_args
+from megamoe.progress import Progress
+from megamoe.training.checkpoint import (FORMAT_VERSION, TRACKER, CheckedFileSystemWriter, Piece, PieceLoadPlanner,
+                                         first_failure, iteration_dir, latest_iteration, read_common)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# transformers' name for each dtype in config.json
+_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+# one process converting: DCP's single-process warning says nothing here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def _half_split_rope(family: str, rope_interleave: bool = True) -> bool:
+    return family in ("mixtral", "qwen3_moe") or (family == "deepseek_v3" and not rope_interleave)
+
+
+def _start_output(out: str) -> str:
+    if os.path.exists(out):
+        raise ConversionError(f"{out} exists; give a new output directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.access(parent, os.W_OK):
+        raise ConversionError(f"{parent}: not writable")
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed earlier
+    os.makedirs(tmp)
+    return tmp
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+
+@dataclass
+class ImportPlan:
+    family: str
+    config: Config
+    values: dict
+    maps: list[TensorMap]
+    skipped: list[str]  # HF tensors deliberately not imported (MTP layers not asked for, a tied head)
+    reader: HFReader
+
+
+def plan_import(hf_dir: str, mtp_num_layers: int = 0) -> ImportPlan:
+    """Read the HF config and tensor index, check them against each other; no tensor is read."""
+    reader = HFReader(hf_dir)
+    family, values = megamoe_values(reader.config, mtp_num_layers)
+    config = values_to_config(values)
+    validate(config, 1)
+    gpt = gpt_args(config)
+    maps = [m for m in tensor_maps(gpt, family, _half_split_rope(family, values.get("rope_interleave", True)))
+            if not m.export_only]
+    wanted = {m.hf for m in maps}
+    for m in maps:
+        if m.hf not in reader.shapes:
+            raise ConversionError(f"{hf_dir}: tensor {m.hf} is missing (config.json describes a model that has it)")
+        if reader.shapes[m.hf] != m.shape:
+            raise ConversionError(f"{hf_dir}: tensor {m.hf} is {list(reader.shapes[m.hf])} in the weights, "
+                                  f"{list(m.shape)} from config.json")
+    skipped = []
+    for name in reader.names():
+        if name in wanted or reader.is_scale(name) or name.endswith("rotary_emb.inv_freq"):
+            continue
+        if is_mtp_tensor(name, gpt.num_layers) or (name == "lm_head.weight" and gpt.tie_embeddings):
+            skipped.append(name)
+            continue
+        raise ConversionError(f"{hf_dir}: unexpected tensor {name} (config.json describes a model without it)")
+    return ImportPlan(family, config, values, maps, skipped, reader)
+
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """Writes each map as a piece of its megamoe tensor; the data is read only when DCP's
+    writer asks for it (:meth:`resolve_data`), so one tensor per writer thread is in memory."""
+
+    def __init__(self, maps: list[TensorMap], dtypes: dict[str, torch.dtype], load: Callable[[TensorMap], torch.Tensor]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.maps = {(m.fqn, m.offsets): m for m in maps}
+        self.dtypes, self.load = dtypes, load
+
+    def create_local_plan(self) -> SavePlan:
+        items = [WriteItem(index=MetadataIndex(m.fqn, torch.Size(m.offsets)), type=WriteItemType.SHARD,
+                           tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(m.offsets), torch.Size(m.box)),
+                                                       properties=TensorProperties(dtype=self.dtypes[m.fqn]),
+                                                       size=torch.Size(m.global_shape)))
+                 for m in self.maps.values()]
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        m = self.maps[(write_item.index.fqn, tuple(write_item.index.offset))]
+        return self.load(m).reshape(m.box)
+
+
+def _import_dtype(plan: ImportPlan, m: TensorMap, dtype: Optional[torch.dtype]) -> torch.dtype:
+    if m.name.endswith("gate.bias"):
+        return torch.float32  # the expert bias buffer is float32 in every precision
+    if dtype is not None:
+        return dtype
+    if plan.reader.is_fp8(m.hf):
+        return torch.bfloat16
+    return _SAFETENSORS_DTYPES.get(plan.reader.dtypes[m.hf], torch.float32)
+
+
+def import_memory_bytes(plan: ImportPlan, workers: int) -> int:
+    """Peak bytes the import holds: per writer thread its largest tensor, read (float32 when
+    dequantized) and cast."""
+    largest = max(plan.reader.nbytes(m.hf) * (5 if plan.reader.is_fp8(m.hf) else 2) for m in plan.maps)
+    return workers * largest
+
+
+def yaml_text(plan: ImportPlan, hf_dir: str) -> str:
+    import yaml
+
+    sections: dict[str, dict] = {}
+    for name, value in plan.values.items():
+        if name != "rope_interleave":
+            sections.setdefault(section_of(name), {})[name] = value
+    header = (f"# {plan.family} imported from {os.path.abspath(hf_dir)} by tools/convert_checkpoint.py.\n"
+              "# The model flags must stay as they are to --load this checkpoint. The balancing loss and its\n"
+              "# coefficient are the family's published choice; batch sizes, learning rate and the parallel\n"
+              "# layout are megamoe's defaults: set them for your run.\n")
+    return header + yaml.safe_dump({s: sections[s] for s in SECTIONS if s in sections}, sort_keys=False)
+
+
+def import_hf(hf_dir: str, out: str, mtp_num_layers: int = 0, dtype: Optional[torch.dtype] = None,
+              workers: int = 4, quiet: bool = False) -> str:
+    """Convert the HF directory ``hf_dir`` into the megamoe checkpoint directory ``out``."""
+    plan = plan_import(hf_dir, mtp_num_layers)
+    tmp = _start_output(out)
+    progress = Progress(sum(plan.reader.nbytes(m.hf) for m in plan.maps), "import",
+                        stream=open(os.devnull, "w") if quiet else None)
+    dtypes = {}
+    for m in plan.maps:
+        dtypes.setdefault(m.fqn, _import_dtype(plan, m, dtype))
+
+    def load(m: TensorMap) -> torch.Tensor:
+        t = to_interleaved(plan.reader.read(m.hf), m.rope).to(dtypes[m.fqn])
+        progress.advance(plan.reader.nbytes(m.hf))
+        return t
+
+    try:
+        try:
+            dcp.save({}, storage_writer=CheckedFileSystemWriter(iteration_dir(tmp, 0), thread_count=workers),
+                     planner=_StreamingSavePlanner(plan.maps, dtypes, load), no_dist=True)
+        except CheckpointException as err:  # DCP wraps the cause with its traceback
+            raise ConversionError(f"writing {out} failed: {first_failure(err)}") from None
+        progress.close()
+        common = {"format": FORMAT_VERSION, "iteration": 0, "consumed_samples": 0, "optimizer_step": 0,
+                  "layout": {"imported_from": os.path.abspath(hf_dir)}, "loss_scaler": None,
+                  "config": dataclasses.asdict(plan.config)}
+        with open(os.path.join(iteration_dir(tmp, 0), "common.json"), "w") as f:
+            json.dump(common, f, indent=1, default=str)
+        with open(os.path.join(tmp, TRACKER), "w") as f:
+            f.write("0")
+        with open(os.path.join(tmp, "megamoe.yaml"), "w") as f:
+            f.write(yaml_text(plan, hf_dir))
+        _copy_tokenizer(hf_dir, os.path.join(tmp, "tokenizer"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, out)
+    return out
+
+
+def _copy_tokenizer(src: Optional[str], dst: str) -> list[str]:
+    found = [f for f in TOKENIZER_FILES if src and os.path.exists(os.path.join(src, f))]
+    if found:
+        os.makedirs(dst, exist_ok=True)
+        for f in found:
+            shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _config_from_common(common: dict) -> Config:
+    from megamoe.cli import config_from_values
+
+    values = {}
+    for section in common["config"].values():
+        for name, value in section.items():
+            try:
+                section_of(name)
+            except KeyError:  # a field of another megamoe version that this one does not have
+                continue
+            values[name] = value
+    return config_from_values(values)
+
+
+def checkpoint_iteration_dir(path: str) -> str:
+    """``path`` itself when it is one iteration's directory, else the tracker's iteration in it."""
+    if os.path.exists(os.path.join(path, "common.json")):
+        return path
+    iteration = latest_iteration(path)
+    if iteration is None:
+        raise ConversionError(f"{path}: neither a megamoe checkpoint directory ({TRACKER}) nor an iteration's")
+    return iteration_dir(path, iteration)
+
+
+@dataclass
+class ExportPlan:
+    family: str
+    hf_config: dict
+    gpt: GPTArgs
+    path: str  # the iteration directory
+    shards: list[list[TensorMap]]
+    stored: dict  # fqn -> its TensorStorageMetadata
+    dtype: torch.dtype
+
+    def out_dtype(self, m: TensorMap) -> torch.dtype:
+        return torch.float32 if m.name.endswith("gate.bias") else self.dtype
+
+    def nbytes(self, m: TensorMap) -> int:
+        n = 1
+        for d in m.shape:
+            n *= d
+        return n * self.out_dtype(m).itemsize
+
+
+def plan_export(ckpt: str, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 10**9) -> ExportPlan:
+    path = checkpoint_iteration_dir(ckpt)
+    config = _config_from_common(read_common(path))
+    gpt = gpt_args(config)
+    family = family_of_config(config)
+    hf = hf_config(config, gpt, family)
+    hf["torch_dtype"] = _HF_DTYPE_NAMES[dtype]
+    try:
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as err:  # noqa: BLE001 - any unreadable metadata is a broken checkpoint
+        raise ConversionError(f"{path}: cannot read the checkpoint's metadata ({err})") from None
+    maps = tensor_maps(gpt, family, _half_split_rope(family))
+    for m in maps:
+        md = stored.get(m.fqn)
+        if md is None and not m.zeros_if_absent:
+            raise ConversionError(f"{path}: tensor {m.fqn} is missing (common.json's config describes a model that has it)")
+        if md is not None and tuple(md.size) != m.global_shape:
+            raise ConversionError(f"{path}: tensor {m.fqn} is {list(md.size)} there, {list(m.global_shape)} "
+                                  "from common.json's config")
+    plan = ExportPlan(family, hf, gpt, path, [], stored, dtype)
+    shard: list[TensorMap] = []
+    size = 0
+    for m in maps:
+        if shard and size + plan.nbytes(m) > max_shard_bytes:
+            plan.shards.append(shard)
+            shard, size = [], 0
+        shard.append(m)
+        size += plan.nbytes(m)
+    plan.shards.append(shard)
+    return plan
+
+
+def _read_shard(plan: ExportPlan, maps: list[TensorMap]) -> dict[str, torch.Tensor]:
+    """The HF tensors of one output shard: one box per megamoe tensor, covering its maps."""
+    boxes: dict[str, list] = {}
+    for m in maps:
+        if m.fqn not in plan.stored:
+            continue
+        lo, hi = boxes.get(m.fqn, (list(m.offsets), [o + b for o, b in zip(m.offsets, m.box)]))
+        boxes[m.fqn] = ([min(a, o) for a, o in zip(lo, m.offsets)],
+                        [max(z, o + b) for z, o, b in zip(hi, m.offsets, m.box)])
+    pieces = {fqn: Piece(fqn, tuple(plan.stored[fqn].size), tuple(lo), tuple(z - a for a, z in zip(lo, hi)),
+                         torch.empty([z - a for a, z in zip(lo, hi)], dtype=plan.stored[fqn].properties.dtype))
+              for fqn, (lo, hi) in boxes.items()}
+    ordered = list(pieces.values())
+    if ordered:
+        dcp.load({str(i): p.view for i, p in enumerate(ordered)}, storage_reader=dcp.FileSystemReader(plan.path),
+                 planner=PieceLoadPlanner(ordered), no_dist=True)
+    out = {}
+    for m in maps:
+        if m.fqn not in pieces:  # zeros_if_absent
+            out[m.hf] = torch.zeros(m.shape, dtype=plan.out_dtype(m))
+            continue
+        p = pieces[m.fqn]
+        view = p.view[tuple(slice(o - a, o - a + b) for o, a, b in zip(m.offsets, p.offsets, m.box))]
+        out[m.hf] = to_half_split(view.reshape(m.shape), m.rope).to(plan.out_dtype(m)).clone()
+    return out
+
+
+def export_hf(ckpt: str, out: str, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 10**9,
+              workers: int = 4, tokenizer: Optional[str] = None, quiet: bool = False) -> str:
+    """Convert the megamoe checkpoint ``ckpt`` (its root or one iteration's directory) into the
+    HF directory ``out``."""
+    plan = plan_export(ckpt, dtype, max_shard_bytes)
+    tmp = _start_output(out)
+    files = shard_names(len(plan.shards))
+    total = sum(plan.nbytes(m) for shard in plan.shards for m in shard)
+    progress = Progress(total, "export", stream=open(os.devnull, "w") if quiet else None)
+
+    def write(i: int) -> list[str]:
+        tensors = _read_shard(plan, plan.shards[i])
+        write_shard(os.path.join(tmp, files[i]), tensors)
+        progress.advance(sum(plan.nbytes(m) for m in plan.shards[i]))
+        return list(tensors)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            names = list(pool.map(write, range(len(plan.shards))))
+        progress.close()
+        write_index(tmp, zip(files, names), total)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(plan.hf_config, f, indent=2)
+        if tokenizer is not None and not _copy_tokenizer(tokenizer, tmp):
+            raise ConversionError(f"--tokenizer {tokenizer}: none of {', '.join(TOKENIZER_FILES)} there")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, out)
+    return out
+
+
+def export_memory_bytes(plan: ExportPlan, workers: int) -> int:
+    """Peak bytes of the export: per worker, an output shard (read box and converted copy)."""
+    largest = max(sum(plan.nbytes(m) for m in shard) for shard in plan.shards)
+    return min(workers, len(plan.shards)) * 2 * largest
