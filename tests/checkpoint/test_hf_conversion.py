@@ -133,8 +133,9 @@ def test_an_imported_model_computes_transformers_logits(kind, hf_saved, tmp_path
 
 
 def _randomized_megamoe(name: str, seed: int = 3):
-    cfg = preset(name)
+    cfg = preset(name.removesuffix(":tied"))
     cfg.model.seq_length = 24
+    cfg.model.untie_embeddings_and_output_weights = not name.endswith(":tied")
     state = ParallelState.single()
     model = build_model(cfg, state, CPU, dtype=torch.float32)
     _randomize(model, seed)
@@ -142,7 +143,7 @@ def _randomized_megamoe(name: str, seed: int = 3):
 
 
 @pytest.mark.parametrize("name", ["tiny_deepseek_v2_lite", "tiny_deepseek_v3", "tiny_kimi_k2", "tiny_mixtral",
-                                  "tiny_qwen3_moe"])
+                                  "tiny_qwen3_moe", "tiny_qwen3_moe:tied"])
 def test_an_exported_model_computes_megamoe_logits_in_transformers(name, tmp_path):
     cfg, state, model = _randomized_megamoe(name)
     save_checkpoint(str(tmp_path / "ckpt"), 7, model, build_optimizer(model, cfg, state), state, cfg, 0, None, CPU)
@@ -394,3 +395,26 @@ def test_the_tool_dry_runs_refuses_in_one_line_and_its_import_trains(hf_saved, t
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "iteration        2/" in run.stdout + run.stderr
+
+
+def _imported_loss_in_layout(out: str, tokens: torch.Tensor) -> float:
+    """The LM loss sum of ``tokens`` under EP 2 (all-to-all dispatch), loaded with ``--load``."""
+    cfg = config_from_values(load_yaml_values(os.path.join(out, "megamoe.yaml")))
+    cfg.parallel.expert_model_parallel_size, cfg.moe.moe_token_dispatcher_type = 2, "alltoall"
+    cfg.model.seq_length = tokens.shape[1] - 1
+    state = ParallelState.build(**cfg.parallel.degrees())
+    model = build_model(cfg, state, CPU, dtype=torch.float32)
+    load_checkpoint(out, model, build_optimizer(model, cfg, state), state, cfg, None, CPU)
+    with torch.no_grad():
+        return model.eval()(tokens[:, :-1], tokens[:, 1:]).lm_loss_sum.item()
+
+
+def test_an_import_loads_under_expert_parallelism(workers, hf_saved, tmp_path):
+    out = import_hf(hf_saved["deepseek_v3"][0], str(tmp_path / "mm"), quiet=True)
+    tokens = _tokens()
+    hf = _hf_model("deepseek_v3")  # the same random weights as the saved model (same seed)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(hf(tokens[:, :-1]).logits.flatten(0, 1), tokens[:, 1:].flatten(),
+                                                 reduction="sum").item()
+    for got in workers(2).run(_imported_loss_in_layout, out, tokens):
+        assert abs(got - want) <= 1e-5 * abs(want), (got, want)
