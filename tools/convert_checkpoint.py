@@ -69,7 +69,8 @@ def _dry_run_import(args) -> None:
         print(f"{name}: skipped")
     total = sum(plan.reader.nbytes(m.hf) for m in plan.maps)
     print(f"{plan.family}: {len(plan.maps)} tensors, {human_bytes(total)} read; peak memory about "
-          f"{human_bytes(import_memory_bytes(plan, args.workers))} ({args.workers} writer threads, one tensor each)")
+          f"{human_bytes(import_memory_bytes(plan, args.workers))} ({args.workers} writer threads, one tensor each; "
+          "the page cache holds what was read)")
 
 
 def _dry_run_export(args) -> None:

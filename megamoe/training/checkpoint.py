@@ -66,7 +66,9 @@ class CheckedFileSystemWriter(dcp.FileSystemWriter):
     with metadata naming pieces that no file holds."""
 
     def write_data(self, plan, planner):
-        done = super().write_data(plan, planner)
+        return self._checked(plan, super().write_data(plan, planner))
+
+    def _checked(self, plan, done):
         written = len(done.value())
         if written != len(plan.items):
             raise OSError(f"{len(plan.items) - written} of {len(plan.items)} pieces were not written to {self.path} "

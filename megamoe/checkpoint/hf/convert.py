@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import queue
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +38,8 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 
 from megamoe.checkpoint.hf.config_map import (ConversionError, family_of_config, hf_config, megamoe_values,
                                               values_to_config)
-from megamoe.checkpoint.hf.safetensors_io import (TOKENIZER_FILES, HFReader, shard_names, write_index,
-                                                  write_shard)
+from megamoe.checkpoint.hf.safetensors_io import (SAFETENSORS_DTYPES, TOKENIZER_FILES, HFReader, shard_names,
+                                                  write_index, write_shard)
 from megamoe.checkpoint.hf.tensor_map import TensorMap, is_mtp_tensor, tensor_maps, to_half_split, to_interleaved
 from megamoe.config import SECTIONS, Config, section_of
 from megamoe.config_validation import validate
@@ -49,7 +51,6 @@ from megamoe.training.checkpoint import (FORMAT_VERSION, TRACKER, CheckedFileSys
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # transformers' name for each dtype in config.json
 _HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 # one process converting: DCP's single-process warning says nothing here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -135,6 +136,33 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         return self.load(m).reshape(m.box)
 
 
+class _BoundedFileWriter(CheckedFileSystemWriter):
+    """Writes the pieces in plan order into files of at most ``file_bytes`` each (a larger
+    piece gets its own), over ``thread_count`` threads. DCP's writer keeps every tensor of a
+    file until the file is closed, and by default makes one file per thread: an import would
+    then hold most of the model in memory by the end."""
+
+    def __init__(self, path: str, thread_count: int, file_bytes: int):
+        super().__init__(path, thread_count=thread_count)
+        self.file_bytes = file_bytes
+
+    def write_data(self, plan, planner):
+        if not hasattr(self, "_write_data"):  # another torch's writer: its own file split
+            return super().write_data(plan, planner)
+        files: queue.Queue = queue.Queue()
+        bucket, size = [], 0
+        for item in plan.items + [None]:
+            n = 0 if item is None else math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+            if bucket and (item is None or size + n > self.file_bytes):
+                name = f"{plan.storage_data.prefix}{files.qsize()}.distcp"
+                files.put((self.fs.concat_path(self.path, name), name, bucket))
+                bucket, size = [], 0
+            if item is not None:
+                bucket.append(item)
+                size += n
+        return self._checked(plan, self._write_data(planner, files))
+
+
 def _import_dtype(plan: ImportPlan, m: TensorMap, dtype: Optional[torch.dtype]) -> torch.dtype:
     if m.name.endswith("gate.bias"):
         return torch.float32  # the expert bias buffer is float32 in every precision
@@ -142,14 +170,24 @@ def _import_dtype(plan: ImportPlan, m: TensorMap, dtype: Optional[torch.dtype]) 
         return dtype
     if plan.reader.is_fp8(m.hf):
         return torch.bfloat16
-    return _SAFETENSORS_DTYPES.get(plan.reader.dtypes[m.hf], torch.float32)
+    return SAFETENSORS_DTYPES[plan.reader.dtypes[m.hf]]
+
+
+# the interpreter with torch imported, measured (tools/bench_convert.py)
+PROCESS_BASE_BYTES = 250 * 10**6
+# the size of the files an import writes (each writer thread holds one file's tensors)
+IMPORT_FILE_BYTES = 500 * 10**6
 
 
 def import_memory_bytes(plan: ImportPlan, workers: int) -> int:
-    """Peak bytes the import holds: per writer thread its largest tensor, read (float32 when
-    dequantized) and cast."""
-    largest = max(plan.reader.nbytes(m.hf) * (5 if plan.reader.is_fp8(m.hf) else 2) for m in plan.maps)
-    return workers * largest
+    """Peak bytes the import holds: per writer thread, the file it is writing (DCP keeps its
+    tensors until it closes) and its largest tensor three times over (as read, converted, and
+    DCP's serialisation buffer; an FP8 weight nine times its bytes: read, float32 dequantized,
+    converted, serialised)."""
+    largest = max(plan.reader.nbytes(m.hf) * (9 if plan.reader.is_fp8(m.hf) else 3) for m in plan.maps)
+    total = sum(plan.reader.nbytes(m.hf) for m in plan.maps)
+    files = max(1, -(-total // IMPORT_FILE_BYTES))
+    return PROCESS_BASE_BYTES + min(workers, files) * (min(IMPORT_FILE_BYTES, total) + largest)
 
 
 def yaml_text(plan: ImportPlan, hf_dir: str) -> str:
@@ -184,7 +222,8 @@ def import_hf(hf_dir: str, out: str, mtp_num_layers: int = 0, dtype: Optional[to
 
     try:
         try:
-            dcp.save({}, storage_writer=CheckedFileSystemWriter(iteration_dir(tmp, 0), thread_count=workers),
+            writer = _BoundedFileWriter(iteration_dir(tmp, 0), thread_count=workers, file_bytes=IMPORT_FILE_BYTES)
+            dcp.save({}, storage_writer=writer,
                      planner=_StreamingSavePlanner(plan.maps, dtypes, load), no_dist=True)
         except CheckpointException as err:  # DCP wraps the cause with its traceback
             raise ConversionError(f"writing {out} failed: {first_failure(err)}") from None
@@ -202,6 +241,8 @@ def import_hf(hf_dir: str, out: str, mtp_num_layers: int = 0, dtype: Optional[to
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        plan.reader.close()
     os.rename(tmp, out)
     return out
 
@@ -357,4 +398,4 @@ def export_hf(ckpt: str, out: str, dtype: torch.dtype = torch.bfloat16, max_shar
 def export_memory_bytes(plan: ExportPlan, workers: int) -> int:
     """Peak bytes of the export: per worker, an output shard (read box and converted copy)."""
     largest = max(sum(plan.nbytes(m) for m in shard) for shard in plan.shards)
-    return min(workers, len(plan.shards)) * 2 * largest
+    return PROCESS_BASE_BYTES + min(workers, len(plan.shards)) * 2 * largest

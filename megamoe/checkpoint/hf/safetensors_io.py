@@ -1,12 +1,12 @@
 """Reading and writing Hugging Face model directories, one tensor at a time.
 
 :class:`HFReader` opens ``config.json`` and the safetensors shards (through
-``model.safetensors.index.json``, or every ``*.safetensors`` file without one) and reads single
-tensors from the memory-mapped files, so no more than the tensor asked for is loaded. FP8
+``model.safetensors.index.json``, or every ``*.safetensors`` file without one), parses their
+headers, and reads single tensors, so no more than the tensor asked for is loaded. FP8
 weights with 128 x 128 block scales (DeepSeek-V3's published ``weight`` in float8_e4m3fn with
 ``weight_scale_inv`` beside it) are dequantized as they are read.
 
-:func:`write_shards` writes named tensors as HF's sharded safetensors with the index.
+:func:`write_shard` and :func:`write_index` write HF's sharded safetensors and their index.
 """
 
 from __future__ import annotations
@@ -24,18 +24,36 @@ INDEX = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja")
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+# safetensors' dtype names
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+SAFETENSORS_DTYPES.update({name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+                if hasattr(torch, attr)})
 
 
-def _safe_open(path: str):
-    from safetensors import safe_open
-
-    return safe_open(path, framework="pt")
+def read_header(path: str) -> tuple[dict, int]:
+    """(the header's tensor entries, where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ConversionError(f"{path}: not a safetensors file (too short)")
+        size = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise ConversionError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
 
 
 class HFReader:
-    """An HF model directory: its config, tensor names, shapes and dtypes, and tensors on demand
-    (thread-safe: each thread keeps its own file handles)."""
+    """An HF model directory: its config, tensor names, shapes and dtypes, and tensors on demand.
+
+    Tensors are read with ``pread`` into fresh buffers rather than through a memory map: a
+    mapping keeps every page it touched resident in the process (about the whole checkpoint
+    by the end of an import), where reads leave only the page cache. Thread-safe.
+    """
 
     def __init__(self, path: str):
         if not os.path.isdir(path):
@@ -47,21 +65,24 @@ class HFReader:
         except (OSError, ValueError) as err:
             raise ConversionError(f"{path}/config.json: cannot read it ({err})") from None
         self.file_of = self._weight_map()
-        self._local = threading.local()
-        self.shapes, self.dtypes = {}, {}
+        self.entries, self.data_start = {}, {}
         for file in sorted(set(self.file_of.values())):
-            handle = self._handle(file)
-            for name in handle.keys():
-                if self.file_of.get(name) == file:
-                    info = handle.get_slice(name)
-                    self.shapes[name] = tuple(info.get_shape())
-                    self.dtypes[name] = info.get_dtype()
-        missing = sorted(set(self.file_of) - set(self.shapes))
+            header, self.data_start[file] = read_header(os.path.join(path, file))
+            self.entries.update({name: (file, entry) for name, entry in header.items() if self.file_of.get(name) == file})
+        missing = sorted(set(self.file_of) - set(self.entries))
         if missing:
             raise ConversionError(f"{path}/{INDEX} names {missing[0]} in {self.file_of[missing[0]]}, "
                                   "which does not hold it")
+        self.shapes = {name: tuple(entry["shape"]) for name, (_, entry) in self.entries.items()}
+        self.dtypes = {name: entry["dtype"] for name, (_, entry) in self.entries.items()}
+        unknown = sorted(name for name, dtype in self.dtypes.items() if dtype not in SAFETENSORS_DTYPES)
+        if unknown:
+            raise ConversionError(f"{path}: tensor {unknown[0]} has dtype {self.dtypes[unknown[0]]}, "
+                                  "which this torch cannot hold")
         block = (self.config.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
         self.block = tuple(int(b) for b in block)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.path, INDEX)
@@ -75,13 +96,19 @@ class HFReader:
         files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
         if not files:
             raise ConversionError(f"{self.path}: no *.safetensors files")
-        return {name: file for file in files for name in _safe_open(os.path.join(self.path, file)).keys()}
+        return {name: file for file in files for name in read_header(os.path.join(self.path, file))[0]}
 
-    def _handle(self, file: str):
-        handles = self._local.__dict__.setdefault("handles", {})
-        if file not in handles:
-            handles[file] = _safe_open(os.path.join(self.path, file))
-        return handles[file]
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(os.path.join(self.path, file), os.O_RDONLY)
+            return self._fds[file]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def names(self) -> list[str]:
         return list(self.shapes)
@@ -93,22 +120,33 @@ class HFReader:
         return self.dtypes[name].startswith("F8")
 
     def nbytes(self, name: str) -> int:
-        size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4}.get(self.dtypes[name], 2 if not self.is_fp8(name) else 1)
-        n = 1
-        for d in self.shapes[name]:
-            n *= d
-        return n * size
+        begin, end = self.entries[name][1]["data_offsets"]
+        return end - begin
+
+    def _raw(self, name: str) -> torch.Tensor:
+        file, entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        fd, offset, done = self._fd(file), self.data_start[file] + begin, 0
+        while done < len(buffer):
+            n = os.preadv(fd, [memoryview(buffer)[done:]], offset + done)
+            if n == 0:
+                raise ConversionError(f"{self.path}/{file}: truncated inside tensor {name}")
+            done += n
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if not buffer:
+            return torch.empty(self.shapes[name], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(self.shapes[name])
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name``; an FP8 weight comes back dequantized to float32."""
-        t = self._handle(self.file_of[name]).get_tensor(name)
-        if t.dtype not in _FP8:
+        t = self._raw(name)
+        if not self.is_fp8(name):
             return t
         scale_name = name + SCALE_SUFFIX
         if scale_name not in self.shapes:
             raise ConversionError(f"{self.path}: {name} is FP8 without {scale_name}")
-        scale = self._handle(self.file_of[scale_name]).get_tensor(scale_name).float()
-        return dequantize_blockwise(t, scale, self.block, name)
+        return dequantize_blockwise(t, self._raw(scale_name).float(), self.block, name)
 
 
 def dequantize_blockwise(t: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
