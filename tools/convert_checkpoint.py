@@ -69,7 +69,7 @@ def _dry_run_import(args) -> None:
         print(f"{name}: skipped")
     total = sum(plan.reader.nbytes(m.hf) for m in plan.maps)
     print(f"{plan.family}: {len(plan.maps)} tensors, {human_bytes(total)} read; peak memory about "
-          f"{human_bytes(import_memory_bytes(plan, args.workers))} ({args.workers} writer threads, one tensor each; "
+          f"{human_bytes(import_memory_bytes(plan, args.workers))} ({args.workers} writer threads, one 500 MB file and one tensor each; "
           "the page cache holds what was read)")
 
 
@@ -82,7 +82,7 @@ def _dry_run_export(args) -> None:
     total = sum(plan.nbytes(m) for shard in plan.shards for m in shard)
     print(f"{plan.family}: {sum(len(s) for s in plan.shards)} tensors in {len(plan.shards)} shards, {human_bytes(total)}; "
           f"peak memory about {human_bytes(export_memory_bytes(plan, args.workers))} ({args.workers} workers, one shard "
-          "each), plus the stored pieces each shard's boxes overlap")
+          "and one stored piece each)")
 
 
 def main(argv=None) -> int:

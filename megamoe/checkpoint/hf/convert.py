@@ -396,6 +396,9 @@ def export_hf(ckpt: str, out: str, dtype: torch.dtype = torch.bfloat16, max_shar
 
 
 def export_memory_bytes(plan: ExportPlan, workers: int) -> int:
-    """Peak bytes of the export: per worker, an output shard (read box and converted copy)."""
+    """Peak bytes of the export: per worker, an output shard (read box and converted copy)
+    and the largest stored piece (DCP reads a whole stored piece to cut a box from it)."""
     largest = max(sum(plan.nbytes(m) for m in shard) for shard in plan.shards)
-    return PROCESS_BASE_BYTES + min(workers, len(plan.shards)) * 2 * largest
+    stored = max(math.prod(c.sizes) * md.properties.dtype.itemsize
+                 for md in plan.stored.values() if hasattr(md, "chunks") for c in md.chunks)
+    return PROCESS_BASE_BYTES + min(workers, len(plan.shards)) * (2 * largest + stored)
