@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     state, device = init_distributed(config.parallel, info)
     if info.rank == 0:
         print(state.layout.summary(), flush=True)
+        print(state.layout.topology(info.local_world_size), flush=True)
     try:
         with exit_on_config_error(PROG):  # e.g. a --load checkpoint of another model
             train(config, state, device)

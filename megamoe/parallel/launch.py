@@ -20,16 +20,21 @@ class ProcessInfo:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int  # processes on this node (GPUs per node)
 
 
 def process_info_from_env() -> ProcessInfo:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else SLURM's, else a single process."""
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE, else SLURM's, else a single process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return ProcessInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        world = int(env["WORLD_SIZE"])
+        return ProcessInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
+                           int(env.get("LOCAL_WORLD_SIZE", world)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return ProcessInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-    return ProcessInfo(0, 1, 0)
+        world = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_NNODES", 1))
+        return ProcessInfo(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), max(1, world // nodes))
+    return ProcessInfo(0, 1, 0, 1)
 
 
 def configure_logging(rank: int) -> None:

@@ -209,6 +209,25 @@ class ParallelLayout:
             + (f"; {self.vpp} virtual stages per pipeline rank" if self.vpp else "")
         )
 
+    def topology(self, gpus_per_node: int) -> str:
+        """Nodes x GPUs per node, and which groups stay inside a node and which cross nodes
+        (node = rank // gpus_per_node: torchrun and SLURM give each node consecutive ranks)."""
+        if gpus_per_node < 1 or self.world_size % gpus_per_node:
+            return (f"topology: {self.world_size} ranks do not fill nodes of {gpus_per_node} evenly; "
+                    "groups cannot be placed on nodes")
+        inside, across = [], []
+        for kind in ("tp", "cp", "etp", "ep", "dp", "edp", "pp"):
+            groups = self.groups(kind)
+            if len(groups[0]) == 1:
+                continue
+            nodes = max(len({rank // gpus_per_node for rank in g}) for g in groups)
+            if nodes == 1:
+                inside.append(f"{kind} {len(groups[0])}")
+            else:
+                across.append(f"{kind} {len(groups[0])} over {nodes} nodes")
+        return (f"topology: {self.world_size // gpus_per_node} node(s) x {gpus_per_node} GPUs; inside a node: "
+                f"{', '.join(inside) or 'nothing'}; across nodes: {', '.join(across) or 'nothing'}")
+
     def describe(self, max_groups: Optional[int] = 4) -> str:
         """A table of every group kind: size, count and (the first few) groups."""
         lines = [self.summary(), f"{'group':<7}{'size':>5}{'count':>7}  members"]

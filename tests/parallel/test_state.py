@@ -203,3 +203,14 @@ def test_single_process_state():
     assert state.tp.size == state.ep.size == state.pp.size == 1
     assert state.is_first_stage and state.is_last_stage
     assert state.coords == dict(tp=0, cp=0, dp=0, pp=0, etp=0, ep=0, edp=0)
+
+
+def test_topology_says_which_groups_cross_nodes():
+    # 16 ranks on 2 nodes of 8: tp 2 and ep 4 (innermost) stay in a node, pp 2 (outermost) spans both
+    layout = ParallelLayout.build(16, tp=2, pp=2, ep=4, etp=1)
+    assert layout.topology(8) == ("topology: 2 node(s) x 8 GPUs; inside a node: tp 2, ep 4, dp 4, edp 2; "
+                                  "across nodes: pp 2 over 2 nodes")
+    # nodes of 4: dp (tp x dp = 8 ranks per stage) now crosses nodes, and so does expert-dp
+    assert layout.topology(4) == ("topology: 4 node(s) x 4 GPUs; inside a node: tp 2, ep 4; across nodes: "
+                                  "dp 4 over 2 nodes, edp 2 over 2 nodes, pp 2 over 2 nodes")
+    assert "do not fill nodes of 3 evenly" in layout.topology(3)
