@@ -146,6 +146,35 @@ class Bucket:
         self._param_work = self._param_send = None
 
 
+def bucket_layout(numels: list[int], bucket_size: int, pad_to: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Buckets of a buffer whose parameters have ``numels`` (in buffer order): ``(start, end,
+    [(parameter index, lo, hi) in bucket offsets])``, each bucket at least ``bucket_size``
+    elements (but the last) and padded to a multiple of ``pad_to``. Pure arithmetic: the
+    buffers and the memory planner (``megamoe/training/memory_plan.py``) both use it."""
+    layout, ranges, start, offset = [], [], 0, 0
+    for i, n in enumerate(numels):
+        ranges.append((i, offset - start, offset - start + n))
+        offset += n
+        if offset - start >= bucket_size or i == len(numels) - 1:
+            end = -(-offset // pad_to) * pad_to
+            layout.append((start, end, ranges))
+            ranges, start, offset = [], end, end
+    return layout
+
+
+def buffer_groups(params: Iterable[torch.nn.Parameter], state: ParallelState) -> list[tuple[str, list, Group, Optional[Group]]]:
+    """The gradient buffers of ``params``: ``(name, members in buffer order, reduction group,
+    group summed over first)``, one per reduction kind and dtype (see the module docstring)."""
+    ordered = list(reversed(list(params)))  # about the order backward produces gradients
+    grouped: dict[tuple[str, torch.dtype], list] = {}
+    kinds = {}
+    for p in ordered:
+        name, group, pre_group = _kind(p, state)
+        grouped.setdefault((name, p.dtype), []).append(p)
+        kinds[name] = (group, pre_group)
+    return [(name, members, *kinds[name]) for (name, _), members in grouped.items()]
+
+
 class GradBuffer:
     """Main gradients (and optionally the parameters) of parameters reduced over one group.
 
@@ -159,16 +188,9 @@ class GradBuffer:
         self.name, self.group, self.pre_group = name, group, pre_group
         dtype, device = params[0].dtype, params[0].device
         assert all(p.dtype == dtype for p in params)
-        pad_to = ALIGN * group.size
-        layout, ranges, start, offset = [], [], 0, 0
-        for p in params:
-            ranges.append((p, offset - start, offset - start + p.numel()))
-            offset += p.numel()
-            if offset - start >= bucket_size or p is params[-1]:
-                end = -(-offset // pad_to) * pad_to
-                layout.append((start, end, ranges))
-                ranges, start, offset = [], end, end
-        self.numel = offset
+        layout = [(start, end, [(params[i], lo, hi) for i, lo, hi in ranges])
+                  for start, end, ranges in bucket_layout([p.numel() for p in params], bucket_size, ALIGN * group.size)]
+        self.numel = layout[-1][1]
         self.grad_data = torch.zeros(self.numel, dtype=upcast(params[0]).dtype, device=device)
         self.param_data = torch.zeros(self.numel, dtype=dtype, device=device) if hold_params else None
         self.buckets = [Bucket(self, i, s, e, r) for i, (s, e, r) in enumerate(layout)]
@@ -198,19 +220,12 @@ class DataParallelGrads:
     def __init__(self, params: Iterable[torch.nn.Parameter], state: ParallelState, overlap: bool = False,
                  reduce_scatter: bool = False, bucket_size: Optional[int] = None, hold_params: bool = False):
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
-        ordered = list(reversed(list(params)))  # about the order backward produces gradients
+        params = list(params)
+        ordered = params[::-1]  # about the order backward produces gradients
         position = {p: i for i, p in enumerate(ordered)}
-        grouped: dict[tuple[str, torch.dtype], list] = {}
-        kinds = {}
-        for p in ordered:
-            name, group, pre_group = _kind(p, state)
-            grouped.setdefault((name, p.dtype), []).append(p)
-            kinds[name] = (group, pre_group)
-        self.buffers = []
-        for (name, dtype), members in grouped.items():
-            group, pre_group = kinds[name]
-            size = bucket_size or default_bucket_size(group.size)
-            self.buffers.append(GradBuffer(name, members, group, pre_group, size, hold_params))
+        self.buffers = [GradBuffer(name, members, group, pre_group, bucket_size or default_bucket_size(group.size),
+                                   hold_params)
+                        for name, members, group, pre_group in buffer_groups(params, state)]
         # One launch order for all buffers: by the backward position of each bucket's last
         # parameter; deferred buckets (reduced only after their first group) go last.
         buckets = [b for buf in self.buffers for b in buf.buckets]

@@ -314,6 +314,16 @@ class ParallelState:
     embd: Optional[Group]
 
     @classmethod
+    def without_process_groups(cls, layout: ParallelLayout, rank: int) -> "ParallelState":
+        """``rank``'s groups in ``layout`` with no process groups behind them: for planning and
+        layout tests, never for collectives."""
+        groups = {}
+        for kind in (*GROUP_KINDS, "embd"):
+            mine = [g for g in layout.groups(kind) if rank in g]
+            groups[kind] = Group(kind, tuple(mine[0]), mine[0].index(rank)) if mine else None
+        return cls(layout, rank, groups)
+
+    @classmethod
     def build(
         cls,
         tp: int = 1,

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.state import GROUP_KINDS, Group, ParallelLayout, ParallelState
+from megamoe.parallel.state import ParallelLayout, ParallelState
 
 _HOST = "127.0.0.1"
 _ERROR_GRACE_SECONDS = 3.0  # after one rank fails, how long to wait for the others' reports
@@ -216,12 +216,7 @@ def worker_device() -> torch.device:
 
 def fake_state(world_size: int, rank: int = 0, **degrees) -> ParallelState:
     """A ParallelState with groups but no process groups (layout tests only: no collectives)."""
-    layout = ParallelLayout.build(world_size, **degrees)
-    groups = {}
-    for kind in (*GROUP_KINDS, "embd"):
-        mine = [g for g in layout.groups(kind) if rank in g]
-        groups[kind] = Group(kind, tuple(mine[0]), mine[0].index(rank)) if mine else None
-    return ParallelState(layout, rank, groups)
+    return ParallelState.without_process_groups(ParallelLayout.build(world_size, **degrees), rank)
 
 
 def run_on_threads(fn: Callable[[int], Any], world_size: int) -> dict[int, Any]:

@@ -52,6 +52,18 @@ def build_model(config: Config, state: ParallelState, device: torch.device | str
                 dtype: Optional[torch.dtype] = None) -> GPTModel:
     """This rank's part of the model: built on the meta device, materialised on ``device``,
     then initialised (layout-invariant). ``dtype`` defaults to the precision policy's."""
+    model = materialize(meta_model(config, state, dtype), device)
+    model.init_weights(config.training.seed)
+    if config.parallel.pipeline_schedule == "dualpipev" and state.pp.size > 1:
+        model.defer_weight_grads(WeightGradStore())  # its W actions run the deferred weight gradients
+    if config.training.compile:
+        compile_blocks(model, torch.device(device))
+    return model
+
+
+def meta_model(config: Config, state: ParallelState, dtype: Optional[torch.dtype] = None) -> GPTModel:
+    """This rank's part of the model on the meta device: its shapes without memory (the layout
+    planner sizes every rank's state from it)."""
     policy = PrecisionPolicy.from_config(config)
     if dtype is None:
         dtype = policy.params_dtype
@@ -67,15 +79,8 @@ def build_model(config: Config, state: ParallelState, device: torch.device | str
         chunks = virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
                                             first, last)[state.pp.rank]
     with torch.device("meta"):
-        model = GPTModel(args, state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype,
-                         fp8_layers=policy.fp8_layers(args.num_layers, args.num_blocks), ends=ends)
-    model = materialize(model, device)
-    model.init_weights(config.training.seed)
-    if dualpipev:  # its W actions run the deferred weight gradients
-        model.defer_weight_grads(WeightGradStore())
-    if config.training.compile:
-        compile_blocks(model, torch.device(device))
-    return model
+        return GPTModel(args, state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype,
+                        fp8_layers=policy.fp8_layers(args.num_layers, args.num_blocks), ends=ends)
 
 
 def compile_blocks(model: GPTModel, device: torch.device) -> None:

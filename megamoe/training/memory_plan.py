@@ -1,0 +1,92 @@
+"""The training state each rank holds, predicted without allocating it: weights, float32 main
+gradients, float32 masters and Adam's moments, per pipeline stage, for any layout.
+
+Each rank's parameters come from the model built on the meta device for that rank (its
+shapes, sharding and roles exactly as training builds them), its gradient buffers and buckets
+from the same arithmetic the buffers use (``data_parallel.bucket_layout``: padding included),
+and its optimizer state from what the optimizer allocates: whole tensors, or with
+``--use-distributed-optimizer`` the part of each bucket's shard that holds parameters. The
+tests compare the prediction with the allocated tensors (``Optimizer.memory_bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megamoe.config import Config
+from megamoe.numerics import upcast
+from megamoe.parallel.data_parallel import ALIGN, bucket_layout, buffer_groups, default_bucket_size
+from megamoe.parallel.param_spec import spec_of
+from megamoe.parallel.state import Group, ParallelLayout, ParallelState
+from megamoe.training.train import meta_model
+
+ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the masters' dtype
+ADAM_STEP_BYTES = 4  # torch's AdamW keeps each tensor's step as a float32 scalar tensor
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """One rank's training state in bytes (the keys of ``Optimizer.memory_bytes``), and its
+    parameter counts (``num_params``: this rank's; ``num_expert_params``: of them, routed experts)."""
+
+    params: int
+    main_grads: int
+    masters: int
+    adam_states: int
+    num_params: int
+    num_expert_params: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.main_grads + self.masters + self.adam_states
+
+    def as_dict(self) -> dict[str, int]:
+        return {"params": self.params, "main_grads": self.main_grads, "masters": self.masters,
+                "adam_states": self.adam_states}
+
+
+def _shard_overlaps(start: int, end: int, group: Group, ranges) -> list[int]:
+    """Elements of each parameter (not padding) in this rank's shard of the bucket [start, end),
+    for the parameters that have some (each gets a master tensor)."""
+    size = (end - start) // group.size
+    lo, hi = group.rank * size, (group.rank + 1) * size
+    return [n for n in (min(b, hi) - max(a, lo) for _, a, b in ranges) if n > 0]
+
+
+def state_bytes(config: Config, state: ParallelState) -> StateBytes:
+    """The training state of the rank ``state`` describes (its groups need no process groups:
+    ``ParallelState.without_process_groups``)."""
+    model = meta_model(config, state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    distributed = config.parallel.use_distributed_optimizer
+    weights = grads = masters = num_masters = 0
+    for _, members, group, _ in buffer_groups(params, state):
+        dtype = members[0].dtype
+        master_size = upcast(torch.empty((), dtype=dtype)).element_size()
+        size = config.parallel.ddp_bucket_size or default_bucket_size(group.size)
+        layout = bucket_layout([p.numel() for p in members], size, ALIGN * group.size)
+        padded = layout[-1][1]
+        grads += padded * master_size
+        if distributed:  # parameters live in the padded buffer; masters for this rank's shard
+            weights += padded * dtype.itemsize
+            pieces = [n for start, end, ranges in layout for n in _shard_overlaps(start, end, group, ranges)]
+            masters += sum(pieces) * master_size
+            num_masters += len(pieces)
+        else:
+            numel = sum(p.numel() for p in members)
+            weights += numel * dtype.itemsize
+            masters += numel * master_size
+            num_masters += len(members)
+    own_masters = not distributed and all(upcast(p).dtype == p.dtype for p in params)
+    # Adam's two moments, and its step count: a float32 scalar per master tensor
+    moments = ADAM_STATES * masters + num_masters * ADAM_STEP_BYTES
+    return StateBytes(weights, grads, 0 if own_masters else masters, moments, sum(p.numel() for p in params),
+                      sum(p.numel() for p in params if spec_of(p).is_expert))
+
+
+def stage_ranks(layout: ParallelLayout) -> list[int]:
+    """One rank per pipeline stage (the one with every other coordinate 0): ranks of a stage
+    hold the same amount of state (TP, CP, EP and DP split evenly)."""
+    return [g[0] for g in sorted(layout.groups("tp_dp_cp"), key=lambda g: layout.coords(g[0])["pp"])]

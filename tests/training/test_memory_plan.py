@@ -1,0 +1,78 @@
+"""The memory planner's training-state bytes against the tensors training allocates, in
+several layouts (gloo), and its per-stage view of a published layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megamoe.cli import parse_config
+from megamoe.config_validation import validate
+from megamoe.parallel.random import model_parallel_seed
+from megamoe.parallel.state import ParallelLayout, ParallelState
+from megamoe.training.memory_plan import stage_ranks, state_bytes
+from megamoe.training.train import MicroBatches, build_model, build_optimizer, train_step
+
+CPU = torch.device("cpu")
+BASE = ["--config", "examples/configs/demo.yaml", "--seq-length", "16", "--micro-batch-size", "1",
+        "--global-batch-size", "8"]
+
+
+def _allocated_and_predicted(flags: list[str]) -> tuple[dict, dict]:
+    """After one training step (Adam allocates its moments then): what the optimizer holds, and
+    what the planner predicts for this rank from the layout alone."""
+    torch.set_num_threads(1)
+    config = parse_config(flags)
+    state = ParallelState.build(**config.parallel.degrees())
+    validate(config, state.layout.world_size)
+    model = build_model(config, state, CPU)
+    optimizer = build_optimizer(model, config, state)
+    data = MicroBatches(config, state, CPU)
+    train_step(model, optimizer, [data.get(0, j) for j in range(data.num_micro)], 1, config, state,
+               model_parallel_seed(config.training.seed, state, CPU))
+    predicted = state_bytes(config, ParallelState.without_process_groups(state.layout, state.rank))
+    return optimizer.memory_bytes(), predicted.as_dict()
+
+
+LAYOUTS = {
+    "bf16": (1, ["--bf16"]),
+    "fp32": (1, []),
+    "tp2,distopt": (2, ["--bf16", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                        "--use-distributed-optimizer"]),
+    "pp2,ep2,distopt": (4, ["--bf16", "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+                            "--moe-token-dispatcher-type", "alltoall", "--use-distributed-optimizer"]),
+    "dp4,distopt,small-buckets": (4, ["--bf16", "--use-distributed-optimizer", "--ddp-bucket-size", "5000"]),
+    "ep4,etp1,tp2": (4, ["--bf16", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4",
+                         "--expert-tensor-parallel-size", "1", "--moe-token-dispatcher-type", "alltoall"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_predicted_state_bytes_are_the_allocated_bytes(workers, layout):
+    world, flags = LAYOUTS[layout]
+    results = [_allocated_and_predicted(BASE + flags)] if world == 1 else workers(world).run(
+        _allocated_and_predicted, BASE + flags)
+    for rank, (allocated, predicted) in enumerate(results):
+        assert predicted == allocated, (rank, predicted, allocated)
+
+
+def test_stages_of_deepseek_v3_on_2048_gpus():
+    config = parse_config(["--config", "examples/configs/deepseek_v3.yaml", "--bf16", "--pipeline-model-parallel-size",
+                           "16", "--decoder-first-pipeline-num-layers", "3", "--decoder-last-pipeline-num-layers", "2",
+                           "--expert-model-parallel-size", "64", "--use-distributed-optimizer"])
+    layout = validate(config, 2048)
+    ranks = stage_ranks(layout)
+    assert len(ranks) == 16 and [layout.coords(r)["pp"] for r in ranks] == list(range(16))
+    stages = [state_bytes(config, ParallelState.without_process_groups(layout, r)) for r in ranks]
+    # every decoder layer but the first three is MoE: a middle stage holds 4 MoE layers of 256 / 64
+    # experts of 3 x 7168 x 2048 weights, plus attention and shared experts
+    experts_per_stage = 4 * (256 // 64) * 3 * 7168 * 2048
+    assert stages[5].num_expert_params == experts_per_stage
+    # bf16 weights (2 bytes) and float32 main gradients (4) for every parameter, and 12 bytes of
+    # masters + moments spread over DP 128 (dense) or expert-DP 2
+    middle = stages[5]
+    dense = middle.num_params - middle.num_expert_params
+    expected_optimizer = 12 * (dense / 128 + middle.num_expert_params / 2)
+    assert abs((middle.masters + middle.adam_states) - expected_optimizer) < 1e-3 * expected_optimizer
+    assert middle.params >= 2 * middle.num_params and middle.main_grads >= 4 * middle.num_params
+    assert isinstance(layout, ParallelLayout)
