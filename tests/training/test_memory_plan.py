@@ -3,6 +3,11 @@ several layouts (gloo), and its per-stage view of a published layout."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,3 +81,24 @@ def test_stages_of_deepseek_v3_on_2048_gpus():
     assert abs((middle.masters + middle.adam_states) - expected_optimizer) < 1e-3 * expected_optimizer
     assert middle.params >= 2 * middle.num_params and middle.main_grads >= 4 * middle.num_params
     assert isinstance(layout, ParallelLayout)
+
+
+def test_the_planner_prints_each_stage_and_refuses_bad_layouts_in_one_line():
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MEGAMOE_DRY_RUN": "plan", "PYTHON": sys.executable}
+    run = subprocess.run(["bash", "examples/train_mixtral_8x7b.sh"], cwd=root, capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]  # PP 4
+    assert "across nodes: dp 8 over 2 nodes" in run.stdout
+    tool = [sys.executable, "tools/plan_layout.py", "--nnodes", "1", "--gpus-per-node", "8", "--"]
+    too_big = subprocess.run(tool[:-1] + ["--gpu-memory-gib", "80", "--", "--config", "examples/configs/mixtral_8x7b.yaml",
+                                          "--bf16", "--expert-model-parallel-size", "8"],
+                             cwd=root, capture_output=True, text=True, timeout=120)
+    # 46.7B parameters on 8 GPUs without the distributed optimizer: 18 bytes each of whole-model
+    # dense state plus one eighth of the experts' exceeds 80 GiB
+    assert too_big.returncode == 1 and "exceeds --gpu-memory-gib 80" in too_big.stderr
+    bad = subprocess.run(tool + ["--config", "examples/configs/mixtral_8x7b.yaml", "--expert-model-parallel-size", "3"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--expert-model-parallel-size 3" in bad.stderr
