@@ -156,8 +156,6 @@ def test_an_exported_model_computes_megamoe_logits_in_transformers(name, tmp_pat
 
 def _save_in_layout(directory: str) -> None:
     """DeepSeek-V3's tiny preset saved by EP 2 x TP 2 ranks (each writes its own pieces)."""
-    from megamoe.testing.distributed import worker_device  # noqa: F401 - rank setup
-
     cfg = preset("tiny_deepseek_v3")
     cfg.model.seq_length = 24
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.expert_model_parallel_size = 2, 2

@@ -16,8 +16,7 @@ family's published values, which the written YAML states and a user may change.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from typing import Any
 
 from megamoe.config import Config, ConfigError
 
@@ -263,7 +262,7 @@ def _export_refusals(config: Config, family: str, moe_layers: list[bool]) -> Non
 
 def hf_config(config: Config, gpt, family: str) -> dict:
     """The HF ``config.json`` of a megamoe model (``gpt``: its :class:`GPTArgs`)."""
-    m, a, moe = config.model, gpt.attention, gpt.moe
+    a, moe = gpt.attention, gpt.moe
     moe_layers = list(gpt.moe_layers[:gpt.num_layers])
     _export_refusals(config, family, moe_layers)
     hf: dict[str, Any] = {
@@ -316,19 +315,11 @@ def hf_config(config: Config, gpt, family: str) -> dict:
                       norm_topk_prob=not moe.pre_softmax, decoder_sparse_step=1,
                       mlp_only_layers=[i for i, f in enumerate(moe_layers) if not f],
                       router_aux_loss_coef=moe.aux_loss_coeff)
-    if not math.isfinite(hf["rms_norm_eps"]):
-        raise ConversionError("--norm-epsilon is not finite")
     return hf
 
 
-def hf_mtp_layers(hf: dict) -> int:
-    return int(_get(hf, "num_nextn_predict_layers", default=0)) if family_of(hf) == "deepseek_v3" else 0
-
-
-def values_to_config(values: dict, overrides: Optional[dict] = None) -> Config:
+def values_to_config(values: dict) -> Config:
     """A megamoe Config from field values (``rope_interleave`` is the converter's, not a flag)."""
     from megamoe.cli import config_from_values
 
-    fields = {k: v for k, v in values.items() if k != "rope_interleave"}
-    fields.update(overrides or {})
-    return config_from_values(fields)
+    return config_from_values({k: v for k, v in values.items() if k != "rope_interleave"})

@@ -5,7 +5,8 @@ Import writes a megamoe checkpoint at iteration 0 (``OUT/iter_0000000``, the tra
 layout: DCP's writer threads ask for one HF tensor at a time (:class:`_StreamingSavePlanner`),
 which is read from the memory-mapped safetensors, dequantized if FP8, permuted if its RoPE
 convention differs, and written as one piece (a routed expert is a box of the stacked expert
-tensor). Peak memory: one tensor per writer thread, twice over when it is cast.
+tensor), into files of at most 500 MB. Peak memory: per writer thread, one file's tensors and
+the one being converted (:func:`import_memory_bytes`).
 
 Export reads a megamoe checkpoint saved in any layout and writes HF's sharded safetensors, one
 output shard per task: each megamoe tensor a shard needs is read once, as the box covering the
@@ -115,7 +116,7 @@ def plan_import(hf_dir: str, mtp_num_layers: int = 0) -> ImportPlan:
 
 class _StreamingSavePlanner(DefaultSavePlanner):
     """Writes each map as a piece of its megamoe tensor; the data is read only when DCP's
-    writer asks for it (:meth:`resolve_data`), so one tensor per writer thread is in memory."""
+    writer asks for it (:meth:`resolve_data`), one tensor at a time per writer thread."""
 
     def __init__(self, maps: list[TensorMap], dtypes: dict[str, torch.dtype], load: Callable[[TensorMap], torch.Tensor]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
