@@ -5,7 +5,7 @@ with the node topology of the groups. Nothing is launched or allocated.
     python tools/plan_layout.py --nnodes 256 --gpus-per-node 8 -- --config examples/configs/deepseek_v3.yaml \\
         --bf16 --pipeline-model-parallel-size 16 --decoder-first-pipeline-num-layers 3 \\
         --decoder-last-pipeline-num-layers 2 --expert-model-parallel-size 64 --use-distributed-optimizer
-    MEGAMOE_DRY_RUN=plan bash examples/train_deepseek_v3.sh      # the same, for a launch script
+    MEGAMOE_DRY_RUN=check bash examples/train_deepseek_v3.sh     # the same, for a launch script
 
 Per stage: parameters on one GPU (of them routed experts), bf16/fp32 weights, float32 main
 gradients (with bucket padding), float32 masters and Adam's moments (sharded over DP, or

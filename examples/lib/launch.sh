@@ -9,8 +9,8 @@
 #   CHECKPOINT_DIR     --save and --load: a job resumes from its own latest checkpoint
 #   SAVE_INTERVAL (500)  TENSORBOARD_DIR  PYTHON (python)
 #   MEGAMOE_DRY_RUN=1  print the torchrun command instead of running it; =check validates the
-#                      layout for NNODES x GPUS_PER_NODE and prints it (tools/check_launch.py);
-#                      =plan also prints each stage's training state per GPU (tools/plan_layout.py)
+#                      layout for NNODES x GPUS_PER_NODE and prints it with each stage's
+#                      training state per GPU (tools/plan_layout.py)
 # Extra arguments to a train_*.sh script are appended to pretrain_moe.py's flags and win.
 
 set -euo pipefail
@@ -65,10 +65,9 @@ megamoe_launch() {
     megamoe_data_args
     megamoe_checkpoint_args
     local flags=("$@" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${EXTRA_ARGS[@]}")
-    if [ "${MEGAMOE_DRY_RUN:-}" = check ] || [ "${MEGAMOE_DRY_RUN:-}" = plan ]; then  # launch nothing
-        local tool=check_launch.py
-        [ "$MEGAMOE_DRY_RUN" = plan ] && tool=plan_layout.py
-        exec "$PYTHON" "$MEGAMOE_ROOT/tools/$tool" --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" -- "${flags[@]}"
+    if [ "${MEGAMOE_DRY_RUN:-}" = check ]; then  # validate and plan the layout, launch nothing
+        exec "$PYTHON" "$MEGAMOE_ROOT/tools/plan_layout.py" --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
+            -- "${flags[@]}"
     fi
     local cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
                --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"

@@ -45,7 +45,7 @@ def test_a_layout_that_does_not_fit_the_world_is_one_line(tmp_path):
                           timeout=120, env=_env(MEGAMOE_DRY_RUN="check", NNODES="3"))
     assert proc.returncode == 2
     error = proc.stderr.splitlines()[-1]
-    assert error.startswith("check_launch.py: error: --expert-tensor-parallel-size 1 x --expert-model-parallel-size 8")
+    assert error.startswith("plan_layout.py: error: --expert-tensor-parallel-size 1 x --expert-model-parallel-size 8")
     assert "(world size 24 / --pipeline-model-parallel-size 4)" in error and "Traceback" not in proc.stderr
 
 

@@ -85,7 +85,7 @@ def test_stages_of_deepseek_v3_on_2048_gpus():
 
 def test_the_planner_prints_each_stage_and_refuses_bad_layouts_in_one_line():
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "MEGAMOE_DRY_RUN": "plan", "PYTHON": sys.executable}
+    env = {**os.environ, "MEGAMOE_DRY_RUN": "check", "PYTHON": sys.executable}
     run = subprocess.run(["bash", "examples/train_mixtral_8x7b.sh"], cwd=root, capture_output=True, text=True,
                          env=env, timeout=120)
     assert run.returncode == 0, run.stderr
