@@ -340,6 +340,22 @@ def test_models_that_would_convert_wrongly_are_refused_naming_the_cause(hf_saved
         assert not os.path.exists(tmp_path / f"out-{path.name}")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"moe_router_score_function": "sigmoid"}, "--moe-router-score-function sigmoid: qwen3_moe in transformers"),
+    ({"moe_router_num_groups": 4, "moe_router_group_topk": 2}, "--moe-router-num-groups: qwen3_moe"),
+    ({"normalization": "LayerNorm"}, "the model is not RMSNorm + SwiGLU: qwen3_moe"),
+])
+def test_megamoe_models_transformers_cannot_express_are_not_exported(change, message, tmp_path):
+    from megamoe.checkpoint.hf.config_map import family_of_config, hf_config
+    from megamoe.model.args import gpt_args
+
+    cfg = preset("tiny_qwen3_moe")
+    for name, value in change.items():
+        setattr(cfg.model if hasattr(cfg.model, name) else cfg.moe, name, value)
+    with pytest.raises(ConversionError, match=message.replace("+", r"\+")):
+        hf_config(cfg, gpt_args(cfg), family_of_config(cfg))
+
+
 def test_a_failed_import_leaves_no_output(hf_saved, tmp_path, monkeypatch):
     import threading
 

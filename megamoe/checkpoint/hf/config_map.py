@@ -242,11 +242,14 @@ def _export_refusals(config: Config, family: str, moe_layers: list[bool]) -> Non
     refuse_unless(m.normalization == "RMSNorm" and m.swiglu, "the model is not RMSNorm + SwiGLU")
     refuse_unless(not m.add_bias_linear, "--add-bias-linear")
     refuse_unless(m.rotary_percent == 1.0, f"--rotary-percent {m.rotary_percent}")
-    refuse_unless(moe.moe_router_score_function == "sigmoid" or not moe.moe_router_enable_expert_bias
-                  or family == "deepseek_v3", "the expert bias with a softmax router")
+    refuse_unless(family != "deepseek_v2" or not moe.moe_router_enable_expert_bias,
+                  "--moe-router-enable-expert-bias with a softmax router")
     if family == "deepseek_v2":
         refuse_unless(moe.moe_router_pre_softmax, "a softmax router that renormalises the top-k (no --moe-router-pre-softmax)")
     if family in ("mixtral", "qwen3_moe"):
+        refuse_unless(moe.moe_router_score_function == "softmax",
+                      f"--moe-router-score-function {moe.moe_router_score_function}")
+        refuse_unless(not moe.moe_router_enable_expert_bias, "--moe-router-enable-expert-bias")
         refuse_unless(not moe.moe_router_num_groups, "--moe-router-num-groups")
         refuse_unless(not moe.moe_router_topk_scaling_factor, "--moe-router-topk-scaling-factor")
         refuse_unless(not moe.moe_shared_expert_intermediate_size, "shared experts")
@@ -258,6 +261,7 @@ def _export_refusals(config: Config, family: str, moe_layers: list[bool]) -> Non
     if family.startswith("deepseek"):
         first = moe_layers.index(True) if any(moe_layers) else len(moe_layers)
         refuse_unless(all(moe_layers[first:]), "dense layers after the first MoE layer")
+        refuse_unless(m.qk_layernorm, "multi-latent attention without --qk-layernorm (no latent norms)")
 
 
 def hf_config(config: Config, gpt, family: str) -> dict:
