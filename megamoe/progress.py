@@ -25,9 +25,11 @@ def _clock(seconds: float) -> str:
 class Progress:
     """``total`` bytes of work; :meth:`advance` as pieces finish, :meth:`close` at the end."""
 
-    def __init__(self, total: int, label: str, stream=None, width: int = 30, log_every_s: float = 10.0):
+    def __init__(self, total: int, label: str, stream=None, width: int = 30, log_every_s: float = 10.0,
+                 quiet: bool = False):
         self.total, self.label, self.width = max(total, 1), label, width
         self.stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet  # count, print nothing
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.done, self.start = 0, time.perf_counter()
         self.log_every_s, self._last = log_every_s, 0.0
@@ -47,6 +49,8 @@ class Progress:
         with self._lock:
             self.done += nbytes
             now = time.perf_counter()
+            if self.quiet:
+                return
             if self.tty:
                 self.stream.write("\r" + self.line())
                 self.stream.flush()
@@ -55,6 +59,8 @@ class Progress:
                 self.stream.write(self.line() + "\n")
 
     def close(self) -> None:
+        if self.quiet:
+            return
         with self._lock:
             elapsed = time.perf_counter() - self.start
             self.stream.write(("\r" if self.tty else "") + self.line() + f" done in {_clock(elapsed)}\n")

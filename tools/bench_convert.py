@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from megamoe.checkpoint.hf.config_map import values_to_config  # noqa: E402
-from megamoe.checkpoint.hf.safetensors_io import shard_names, write_index, write_shard  # noqa: E402
+from megamoe.checkpoint.hf.safetensors_io import pack_by_size, shard_names, write_index, write_shard  # noqa: E402
 from megamoe.checkpoint.hf.tensor_map import tensor_maps  # noqa: E402
 from megamoe.model.args import gpt_args  # noqa: E402
 
@@ -46,20 +47,16 @@ def make_hf_dir(path: Path, layers: int, shard_bytes: int) -> int:
     hf = _hf_config(layers)
     gpt = gpt_args(values_to_config(megamoe_values(hf)[1]))
     maps = tensor_maps(gpt, "mixtral", half_split_rope=True)
-    groups, size = [[]], 0
-    for m in maps:
-        n = 2 * int(torch.tensor(m.shape).prod())
-        if groups[-1] and size + n > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(m)
-        size += n
+    def nbytes(m) -> int:
+        return 2 * math.prod(m.shape)  # bf16
+
+    groups = pack_by_size(maps, nbytes, shard_bytes)
     path.mkdir(parents=True)
     files = shard_names(len(groups))
     g = torch.Generator().manual_seed(0)
     for file, group in zip(files, groups):
         write_shard(str(path / file), {m.hf: (0.02 * torch.randn(m.shape, generator=g)).bfloat16() for m in group})
-    total = sum(2 * int(torch.tensor(m.shape).prod()) for m in maps)
+    total = sum(nbytes(m) for m in maps)
     write_index(str(path), [(f, [m.hf for m in grp]) for f, grp in zip(files, groups)], total)
     (path / "config.json").write_text(json.dumps(hf, indent=2))
     return total

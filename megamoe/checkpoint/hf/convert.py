@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 
 from megamoe.checkpoint.hf.config_map import (ConversionError, family_of_config, hf_config, megamoe_values,
                                               values_to_config)
-from megamoe.checkpoint.hf.safetensors_io import (SAFETENSORS_DTYPES, TOKENIZER_FILES, HFReader, shard_names,
-                                                  write_index, write_shard)
+from megamoe.checkpoint.hf.safetensors_io import (SAFETENSORS_DTYPES, TOKENIZER_FILES, HFReader, pack_by_size,
+                                                  shard_names, write_index, write_shard)
 from megamoe.checkpoint.hf.tensor_map import TensorMap, is_mtp_tensor, tensor_maps, to_half_split, to_interleaved
 from megamoe.config import SECTIONS, Config, section_of
 from megamoe.config_validation import validate
@@ -150,23 +150,19 @@ class _BoundedFileWriter(CheckedFileSystemWriter):
     def write_data(self, plan, planner):
         if not hasattr(self, "_write_data"):  # another torch's writer: its own file split
             return super().write_data(plan, planner)
+        def size_of(item) -> int:
+            return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+
         files: queue.Queue = queue.Queue()
-        bucket, size = [], 0
-        for item in plan.items + [None]:
-            n = 0 if item is None else math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
-            if bucket and (item is None or size + n > self.file_bytes):
-                name = f"{plan.storage_data.prefix}{files.qsize()}.distcp"
-                files.put((self.fs.concat_path(self.path, name), name, bucket))
-                bucket, size = [], 0
-            if item is not None:
-                bucket.append(item)
-                size += n
+        for i, items in enumerate(pack_by_size(plan.items, size_of, self.file_bytes)):
+            name = f"{plan.storage_data.prefix}{i}.distcp"
+            files.put((self.fs.concat_path(self.path, name), name, items))
         return self._checked(plan, self._write_data(planner, files))
 
 
 def _import_dtype(plan: ImportPlan, m: TensorMap, dtype: Optional[torch.dtype]) -> torch.dtype:
-    if m.name.endswith("gate.bias"):
-        return torch.float32  # the expert bias buffer is float32 in every precision
+    if m.keeps_float32:
+        return torch.float32
     if dtype is not None:
         return dtype
     if plan.reader.is_fp8(m.hf):
@@ -210,8 +206,7 @@ def import_hf(hf_dir: str, out: str, mtp_num_layers: int = 0, dtype: Optional[to
     """Convert the HF directory ``hf_dir`` into the megamoe checkpoint directory ``out``."""
     plan = plan_import(hf_dir, mtp_num_layers)
     tmp = _start_output(out)
-    progress = Progress(sum(plan.reader.nbytes(m.hf) for m in plan.maps), "import",
-                        stream=open(os.devnull, "w") if quiet else None)
+    progress = Progress(sum(plan.reader.nbytes(m.hf) for m in plan.maps), "import", quiet=quiet)
     dtypes = {}
     for m in plan.maps:
         dtypes.setdefault(m.fqn, _import_dtype(plan, m, dtype))
@@ -296,13 +291,10 @@ class ExportPlan:
     dtype: torch.dtype
 
     def out_dtype(self, m: TensorMap) -> torch.dtype:
-        return torch.float32 if m.name.endswith("gate.bias") else self.dtype
+        return torch.float32 if m.keeps_float32 else self.dtype
 
     def nbytes(self, m: TensorMap) -> int:
-        n = 1
-        for d in m.shape:
-            n *= d
-        return n * self.out_dtype(m).itemsize
+        return math.prod(m.shape) * self.out_dtype(m).itemsize
 
 
 def plan_export(ckpt: str, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 * 10**9) -> ExportPlan:
@@ -325,15 +317,7 @@ def plan_export(ckpt: str, dtype: torch.dtype = torch.bfloat16, max_shard_bytes:
             raise ConversionError(f"{path}: tensor {m.fqn} is {list(md.size)} there, {list(m.global_shape)} "
                                   "from common.json's config")
     plan = ExportPlan(family, hf, gpt, path, [], stored, dtype)
-    shard: list[TensorMap] = []
-    size = 0
-    for m in maps:
-        if shard and size + plan.nbytes(m) > max_shard_bytes:
-            plan.shards.append(shard)
-            shard, size = [], 0
-        shard.append(m)
-        size += plan.nbytes(m)
-    plan.shards.append(shard)
+    plan.shards = pack_by_size(maps, plan.nbytes, max_shard_bytes)
     return plan
 
 
@@ -372,7 +356,7 @@ def export_hf(ckpt: str, out: str, dtype: torch.dtype = torch.bfloat16, max_shar
     tmp = _start_output(out)
     files = shard_names(len(plan.shards))
     total = sum(plan.nbytes(m) for shard in plan.shards for m in shard)
-    progress = Progress(total, "export", stream=open(os.devnull, "w") if quiet else None)
+    progress = Progress(total, "export", quiet=quiet)
 
     def write(i: int) -> list[str]:
         tensors = _read_shard(plan, plan.shards[i])

@@ -160,6 +160,20 @@ def dequantize_blockwise(t: torch.Tensor, scale: torch.Tensor, block: tuple[int,
     return t.float() * full
 
 
+def pack_by_size(items: list, size_of, budget: int) -> list[list]:
+    """``items`` in order, cut into consecutive groups of at most ``budget`` bytes (an item larger
+    than the budget gets a group of its own): HF's shards, an import's files."""
+    groups, size = [[]], 0
+    for item in items:
+        n = size_of(item)
+        if groups[-1] and size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    return groups
+
+
 def shard_names(count: int) -> list[str]:
     if count == 1:
         return ["model.safetensors"]

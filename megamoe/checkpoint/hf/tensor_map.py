@@ -68,6 +68,11 @@ class TensorMap:
     zeros_if_absent: bool = False  # HF always has it; a megamoe model without it means zeros
 
     @property
+    def keeps_float32(self) -> bool:
+        """The router's expert bias: a float32 buffer in every precision, and float32 in HF."""
+        return self.name.endswith("gate.bias")
+
+    @property
     def fqn(self) -> str:
         return "model/" + self.name
 
