@@ -54,11 +54,16 @@ def build_model(config: Config, state: ParallelState, device: torch.device | str
     then initialised (layout-invariant). ``dtype`` defaults to the precision policy's."""
     model = materialize(meta_model(config, state, dtype), device)
     model.init_weights(config.training.seed)
-    if config.parallel.pipeline_schedule == "dualpipev" and state.pp.size > 1:
-        model.defer_weight_grads(WeightGradStore())  # its W actions run the deferred weight gradients
+    if _v_placement(config, state):  # DualPipeV's W actions run the deferred weight gradients
+        model.defer_weight_grads(WeightGradStore())
     if config.training.compile:
         compile_blocks(model, torch.device(device))
     return model
+
+
+def _v_placement(config: Config, state: ParallelState) -> bool:
+    """Whether this job runs DualPipeV's V placement (one process runs the whole model)."""
+    return config.parallel.pipeline_schedule == "dualpipev" and state.pp.size > 1
 
 
 def meta_model(config: Config, state: ParallelState, dtype: Optional[torch.dtype] = None) -> GPTModel:
@@ -71,8 +76,7 @@ def meta_model(config: Config, state: ParallelState, dtype: Optional[torch.dtype
     p = config.parallel
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     ends = None  # the loop placement's
-    dualpipev = p.pipeline_schedule == "dualpipev" and state.pp.size > 1  # (one process: the whole model)
-    if dualpipev:  # the V: rank 0 holds the first and the last stage
+    if _v_placement(config, state):  # the V: rank 0 holds the first and the last stage
         chunks = v_stage_layer_ranges(config.model.num_layers, state.pp.size, first, last)[state.pp.rank]
         ends = (0, 1) if state.pp.rank == 0 else (None, None)
     else:
