@@ -4,18 +4,14 @@
 # stays on NVLink. Add nodes with NNODES (data parallel grows). See examples/lib/launch.sh.
 : "${NNODES:=1}"
 source "$(dirname "$0")/lib/launch.sh"
-EXTRA_ARGS=("$@")
 
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}   # shared-expert overlap on a side stream
 
 LAYOUT=(
-    --expert-model-parallel-size 8 --moe-token-dispatcher-type alltoall
-    --use-distributed-optimizer
-    --overlap-grad-reduce --overlap-param-gather
+    --expert-model-parallel-size 8
 )
 TRAINING=(
-    --bf16 --train-iters 50000 --log-interval 1
+    --train-iters 50000
     --moe-shared-expert-overlap              # the 2 shared experts run while tokens travel
-    --eval-interval 1000 --eval-iters 10
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/deepseek_v2_lite.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

@@ -5,7 +5,6 @@
 # or through examples/slurm/train.sbatch. See examples/lib/launch.sh for the environment.
 : "${NNODES:=256}"
 source "$(dirname "$0")/lib/launch.sh"
-EXTRA_ARGS=("$@")
 
 # The shared experts and the gradient reduction run on other streams than the compute: a single
 # hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1, what TP overlap wants) would serialise them.
@@ -19,14 +18,10 @@ LAYOUT=(
     --decoder-first-pipeline-num-layers 3   # the embedding's stage
     --decoder-last-pipeline-num-layers 2    # the stage that also runs the MTP layer and the head
     --expert-model-parallel-size 64         # 4 routed experts per GPU: the all-to-all spans 8 nodes
-    --moe-token-dispatcher-type alltoall
-    --use-distributed-optimizer             # ZeRO-1: fp32 masters and moments sharded over DP
-    --overlap-grad-reduce --overlap-param-gather
 )
 TRAINING=(
-    --bf16 --train-iters 100000 --lr-warmup-iters 2000 --log-interval 1
+    --train-iters 100000 --lr-warmup-iters 2000
     --recompute-granularity selective       # DeepSeek recomputes the norms and MLA's up-projections
     --moe-shared-expert-overlap             # the shared expert runs while the tokens travel
-    --eval-interval 1000 --eval-iters 10
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/deepseek_v3.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

@@ -4,7 +4,6 @@
 # pipeline 16 without virtual stages (see below), expert parallel 16, dp 128 / expert-dp 8. See examples/lib/launch.sh for the environment.
 : "${NNODES:=256}"
 source "$(dirname "$0")/lib/launch.sh"
-EXTRA_ARGS=("$@")
 
 # side streams (gradient reduction) need more than one hardware queue (see train_deepseek_v3.sh)
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
@@ -14,13 +13,9 @@ LAYOUT=(
     --decoder-first-pipeline-num-layers 3     # 61 = 3 + 14 x 4 + 2; virtual stages would need every
     --decoder-last-pipeline-num-layers 2      # stage's count even, which 61 layers cannot give
     --expert-model-parallel-size 16           # 24 of the 384 experts per GPU, EP inside two nodes
-    --moe-token-dispatcher-type alltoall
-    --use-distributed-optimizer
-    --overlap-grad-reduce --overlap-param-gather
 )
 TRAINING=(
-    --bf16 --train-iters 100000 --log-interval 1
+    --train-iters 100000
     --recompute-granularity selective
-    --eval-interval 1000 --eval-iters 10
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/kimi_k2.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

@@ -5,19 +5,14 @@
 # fine-grained DeepSeek experts. See examples/lib/launch.sh for the environment.
 : "${NNODES:=8}"
 source "$(dirname "$0")/lib/launch.sh"
-EXTRA_ARGS=("$@")
 
 LAYOUT=(
     --tensor-model-parallel-size 2 --sequence-parallel
     --pipeline-model-parallel-size 4          # 32 layers, 8 per stage
     --expert-model-parallel-size 8 --expert-tensor-parallel-size 1   # whole experts: EP 8 stays in a node
-    --moe-token-dispatcher-type alltoall
-    --use-distributed-optimizer
-    --overlap-grad-reduce --overlap-param-gather
 )
 TRAINING=(
-    --bf16 --train-iters 50000 --log-interval 1
+    --train-iters 50000
     --recompute-granularity selective
-    --eval-interval 1000 --eval-iters 10
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/mixtral_8x7b.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

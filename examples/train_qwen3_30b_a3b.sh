@@ -4,17 +4,13 @@
 # data parallel 8. See examples/lib/launch.sh for the environment.
 : "${NNODES:=2}"
 source "$(dirname "$0")/lib/launch.sh"
-EXTRA_ARGS=("$@")
 
 LAYOUT=(
     --pipeline-model-parallel-size 2
-    --expert-model-parallel-size 8 --moe-token-dispatcher-type alltoall
-    --use-distributed-optimizer
-    --overlap-grad-reduce --overlap-param-gather
+    --expert-model-parallel-size 8
 )
 TRAINING=(
-    --bf16 --train-iters 50000 --log-interval 1
+    --train-iters 50000
     --recompute-granularity selective
-    --eval-interval 1000 --eval-iters 10
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/qwen3_30b_a3b.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

@@ -22,6 +22,13 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 RUN_ID=${RUN_ID:-megamoe-$MASTER_PORT}
 PYTHON=${PYTHON:-python}
+EXTRA_ARGS=("$@")  # a sourced file sees the script's arguments
+
+# Flags every script shares: bf16 with ZeRO-1 (--use-distributed-optimizer), the gradient
+# reduction and the parameter gather overlapped with compute, the all-to-all token dispatcher,
+# a log line every iteration and a validation pass every 1000.
+COMMON_ARGS=(--bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+             --moe-token-dispatcher-type alltoall --log-interval 1 --eval-interval 1000 --eval-iters 10)
 
 # The caching allocator grows segments instead of fragmenting when MoE's token counts change
 # shape every step (the dispatched rows per expert differ each micro-batch).
@@ -59,12 +66,13 @@ megamoe_checkpoint_args() {
     fi
 }
 
-# megamoe_launch FLAGS... : torchrun on this node; every node runs the same command and the
+# megamoe_launch FLAGS... : torchrun on this node (COMMON_ARGS, the script's FLAGS, the data and
+# checkpoint flags, then the script's own arguments, which win); every node runs the same command and the
 # c10d rendezvous at MASTER_ADDR:MASTER_PORT assigns the ranks.
 megamoe_launch() {
     megamoe_data_args
     megamoe_checkpoint_args
-    local flags=("$@" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${EXTRA_ARGS[@]}")
+    local flags=("${COMMON_ARGS[@]}" "$@" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${EXTRA_ARGS[@]}")
     if [ "${MEGAMOE_DRY_RUN:-}" = check ]; then  # validate and plan the layout, launch nothing
         exec "$PYTHON" "$MEGAMOE_ROOT/tools/plan_layout.py" --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
             -- "${flags[@]}"
