@@ -21,7 +21,6 @@ LAYOUT=(
 )
 TRAINING=(
     --train-iters 100000 --lr-warmup-iters 2000
-    --recompute-granularity selective       # DeepSeek recomputes the norms and MLA's up-projections
     --moe-shared-expert-overlap             # the shared expert runs while the tokens travel
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/deepseek_v3.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

@@ -16,6 +16,5 @@ LAYOUT=(
 )
 TRAINING=(
     --train-iters 100000
-    --recompute-granularity selective
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/kimi_k2.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

@@ -13,6 +13,5 @@ LAYOUT=(
 )
 TRAINING=(
     --train-iters 50000
-    --recompute-granularity selective
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/mixtral_8x7b.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

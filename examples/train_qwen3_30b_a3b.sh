@@ -11,6 +11,5 @@ LAYOUT=(
 )
 TRAINING=(
     --train-iters 50000
-    --recompute-granularity selective
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/qwen3_30b_a3b.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"
