@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -64,11 +64,15 @@ class HFReader:
                 self.config = json.load(f)
         except (OSError, ValueError) as err:
             raise ConversionError(f"{path}/config.json: cannot read it ({err})") from None
-        self.file_of = self._weight_map()
-        self.entries, self.data_start = {}, {}
-        for file in sorted(set(self.file_of.values())):
-            header, self.data_start[file] = read_header(os.path.join(path, file))
-            self.entries.update({name: (file, entry) for name, entry in header.items() if self.file_of.get(name) == file})
+        index = self._index()
+        files = sorted(set(index.values())) if index is not None else self._bare_files()
+        headers = {}
+        self.data_start = {}
+        for file in files:  # each header read once
+            headers[file], self.data_start[file] = read_header(os.path.join(path, file))
+        self.file_of = index if index is not None else {name: f for f in files for name in headers[f]}
+        self.entries = {name: (file, entry) for file in files for name, entry in headers[file].items()
+                        if self.file_of.get(name) == file}
         missing = sorted(set(self.file_of) - set(self.entries))
         if missing:
             raise ConversionError(f"{path}/{INDEX} names {missing[0]} in {self.file_of[missing[0]]}, "
@@ -84,19 +88,23 @@ class HFReader:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _weight_map(self) -> dict[str, str]:
+    def _index(self) -> Optional[dict[str, str]]:
+        """The index's tensor -> shard map, None without an index (one unsharded file)."""
         index = os.path.join(self.path, INDEX)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            for file in set(weight_map.values()):
-                if not os.path.exists(os.path.join(self.path, file)):
-                    raise ConversionError(f"{self.path}: shard {file} named by {INDEX} is missing")
-            return weight_map
+        if not os.path.exists(index):
+            return None
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        for file in set(weight_map.values()):
+            if not os.path.exists(os.path.join(self.path, file)):
+                raise ConversionError(f"{self.path}: shard {file} named by {INDEX} is missing")
+        return weight_map
+
+    def _bare_files(self) -> list[str]:
         files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
         if not files:
             raise ConversionError(f"{self.path}: no *.safetensors files")
-        return {name: file for file in files for name in read_header(os.path.join(self.path, file))[0]}
+        return files
 
     def _fd(self, file: str) -> int:
         with self._lock:
