@@ -261,6 +261,19 @@ def _quantize_blockwise(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     return q, scale
 
 
+def test_a_directory_without_an_index_imports(hf_saved, tmp_path):
+    """One ``model.safetensors`` and no index, as transformers saves a small model."""
+    path = _copy_hf(hf_saved["mixtral"][0], tmp_path / "hf")
+    tensors = _all_tensors(path)
+    for file in path.glob("*.safetensors"):
+        file.unlink()
+    (path / "model.safetensors.index.json").unlink()
+    safetensors_torch.save_file(tensors, str(path / "model.safetensors"))
+    out = import_hf(str(path), str(tmp_path / "mm"), quiet=True)
+    with torch.no_grad():
+        torch.testing.assert_close(_load_imported(out).logits(_tokens()), hf_saved["mixtral"][1], atol=ATOL, rtol=0)
+
+
 def test_fp8_block_scaled_weights_are_dequantized_on_import(hf_saved, tmp_path):
     path = _copy_hf(hf_saved["deepseek_v3"][0], tmp_path / "hf")
     block = 16  # smaller than the published 128 so the tiny weights hold several blocks, some partial
