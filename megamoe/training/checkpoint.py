@@ -332,6 +332,17 @@ def layout_signature(config: Config, state: ParallelState) -> dict:
     return signature
 
 
+def write_common(path: str, iteration: int, consumed_samples: int, optimizer_step: int, layout: dict,
+                 loss_scaler: Optional[dict], config: Config) -> None:
+    """``path/common.json``: what a checkpoint holds besides its tensors (see the module
+    docstring); the one writer of the format, for training saves and imported checkpoints."""
+    common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+              "optimizer_step": optimizer_step, "layout": layout, "loss_scaler": loss_scaler,
+              "config": dataclasses.asdict(config)}
+    with open(os.path.join(path, "common.json"), "w") as f:
+        json.dump(common, f, indent=1, default=str)
+
+
 def _begin_save(root: str, iteration: int, model, optimizer, state: ParallelState, config: Config,
                 consumed_samples: int, tracker: Optional[RNGStatesTracker], device: torch.device):
     """Make ``iter_N.tmp`` and write the small files; returns it and the pieces this rank writes."""
@@ -342,12 +353,8 @@ def _begin_save(root: str, iteration: int, model, optimizer, state: ParallelStat
     _barrier(state)
     torch.save(rng_states(tracker, device), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
     if state.rank == 0:
-        common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-                  "optimizer_step": optimizer.step_count(), "layout": layout_signature(config, state),
-                  "loss_scaler": optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None,
-                  "config": dataclasses.asdict(config)}
-        with open(os.path.join(tmp, "common.json"), "w") as f:
-            json.dump(common, f, indent=1, default=str)
+        write_common(tmp, iteration, consumed_samples, optimizer.step_count(), layout_signature(config, state),
+                     optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None, config)
     owned = model_pieces(model, state, owned_only=True) + optimizer_pieces(model, optimizer, state, owned_only=True)
     return tmp, owned
 

@@ -19,7 +19,6 @@ conversion never leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -46,8 +45,8 @@ from megamoe.config import SECTIONS, Config, section_of
 from megamoe.config_validation import validate
 from megamoe.model.args import GPTArgs, gpt_args
 from megamoe.progress import Progress
-from megamoe.training.checkpoint import (FORMAT_VERSION, TRACKER, CheckedFileSystemWriter, Piece, PieceLoadPlanner,
-                                         first_failure, iteration_dir, latest_iteration, read_common)
+from megamoe.training.checkpoint import (TRACKER, CheckedFileSystemWriter, Piece, PieceLoadPlanner, first_failure,
+                                         iteration_dir, latest_iteration, read_common, write_common)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # transformers' name for each dtype in config.json
@@ -224,11 +223,8 @@ def import_hf(hf_dir: str, out: str, mtp_num_layers: int = 0, dtype: Optional[to
         except CheckpointException as err:  # DCP wraps the cause with its traceback
             raise ConversionError(f"writing {out} failed: {first_failure(err)}") from None
         progress.close()
-        common = {"format": FORMAT_VERSION, "iteration": 0, "consumed_samples": 0, "optimizer_step": 0,
-                  "layout": {"imported_from": os.path.abspath(hf_dir)}, "loss_scaler": None,
-                  "config": dataclasses.asdict(plan.config)}
-        with open(os.path.join(iteration_dir(tmp, 0), "common.json"), "w") as f:
-            json.dump(common, f, indent=1, default=str)
+        # no optimizer state and a layout no run has: --load starts Adam fresh and re-seeds the RNGs
+        write_common(iteration_dir(tmp, 0), 0, 0, 0, {"imported_from": os.path.abspath(hf_dir)}, None, plan.config)
         with open(os.path.join(tmp, TRACKER), "w") as f:
             f.write("0")
         with open(os.path.join(tmp, "megamoe.yaml"), "w") as f:
