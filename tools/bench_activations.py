@@ -15,8 +15,8 @@ on a GPU does not: CPU figures of the attention part grow with the sequence).
 
 Prints, per variant: bytes per token of each block's attention half (norm included), FFN half,
 and what the head added, the total kept after the forward, and the backward's peak above it.
-Under full recompute a block keeps only its input: its per-part figures are then the forward's
-transients inside the checkpoint, and only the totals mean what they say.
+Under full recompute a block keeps only its input, which its attention half then shows. Hooks
+record the forward's first pass only (recompute runs them again in backward).
 """
 
 from __future__ import annotations
@@ -57,11 +57,15 @@ def measure(flags: list[str], device: torch.device) -> dict:
     def now() -> int:
         return live.current if live is not None else torch.cuda.memory_allocated(device)
 
-    marks: list[tuple[str, int]] = []
+    marks: dict[str, int] = {}
+
+    def mark(key: str) -> None:  # the forward's first pass only: recompute in backward runs the hooks again
+        marks.setdefault(key, now())
+
     for name, block in model.layers.items():
-        block.register_forward_pre_hook(lambda m, a, name=name: marks.append((f"{name}.start", now())))
-        block.ffn_norm.register_forward_pre_hook(lambda m, a, name=name: marks.append((f"{name}.ffn", now())))
-        block.register_forward_hook(lambda m, a, o, name=name: marks.append((f"{name}.end", now())))
+        block.register_forward_pre_hook(lambda m, a, name=name: mark(f"{name}.start"))
+        block.ffn_norm.register_forward_pre_hook(lambda m, a, name=name: mark(f"{name}.ffn"))
+        block.register_forward_hook(lambda m, a, o, name=name: mark(f"{name}.end"))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -77,7 +81,7 @@ def measure(flags: list[str], device: torch.device) -> dict:
         peak = live.peak if live is not None else torch.cuda.max_memory_allocated(device)
     tokens_per_mb = mbs * seq
     layers = {}
-    values = dict(marks)
+    values = marks
     for name in model.layers:
         start, ffn, end = values[f"{name}.start"], values[f"{name}.ffn"], values[f"{name}.end"]
         layers[name] = ((ffn - start) / tokens_per_mb, (end - ffn) / tokens_per_mb)
