@@ -66,9 +66,6 @@ def measure(flags: list[str], device: torch.device) -> dict:
         block.register_forward_pre_hook(lambda m, a, name=name: mark(f"{name}.start"))
         block.ffn_norm.register_forward_pre_hook(lambda m, a, name=name: mark(f"{name}.ffn"))
         block.register_forward_hook(lambda m, a, o, name=name: mark(f"{name}.end"))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
     with live if live is not None else contextlib.nullcontext():
         base = now()
         out = model(tokens, labels, rng_tracker=rng)
@@ -81,12 +78,11 @@ def measure(flags: list[str], device: torch.device) -> dict:
         peak = live.peak if live is not None else torch.cuda.max_memory_allocated(device)
     tokens_per_mb = mbs * seq
     layers = {}
-    values = marks
     for name in model.layers:
-        start, ffn, end = values[f"{name}.start"], values[f"{name}.ffn"], values[f"{name}.end"]
+        start, ffn, end = marks[f"{name}.start"], marks[f"{name}.ffn"], marks[f"{name}.end"]
         layers[name] = ((ffn - start) / tokens_per_mb, (end - ffn) / tokens_per_mb)
-    last_end = values[f"{list(model.layers)[-1]}.end"]
-    return dict(layers=layers, embed=(values[f"{next(iter(model.layers))}.start"] - base) / tokens_per_mb,
+    last_end = marks[f"{list(model.layers)[-1]}.end"]
+    return dict(layers=layers, embed=(marks[f"{next(iter(model.layers))}.start"] - base) / tokens_per_mb,
                 head=(after_forward - last_end), kept=after_forward - base, backward_peak=peak - after_forward,
                 tokens=tokens_per_mb)
 

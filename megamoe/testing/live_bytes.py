@@ -2,15 +2,15 @@
 created and that is still alive, and the peak of that sum.
 
 ``torch.cuda.max_memory_allocated`` answers the same question on a GPU; the CPU has no such
-counter, and the memory planner's tests need one there (``tests/training/test_memory_plan.py``).
+counter, and the layout planner's activation model needs one to be checked there
+(``tools/bench_activations.py`` uses it off CUDA).
 Under :class:`LiveBytes` every operator's output storages are recorded (by identity: a view of
 a known storage adds nothing) and dropped when torch frees them. What existed before the mode
 was entered (parameters, the optimizer's state, inputs) is not counted; what it frees is not
 subtracted either, so ``current`` and ``peak`` are the memory the measured code added.
 
-Measured, not modelled: this is what the planner's activation model is checked against. On
-CUDA it counts the same tensors as the caching allocator, without its rounding to 512-byte
-blocks and its fragmentation.
+It sees tensors that operators return; memory an operator uses only inside itself (a kernel's
+workspace) is not counted, so on CUDA ``max_memory_allocated`` can read higher.
 """
 
 from __future__ import annotations
