@@ -186,6 +186,9 @@ def _chunked_loss(x_TD, weight_VD, target_T, loss_weight_T, tp: Group, vocab_siz
             grad_x[start:end] = _mm_float32(g_CV, weight_VD)
         if grad_w is not None:
             grad_w = _accumulate_grad_w(grad_w, g_CV, x_CD)
+        # let this chunk's logits go before the next chunk's are computed: held until the
+        # assignment above, two chunks' logits (2 GiB at the default size) were alive at once
+        del g_CV
     return loss, grad_w
 
 

@@ -224,7 +224,12 @@ class AllToAllDispatcher:
 
     def _before_ep(self, y_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """The adjoint of :meth:`_after_ep`: back to arrival order, the expert-TP copies summed."""
-        y = torch.empty_like(y_ND).index_copy(0, handle.restore, y_ND)
+        # Gathered through the inverse permutation rather than scattered with index_copy, whose
+        # autograd keeps its source (the experts' whole output) alive until backward: a gather
+        # keeps only the index.
+        arrival = torch.empty_like(handle.restore).scatter_(
+            0, handle.restore, torch.arange(handle.restore.numel(), device=handle.restore.device))
+        y = y_ND[arrival]
         if self.etp.size > 1:
             mine = handle.etp_sizes[self.etp.rank]
             y = mappings.all_to_all(y, self.etp, [mine] * self.etp.size, handle.etp_sizes)
