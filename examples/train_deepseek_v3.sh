@@ -19,8 +19,13 @@ LAYOUT=(
     --decoder-last-pipeline-num-layers 2    # the stage that also runs the MTP layer and the head
     --expert-model-parallel-size 64         # 4 routed experts per GPU: the all-to-all spans 8 nodes
 )
+# Full recompute: under 1F1B the first stage holds 16 micro-batches in flight, and without it
+# the planner puts stage 1 at 174 GiB per GPU (MoE-layer recompute: the first stage, with the
+# three dense layers, at 98 GiB); with it every stage stays under 30 GiB of an 80 GiB GPU
+# (MEGAMOE_DRY_RUN=check bash examples/train_deepseek_v3.sh prints the plan).
 TRAINING=(
     --train-iters 100000 --lr-warmup-iters 2000
     --moe-shared-expert-overlap             # the shared expert runs while the tokens travel
+    --recompute-granularity full
 )
 megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/deepseek_v3.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"

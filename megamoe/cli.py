@@ -30,6 +30,15 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(a tool's own arguments, the training flags after ``--``): how tools that take training
+    flags (``tools/plan_layout.py``, the benchmarks) read their command line."""
+    if "--" not in argv:
+        return list(argv), []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 @contextlib.contextmanager
 def exit_on_config_error(prog: str) -> Iterator[None]:
     """Turn a :class:`ConfigError` raised inside the block into one stderr line and exit 2."""

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megamoe.cli import parse_config  # noqa: E402
+from megamoe.cli import parse_config, split_at_double_dash  # noqa: E402
 from megamoe.config_validation import validate  # noqa: E402
 from megamoe.parallel.random import model_parallel_seed  # noqa: E402
 from megamoe.parallel.state import ParallelState  # noqa: E402
@@ -89,8 +89,7 @@ def measure(flags: list[str], device: torch.device) -> dict:
 
 def main() -> int:
     argv = sys.argv[1:]
-    flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    own, flags = split_at_double_dash(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=["none"], choices=list(RECOMPUTE_FLAGS))
     args = p.parse_args(own)

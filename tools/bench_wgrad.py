@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_train import PROXY  # noqa: E402
 
-from megamoe.cli import parse_config  # noqa: E402
+from megamoe.cli import parse_config, split_at_double_dash  # noqa: E402
 from megamoe.model.moe import MoELayer  # noqa: E402
 from megamoe.parallel.state import ParallelState  # noqa: E402
 from megamoe.parallel.weight_grad import WeightGradStore  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=10)
     argv = sys.argv[1:]
-    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, extra = split_at_double_dash(argv)
     args = parser.parse_args(own)
     config = parse_config([*PROXY, *extra], prog="bench_wgrad.py")
     device = torch.device("cuda", 0)

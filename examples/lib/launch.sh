@@ -9,8 +9,9 @@
 #   CHECKPOINT_DIR     --save and --load: a job resumes from its own latest checkpoint
 #   SAVE_INTERVAL (500)  TENSORBOARD_DIR  PYTHON (python)
 #   MEGAMOE_DRY_RUN=1  print the torchrun command instead of running it; =check validates the
-#                      layout for NNODES x GPUS_PER_NODE and prints it with each stage's
-#                      training state per GPU (tools/plan_layout.py)
+#                      layout for NNODES x GPUS_PER_NODE and prints its plan (tools/plan_layout.py:
+#                      memory per GPU per stage, traffic, step time), failing when a stage's
+#                      predicted peak exceeds GPU_MEMORY_GIB (80: H100 / H800; 141 for an H200)
 # Extra arguments to a train_*.sh script are appended to pretrain_moe.py's flags and win.
 
 set -euo pipefail
@@ -75,7 +76,7 @@ megamoe_launch() {
     local flags=("${COMMON_ARGS[@]}" "$@" "${DATA_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${EXTRA_ARGS[@]}")
     if [ "${MEGAMOE_DRY_RUN:-}" = check ]; then  # validate and plan the layout, launch nothing
         exec "$PYTHON" "$MEGAMOE_ROOT/tools/plan_layout.py" --nnodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
-            -- "${flags[@]}"
+            --gpu-memory-gib "${GPU_MEMORY_GIB:-80}" -- "${flags[@]}"
     fi
     local cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
                --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"

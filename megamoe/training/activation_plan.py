@@ -220,7 +220,8 @@ def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optiona
     return {**items, **moe_bytes(block.ffn, d, t, etp, expert_load)}
 
 
-def head_bytes(model: GPTModel, t: Tokens, etp: int = 1, expert_load: float = 1.0) -> dict[str, int]:
+def head_bytes(model: GPTModel, t: Tokens, etp: int = 1, expert_load: float = 1.0, recompute: Optional[str] = None,
+               moe_recompute: bool = False) -> dict[str, int]:
     """The last stage's loss: the final norm, the fused head's float32 weight and input gradients,
     and each MTP depth's norms, projection input, block and head."""
     d, v_local = model.args.hidden_size, model.padded_vocab // t.tp
@@ -229,7 +230,7 @@ def head_bytes(model: GPTModel, t: Tokens, etp: int = 1, expert_load: float = 1.
     items = {"head": one_head}
     for depth, mtp in enumerate(model.mtp, start=1):
         items[f"mtp{depth}"] = (2 * t.norm(d, t.stream) + t.act * 2 * d * t.stream
-                                + sum(block_bytes(mtp.block, t, etp, model.recompute, expert_load).values()) + one_head)
+                                + sum(block_bytes(mtp.block, t, etp, recompute, expert_load, moe_recompute).values()) + one_head)
     return items
 
 
@@ -292,13 +293,15 @@ def _simulate(actions, chunk_bytes: list[int]) -> tuple[int, int]:
 
 
 def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool = False,
-               expert_load: float = 1.0) -> StagePlan:
+               expert_load: float = 1.0, model: Optional[GPTModel] = None) -> StagePlan:
     """The activation plan of the rank ``state`` describes (``ParallelState.without_process_groups``).
     ``expert_load``: the rows this rank's experts receive over the balanced mean (routing is
-    balanced at 1; plan the most loaded rank with more). ``cpu``: torch's CPU kernels."""
-    model = meta_model(config, state)
+    balanced at 1; plan the most loaded rank with more). ``cpu``: torch's CPU kernels.
+    ``model``: its meta model, when already built."""
+    model = model if model is not None else meta_model(config, state)
     t = tokens_of(config, state, cpu)
     recompute = config.model.recompute_granularity
+    moe_recompute = config.moe.moe_layer_recompute  # from the config: one meta model serves every setting
     etp = state.etp.size
     items: dict[str, int] = {}
     chunk_bytes, recomputed = [], [0]
@@ -306,15 +309,15 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
         total = 0
         for name in names:
             block = model.layers[name]
-            layer = block_bytes(block, t, etp, recompute, expert_load)
+            layer = block_bytes(block, t, etp, recompute, expert_load, moe_recompute)
             for key, value in layer.items():
                 items[key] = items.get(key, 0) + value
             total += sum(layer.values())
-            recomputed.append(_recomputed(block, t, etp, recompute, expert_load))
+            recomputed.append(_recomputed(block, t, etp, recompute, expert_load, moe_recompute))
         chunk_bytes.append(total)
     head = head_transient = 0
     if model.last_stage:
-        head = sum(head_bytes(model, t, etp, expert_load).values())
+        head = sum(head_bytes(model, t, etp, expert_load, recompute, moe_recompute).values())
         chunk_bytes[model.output_chunk] += head
         head_transient = _head_transient(model, t)
     _, actions = build_schedule(config.parallel.pipeline_schedule, state.pp.size, state.pp.rank, num_micro,
@@ -325,13 +328,14 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
                      {**items, "head": head})
 
 
-def _recomputed(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str], expert_load: float) -> int:
+def _recomputed(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str], expert_load: float,
+                moe_recompute: bool) -> int:
     """What backward rebuilds of one block before running through it: the whole block under
     full recompute, its MoE FFN under MoE recompute, else nothing."""
     whole = block_bytes(block, t, etp, None, expert_load, moe_recompute=False)
     if recompute == "full":
         return sum(whole.values())
-    if block.recompute_ffn and isinstance(block.ffn, MoELayer):
+    if moe_recompute and isinstance(block.ffn, MoELayer):
         return sum(v for k, v in whole.items() if k in _FFN_ITEMS)
     return 0
 

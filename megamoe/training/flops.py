@@ -51,6 +51,25 @@ def flops_per_token(args: GPTArgs, seq_length: int, padded_vocab: int) -> float:
     return 3 * 2 * macs
 
 
+def recomputed_flops_per_token(args: GPTArgs, seq_length: int) -> float:
+    """FLOPs per token that recomputation adds to a training step (not model FLOPs): a second
+    forward of every block (full), of the attention core (selective), or of the MoE layers'
+    FFN (``--moe-layer-recompute``)."""
+    h = args.hidden_size
+    attention = _attention_macs_per_token(args.attention, h, seq_length)
+    blocks = list(args.moe_layers)  # decoder layers, then MTP blocks
+    if args.recompute_granularity == "full":
+        macs = sum(attention + _ffn_macs_per_token(args, x) for x in blocks)
+    elif args.recompute_granularity == "selective":
+        core = _attention_macs_per_token(args.attention, h, seq_length) - _attention_macs_per_token(args.attention, h, 0)
+        macs = len(blocks) * core
+    else:
+        macs = 0.0
+    if args.recompute_granularity != "full" and args.moe is not None and args.moe.recompute:
+        macs += sum(_ffn_macs_per_token(args, True) for x in blocks if x)
+    return 2 * macs
+
+
 # Dense bf16 peak of the GPUs we know (vendor datasheets); MFU is printed only for these.
 PEAK_BF16_TFLOPS = {"H100": 989.5, "H200": 989.5, "H800": 989.5, "A100": 312.0, "B200": 2250.0}
 

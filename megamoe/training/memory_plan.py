@@ -12,10 +12,12 @@ tests compare the prediction with the allocated tensors (``Optimizer.memory_byte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from megamoe.config import Config
+from megamoe.model.gpt import GPTModel
 from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import ALIGN, bucket_layout, buffer_groups, default_bucket_size
 from megamoe.parallel.param_spec import spec_of
@@ -55,10 +57,10 @@ def _shard_overlaps(start: int, end: int, group: Group, ranges) -> list[int]:
     return [n for n in (min(b, hi) - max(a, lo) for _, a, b in ranges) if n > 0]
 
 
-def state_bytes(config: Config, state: ParallelState) -> StateBytes:
+def state_bytes(config: Config, state: ParallelState, model: Optional[GPTModel] = None) -> StateBytes:
     """The training state of the rank ``state`` describes (its groups need no process groups:
-    ``ParallelState.without_process_groups``)."""
-    model = meta_model(config, state)
+    ``ParallelState.without_process_groups``); ``model``: its meta model, when already built."""
+    model = model if model is not None else meta_model(config, state)
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = config.parallel.use_distributed_optimizer
     weights = grads = masters = num_masters = 0

@@ -66,6 +66,18 @@ def _v_placement(config: Config, state: ParallelState) -> bool:
     return config.parallel.pipeline_schedule == "dualpipev" and state.pp.size > 1
 
 
+def stage_chunks(config: Config, state: ParallelState) -> tuple[list[tuple[int, int]], Optional[tuple]]:
+    """This rank's model chunks (``[start, end)`` decoder-layer ranges) and the chunks holding the
+    model's ends (None: the loop placement's; see ``GPTModel``)."""
+    p = config.parallel
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    if _v_placement(config, state):  # the V: rank 0 holds the first and the last stage
+        chunks = v_stage_layer_ranges(config.model.num_layers, state.pp.size, first, last)[state.pp.rank]
+        return chunks, ((0, 1) if state.pp.rank == 0 else (None, None))
+    return virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
+                                      first, last)[state.pp.rank], None
+
+
 def meta_model(config: Config, state: ParallelState, dtype: Optional[torch.dtype] = None) -> GPTModel:
     """This rank's part of the model on the meta device: its shapes without memory (the layout
     planner sizes every rank's state from it)."""
@@ -74,14 +86,7 @@ def meta_model(config: Config, state: ParallelState, dtype: Optional[torch.dtype
         dtype = policy.params_dtype
     args = gpt_args(config)
     p = config.parallel
-    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
-    ends = None  # the loop placement's
-    if _v_placement(config, state):  # the V: rank 0 holds the first and the last stage
-        chunks = v_stage_layer_ranges(config.model.num_layers, state.pp.size, first, last)[state.pp.rank]
-        ends = (0, 1) if state.pp.rank == 0 else (None, None)
-    else:
-        chunks = virtual_stage_layer_ranges(config.model.num_layers, state.pp.size, state.layout.vpp or 1,
-                                            first, last)[state.pp.rank]
+    chunks, ends = stage_chunks(config, state)
     with torch.device("meta"):
         return GPTModel(args, state, chunks, sequence_parallel=p.sequence_parallel, dtype=dtype,
                         fp8_layers=policy.fp8_layers(args.num_layers, args.num_blocks), ends=ends)

@@ -1,0 +1,94 @@
+"""An estimated training step time for a layout, from rates this project measured.
+
+    step = compute x (1 + pipeline bubble) + exposed communication
+
+- compute: the model FLOPs of this GPU's share of the global batch (``flops.py``), plus what
+  recomputation repeats (a forward is a third of forward + backward), at the model-FLOP rate
+  megamoe reached training the V2-Lite proxy on one H200;
+- the bubble of the pipeline schedule: ``(pp - 1) / m`` of the compute for 1F1B over ``m``
+  micro-batches, ``(pp - 1) / (v m)`` interleaved over ``v`` virtual stages, and DualPipeV's
+  ``(pp / 2 - 1) / m`` (its ``(pp/2 - 1)(F&B + B - 3W)``, taking F&B + B - 3W as about F + B);
+- communication at the measured NVLink rates inside a node and at a nominal InfiniBand rate
+  across nodes (not measured: no multi-node machine was available), all of it exposed except
+  the share of the gradient reduction that ``--overlap-grad-reduce`` was measured to hide.
+
+Every rate carries its source; the estimate is as good as those single-node measurements are
+for the layout asked about (kernel efficiency changes with the shapes a layout leaves per GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megamoe.config import Config
+from megamoe.model.gpt import GPTModel
+from megamoe.training.comm_plan import Traffic
+from megamoe.training.flops import flops_per_token, recomputed_flops_per_token
+
+
+@dataclass(frozen=True)
+class Rate:
+    value: float
+    unit: str
+    source: str
+
+
+RATES = {
+    "model_flops": Rate(384e12, "model FLOP/s per GPU (bf16, eager)",
+                        "docs/benchmarks.md, 'One GPU against torchtitan', run 3: the V2-Lite proxy on one H200, "
+                        "109,973 tokens/s x 3.492 GFLOP/token"),
+    "nvlink_collective": Rate(212e9, "bytes/s per GPU (ring all-reduce bus bandwidth, NVLink)",
+                              "docs/benchmarks.md, 'Overlap of the gradient reduction': 9.02 GB all-reduced in "
+                              "42.5 ms on two H200s, 2 (n - 1) / n x 9.02 GB / 42.5 ms"),
+    "nvlink_all_to_all": Rate(290e9, "bytes/s per GPU sent (all-to-all, NVLink)",
+                              "docs/benchmarks.md, 'One MoE layer, EP 1 and 2': 403 MB of 32,768 x 6 rows of "
+                              "2048 bf16 values left each GPU in 1.39 ms"),
+    "internode": Rate(50e9, "bytes/s per GPU across nodes",
+                      "nominal, not measured: one 400 Gb/s InfiniBand NIC per GPU at full rate"),
+}
+DP_OVERLAP_HIDDEN = 0.40  # of the gradient reduction, with --overlap-grad-reduce (same section: 37-41% at DP 2)
+
+
+@dataclass
+class StepEstimate:
+    compute: float  # seconds of this GPU's FLOPs, recomputation included
+    bubble: float  # seconds the pipeline schedule idles
+    comm: dict[str, float]  # exposed seconds per group kind
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.bubble + sum(self.comm.values())
+
+
+def bubble_fraction(config: Config, num_micro: int) -> float:
+    p = config.parallel
+    pp, vpp = p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size or 1
+    if pp == 1:
+        return 0.0
+    if p.pipeline_schedule == "dualpipev":
+        return (pp / 2 - 1) / num_micro
+    return (pp - 1) / (vpp * num_micro)
+
+
+def seconds(traffic: Traffic, gpus_per_node: int) -> float:
+    if traffic.nodes(gpus_per_node) > 1:
+        return traffic.bytes / RATES["internode"].value
+    rate = RATES["nvlink_all_to_all" if traffic.all_to_all else "nvlink_collective"]
+    return traffic.bytes / rate.value
+
+
+def estimate(config: Config, model: GPTModel, world_size: int, num_micro: int, traffic: list[Traffic],
+             gpus_per_node: int) -> StepEstimate:
+    """The step time of the rank whose ``model`` (meta) and ``traffic`` are given."""
+    args = model.args
+    seq = config.model.seq_length
+    tokens_per_gpu = config.training.global_batch_size * seq / world_size
+    per_token = flops_per_token(args, seq, model.padded_vocab) + recomputed_flops_per_token(args, seq)
+    compute = per_token * tokens_per_gpu / RATES["model_flops"].value
+    comm: dict[str, float] = {}
+    for t in traffic:
+        s = seconds(t, gpus_per_node)
+        if t.kind in ("dp", "dp_cp", "edp", "embd") and config.parallel.overlap_grad_reduce:
+            s *= 1 - DP_OVERLAP_HIDDEN
+        comm[t.kind] = comm.get(t.kind, 0.0) + s
+    return StepEstimate(compute, compute * bubble_fraction(config, num_micro), comm)
