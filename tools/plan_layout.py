@@ -22,6 +22,7 @@ docs/benchmarks.md). Traffic and step time: megamoe/training/comm_plan.py and st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -72,14 +73,35 @@ def print_rates() -> None:
         print(f"  {name}: {r.value:.3g} {r.unit}; {r.source}")
 
 
+RECOMPUTE_SETTINGS = {"none": (None, False), "selective": ("selective", False), "moe": (None, True),
+                      "full": ("full", False)}
+
+
+def print_recompute_settings(config, layout, gpus_per_node: int, models: dict) -> None:
+    """The same layout under each recompute setting: its worst stage's activations and peak."""
+    print("recompute settings (the stage with the highest peak; --recompute-granularity, --moe-layer-recompute):")
+    for name, (granularity, moe) in RECOMPUTE_SETTINGS.items():
+        if moe and not config.moe.num_experts:
+            continue
+        variant = dataclasses.replace(config, model=dataclasses.replace(config.model, recompute_granularity=granularity),
+                                      moe=dataclasses.replace(config.moe, moe_layer_recompute=moe))
+        plans = plan_stages(variant, layout, gpus_per_node, models)
+        worst = max(plans, key=lambda p: p.peak)
+        slowest = max(p.step.total for p in plans)
+        print(f"  {name:<9} stage {worst.stage:>2}: {sum(worst.activations.chunk_bytes) / GIB:7.2f} GiB per micro-batch, "
+              f"{worst.activations.in_flight} in flight, peak {worst.peak / GIB:7.2f} GiB; step {slowest:.2f} s")
+
+
 def plan(config, layout, args) -> int:
     print(layout.summary())
     print(layout.topology(args.gpus_per_node))
     print(f"micro-batches per step: {num_micro_batches(config, layout)} of {config.training.micro_batch_size} x "
           f"{config.model.seq_length} tokens; schedule {config.parallel.pipeline_schedule}"
           + (f", {layout.vpp} virtual stages" if layout.vpp else ""))
-    plans = plan_stages(config, layout, args.gpus_per_node)
+    models: dict = {}
+    plans = plan_stages(config, layout, args.gpus_per_node, models)
     print_stages(plans, args.gpu_memory_gib)
+    print_recompute_settings(config, layout, args.gpus_per_node, models)
     slowest = max(plans, key=lambda p: p.step.total)
     print_traffic(slowest, args.gpus_per_node)
     print_step(slowest, config, layout.world_size)

@@ -12,6 +12,8 @@ For the 4-layer DeepSeek-V2-Lite proxy in shared/gpu/README.md (seq 4096) this g
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megamoe.model.args import AttentionArgs, GPTArgs
 
 
@@ -51,21 +53,20 @@ def flops_per_token(args: GPTArgs, seq_length: int, padded_vocab: int) -> float:
     return 3 * 2 * macs
 
 
-def recomputed_flops_per_token(args: GPTArgs, seq_length: int) -> float:
+def recomputed_flops_per_token(args: GPTArgs, seq_length: int, granularity: Optional[str] = None,
+                               moe_layers: bool = False) -> float:
     """FLOPs per token that recomputation adds to a training step (not model FLOPs): a second
-    forward of every block (full), of the attention core (selective), or of the MoE layers'
-    FFN (``--moe-layer-recompute``)."""
+    forward of every block (``granularity`` 'full'), of the attention core ('selective'), or
+    of the MoE layers' FFN (``moe_layers``: ``--moe-layer-recompute``)."""
     h = args.hidden_size
     attention = _attention_macs_per_token(args.attention, h, seq_length)
     blocks = list(args.moe_layers)  # decoder layers, then MTP blocks
-    if args.recompute_granularity == "full":
-        macs = sum(attention + _ffn_macs_per_token(args, x) for x in blocks)
-    elif args.recompute_granularity == "selective":
-        core = _attention_macs_per_token(args.attention, h, seq_length) - _attention_macs_per_token(args.attention, h, 0)
-        macs = len(blocks) * core
-    else:
-        macs = 0.0
-    if args.recompute_granularity != "full" and args.moe is not None and args.moe.recompute:
+    if granularity == "full":
+        return 2 * sum(attention + _ffn_macs_per_token(args, x) for x in blocks)
+    macs = 0.0
+    if granularity == "selective":
+        macs += len(blocks) * (attention - _attention_macs_per_token(args.attention, h, 0))
+    if moe_layers and args.moe is not None:
         macs += sum(_ffn_macs_per_token(args, True) for x in blocks if x)
     return 2 * macs
 

@@ -9,8 +9,9 @@
   micro-batches, ``(pp - 1) / (v m)`` interleaved over ``v`` virtual stages, and DualPipeV's
   ``(pp / 2 - 1) / m`` (its ``(pp/2 - 1)(F&B + B - 3W)``, taking F&B + B - 3W as about F + B);
 - communication at the measured NVLink rates inside a node and at a nominal InfiniBand rate
-  across nodes (not measured: no multi-node machine was available), all of it exposed except
-  the share of the gradient reduction that ``--overlap-grad-reduce`` was measured to hide.
+  across nodes (not measured: no multi-node machine was available; an all-to-all's share for
+  its own node stays on NVLink), all of it exposed except the share of the gradient reduction
+  that ``--overlap-grad-reduce`` was measured to hide.
 
 Every rate carries its source; the estimate is as good as those single-node measurements are
 for the layout asked about (kernel efficiency changes with the shapes a layout leaves per GPU).
@@ -71,10 +72,17 @@ def bubble_fraction(config: Config, num_micro: int) -> float:
 
 
 def seconds(traffic: Traffic, gpus_per_node: int) -> float:
-    if traffic.nodes(gpus_per_node) > 1:
-        return traffic.bytes / RATES["internode"].value
-    rate = RATES["nvlink_all_to_all" if traffic.all_to_all else "nvlink_collective"]
-    return traffic.bytes / rate.value
+    """How long this GPU's share of ``traffic`` takes. A ring collective spanning nodes runs at
+    the inter-node rate; an all-to-all sends to every member alike, so the share bound for its
+    own node goes over NVLink while the rest crosses the network, at the same time."""
+    nodes = traffic.nodes(gpus_per_node)
+    if not traffic.all_to_all:
+        rate = RATES["internode" if nodes > 1 else "nvlink_collective"]
+        return traffic.bytes / rate.value
+    n = traffic.group.size
+    off_node = (n - n / nodes) / (n - 1)  # of the bytes sent to other members
+    return max(traffic.bytes * off_node / RATES["internode"].value,
+               traffic.bytes * (1 - off_node) / RATES["nvlink_all_to_all"].value)
 
 
 def estimate(config: Config, model: GPTModel, world_size: int, num_micro: int, traffic: list[Traffic],
@@ -83,7 +91,9 @@ def estimate(config: Config, model: GPTModel, world_size: int, num_micro: int, t
     args = model.args
     seq = config.model.seq_length
     tokens_per_gpu = config.training.global_batch_size * seq / world_size
-    per_token = flops_per_token(args, seq, model.padded_vocab) + recomputed_flops_per_token(args, seq)
+    # the recompute settings from the config: a search shares one meta model between them
+    per_token = flops_per_token(args, seq, model.padded_vocab) + recomputed_flops_per_token(
+        args, seq, config.model.recompute_granularity, config.moe.moe_layer_recompute)
     compute = per_token * tokens_per_gpu / RATES["model_flops"].value
     comm: dict[str, float] = {}
     for t in traffic:

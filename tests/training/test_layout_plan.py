@@ -165,3 +165,20 @@ def test_search_keeps_only_layouts_that_fit_and_ranks_them():
                              + [w for flag in c.flags for w in flag.split()])
         assert dataclasses.asdict(again.parallel) == dataclasses.asdict(c.config.parallel)
         assert validate(again, 4).world_size == 4
+
+
+def test_recomputation_repeats_a_forward():
+    from megamoe.model.args import gpt_args
+    from megamoe.training.flops import flops_per_token, recomputed_flops_per_token
+
+    config = parse_config(["--config", "examples/configs/deepseek_v2_lite.yaml", "--num-layers", "4",
+                           "--moe-layer-freq", "[0]*1+[1]*3"])
+    args, seq, vocab = gpt_args(config), config.model.seq_length, 102400
+    h, moe = args.hidden_size, args.moe
+    head = 3 * 2 * h * vocab  # model FLOPs of the head, which full recompute does not repeat
+    # full: one more forward of every block, a third of their forward + backward
+    assert recomputed_flops_per_token(args, seq, "full") == pytest.approx((flops_per_token(args, seq, vocab) - head) / 3)
+    # MoE recompute: the three MoE layers' router, routed and shared experts, forward (2 FLOPs per multiply-add)
+    per_moe_layer = h * moe.num_experts + 3 * h * (moe.topk * moe.ffn_hidden_size + moe.shared_ffn_hidden_size)
+    assert recomputed_flops_per_token(args, seq, None, moe_layers=True) == 3 * 2 * per_moe_layer
+    assert recomputed_flops_per_token(args, seq, None) == 0
