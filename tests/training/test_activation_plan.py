@@ -10,26 +10,20 @@ import torch
 from megamoe.cli import parse_config
 from megamoe.config_validation import validate
 from megamoe.parallel.pipeline_parallel import build_schedule
-from megamoe.parallel.random import model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.live_bytes import LiveBytes
+from megamoe.testing.ranks import training_rank
 from megamoe.training.activation_plan import _simulate, stage_plan
-from megamoe.training.train import build_model
 
-CPU = torch.device("cpu")
 # 128 tokens a micro-batch: large enough that per-tensor overheads are small, small enough to be quick
 BASE = ["--bf16", "--seq-length", "64", "--micro-batch-size", "2"]
 
 
 def _kept_and_predicted(flags: list[str]) -> tuple[int, int]:
     """(bytes one forward of one micro-batch left alive on this rank, the planner's prediction)."""
-    torch.set_num_threads(1)
-    config = parse_config(flags)
-    state = ParallelState.build(**config.parallel.degrees())
-    validate(config, state.layout.world_size)
-    model = build_model(config, state, CPU)
+    rank = training_rank(flags)
+    config, state, model = rank.config, rank.state, rank.model
     model.train()
-    rng = model_parallel_seed(config.training.seed, state, CPU)
     generator = torch.Generator().manual_seed(0)  # the same sequences on every rank
     shape = (config.training.micro_batch_size, config.model.seq_length)
     tokens = torch.randint(0, config.data.vocab_size, shape, generator=generator)
@@ -41,12 +35,11 @@ def _kept_and_predicted(flags: list[str]) -> tuple[int, int]:
         moe.experts.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
         balanced.append(moe.gate.topk * state.etp.size * (shape[0] * shape[1] // state.cp.size // state.tp.size))
     with LiveBytes() as live:
-        out = model(tokens, labels, rng_tracker=rng)
+        out = model(tokens, labels, rng_tracker=rank.rng)
     kept = live.current
     del out
     load = sum(rows) / sum(balanced) if balanced else 1.0
-    plan = stage_plan(config, ParallelState.without_process_groups(state.layout, state.rank), num_micro=1, cpu=True,
-                      expert_load=load)
+    plan = stage_plan(config, rank.planning_state, num_micro=1, cpu=True, expert_load=load)
     return kept, sum(plan.chunk_bytes)
 
 

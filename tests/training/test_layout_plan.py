@@ -7,21 +7,18 @@ import dataclasses
 from collections import defaultdict
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from megamoe.cli import parse_config
 from megamoe.config_validation import validate
 from megamoe.parallel import data_parallel, mappings
-from megamoe.parallel.random import model_parallel_seed
-from megamoe.parallel.state import ParallelState
 from megamoe.training.activation_plan import tokens_of
 from megamoe.training.comm_plan import step_traffic
 from megamoe.training.layout_plan import num_micro_batches, plan_stages, search
 from megamoe.training.step_time import RATES, bubble_fraction
-from megamoe.training.train import MicroBatches, build_model, build_optimizer, meta_model, train_step
+from megamoe.testing.ranks import training_rank
+from megamoe.training.train import meta_model
 
-CPU = torch.device("cpu")
 BASE = ["--bf16", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8"]
 
 
@@ -81,21 +78,13 @@ class _SentBytes:
 
 def _sent_and_planned(flags: list[str]) -> tuple[dict, dict]:
     """(bytes sent per group in one training step, the planner's), keyed by member ranks."""
-    torch.set_num_threads(1)
-    config = parse_config(flags)
-    state = ParallelState.build(**config.parallel.degrees())
-    validate(config, state.layout.world_size)
-    model = build_model(config, state, CPU)
-    optimizer = build_optimizer(model, config, state)
-    data = MicroBatches(config, state, CPU)
-    rng = model_parallel_seed(config.training.seed, state, CPU)
-    batches = [data.get(0, j) for j in range(data.num_micro)]
+    rank = training_rank(flags)
     with pytest.MonkeyPatch.context() as monkeypatch:
         counter = _SentBytes(monkeypatch)
-        train_step(model, optimizer, batches, 1, config, state, rng)
-    planned_state = ParallelState.without_process_groups(state.layout, state.rank)
-    traffic = step_traffic(config, planned_state, meta_model(config, planned_state), tokens_of(config, planned_state),
-                           data.num_micro)
+        rank.step()
+    state = rank.planning_state
+    traffic = step_traffic(rank.config, state, meta_model(rank.config, state), tokens_of(rank.config, state),
+                           rank.data.num_micro)
     planned = defaultdict(float)
     for t in traffic:
         planned[t.group.ranks] += t.bytes

@@ -9,16 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from megamoe.cli import parse_config
 from megamoe.config_validation import validate
-from megamoe.parallel.random import model_parallel_seed
 from megamoe.parallel.state import ParallelLayout, ParallelState
 from megamoe.training.memory_plan import stage_ranks, state_bytes
-from megamoe.training.train import MicroBatches, build_model, build_optimizer, train_step
+from megamoe.testing.ranks import training_rank
 
-CPU = torch.device("cpu")
 BASE = ["--config", "examples/configs/demo.yaml", "--seq-length", "16", "--micro-batch-size", "1",
         "--global-batch-size", "8"]
 
@@ -26,17 +23,9 @@ BASE = ["--config", "examples/configs/demo.yaml", "--seq-length", "16", "--micro
 def _allocated_and_predicted(flags: list[str]) -> tuple[dict, dict]:
     """After one training step (Adam allocates its moments then): what the optimizer holds, and
     what the planner predicts for this rank from the layout alone."""
-    torch.set_num_threads(1)
-    config = parse_config(flags)
-    state = ParallelState.build(**config.parallel.degrees())
-    validate(config, state.layout.world_size)
-    model = build_model(config, state, CPU)
-    optimizer = build_optimizer(model, config, state)
-    data = MicroBatches(config, state, CPU)
-    train_step(model, optimizer, [data.get(0, j) for j in range(data.num_micro)], 1, config, state,
-               model_parallel_seed(config.training.seed, state, CPU))
-    predicted = state_bytes(config, ParallelState.without_process_groups(state.layout, state.rank))
-    return optimizer.memory_bytes(), predicted.as_dict()
+    rank = training_rank(flags)
+    rank.step()
+    return rank.optimizer.memory_bytes(), state_bytes(rank.config, rank.planning_state).as_dict()
 
 
 LAYOUTS = {
