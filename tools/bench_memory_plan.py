@@ -4,17 +4,18 @@ training, case by case (issue 17's validation). On the CPU the counter is
 ``megamoe.testing.live_bytes.LiveBytes`` and the plan models torch's CPU kernels.
 
 Each case runs in a fresh process (torchrun for more than one GPU): the model, optimizer and
-mock data built as training builds them, three training steps, and per rank the peak of the
-forward-backward, of the optimizer step, and of the whole step. Beside them, the planner's
-prediction for the same rank from the layout alone: training state + the activations the
-schedule holds at its peak (the loss's included) + the larger transient, the head's forward or
-the backward's (less the loss's kept bytes, freed by then).
+mock data built as training builds them, five training steps, and per rank the peak of the
+forward-backward, of the optimizer step and of the whole step, and the step time (the mean of
+the last three). Beside them, the planner's prediction for the same rank from the layout
+alone: training state + the activations the schedule holds at its peak (the loss's included) +
+the larger transient, the head's forward or the backward's (less the loss's kept bytes, freed
+by then); and its step-time estimate (``megamoe/training/step_time.py``).
 
     python tools/bench_memory_plan.py --case "none mbs4" -- <flags> [--case ... -- <flags>]
     python tools/bench_memory_plan.py --proxy-cases          # the V2-Lite proxy table of docs/benchmarks.md
     python tools/bench_memory_plan.py --nproc 2 --case "tp2" -- <flags> --tensor-model-parallel-size 2
 
-Prints one row per case and rank: measured and predicted GiB and the error.
+Prints one row per case and rank: measured and predicted GiB, step seconds, and the errors.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
+ITERATIONS, WARMUP = 5, 2  # step time: the mean of the steps after the warm-up ones
 PROXY = ["--config", "examples/configs/deepseek_v2_lite.yaml", "--num-layers", "4", "--moe-layer-freq",
          "[0]*1+[1]*3", "--seq-length", "4096", "--bf16", "--moe-grouped-gemm-impl", "torch"]
 PROXY_CASES = {
@@ -48,7 +52,7 @@ PROXY_CASES = {
 
 
 def measure(flags: list[str]) -> dict:
-    """On this rank: three training steps' peaks, and the planner's prediction."""
+    """On this rank: five training steps' peaks and time, and the planner's predictions."""
     import torch
 
     from megamoe.cli import parse_config
@@ -57,6 +61,7 @@ def measure(flags: list[str]) -> dict:
     from megamoe.parallel.random import model_parallel_seed
     from megamoe.parallel.state import ParallelState
     from megamoe.training.activation_plan import stage_plan
+    from megamoe.training.layout_plan import plan_stages
     from megamoe.training.memory_plan import state_bytes
     from megamoe.training.train import MicroBatches, build_model, build_optimizer, train_step
 
@@ -89,16 +94,25 @@ def measure(flags: list[str]) -> dict:
         peaks["step"] = max(peaks["step"], peak())
 
     optimizer.step = measured_step
-    for iteration in range(1, 4):
+    times = []
+    for iteration in range(1, ITERATIONS + 1):
         reset_peak()
+        start = time.perf_counter()
         train_step(model, optimizer, [data.get(iteration, j) for j in range(data.num_micro)], iteration, config,
                    state, rng)
-    planned_state = state_bytes(config, ParallelState.without_process_groups(state.layout, state.rank))
-    plan = stage_plan(config, ParallelState.without_process_groups(state.layout, state.rank), data.num_micro,
-                      cpu=not cuda)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    planning = ParallelState.without_process_groups(state.layout, state.rank)
+    planned_state = state_bytes(config, planning)
+    plan = stage_plan(config, planning, data.num_micro, cpu=not cuda)
+    # the step-time estimate of this rank's stage, for a job on one node
+    estimate = next(p.step.total for p in plan_stages(config, state.layout, info.world_size)
+                    if p.stage == state.pp.rank)
     if live is not None:
         live.__exit__(None, None, None)
     return {"rank": state.rank, "measured": max(peaks.values()) / GIB,
+            "step_s": statistics.mean(times[WARMUP:]), "predicted_step_s": estimate,
             "forward_backward": peaks["forward_backward"] / GIB, "step": peaks["step"] / GIB,
             "state": planned_state.total / GIB, "kept": plan.kept_peak / GIB,
             "head_transient": plan.head_transient / GIB, "backward_transient": plan.backward_transient / GIB,
@@ -154,7 +168,8 @@ def main() -> int:
     if args.proxy_cases:
         cases.update({name: PROXY + extra for name, extra in PROXY_CASES.items()})
     print(f"{'case':<34} {'rank':>4} {'measured':>9} {'fwd+bwd':>8} {'step':>7} | {'state':>7} {'kept':>7} "
-          f"{'in flight':>9} {'head':>6} {'head fwd':>8} {'backward':>8} {'predicted':>9} {'error':>7}  (GiB)", flush=True)
+          f"{'in flight':>9} {'head':>6} {'head fwd':>8} {'backward':>8} {'predicted':>9} {'error':>7}  (GiB) | "
+          f"{'step s':>7} {'estimate':>8} {'error':>7}", flush=True)
     for name, flags in cases.items():
         with tempfile.TemporaryDirectory() as tmp:
             for r in run_case(flags, args.nproc, Path(tmp)):
@@ -162,7 +177,8 @@ def main() -> int:
                 print(f"{name:<34} {r['rank']:>4} {r['measured']:>9.2f} {r['forward_backward']:>8.2f} {r['step']:>7.2f} | "
                       f"{r['state']:>7.2f} {r['kept']:>7.2f} {r['in_flight']:>9} {r['head']:>6.2f} {r['head_transient']:>8.2f} "
                       f"{r['backward_transient']:>8.2f} "
-                      f"{r['predicted']:>9.2f} {error:>+7.1%}", flush=True)
+                      f"{r['predicted']:>9.2f} {error:>+7.1%} | {r['step_s']:>7.3f} {r['predicted_step_s']:>8.3f} "
+                      f"{(r['predicted_step_s'] - r['step_s']) / r['step_s']:>+7.1%}", flush=True)
     return 0
 
 
