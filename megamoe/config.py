@@ -294,8 +294,22 @@ class TrainingConfig:
     """WSD: length of the final decay phase (unset means 10% of decay iterations)."""
     lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = "exponential"
     """WSD: shape of the final decay phase."""
-    optimizer: Literal["adam"] = "adam"
-    """Optimizer (AdamW with decoupled weight decay)."""
+    optimizer: Literal["adam", "muon"] = "adam"
+    """Optimizer: 'adam' (AdamW with decoupled weight decay) or 'muon' (Muon on the weight matrices, AdamW on embeddings, the output head, norms and biases; both with --lr and --weight-decay). Muon orthogonalises each whole matrix in every layout; not with --use-distributed-optimizer yet."""
+    muon_momentum: float = 0.9
+    """Muon: momentum (an exponential moving average of the gradient)."""
+    muon_nesterov: bool = False
+    """Muon: Nesterov-style momentum (the update mixes the gradient and the momentum)."""
+    muon_num_ns_steps: int = 5
+    """Muon: Newton-Schulz iterations of the orthogonalisation."""
+    muon_coefficient_type: Literal["quintic", "simple"] = "quintic"
+    """Muon: Newton-Schulz coefficients: 'quintic' (one tuned set per iteration) or 'simple' (Keller Jordan's one set)."""
+    muon_scale_mode: Literal["spectral", "shape_scaling", "unit_rms_norm"] = "spectral"
+    """Muon: update scale of an m x n matrix: sqrt(max(m, n)) ('spectral'), sqrt(max(1, m/n)) ('shape_scaling') or sqrt(m/n) ('unit_rms_norm'), times --muon-extra-scale-factor."""
+    muon_extra_scale_factor: float = 1.0
+    """Muon: extra factor on the update; 0.2 with 'spectral' is Moonlight's scaling, whose update RMS matches AdamW's (so AdamW's learning rate carries over)."""
+    muon_tp_mode: Literal["blockwise", "duplicated", "distributed"] = "duplicated"
+    """Muon under tensor parallelism: 'duplicated' gathers each TP-cut matrix and orthogonalises it whole on every TP rank (the update does not depend on the layout). Megatron-LM's 'blockwise' (each shard alone: the update changes with TP) and 'distributed' are refused."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not applied to norms and biases)."""
     adam_beta1: float = 0.9

@@ -506,6 +506,25 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     validate_data(config.data, config.training)
     validate_logging(config.logging, config.training)
     validate_checkpoint(config.checkpoint)
+    validate_muon(config)
     check_not_supported_yet(config)
     return layout
+
+
+def validate_muon(config: Config) -> None:
+    t = config.training
+    if t.optimizer != "muon":
+        return
+    if config.parallel.use_distributed_optimizer:
+        _fail("--optimizer muon with --use-distributed-optimizer: not supported yet (Muon needs whole matrices, "
+              "which the distributed optimizer's flat shards cut); drop --use-distributed-optimizer")
+    if t.muon_tp_mode != "duplicated":
+        why = ("orthogonalises each TP shard on its own, so the update would change with the layout"
+               if t.muon_tp_mode == "blockwise" else "is not built")
+        _fail(f"--muon-tp-mode {t.muon_tp_mode}: megamoe's Muon gathers every TP-cut matrix and orthogonalises it "
+              f"whole ('duplicated'); '{t.muon_tp_mode}' {why}")
+    if not 0.0 <= t.muon_momentum < 1.0:
+        _fail(f"--muon-momentum {t.muon_momentum}: must be in [0, 1)")
+    if t.muon_num_ns_steps < 1:
+        _fail(f"--muon-num-ns-steps {t.muon_num_ns_steps}: must be at least 1")
 

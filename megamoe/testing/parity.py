@@ -96,3 +96,14 @@ def reduced_main_grads(opt) -> dict:
         full = mappings.all_gather(bucket.shard(bucket.grad_data).clone(), bucket.group)
         grads.update({p: full[lo:hi].view_as(p) for p, lo, hi in bucket.ranges})
     return grads
+
+
+def every_rank_micro_batches(data, state: ParallelState, step: int) -> list:
+    """Step ``step``'s micro-batches of every data-parallel rank, in rank order: what the
+    single-process reference runs as its own micro-batches (gradient accumulation)."""
+    mine, out = data.dp_rank, []
+    for d in range(state.dp.size):
+        data.dp_rank = d
+        out += [data.get(step - 1, j) for j in range(data.num_micro)]
+    data.dp_rank = mine
+    return out

@@ -1,5 +1,6 @@
 """The training state each rank holds, predicted without allocating it: weights, float32 main
-gradients, float32 masters and Adam's moments, per pipeline stage, for any layout.
+gradients, float32 masters and the optimizer's states (Adam's moments; Muon's momentum for the
+weight matrices with ``--optimizer muon``), per pipeline stage, for any layout.
 
 Each rank's parameters come from the model built on the meta device for that rank (its
 shapes, sharding and roles exactly as training builds them), its gradient buffers and buckets
@@ -22,10 +23,12 @@ from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import ALIGN, bucket_layout, buffer_groups, default_bucket_size
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import Group, ParallelLayout, ParallelState
+from megamoe.training.muon import is_matrix
 from megamoe.training.train import meta_model
 
 ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the masters' dtype
 ADAM_STEP_BYTES = 4  # torch's AdamW keeps each tensor's step as a float32 scalar tensor
+MUON_STATES = 1  # the momentum buffer, in the masters' dtype
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ def state_bytes(config: Config, state: ParallelState, model: Optional[GPTModel] 
     own_masters = not distributed and all(upcast(p).dtype == p.dtype for p in params)
     # Adam's two moments, and its step count: a float32 scalar per master tensor
     moments = ADAM_STATES * masters + num_masters * ADAM_STEP_BYTES
+    if config.training.optimizer == "muon":  # weight matrices: one momentum buffer, no step count
+        matrices = [p for p in params if is_matrix(p)]
+        matrix_bytes = sum(p.numel() * upcast(torch.empty((), dtype=p.dtype)).element_size() for p in matrices)
+        moments -= (ADAM_STATES - MUON_STATES) * matrix_bytes + len(matrices) * ADAM_STEP_BYTES
     return StateBytes(weights, grads, 0 if own_masters else masters, moments, sum(p.numel() for p in params),
                       sum(p.numel() for p in params if spec_of(p).is_expert))
 

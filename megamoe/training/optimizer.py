@@ -163,9 +163,15 @@ class Optimizer:
             if "step" in s:
                 s["step"].fill_(steps)
 
+    @torch.no_grad()
     def reset_masters_from_params(self) -> None:
-        """A fresh optimizer for the current parameters (``--no-load-optim``, ``--finetune``)."""
-        raise NotImplementedError
+        """A fresh optimizer for the current parameters (``--no-load-optim``, ``--finetune``):
+        whole masters copied from the parameters, the torch optimizer's states dropped."""
+        for p, master in zip(self.params, self.masters):
+            if master is not p:
+                master.copy_(p)
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
 
     def finish_param_sync(self) -> None:
         """Wait until every parameter holds its updated value (``--overlap-param-gather``
@@ -227,9 +233,3 @@ class MixedPrecisionAdamW(Optimizer):
             out.append((p, 0, {**tensors, **self._states(master)}))
         return out
 
-    @torch.no_grad()
-    def reset_masters_from_params(self) -> None:
-        for p, master in zip(self.params, self.masters):
-            if master is not p:
-                master.copy_(p)
-        self.optimizer.state.clear()

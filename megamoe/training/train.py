@@ -39,6 +39,7 @@ from megamoe.precision import PrecisionPolicy
 from megamoe.training.flops import flops_per_token, peak_tflops
 from megamoe.training.checkpoint import AsyncSaver, load_checkpoint, remove_old_checkpoints, save_checkpoint
 from megamoe.training.distributed_optimizer import DistributedOptimizer
+from megamoe.training.muon import MixedPrecisionMuon
 from megamoe.training.optimizer import MixedPrecisionAdamW, Optimizer
 from megamoe.training.profiling import StepProfiler
 from megamoe.training.reporting import Reporter, StepMetrics
@@ -105,8 +106,12 @@ def compile_blocks(model: GPTModel, device: torch.device) -> None:
 
 def build_optimizer(model: GPTModel, config: Config, state: ParallelState) -> Optimizer:
     """AdamW with float32 masters: sharded over data-parallel ranks with
-    ``--use-distributed-optimizer``, else whole on every rank; with the policy's loss scaler."""
-    kind = DistributedOptimizer if config.parallel.use_distributed_optimizer else MixedPrecisionAdamW
+    ``--use-distributed-optimizer``, else whole on every rank; or Muon (``--optimizer muon``);
+    with the policy's loss scaler."""
+    if config.training.optimizer == "muon":  # the config validation refuses it with the distributed optimizer
+        kind = MixedPrecisionMuon
+    else:
+        kind = DistributedOptimizer if config.parallel.use_distributed_optimizer else MixedPrecisionAdamW
     optimizer = kind(model, config.training, state, config.parallel)
     optimizer.loss_scaler = PrecisionPolicy.from_config(config).loss_scaler()
     return optimizer

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from megamoe.parallel.state import ParallelState
-from megamoe.testing.parity import TOL, build, gather_full, make_config, reduced_main_grads
+from megamoe.testing.parity import TOL, build, every_rank_micro_batches, gather_full, make_config, reduced_main_grads
 from megamoe.training.optimizer import MixedPrecisionAdamW
 from megamoe.training.train import MicroBatches, build_optimizer, train_step
 
@@ -42,12 +42,7 @@ def _parity(variant: str, layout: dict):
     data = MicroBatches(cfg, state, torch.device("cpu"))
     for step in range(1, cfg.training.train_iters + 1):
         mine = [data.get(step - 1, j) for j in range(data.num_micro)]
-        # the reference reads every data-parallel rank's micro-batches
-        everyone = []
-        for d in range(state.dp.size):
-            data.dp_rank = d
-            everyone += [data.get(step - 1, j) for j in range(data.num_micro)]
-        data.dp_rank = state.dp.rank
+        everyone = every_rank_micro_batches(data, state, step)  # the reference reads every DP rank's
         got = train_step(model, opt, mine, step, cfg, state, None)
         ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size, "layers": cfg.model.num_layers,
                                         "clip": cfg.training.clip_grad, "iters": cfg.training.train_iters})
