@@ -308,6 +308,8 @@ class TrainingConfig:
     """Muon: update scale of an m x n matrix: sqrt(max(m, n)) ('spectral'), sqrt(max(1, m/n)) ('shape_scaling') or sqrt(m/n) ('unit_rms_norm'), times --muon-extra-scale-factor."""
     muon_extra_scale_factor: float = 1.0
     """Muon: extra factor on the update; 0.2 with 'spectral' is Moonlight's scaling, whose update RMS matches AdamW's (so AdamW's learning rate carries over)."""
+    muon_fp32_matmul_prec: Literal["low", "medium", "high"] = "medium"
+    """Muon: the precision of Newton-Schulz's matmuls on GPUs: 'high' full float32, 'medium' TF32 (torch's set_float32_matmul_precision 'highest' / 'high'), 'low' the whole iteration in bf16 (Keller Jordan's Muon)."""
     muon_tp_mode: Literal["blockwise", "duplicated", "distributed"] = "duplicated"
     """Muon under tensor parallelism: 'duplicated' gathers each TP-cut matrix and orthogonalises it whole on every TP rank (the update does not depend on the layout). Megatron-LM's 'blockwise' (each shard alone: the update changes with TP) and 'distributed' are refused."""
     weight_decay: float = 0.01

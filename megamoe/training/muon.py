@@ -6,7 +6,8 @@ For each weight matrix ``W`` (``m x n``) with float32 main gradient ``G``::
     M = mu M + (1 - mu) G                       (momentum, an EMA; --muon-momentum)
     U = G + mu (M - G)  with --muon-nesterov, else U = M
     O = NS(U)                                   (--muon-num-ns-steps of X <- aX + (bA + cA^2)X,
-                                                 A = X X^T, from X = U / |U|_F; --muon-coefficient-type)
+                                                 A = X X^T, from X = U / |U|_F; --muon-coefficient-type;
+                                                 float32 matmuls at --muon-fp32-matmul-prec)
     W = W (1 - lr wd) - lr s O                  (s: --muon-scale-mode x --muon-extra-scale-factor)
 
 with ``s`` = sqrt(max(m, n)) ('spectral'; with an extra factor 0.2 this is Moonlight's update,
@@ -30,6 +31,7 @@ distributed optimizer is not supported yet (it would assign whole matrices to DP
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -65,6 +67,21 @@ def newton_schulz(u: torch.Tensor, steps: int, coefficients: list[tuple[float, f
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
+
+
+# --muon-fp32-matmul-prec -> torch.set_float32_matmul_precision
+MATMUL_PRECISION = {"high": "highest", "medium": "high", "low": "medium"}
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(level: str):
+    """Newton-Schulz's float32 matmuls at ``level`` (TF32 or bf16 inputs on GPUs), restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(MATMUL_PRECISION[level])
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def scale_factor(m: int, n: int, mode: str) -> float:
@@ -120,7 +137,11 @@ def orthogonalized_update(u: torch.Tensor, p: nn.Parameter, state: ParallelState
     # a fused [gate | up] dimension holds two matrices: orthogonalise each
     matrices = whole.unflatten(rows, (parts, whole.shape[rows] // parts)).movedim(rows, 0)
     m, n = matrices.shape[-2], matrices.shape[-1]
-    ortho = newton_schulz(matrices, t.muon_num_ns_steps, COEFFICIENTS[t.muon_coefficient_type])
+    # 'low' iterates in bf16 on GPUs (Keller Jordan's Muon), the others in float32 at their precision
+    work = torch.bfloat16 if t.muon_fp32_matmul_prec == "low" and matrices.is_cuda else matrices.dtype
+    with float32_matmul_precision(t.muon_fp32_matmul_prec):
+        ortho = newton_schulz(matrices.to(work), t.muon_num_ns_steps, COEFFICIENTS[t.muon_coefficient_type])
+    ortho = ortho.to(matrices.dtype)
     ortho = ortho * (scale_factor(m, n, t.muon_scale_mode) * t.muon_extra_scale_factor)
     whole = ortho.movedim(0, rows).flatten(rows, rows + 1)
     return _own_shard(_own_shard(whole, spec, cols, state), spec, rows, state)
