@@ -81,6 +81,10 @@ class ParamSpec:
     def is_expert(self) -> bool:
         return self.role == "expert"
 
+    def split_at(self, dim: int) -> Optional[Split]:
+        """The split of global dimension ``dim``, if it is cut."""
+        return self._by_dim.get(dim)
+
     def split_over(self, group: str) -> bool:
         return any(s.group == group for s in self.splits)
 

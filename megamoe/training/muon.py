@@ -101,7 +101,7 @@ def is_matrix(p: nn.Parameter) -> bool:
 def _gather_dim(t: torch.Tensor, spec: ParamSpec, dim: int, state: ParallelState) -> torch.Tensor:
     """``t`` (this rank's shard) with local dimension ``dim`` gathered whole over its split's
     group, parts in order (a fused [gate | up] dimension stays [gate | up])."""
-    split = spec._by_dim.get(dim + len(spec.index))
+    split = spec.split_at(dim + len(spec.index))
     if split is None or state.group(split.group).size == 1:
         return t
     group = state.group(split.group)
@@ -116,7 +116,7 @@ def _gather_dim(t: torch.Tensor, spec: ParamSpec, dim: int, state: ParallelState
 
 def _own_shard(whole: torch.Tensor, spec: ParamSpec, dim: int, state: ParallelState) -> torch.Tensor:
     """The inverse of :func:`_gather_dim`: this rank's slice of each part of dimension ``dim``."""
-    split = spec._by_dim.get(dim + len(spec.index))
+    split = spec.split_at(dim + len(spec.index))
     if split is None or state.group(split.group).size == 1:
         return whole
     group = state.group(split.group)
@@ -132,7 +132,7 @@ def orthogonalized_update(u: torch.Tensor, p: nn.Parameter, state: ParallelState
     spec = spec_of(p)
     rows, cols = u.ndim - 2, u.ndim - 1
     whole = _gather_dim(_gather_dim(u, spec, rows, state), spec, cols, state)
-    split = spec._by_dim.get(rows + len(spec.index))
+    split = spec.split_at(rows + len(spec.index))
     parts = split.parts if split is not None else 1
     # a fused [gate | up] dimension holds two matrices: orthogonalise each
     matrices = whole.unflatten(rows, (parts, whole.shape[rows] // parts)).movedim(rows, 0)
