@@ -200,9 +200,10 @@ def moe_bytes(moe: MoELayer, d: int, t: Tokens, etp: int, expert_load: float = 1
 
 
 def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str],
-                expert_load: float = 1.0, moe_recompute: Optional[bool] = None) -> dict[str, int]:
+                expert_load: float = 1.0, moe_recompute: bool = False) -> dict[str, int]:
     """What one block keeps for its backward per micro-batch, item by item (bytes on this rank).
-    ``moe_recompute``: whether its MoE FFN is recomputed (default: as the block is built)."""
+    ``moe_recompute``: whether its MoE FFN is recomputed (``--moe-layer-recompute``, from the
+    config: one meta model serves every setting)."""
     d = block.attn_norm.dim
     if recompute == "full":
         return {"block_input": t.act * d * t.stream + t.rng_states}
@@ -215,7 +216,7 @@ def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optiona
         items["ffn_dropout_mask"] = MASK * d * t.stream
     if not isinstance(block.ffn, MoELayer):
         return {**items, **dense_ffn_bytes(block.ffn, d, t)}
-    if block.recompute_ffn if moe_recompute is None else moe_recompute:  # the recomputed MoE keeps its normalised input
+    if moe_recompute:  # the recomputed MoE keeps its normalised input
         return {**items, "ffn_norm": t.norm(d, t.stream) + t.act * d * t.stream + t.rng_states}
     return {**items, **moe_bytes(block.ffn, d, t, etp, expert_load)}
 

@@ -33,19 +33,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from megamoe.config import Config
 from megamoe.model.attention import GroupedQueryAttention
 from megamoe.model.gpt import GPTModel
 from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.moe import MoELayer
-from megamoe.numerics import upcast
-from megamoe.parallel.data_parallel import ALIGN, bucket_layout, buffer_groups, default_bucket_size
 from megamoe.parallel.expert_parallel import AllToAllDispatcher
 from megamoe.parallel.pipeline_parallel import build_schedule
 from megamoe.parallel.state import Group, ParallelState
 from megamoe.training.activation_plan import FP32, Tokens
+from megamoe.training.memory_plan import master_size, planned_buffers
 
 
 @dataclass(frozen=True)
@@ -154,11 +152,9 @@ def _gradient_traffic(config: Config, state: ParallelState, model: GPTModel) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = config.parallel.use_distributed_optimizer
     out = []
-    for name, members, group, pre_group in buffer_groups(params, state):
-        dtype = members[0].dtype
-        grad_size = upcast(torch.empty((), dtype=dtype)).element_size()
-        size = config.parallel.ddp_bucket_size or default_bucket_size(group.size)
-        padded = bucket_layout([p.numel() for p in members], size, ALIGN * group.size)[-1][1]
+    for buf in planned_buffers(config, params, state):
+        name, group, pre_group, padded, dtype = buf.name, buf.group, buf.pre_group, buf.padded, buf.dtype
+        grad_size = master_size(dtype)
         if pre_group is not None and pre_group.size > 1:
             out.append(Traffic(pre_group.name, f"{name}: partial gradients summed", pre_group,
                                2 * _ring(pre_group.size) * padded * grad_size))

@@ -60,6 +60,40 @@ def _shard_overlaps(start: int, end: int, group: Group, ranges) -> list[int]:
     return [n for n in (min(b, hi) - max(a, lo) for _, a, b in ranges) if n > 0]
 
 
+def master_size(dtype: torch.dtype) -> int:
+    """Bytes per element of a float32 (or float64) master and main gradient of a ``dtype`` parameter."""
+    return upcast(torch.empty((), dtype=dtype)).element_size()
+
+
+@dataclass(frozen=True)
+class PlannedBuffer:
+    """One gradient buffer as ``DataParallelGrads`` lays it out: its parameters, reduction
+    groups and buckets (``data_parallel.bucket_layout``: padding included)."""
+
+    name: str
+    members: list
+    group: Group
+    pre_group: Optional[Group]
+    layout: list
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.members[0].dtype
+
+    @property
+    def padded(self) -> int:
+        return self.layout[-1][1]
+
+
+def planned_buffers(config: Config, params: list, state: ParallelState) -> list[PlannedBuffer]:
+    out = []
+    for name, members, group, pre_group in buffer_groups(params, state):
+        size = config.parallel.ddp_bucket_size or default_bucket_size(group.size)
+        layout = bucket_layout([p.numel() for p in members], size, ALIGN * group.size)
+        out.append(PlannedBuffer(name, members, group, pre_group, layout))
+    return out
+
+
 def state_bytes(config: Config, state: ParallelState, model: Optional[GPTModel] = None) -> StateBytes:
     """The training state of the rank ``state`` describes (its groups need no process groups:
     ``ParallelState.without_process_groups``); ``model``: its meta model, when already built."""
@@ -67,29 +101,25 @@ def state_bytes(config: Config, state: ParallelState, model: Optional[GPTModel] 
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = config.parallel.use_distributed_optimizer
     weights = grads = masters = num_masters = 0
-    for _, members, group, _ in buffer_groups(params, state):
-        dtype = members[0].dtype
-        master_size = upcast(torch.empty((), dtype=dtype)).element_size()
-        size = config.parallel.ddp_bucket_size or default_bucket_size(group.size)
-        layout = bucket_layout([p.numel() for p in members], size, ALIGN * group.size)
-        padded = layout[-1][1]
-        grads += padded * master_size
+    for buf in planned_buffers(config, params, state):
+        size = master_size(buf.dtype)
+        grads += buf.padded * size
         if distributed:  # parameters live in the padded buffer; masters for this rank's shard
-            weights += padded * dtype.itemsize
-            pieces = [n for start, end, ranges in layout for n in _shard_overlaps(start, end, group, ranges)]
-            masters += sum(pieces) * master_size
+            weights += buf.padded * buf.dtype.itemsize
+            pieces = [n for start, end, ranges in buf.layout for n in _shard_overlaps(start, end, buf.group, ranges)]
+            masters += sum(pieces) * size
             num_masters += len(pieces)
         else:
-            numel = sum(p.numel() for p in members)
-            weights += numel * dtype.itemsize
-            masters += numel * master_size
-            num_masters += len(members)
+            numel = sum(p.numel() for p in buf.members)
+            weights += numel * buf.dtype.itemsize
+            masters += numel * size
+            num_masters += len(buf.members)
     own_masters = not distributed and all(upcast(p).dtype == p.dtype for p in params)
     # Adam's two moments, and its step count: a float32 scalar per master tensor
     moments = ADAM_STATES * masters + num_masters * ADAM_STEP_BYTES
     if config.training.optimizer == "muon":  # weight matrices: one momentum buffer, no step count
         matrices = [p for p in params if is_matrix(p)]
-        matrix_bytes = sum(p.numel() * upcast(torch.empty((), dtype=p.dtype)).element_size() for p in matrices)
+        matrix_bytes = sum(p.numel() * master_size(p.dtype) for p in matrices)
         moments -= (ADAM_STATES - MUON_STATES) * matrix_bytes + len(matrices) * ADAM_STEP_BYTES
     return StateBytes(weights, grads, 0 if own_masters else masters, moments, sum(p.numel() for p in params),
                       sum(p.numel() for p in params if spec_of(p).is_expert))
