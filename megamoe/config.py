@@ -295,7 +295,7 @@ class TrainingConfig:
     lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = "exponential"
     """WSD: shape of the final decay phase."""
     optimizer: Literal["adam", "muon"] = "adam"
-    """Optimizer: 'adam' (AdamW with decoupled weight decay) or 'muon' (Muon on the weight matrices, AdamW on embeddings, the output head, norms and biases; both with --lr and --weight-decay). Muon orthogonalises each whole matrix in every layout; not with --use-distributed-optimizer yet."""
+    """Optimizer: 'adam' (AdamW with decoupled weight decay) or 'muon' (Muon on the weight matrices, AdamW on embeddings, the output head, norms and biases; both with --lr and --weight-decay). Muon orthogonalises each whole matrix in every layout; with --use-distributed-optimizer each matrix by one data-parallel rank."""
     muon_momentum: float = 0.9
     """Muon: momentum (an exponential moving average of the gradient)."""
     muon_nesterov: bool = False
@@ -312,6 +312,12 @@ class TrainingConfig:
     """Muon: the precision of Newton-Schulz's matmuls on GPUs: 'high' full float32, 'medium' TF32 (torch's set_float32_matmul_precision 'highest' / 'high'), 'low' the whole iteration in bf16 (Keller Jordan's Muon)."""
     muon_tp_mode: Literal["blockwise", "duplicated", "distributed"] = "duplicated"
     """Muon under tensor parallelism: 'duplicated' gathers each TP-cut matrix and orthogonalises it whole on every TP rank (the update does not depend on the layout). Megatron-LM's 'blockwise' (each shard alone: the update changes with TP) and 'distributed' are refused."""
+    qk_clip: bool = False
+    """MuonClip's qk-clip (Kimi K2): after each optimizer step, scale the query and key weights of every attention head whose largest pre-softmax logit in the step exceeded --qk-clip-threshold, so that it would not have (MLA: the head's own query and key parts; the shared rope key stays)."""
+    qk_clip_threshold: float = 100.0
+    """qk-clip: the largest attention logit a head may reach (tau; Kimi K2 used 100)."""
+    qk_clip_alpha: float = 0.5
+    """qk-clip: the share of the clip put on the query: with gamma = threshold / max logit, queries scale by gamma^alpha and keys by gamma^(1 - alpha)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not applied to norms and biases)."""
     adam_beta1: float = 0.9
@@ -392,6 +398,8 @@ class LoggingConfig:
     """Write a per-layer expert-load heat map to tensorboard every this many iterations."""
     metrics_file: Optional[str] = None
     """Also write every iteration's losses, learning rate and grad norm to this JSON-lines file."""
+    log_max_attention_logit: bool = False
+    """Log each attention layer's largest pre-softmax logit of the step (over its heads and the global batch) to tensorboard and the log line; on with --qk-clip."""
     profile: bool = False
     """Profile iterations profile-step-start + 1 .. profile-step-end with torch.profiler: a trace for Perfetto or TensorBoard, and a summary of the time by model stage and kernel (also cudaProfilerStart/Stop for nsys)."""
     profile_step_start: int = 10

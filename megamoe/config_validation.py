@@ -507,17 +507,28 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     validate_logging(config.logging, config.training)
     validate_checkpoint(config.checkpoint)
     validate_muon(config)
+    validate_qk_clip(config)
     check_not_supported_yet(config)
     return layout
+
+
+def validate_qk_clip(config: Config) -> None:
+    t = config.training
+    if not t.qk_clip:
+        return
+    if not 0.0 < t.qk_clip_alpha < 1.0:
+        _fail(f"--qk-clip-alpha {t.qk_clip_alpha}: must be between 0 and 1 (the query's share of the clip)")
+    if t.qk_clip_threshold <= 0:
+        _fail(f"--qk-clip-threshold {t.qk_clip_threshold}: must be positive")
+    if config.model.qk_layernorm and not config.model.multi_latent_attention:
+        _fail("--qk-clip with --qk-layernorm: the per-head query and key norms come after the projections that "
+              "qk-clip scales and would undo it; drop one of them (MLA's latent norms are no obstacle)")
 
 
 def validate_muon(config: Config) -> None:
     t = config.training
     if t.optimizer != "muon":
         return
-    if config.parallel.use_distributed_optimizer:
-        _fail("--optimizer muon with --use-distributed-optimizer: not supported yet (Muon needs whole matrices, "
-              "which the distributed optimizer's flat shards cut); drop --use-distributed-optimizer")
     if t.muon_tp_mode != "duplicated":
         why = ("orthogonalises each TP shard on its own, so the update would change with the layout"
                if t.muon_tp_mode == "blockwise" else "is not built")

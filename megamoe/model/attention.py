@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.kernels.fp8 import Fp8Recipe
+from megamoe.kernels.max_logit import MaxLogitTracker
 from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
@@ -34,14 +35,18 @@ def core_attention(
     softmax_scale: float,
     dropout_p: float = 0.0,
     rng_tracker: Optional[RNGStatesTracker] = None,
+    max_logits: Optional[MaxLogitTracker] = None,
 ) -> torch.Tensor:
     """Causal softmax attention of ``[s, b, heads, d]`` tensors; returns ``[s, b, heads * dv]``.
 
     Key/value heads may be fewer than query heads (GQA). Attention-probability dropout draws
-    from the tensor-parallel RNG stream: each rank holds different heads.
+    from the tensor-parallel RNG stream: each rank holds different heads. ``max_logits``
+    records each head's largest logit (``kernels/max_logit.py``).
     """
     s, b = q.shape[0], q.shape[1]
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+    if max_logits is not None:
+        max_logits.observe(q, k, softmax_scale, causal=True)
     fork = rng_tracker.fork(TENSOR_PARALLEL_STREAM) if (dropout_p and rng_tracker) else contextlib.nullcontext()
     with fork:
         out = F.scaled_dot_product_attention(
@@ -52,17 +57,18 @@ def core_attention(
 
 
 def attend(q, k, v, softmax_scale, dropout_p, rng_tracker, recompute: bool, cp: Optional[Group] = None,
-           cp_comm_type: str = "allgather") -> torch.Tensor:
+           cp_comm_type: str = "allgather", max_logits: Optional[MaxLogitTracker] = None) -> torch.Tensor:
     """``core_attention``, recomputed in backward instead of stored when ``recompute``
     (selective recompute, which replays the dropout masks). With context parallelism (``cp`` of
     more than one rank) ``q`` holds this rank's two chunks, and ``k``, ``v`` the whole sequence
     (``cp_comm_type="allgather"``, ``parallel/context_parallel.py``) or this rank's own chunks,
-    which the ring passes around (``"p2p"``, ``parallel/ring_attention.py``)."""
+    which the ring passes around (``"p2p"``, ``parallel/ring_attention.py``). ``max_logits``:
+    a tracker of each head's largest logit, or None."""
     if cp is not None and cp.size > 1:
         cp_core = ring_attention if cp_comm_type == "p2p" else context_parallel_attention
-        core, args = cp_core, (q, k, v, cp, softmax_scale, dropout_p, rng_tracker)
+        core, args = cp_core, (q, k, v, cp, softmax_scale, dropout_p, rng_tracker, max_logits)
     else:
-        core, args = core_attention, (q, k, v, softmax_scale, dropout_p, rng_tracker)
+        core, args = core_attention, (q, k, v, softmax_scale, dropout_p, rng_tracker, max_logits)
     if recompute:
         return recompute_with_rng(core, *args, rng_tracker=rng_tracker)
     return core(*args)
@@ -102,6 +108,7 @@ class GroupedQueryAttention(nn.Module):
         self.num_local_heads, self.num_local_kv = num_heads // tp.size, num_kv_heads // tp.size
         self.attention_dropout = attention_dropout
         self.recompute_core = False  # selective recompute: keep no attention activations
+        self.max_logits: Optional[MaxLogitTracker] = None  # set by training to record them (qk_clip.py)
         self.softmax_scale = 1.0 / math.sqrt(head_dim)
         kw = dict(tp=tp, sequence_parallel=sequence_parallel, fp8=fp8, device=device, dtype=dtype)
         self.wq = ColumnParallelLinear(hidden_size, num_heads * head_dim, input_comm=False, init_fn=init_fn, **kw)
@@ -125,4 +132,4 @@ class GroupedQueryAttention(nn.Module):
             k, v = gather_sequence(k, self.cp), gather_sequence(v, self.cp)  # every query's causal prefix
         dropout = self.attention_dropout if self.training else 0.0
         return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, self.recompute_core and self.training,
-                              self.cp, self.cp_comm_type))
+                              self.cp, self.cp_comm_type, self.max_logits))

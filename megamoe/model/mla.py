@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.model.attention import attend
+from megamoe.kernels.max_logit import MaxLogitTracker
 from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings
@@ -91,6 +92,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim = kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim, v_head_dim
         self.attention_dropout = attention_dropout
         self.recompute_core = False  # selective recompute: keep no attention activations
+        self.max_logits: Optional[MaxLogitTracker] = None  # set by training to record them (qk_clip.py)
         self.softmax_scale = rope.softmax_scale_multiplier / math.sqrt(qk_head_dim + qk_pos_emb_head_dim)
         q_dim = num_heads * (qk_head_dim + qk_pos_emb_head_dim)
         common = dict(device=device, dtype=dtype)
@@ -132,7 +134,7 @@ class MultiHeadLatentAttention(nn.Module):
             q_nope, q_rope = q.view(s, b, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
             q = torch.cat([q_nope, self.rope(q_rope, positions)], dim=-1)
             args = (q, latent, k_rope, self.wkv_b, self.nope_dim, self.v_dim, self.cp, self.softmax_scale, dropout,
-                    rng_tracker)
+                    rng_tracker, self.max_logits)
             if recompute:
                 return self.wo(recompute_with_rng(latent_ring_attention, *args, rng_tracker=rng_tracker))
             return self.wo(latent_ring_attention(*args))
@@ -147,4 +149,4 @@ class MultiHeadLatentAttention(nn.Module):
         if self._gather and self.cp_exchange == "expanded":
             k, v = gather_sequence(k, self.cp), gather_sequence(v.contiguous(), self.cp)
         return self.wo(attend(q, k, v, self.softmax_scale, dropout, rng_tracker, recompute, self.cp,
-                              self.cp_comm_type))
+                              self.cp_comm_type, self.max_logits))

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from megamoe.kernels.max_logit import MaxLogitTracker
 from megamoe.parallel import mappings
 from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker
 from megamoe.parallel.state import Group
@@ -80,10 +81,11 @@ def gather_sequence(x: torch.Tensor, cp: Group) -> torch.Tensor:
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Group,
                                softmax_scale: float, dropout_p: float = 0.0,
-                               rng_tracker: Optional[RNGStatesTracker] = None) -> torch.Tensor:
+                               rng_tracker: Optional[RNGStatesTracker] = None,
+                               max_logits: Optional[MaxLogitTracker] = None) -> torch.Tensor:
     """Causal attention of this rank's queries ``[s/cp, b, heads, d]`` (its two chunks) against
     the whole sequence's keys and values ``[s, b, kv_heads, d]`` (in order). Returns
-    ``[s/cp, b, heads * dv]``."""
+    ``[s/cp, b, heads * dv]``. ``max_logits``: records each head's largest logit."""
     c = q.shape[0] // 2
     rank, n = cp.rank, cp.size
     if k.shape[2] != q.shape[2]:  # GQA: give every query head its key/value head
@@ -101,6 +103,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         for queries, visible in ((q[:c], (rank + 1) * c), (q[c:], (2 * n - rank) * c)):
             qh, kh, vh = (t.permute(1, 2, 0, 3) for t in (queries, k[:visible], v[:visible]))  # [b, heads, s, d]
             mask = causal_lower_right(qh.shape[2], kh.shape[2])
+            if max_logits is not None:
+                max_logits.observe(qh, kh, softmax_scale, causal=True)
             outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p,
                                                        scale=softmax_scale))
     out = torch.cat(outs, dim=2)[..., :dv]  # [b, heads, s/cp, dv]

@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megamoe.kernels.max_logit import MaxLogitTracker
 from megamoe.numerics import upcast_dtype
 from megamoe.parallel.state import Group
 
@@ -284,12 +285,14 @@ class Latent:
 
 
 class _RingAttention(torch.autograd.Function):
-    """``apply(q, cp, scale, source, *held, *params)``: ``q`` ``[b, heads, 2c, d]``, ``held``
-    this rank's tensors that ``source`` turns into keys and values (sequence first), ``params``
-    the weights it uses (their gradients are returned)."""
+    """``apply(q, cp, scale, source, max_logits, num_held, *held, *params)``: ``q`` ``[b, heads,
+    2c, d]``, ``held`` this rank's tensors that ``source`` turns into keys and values (sequence
+    first), ``params`` the weights it uses (their gradients are returned); ``max_logits``: a
+    tracker of each head's largest logit, or None."""
 
     @staticmethod
-    def forward(ctx, q, cp: Group, scale: float, source, num_held: int, *tensors):
+    def forward(ctx, q, cp: Group, scale: float, source, max_logits: Optional[MaxLogitTracker], num_held: int,
+                *tensors):
         n, r, c = cp.size, cp.rank, q.shape[2] // 2
         held, params = tensors[:num_held], tensors[num_held:]
         acc = upcast_dtype(q.dtype)
@@ -303,6 +306,8 @@ class _RingAttention(torch.autograd.Function):
                 out = q.new_zeros(*q.shape[:-1], vb.shape[-1], dtype=acc)
                 lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
             out_b, lse_b, aux_b = _block_forward(q[:, :, rows], kb, vb, causal, scale)
+            if max_logits is not None:
+                max_logits.observe(q[:, :, rows], kb, scale, causal)
             merge_block(out[:, :, rows], lse[:, :, rows], out_b, lse_b)
             aux.append(aux_b)
             if incoming is not None:
@@ -338,7 +343,7 @@ class _RingAttention(torch.autograd.Function):
                 held = tuple(incoming.wait())
         grads = grads_in.wait()
         held_grads = [g.to(t.dtype) for g, t in zip(grads, tensors)]
-        return (dq.to(q.dtype), None, None, None, None, *held_grads,
+        return (dq.to(q.dtype), None, None, None, None, None, *held_grads,
                 *(g.to(p.dtype) for g, p in zip(param_grads, params)))
 
 
@@ -350,26 +355,28 @@ def _check_dropout(dropout_p: float) -> None:
 
 @torch.compiler.disable  # point-to-point requests and their waits are not traceable: run eagerly
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Group, softmax_scale: float,
-                   dropout_p: float = 0.0, rng_tracker: Optional[object] = None) -> torch.Tensor:
+                   dropout_p: float = 0.0, rng_tracker: Optional[object] = None,
+                   max_logits: Optional[MaxLogitTracker] = None) -> torch.Tensor:
     """Causal attention of this rank's queries ``[s/cp, b, heads, d]`` (its two chunks) against
     the whole sequence, from this rank's own keys and values ``[s/cp, b, kv_heads, d]``.
     Returns ``[s/cp, b, heads * dv]``, as ``context_parallel_attention``."""
     _check_dropout(dropout_p)
     s, b = q.shape[0], q.shape[1]
-    out = _RingAttention.apply(_heads_first(q), cp, softmax_scale, KeyValues(q.shape[2]), 2, k, v)
+    out = _RingAttention.apply(_heads_first(q), cp, softmax_scale, KeyValues(q.shape[2]), max_logits, 2, k, v)
     return _seq_first(out).reshape(s, b, -1)
 
 
 @torch.compiler.disable
 def latent_ring_attention(q: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, wkv_b: torch.nn.Module,
                           nope_dim: int, v_dim: int, cp: Group, softmax_scale: float, dropout_p: float = 0.0,
-                          rng_tracker: Optional[object] = None) -> torch.Tensor:
+                          rng_tracker: Optional[object] = None,
+                          max_logits: Optional[MaxLogitTracker] = None) -> torch.Tensor:
     """MLA's ring: queries ``[s/cp, b, heads, nope + rope]``, this rank's normalised latent
     ``[s/cp, b, r]`` and rotated rope key ``[s/cp, b, 1, rope]``; the keys and values are
     expanded with the ``wkv_b`` layer block by block (see :class:`Latent`). Returns
     ``[s/cp, b, heads * v]``."""
     _check_dropout(dropout_p)
     s, b, heads = q.shape[0], q.shape[1], q.shape[2]
-    out = _RingAttention.apply(_heads_first(q), cp, softmax_scale, Latent(wkv_b, heads, nope_dim, v_dim), 2,
-                               latent, k_rope, wkv_b.weight)
+    out = _RingAttention.apply(_heads_first(q), cp, softmax_scale, Latent(wkv_b, heads, nope_dim, v_dim), max_logits,
+                               2, latent, k_rope, wkv_b.weight)
     return _seq_first(out).reshape(s, b, -1)

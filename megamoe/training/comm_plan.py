@@ -24,7 +24,9 @@ all-to-all the share of its rows bound for other ranks. Per micro-batch and laye
 - **DP**: every gradient buffer (``memory_plan``'s arithmetic): float32 gradients all-reduced,
   or reduce-scattered with the parameters all-gathered (``--use-distributed-optimizer``), over
   DP x CP for dense weights and expert-DP for experts; sequence-parallel partial gradients are
-  first summed over TP.
+  first summed over TP. Muon (``--optimizer muon``) adds the all-gathers of TP- and
+  expert-TP-cut matrices' updates, and with the distributed optimizer the exchange of each
+  shard's updates with their owners (``distributed_muon.py``).
 
 Recomputation repeats the forward's TP, EP and CP traffic of what it recomputes.
 """
@@ -41,9 +43,11 @@ from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.moe import MoELayer
 from megamoe.parallel.expert_parallel import AllToAllDispatcher
 from megamoe.parallel.pipeline_parallel import build_schedule
+from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import Group, ParallelState
 from megamoe.training.activation_plan import FP32, Tokens
 from megamoe.training.memory_plan import master_size, planned_buffers
+from megamoe.training.muon import is_matrix
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,8 @@ def _pipeline_traffic(config: Config, state: ParallelState, t: Tokens, num_micro
 def _gradient_traffic(config: Config, state: ParallelState, model: GPTModel) -> list[Traffic]:
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = config.parallel.use_distributed_optimizer
-    out = []
+    muon = config.training.optimizer == "muon"
+    out = _muon_gathers(params, state, distributed) if muon else []
     for buf in planned_buffers(config, params, state):
         name, group, pre_group, padded, dtype = buf.name, buf.group, buf.pre_group, buf.padded, buf.dtype
         grad_size = master_size(dtype)
@@ -163,8 +168,31 @@ def _gradient_traffic(config: Config, state: ParallelState, model: GPTModel) -> 
         if distributed:
             sent = _ring(group.size) * padded * (grad_size + dtype.itemsize)
             what = f"{name}: gradients reduce-scattered, parameters all-gathered"
+            matrices = sum(p.numel() for p in buf.members if is_matrix(p)) if muon else 0
+            if matrices:  # distributed_muon.py: the shard's updates to their owners and back
+                sent += 2 * (group.size - 1) / group.size**2 * matrices * grad_size
+                what += "; Muon's updates to and from their owners"
         else:
             sent = 2 * _ring(group.size) * padded * grad_size
             what = f"{name}: gradients all-reduced"
         out.append(Traffic(group.name, what, group, sent))
     return out
+
+
+def _muon_gathers(params: list, state: ParallelState, distributed: bool) -> list[Traffic]:
+    """Muon's all-gathers of TP- and expert-TP-cut matrices' float32 updates (``muon.py``),
+    made by every rank, or with the distributed optimizer by each matrix's owner only (on
+    average one data-parallel rank in DP)."""
+    sent: dict[str, float] = {}
+    groups: dict[str, Group] = {}
+    for p in params:
+        spec = spec_of(p)
+        if not is_matrix(p):
+            continue
+        for split in spec.splits:
+            group = state.group(split.group)
+            if group.size > 1:
+                share = 1 / spec.grad_groups(state)[1].size if distributed else 1.0
+                sent[group.name] = sent.get(group.name, 0.0) + (group.size - 1) * p.numel() * FP32 * share
+                groups[group.name] = group
+    return [Traffic(name, "Muon: TP-cut matrices' updates gathered whole", groups[name], sent[name]) for name in sent]

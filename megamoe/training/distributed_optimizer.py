@@ -24,6 +24,8 @@ Memory per parameter on each rank: parameter + float32 main gradient as without 
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -32,7 +34,7 @@ from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import Bucket, DataParallelGrads
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
-from megamoe.training.optimizer import Optimizer, adamw, tensor_bytes
+from megamoe.training.optimizer import MasterEdit, Optimizer, adamw, tensor_bytes
 
 
 class Piece:
@@ -63,16 +65,20 @@ class DistributedOptimizer(Optimizer):
             first, last = bucket.shard_start, bucket.shard_start + bucket.shard_size
             self.pieces[bucket] = [Piece(p, bucket, max(lo, first), min(hi, last))
                                    for p, lo, hi in bucket.ranges if max(lo, first) < min(hi, last)]
-        everything = [piece for pieces in self.pieces.values() for piece in pieces]
-        self.optimizer = adamw([x.master for x in everything], [x.param.ndim >= 2 for x in everything], t)
+        adam = [piece for pieces in self.pieces.values() for piece in pieces if self._adam_updates(piece.param)]
+        self.optimizer = adamw([x.master for x in adam], [x.param.ndim >= 2 for x in adam], t)
         self.overlap_param_gather = parallel.overlap_param_gather
         self._hooks = self._register_gather_hooks(model) if self.overlap_param_gather else []
+
+    def _adam_updates(self, param: nn.Parameter) -> bool:
+        """Whether AdamW updates ``param`` (all of them here; Muon's subclass keeps the matrices)."""
+        return True
 
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         return [(x.param, x.grad) for pieces in self.pieces.values() for x in pieces]
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
         self.finish_param_sync()
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
@@ -81,6 +87,8 @@ class DistributedOptimizer(Optimizer):
                 for x in pieces:
                     x.master.grad = x.grad
             self._torch_step()
+        if edit_masters is not None:
+            edit_masters(self.master_pieces())
         # Gather in forward order (buckets are in backward order), so the first modules'
         # parameters arrive first.
         for bucket in reversed(self.grads.buckets):
@@ -102,8 +110,15 @@ class DistributedOptimizer(Optimizer):
         for bucket, pieces in self.pieces.items():
             start = {p: lo for p, lo, _ in bucket.ranges}  # each parameter's offset in the bucket
             for x in pieces:
-                out.append((x.param, x.lo - start[x.param], {"master": x.master, **self._states(x.master)}))
+                out.append((x.param, x.lo - start[x.param], self._piece_states(x)))
         return out
+
+    def master_pieces(self) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        return [(param, lo, tensors["master"]) for param, lo, tensors in self.state_pieces()]
+
+    def _piece_states(self, x: Piece) -> dict[str, torch.Tensor]:
+        """A piece's tensors in checkpoints: its master and the optimizer's states for it."""
+        return {"master": x.master, **self._states(x.master)}
 
     @torch.no_grad()
     def reset_masters_from_params(self) -> None:

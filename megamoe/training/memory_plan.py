@@ -52,12 +52,12 @@ class StateBytes:
                 "adam_states": self.adam_states}
 
 
-def _shard_overlaps(start: int, end: int, group: Group, ranges) -> list[int]:
-    """Elements of each parameter (not padding) in this rank's shard of the bucket [start, end),
-    for the parameters that have some (each gets a master tensor)."""
+def _shard_overlaps(start: int, end: int, group: Group, ranges) -> list[tuple[int, int]]:
+    """``(parameter index, elements)`` of each parameter (not padding) in this rank's shard of
+    the bucket [start, end), for the parameters that have some (each gets a master tensor)."""
     size = (end - start) // group.size
     lo, hi = group.rank * size, (group.rank + 1) * size
-    return [n for n in (min(b, hi) - max(a, lo) for _, a, b in ranges) if n > 0]
+    return [(i, n) for i, n in ((i, min(b, hi) - max(a, lo)) for i, a, b in ranges) if n > 0]
 
 
 def master_size(dtype: torch.dtype) -> int:
@@ -100,27 +100,25 @@ def state_bytes(config: Config, state: ParallelState, model: Optional[GPTModel] 
     model = model if model is not None else meta_model(config, state)
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = config.parallel.use_distributed_optimizer
-    weights = grads = masters = num_masters = 0
+    muon = config.training.optimizer == "muon"
+    weights = grads = masters = moments = 0
     for buf in planned_buffers(config, params, state):
         size = master_size(buf.dtype)
         grads += buf.padded * size
         if distributed:  # parameters live in the padded buffer; masters for this rank's shard
             weights += buf.padded * buf.dtype.itemsize
-            pieces = [n for start, end, ranges in buf.layout for n in _shard_overlaps(start, end, buf.group, ranges)]
-            masters += sum(pieces) * size
-            num_masters += len(pieces)
+            pieces = [(buf.members[i], n) for start, end, ranges in buf.layout
+                      for i, n in _shard_overlaps(start, end, buf.group, ranges)]
         else:
-            numel = sum(p.numel() for p in buf.members)
-            weights += numel * buf.dtype.itemsize
-            masters += numel * size
-            num_masters += len(buf.members)
+            weights += sum(p.numel() for p in buf.members) * buf.dtype.itemsize
+            pieces = [(p, p.numel()) for p in buf.members]
+        masters += sum(n for _, n in pieces) * size
+        for p, n in pieces:
+            if muon and is_matrix(p):  # Muon's momentum buffer
+                moments += MUON_STATES * n * size
+            else:  # Adam's two moments, and its step count: a float32 scalar per master tensor
+                moments += ADAM_STATES * n * size + ADAM_STEP_BYTES
     own_masters = not distributed and all(upcast(p).dtype == p.dtype for p in params)
-    # Adam's two moments, and its step count: a float32 scalar per master tensor
-    moments = ADAM_STATES * masters + num_masters * ADAM_STEP_BYTES
-    if config.training.optimizer == "muon":  # weight matrices: one momentum buffer, no step count
-        matrices = [p for p in params if is_matrix(p)]
-        matrix_bytes = sum(p.numel() * master_size(p.dtype) for p in matrices)
-        moments -= (ADAM_STATES - MUON_STATES) * matrix_bytes + len(matrices) * ADAM_STEP_BYTES
     return StateBytes(weights, grads, 0 if own_masters else masters, moments, sum(p.numel() for p in params),
                       sum(p.numel() for p in params if spec_of(p).is_expert))
 

@@ -25,8 +25,9 @@ would depend on the layout (Megatron's ``--muon-tp-mode blockwise``). A matrix c
 expert-TP is gathered over that group, every rank of it orthogonalises the same whole matrix
 (Megatron's ``duplicated``), and keeps its shard of the result. Expert parallelism needs
 nothing: experts are separate matrices. What moves: per step, each TP-cut matrix's momentum
-update, all-gathered over TP in float32 (``(tp - 1) / tp`` of the matrix per rank). The
-distributed optimizer is not supported yet (it would assign whole matrices to DP ranks).
+update, all-gathered over TP in float32 (``(tp - 1) / tp`` of the matrix per rank). With the
+distributed optimizer each matrix is orthogonalised by one data-parallel rank
+(:mod:`megamoe.training.distributed_muon`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from megamoe.parallel import mappings
 from megamoe.parallel.data_parallel import DataParallelGrads
 from megamoe.parallel.param_spec import ParamSpec, spec_of
 from megamoe.parallel.state import ParallelState
-from megamoe.training.optimizer import Optimizer, adamw, tensor_bytes
+from megamoe.training.optimizer import MasterEdit, Optimizer, adamw, tensor_bytes
 
 # Newton–Schulz coefficients (a, b, c) per iteration; past the list's end the last one repeats.
 COEFFICIENTS = {
@@ -98,6 +99,23 @@ def is_matrix(p: nn.Parameter) -> bool:
     return spec_of(p).role in MATRIX_ROLES and p.ndim >= 2
 
 
+def newton_schulz_cost(p: nn.Parameter) -> int:
+    """Multiply-adds of one Newton-Schulz iteration on one whole matrix of ``p`` (each expert's,
+    each half of a fused [gate | up] one): what balances the distributed optimizer's owners."""
+    spec = spec_of(p)
+    split = spec.split_at(len(spec.shape) - 2)
+    parts = split.parts if split is not None else 1
+    m, n = spec.shape[-2] // parts, spec.shape[-1]
+    return parts * m * n * min(m, n)
+
+
+def momentum_update(buf: torch.Tensor, g: torch.Tensor, t: TrainingConfig) -> torch.Tensor:
+    """Advance Muon's momentum ``buf`` by the gradient ``g`` (in place); the update to
+    orthogonalise. Elementwise, so it runs on any slice of a matrix."""
+    buf.lerp_(g, 1 - t.muon_momentum)
+    return g.lerp(buf, t.muon_momentum) if t.muon_nesterov else buf
+
+
 def _gather_dim(t: torch.Tensor, spec: ParamSpec, dim: int, state: ParallelState) -> torch.Tensor:
     """``t`` (this rank's shard) with local dimension ``dim`` gathered whole over its split's
     group, parts in order (a fused [gate | up] dimension stays [gate | up])."""
@@ -147,7 +165,23 @@ def orthogonalized_update(u: torch.Tensor, p: nn.Parameter, state: ParallelState
     return _own_shard(_own_shard(whole, spec, cols, state), spec, rows, state)
 
 
-class MixedPrecisionMuon(Optimizer):
+class MomentumStates:
+    """Muon's momentum buffers (``self.momentum``) in an optimizer's memory accounting and
+    resets; mixed into both Muon optimizers ahead of their AdamW base."""
+
+    momentum: dict
+
+    def memory_bytes(self) -> dict[str, int]:
+        out = super().memory_bytes()
+        out["adam_states"] += tensor_bytes(self.momentum.values())
+        return out
+
+    def reset_masters_from_params(self) -> None:
+        super().reset_masters_from_params()
+        self.momentum.clear()
+
+
+class MixedPrecisionMuon(MomentumStates, Optimizer):
     """Muon over float32 masters of ``model``'s weight matrices, AdamW over the rest; gradients
     all-reduced in buckets as :class:`~megamoe.training.optimizer.MixedPrecisionAdamW` does."""
 
@@ -172,7 +206,7 @@ class MixedPrecisionMuon(Optimizer):
         return [(p, p.main_grad) for p in self.params]
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
         t = self.t
         divisor = self._grad_scale  # a clip left to the fused AdamW: Muon applies it here
         for i in self.matrices:
@@ -181,8 +215,7 @@ class MixedPrecisionMuon(Optimizer):
             buf = self.momentum.get(i)
             if buf is None:
                 buf = self.momentum[i] = torch.zeros_like(master)
-            buf.lerp_(g, 1 - t.muon_momentum)
-            u = g.lerp(buf, t.muon_momentum) if t.muon_nesterov else buf
+            u = momentum_update(buf, g, t)
             master.mul_(1 - lr * t.weight_decay)
             master.add_(orthogonalized_update(u, p, self.state, t), alpha=-lr)
         if self.optimizer is not None:
@@ -194,6 +227,8 @@ class MixedPrecisionMuon(Optimizer):
             for i in self.others:
                 self.masters[i].grad = None
         self._grad_scale = None
+        if edit_masters is not None:
+            edit_masters(self.master_pieces())
         if not self.masters_are_params:
             torch._foreach_copy_(self.params, self.masters)
 
@@ -216,12 +251,3 @@ class MixedPrecisionMuon(Optimizer):
         super().ensure_state()
         for i in self.matrices:
             self.momentum.setdefault(i, torch.zeros_like(self.masters[i]))
-
-    def memory_bytes(self) -> dict[str, int]:
-        out = super().memory_bytes()
-        out["adam_states"] += tensor_bytes(self.momentum.values())
-        return out
-
-    def reset_masters_from_params(self) -> None:
-        super().reset_masters_from_params()
-        self.momentum.clear()

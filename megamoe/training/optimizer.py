@@ -23,7 +23,7 @@ them over the data-parallel ranks.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,11 @@ def adamw(masters: list[torch.Tensor], decay: list[bool], t: TrainingConfig) -> 
         return None
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                              fused=masters[0].is_cuda)
+
+
+# Changes the masters after the update, before the parameters are refreshed from them:
+# called with Optimizer.master_pieces() (qk-clip, megamoe/training/qk_clip.py).
+MasterEdit = Callable[[list[tuple[nn.Parameter, int, torch.Tensor]]], None]
 
 
 class Optimizer:
@@ -127,8 +132,15 @@ class Optimizer:
         finally:
             self.optimizer.grad_scale, self._grad_scale = None, None
 
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
+        """Update the masters at learning rate ``lr``, apply ``edit_masters`` to
+        :meth:`master_pieces` (qk-clip), then bring the parameters up to date from the masters."""
         raise NotImplementedError
+
+    def master_pieces(self) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """``(param, lo, master)``: the float32 masters this rank updates, each holding elements
+        ``[lo, lo + n)`` of the flattened ``param`` (the parameter itself when it is its own)."""
+        return [(p, 0, master) for p, master in zip(self.params, self.masters)]
 
     # -- checkpoints (megamoe/training/checkpoint.py)
 
@@ -212,7 +224,7 @@ class MixedPrecisionAdamW(Optimizer):
         return [(p, p.main_grad) for p in self.params]
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for p, master in zip(self.params, self.masters):
@@ -220,6 +232,8 @@ class MixedPrecisionAdamW(Optimizer):
         self._torch_step()
         for master in self.masters:
             master.grad = None
+        if edit_masters is not None:
+            edit_masters(self.master_pieces())
         if not self.masters_are_params:  # one multi-tensor cast-copy, not one kernel per parameter
             torch._foreach_copy_(self.params, self.masters)
 

@@ -37,6 +37,7 @@ class StepMetrics:
     pipeline_wait: Optional[float] = None  # this rank's seconds blocked in pipeline exchanges (when timed)
     loss_scale: Optional[float] = None  # the scale this step's loss was multiplied by (fp16, --loss-scale)
     skipped: bool = False  # the step overflowed and was skipped
+    max_attention_logits: Optional[list[float]] = None  # per block (decoder layers, then MTP), over heads and batch
 
 
 class Reporter:
@@ -75,7 +76,8 @@ class Reporter:
             record = {"iteration": m.iteration, "lm_loss": m.lm_loss, "grad_norm": m.grad_norm, "lr": m.lr,
                       "loss_scale": m.loss_scale, "skipped": m.skipped,
                       "mtp_losses": m.mtp_losses, "aux_losses": m.aux_losses, "z_losses": m.z_losses,
-                      "step_time": m.step_time, "tokens_per_s": tokens_per_s, "tflops_per_device": tflops}
+                      "step_time": m.step_time, "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
+                      "max_attention_logits": m.max_attention_logits}
             if self.device.type == "cuda":
                 record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.metrics_file.write(json.dumps(record) + "\n")
@@ -115,6 +117,8 @@ class Reporter:
                 parts.append(f"max/mean EP-rank load: {rank_imbalance:.2f}")
             if any(m.dropped):
                 parts.append(f"dropped tokens: {int(sum(m.dropped))}")
+        if m.max_attention_logits:
+            parts.append(f"max attention logit: {max(m.max_attention_logits):.2f}")
         if m.loss_scale is not None:  # Megatron-LM's fields
             parts += [f"loss scale: {m.loss_scale:.1f}",
                       f"number of skipped iterations: {sum(w.skipped for w in window):3d}"]
@@ -147,6 +151,12 @@ class Reporter:
             w.add_scalar("memory/peak-allocated-GiB", torch.cuda.max_memory_allocated(self.device) / 2**30, it)
         for depth, loss in enumerate(m.mtp_losses, start=1):
             w.add_scalar(f"mtp-loss/depth-{depth}", loss, it)
+        if m.max_attention_logits:
+            w.add_scalar("attention/max-logit", max(m.max_attention_logits), it)
+            layers = self.config.model.num_layers
+            for i, value in enumerate(m.max_attention_logits):
+                label = str(i) if i < layers else f"mtp{i - layers + 1}"
+                w.add_scalar(f"attention/max-logit/layer-{label}", value, it)
         for layer, (aux, z) in enumerate(zip(m.aux_losses, m.z_losses)):
             w.add_scalar(f"moe/load-balancing-loss/layer-{layer}", aux, it)
             if z:

@@ -39,9 +39,11 @@ from megamoe.precision import PrecisionPolicy
 from megamoe.training.flops import flops_per_token, peak_tflops
 from megamoe.training.checkpoint import AsyncSaver, load_checkpoint, remove_old_checkpoints, save_checkpoint
 from megamoe.training.distributed_optimizer import DistributedOptimizer
+from megamoe.training.distributed_muon import DistributedMuon
 from megamoe.training.muon import MixedPrecisionMuon
 from megamoe.training.optimizer import MixedPrecisionAdamW, Optimizer
 from megamoe.training.profiling import StepProfiler
+from megamoe.training.qk_clip import layer_max_logits, qk_clip_edit, start_tracking, take_max_logits
 from megamoe.training.reporting import Reporter, StepMetrics
 from megamoe.training.schedule import learning_rate
 from megamoe.training.stopping import ExitConditions, check_finite
@@ -108,8 +110,8 @@ def build_optimizer(model: GPTModel, config: Config, state: ParallelState) -> Op
     """AdamW with float32 masters: sharded over data-parallel ranks with
     ``--use-distributed-optimizer``, else whole on every rank; or Muon (``--optimizer muon``);
     with the policy's loss scaler."""
-    if config.training.optimizer == "muon":  # the config validation refuses it with the distributed optimizer
-        kind = MixedPrecisionMuon
+    if config.training.optimizer == "muon":
+        kind = DistributedMuon if config.parallel.use_distributed_optimizer else MixedPrecisionMuon
     else:
         kind = DistributedOptimizer if config.parallel.use_distributed_optimizer else MixedPrecisionAdamW
     optimizer = kind(model, config.training, state, config.parallel)
@@ -161,6 +163,9 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     counts = _global_token_counts(batches, depths, state)
     device = counts.device
     optimizer.zero_grad(num_micro)  # knowing the count lets --overlap-grad-reduce start buckets early
+    track_logits = t.qk_clip or config.logging.log_max_attention_logit
+    if track_logits:
+        start_tracking(model)
     scaler = optimizer.loss_scaler
     loss_scale = scaler.scale if scaler is not None else 1.0
     # Metrics, summed over micro-batches. MoE rows are indexed by the global MoE-layer ordinal,
@@ -232,10 +237,11 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         check_finite("grad norm", grad_norm, step, mine_bad, state, device)  # before the step touches the weights
     # Megatron-LM's schedule advances only on the steps taken
     lr = learning_rate(step - (scaler.skipped if scaler is not None else 0), t)
+    maxima = take_max_logits(model, state) if track_logits else {}
     if overflowed:
         optimizer.skip_step()
     else:
-        optimizer.step(lr)
+        optimizer.step(lr, qk_clip_edit(maxima, t) if t.qk_clip else None)
     if scaler is not None:
         scaler.update(overflowed)
 
@@ -273,6 +279,7 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         pipeline_wait=p2p.wait_seconds if time_pipeline else None,
         loss_scale=loss_scale if scaler is not None else None,  # the one this step's loss used
         skipped=overflowed,
+        max_attention_logits=layer_max_logits(model, maxima, state) if track_logits else None,
     )
 
 

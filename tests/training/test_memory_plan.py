@@ -38,6 +38,9 @@ LAYOUTS = {
     "dp4,distopt,small-buckets": (4, ["--bf16", "--use-distributed-optimizer", "--ddp-bucket-size", "5000"]),
     "muon,tp2,ep2": (4, ["--bf16", "--optimizer", "muon", "--tensor-model-parallel-size", "2",
                          "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
+    "muon,tp2,ep2,distopt": (4, ["--bf16", "--optimizer", "muon", "--tensor-model-parallel-size", "2",
+                                 "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+                                 "--use-distributed-optimizer", "--ddp-bucket-size", "5000"]),
     "ep4,etp1,tp2": (4, ["--bf16", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4",
                          "--expert-tensor-parallel-size", "1", "--moe-token-dispatcher-type", "alltoall"]),
 }

@@ -15,8 +15,9 @@ from megamoe.config_validation import validate
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.parity import TOL, build, every_rank_micro_batches, gather_full, make_config
+from megamoe.training import distributed_muon
 from megamoe.training.checkpoint import load_checkpoint, save_checkpoint
-from megamoe.training.muon import MixedPrecisionMuon, newton_schulz
+from megamoe.training.muon import MixedPrecisionMuon, newton_schulz, newton_schulz_cost
 from megamoe.training.train import MicroBatches, build_optimizer, train_step
 
 DT = torch.float64
@@ -121,10 +122,22 @@ def _muon_parity(layout: dict):
     model, ref = build(cfg, state), build(ref_cfg, single)
     opt, ref_opt = build_optimizer(model, cfg, state), MixedPrecisionMuon(ref, cfg.training, single)
     data = MicroBatches(cfg, state, torch.device("cpu"))
+    sent: dict[str, int] = {}  # elements the distributed optimizer's exchanges sent to other ranks, per group
+    exchange = distributed_muon.mappings.all_to_all_uneven
+
+    def counting(x, group, output_splits, input_splits, async_op=False):
+        if group.name in ("dp_cp", "edp"):  # the optimizer's (the EP dispatcher's are over "ep")
+            sent[group.name] = sent.get(group.name, 0) + sum(input_splits) - input_splits[group.rank]
+        return exchange(x, group, output_splits, input_splits, async_op)
+
     for step in range(1, cfg.training.train_iters + 1):
         mine = [data.get(step - 1, j) for j in range(data.num_micro)]
         everyone = every_rank_micro_batches(data, state, step)
-        got = train_step(model, opt, mine, step, cfg, state, None)
+        distributed_muon.mappings.all_to_all_uneven = counting
+        try:
+            got = train_step(model, opt, mine, step, cfg, state, None)
+        finally:
+            distributed_muon.mappings.all_to_all_uneven = exchange
         want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
         assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
     ref_params = dict(ref.named_parameters())
@@ -132,7 +145,11 @@ def _muon_parity(layout: dict):
         ref_p = ref_params[name]
         torch.testing.assert_close(gather_full(p.detach(), p, state), gather_full(ref_p.detach(), ref_p, single), **TOL,
                                    msg=f"weight {name}")
-    return True
+    # the distributed optimizer's owners: (group, matrices, this rank's Newton-Schulz cost, the largest,
+    # elements sent per step, elements of the group's matrices)
+    return [((e.group.name, e.group.ranks), len(e.matrices), sum(newton_schulz_cost(m.param) for m in e.mine),
+             max(newton_schulz_cost(m.param) for m in e.matrices), sent.get(e.group.name, 0) / cfg.training.train_iters,
+             sum(m.hi - m.lo for m in e.matrices)) for e in getattr(opt, "exchanges", [])]
 
 
 LAYOUTS = {
@@ -141,13 +158,34 @@ LAYOUTS = {
     "ep2,etp2": (4, {"ep": 2, "etp": 2, "dispatcher": "alltoall"}),  # expert matrices cut over expert-TP
     "pp2": (2, {"pp": 2}),
     "dp2": (2, {"gbs": 4}),
+    # the distributed optimizer: each whole matrix orthogonalised by one owner; small buckets
+    # cut matrices across shards, and clipping exercises the fused-AdamW divisor
+    "dp2,distopt": (2, {"gbs": 4, "distopt": True, "bucket": 3000, "clip": 0.05}),
+    "dp2,tp2,distopt": (4, {"gbs": 4, "tp": 2, "sp": True, "distopt": True, "bucket": 3000}),
+    "dp4,ep2,etp2,distopt": (8, {"gbs": 8, "ep": 2, "etp": 2, "dispatcher": "alltoall", "distopt": True}),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_muon_in_every_layout_matches_single_process(workers, layout):
     world, spec = LAYOUTS[layout]
-    assert all(workers(world).run(_muon_parity, spec))
+    owners = workers(world).run(_muon_parity, spec)
+    if spec.get("distopt"):  # every group's matrices split over its ranks, each rank's share within one matrix
+        by_group: dict[tuple, list] = {}
+        for rank_owners in owners:
+            for ranks, total, cost, largest, sent, elements in rank_owners:
+                by_group.setdefault(ranks, []).append((total, cost, largest, sent, elements))
+        assert by_group
+        for ranks, shares in by_group.items():
+            costs = [cost for _, cost, _, _, _ in shares]
+            assert len(shares) == len(ranks[1]) and min(costs) > 0, (ranks, shares)
+            assert max(costs) - min(costs) <= shares[0][2], (ranks, costs)
+            # what moves: each rank's shard of the matrices, less what it owns, there and back:
+            # on average 2 (n - 1) / n^2 of the matrices' elements per rank and step
+            n, elements = len(ranks[1]), shares[0][4]
+            mean_sent = sum(s[3] for s in shares) / n
+            expected = 2 * (n - 1) / n**2 * elements
+            assert abs(mean_sent - expected) <= 0.25 * expected, (ranks, mean_sent, expected)
 
 
 def test_muon_flags_refuse_what_is_not_built():
@@ -155,8 +193,7 @@ def test_muon_flags_refuse_what_is_not_built():
         validate(parse_config(["--config", "examples/configs/demo.yaml", "--optimizer", "muon", *flags]), 1)
 
     check()  # Megatron-LM's defaults
-    with pytest.raises(ConfigError, match="--use-distributed-optimizer"):
-        check("--use-distributed-optimizer")
+    check("--use-distributed-optimizer")
     with pytest.raises(ConfigError, match="--muon-tp-mode blockwise.*change with the layout"):
         check("--muon-tp-mode", "blockwise")
     with pytest.raises(ConfigError, match="--muon-momentum 1.5"):
@@ -183,8 +220,9 @@ def _muon_phase(layout: dict, directory: str, phase: str):
 
 
 @pytest.mark.parametrize("saved, loaded", [((2, {"tp": 2, "sp": True}), (4, {"ep": 2, "etp": 2, "dispatcher": "alltoall"})),
-                                           ((4, {"ep": 2, "etp": 2, "dispatcher": "alltoall"}), (1, {}))],
-                         ids=["tp2,sp:ep2,etp2", "ep2,etp2:single"])
+                                           ((4, {"ep": 2, "etp": 2, "dispatcher": "alltoall"}), (1, {})),
+                                           ((2, {"distopt": True, "bucket": 3000}), (2, {"tp": 2}))],
+                         ids=["tp2,sp:ep2,etp2", "ep2,etp2:single", "dp2,distopt:tp2"])
 def test_muon_state_survives_a_checkpoint_in_another_layout(workers, tmp_path, saved, loaded):
     """Saved in one layout after two steps, loaded in another for two more: the single process's
     four uninterrupted steps (losses, and weights), so the momentum came back whole."""
