@@ -31,7 +31,7 @@ def _naive_max(q, k, scale, causal):
     scores = q @ k.transpose(-1, -2) * scale
     if causal:
         sq, sk = q.shape[2], k.shape[2]
-        visible = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+        visible = (torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)).to(q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
     return scores.amax(dim=(0, 2, 3))
 
@@ -46,6 +46,22 @@ def test_max_logit_pass_matches_the_attention_matrix(heads, kv_heads, sq, sk, ca
     want = _naive_max(q, k, 0.3, causal)
     for chunk_bytes in (1, 3 * 2 * heads * sk * 8, 1 << 30):  # one row, three rows, everything at once
         torch.testing.assert_close(max_logits(q, k, 0.3, causal, chunk_bytes).double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("heads, kv_heads, sq, sk, d, causal", [(16, 16, 300, 300, 192, True),
+                                                                (8, 2, 128, 384, 64, True),
+                                                                (4, 4, 100, 100, 128, False)])
+def test_triton_max_logit_kernel_matches_the_attention_matrix(heads, kv_heads, sq, sk, d, causal):
+    """The Triton pass on bf16 (permuted views, as the attention cores pass them) against the
+    naive matrix of the same bf16 values in float32: only the summation order differs."""
+    g = torch.Generator(device="cuda").manual_seed(sq)
+    q = torch.randn(sq, 2, heads, d, generator=g, device="cuda").bfloat16().permute(1, 2, 0, 3)
+    k = torch.randn(sk, 2, kv_heads, d, generator=g, device="cuda").bfloat16().permute(1, 2, 0, 3)
+    q[1, 0, -1] *= 30  # the last query of a head sees every key
+    want = _naive_max(q.float(), k.float(), 0.1, causal)
+    torch.testing.assert_close(max_logits(q, k, 0.1, causal), want, rtol=1e-4, atol=1e-4)
 
 
 def _attention_maxima(attn, x, positions):
