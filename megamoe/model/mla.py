@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 
 from megamoe.kernels.fp8 import Fp8Recipe
-from megamoe.model.attention import attend
 from megamoe.kernels.max_logit import MaxLogitTracker
+from megamoe.model.attention import attend
 from megamoe.model.norm import build_norm
 from megamoe.model.rope import RotaryEmbedding
 from megamoe.parallel import mappings

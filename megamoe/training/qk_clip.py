@@ -50,15 +50,15 @@ def attention_layers(model) -> list[tuple[int, nn.Module]]:
 
 
 def start_tracking(model) -> None:
-    """Record the largest logits from now on (a fresh record: evaluation forwards since the last
-    step are forgotten)."""
+    """Record the largest logits from now on, until :func:`take_max_logits`."""
     for _, attn in attention_layers(model):
         attn.max_logits = MaxLogitTracker()
 
 
 def take_max_logits(model, state: ParallelState) -> dict[nn.Module, torch.Tensor]:
     """Each attention layer's per-head maxima since :func:`start_tracking`, over the DP x CP
-    ranks holding the same heads (``[local heads]``, float32 or float64; ``-inf`` for no logit)."""
+    ranks holding the same heads (``[local heads]``, float32 or float64; ``-inf`` for no
+    logit). Recording stops here."""
     layers = attention_layers(model)
     if not layers:
         return {}
@@ -66,6 +66,7 @@ def take_max_logits(model, state: ParallelState) -> dict[nn.Module, torch.Tensor
     rows = []
     for _, attn in layers:
         value = attn.max_logits.take() if attn.max_logits is not None else None
+        attn.max_logits = None  # evaluation forwards until the next step's start_tracking skip the pass
         rows.append(value if value is not None else torch.full((attn.num_local_heads,), float("-inf"),
                                                                dtype=upcast_dtype(weight.dtype), device=weight.device))
     stacked = mappings.all_reduce_(torch.stack(rows), state.dp_cp, op=dist.ReduceOp.MAX)

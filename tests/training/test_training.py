@@ -134,15 +134,19 @@ def test_demo_run_learns_and_reports(tmp_path):
     tb, metrics = tmp_path / "tb", tmp_path / "metrics.jsonl"
     proc = subprocess.run([sys.executable, "pretrain_moe.py", "--config", "examples/configs/demo.yaml",
                            "--log-interval", "5", "--tensorboard-dir", str(tb),
-                           "--metrics-file", str(metrics), "--moe-expert-load-image-interval", "10"],
+                           "--metrics-file", str(metrics), "--moe-expert-load-image-interval", "10",
+                           "--log-max-attention-logit"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if "iteration" in line and "lm loss:" in line]
     assert len(lines) == 8 and "iteration       40/      40" in lines[-1]
-    for key in ("learning rate:", "grad norm:", "tokens/s:", "TFLOP/s/device:", "load balancing loss:"):
+    for key in ("learning rate:", "grad norm:", "tokens/s:", "TFLOP/s/device:", "load balancing loss:",
+                "max attention logit:"):
         assert key in lines[-1]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(rows) == 40
+    logits = rows[-1]["max_attention_logits"]  # one per layer, every layer ran
+    assert len(logits) == 4 and all(math.isfinite(x) for x in logits), logits
     assert rows[0]["lm_loss"] > 6.0 and rows[-1]["lm_loss"] < 2.5 < math.log(512)
     assert any(tb.iterdir()) and f"> tensorboard: {tb}" in proc.stdout
 
