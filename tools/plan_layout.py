@@ -63,8 +63,9 @@ def print_step(plan, config, world_size: int) -> None:
     e = plan.step
     tokens = config.training.global_batch_size * config.model.seq_length
     comm = ", ".join(f"{k} {v:.3f}" for k, v in e.comm.items()) or "none"
+    muon = f" + Muon's Newton-Schulz {e.optimizer:.2f}" if e.optimizer else ""
     print(f"estimated step: {e.total:.2f} s = compute {e.compute:.2f} + pipeline bubble {e.bubble:.2f} + exposed "
-          f"communication ({comm}); {tokens / e.total:,.0f} tokens/s, {tokens / e.total / world_size:,.0f} per GPU")
+          f"communication ({comm}){muon}; {tokens / e.total:,.0f} tokens/s, {tokens / e.total / world_size:,.0f} per GPU")
 
 
 def print_rates() -> None:
@@ -130,8 +131,9 @@ def run_search(config, args) -> int:
     for i, c in enumerate(fits[:args.top], start=1):
         slowest = max(c.plans, key=lambda p: p.step.total)
         e = slowest.step
+        muon = f", Muon {e.optimizer:.2f}" if e.optimizer else ""
         print(f"#{i}: {e.total:.2f} s/step (compute {e.compute:.2f}, bubble {e.bubble:.2f}, communication "
-              f"{sum(e.comm.values()):.2f}), peak {c.peak / GIB:.1f} GiB: {' '.join(c.flags)}")
+              f"{sum(e.comm.values()):.2f}{muon}), peak {c.peak / GIB:.1f} GiB: {' '.join(c.flags)}")
         print(f"    {c.layout.topology(args.gpus_per_node)}")
     if not fits:
         print(f"{PROG}: no layout fits; try more GPUs, a smaller micro-batch, or a shorter sequence", file=sys.stderr)

@@ -61,7 +61,7 @@ def plan_stages(config: Config, layout: ParallelLayout, gpus_per_node: int,
         model, held = models[key]
         activations = stage_plan(config, state, num_micro, model=model)
         traffic = step_traffic(config, state, model, tokens_of(config, state), num_micro)
-        step = estimate(config, model, layout.world_size, num_micro, traffic, gpus_per_node)
+        step = estimate(config, model, state, layout.world_size, num_micro, traffic, gpus_per_node)
         plans.append(RankPlan(stage, rank, held, activations, traffic, step))
     return plans
 

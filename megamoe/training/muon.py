@@ -99,14 +99,30 @@ def is_matrix(p: nn.Parameter) -> bool:
     return spec_of(p).role in MATRIX_ROLES and p.ndim >= 2
 
 
-def newton_schulz_cost(p: nn.Parameter) -> int:
-    """Multiply-adds of one Newton-Schulz iteration on one whole matrix of ``p`` (each expert's,
-    each half of a fused [gate | up] one): what balances the distributed optimizer's owners."""
+def _whole_matrices(p: nn.Parameter) -> tuple[int, int, int]:
+    """``(count, rows, cols)`` of the whole matrices in one leading index of ``p``: two for a
+    fused [gate | up] weight, one otherwise (its global shape, whatever TP cut)."""
     spec = spec_of(p)
     split = spec.split_at(len(spec.shape) - 2)
     parts = split.parts if split is not None else 1
-    m, n = spec.shape[-2] // parts, spec.shape[-1]
+    return parts, spec.shape[-2] // parts, spec.shape[-1]
+
+
+def newton_schulz_cost(p: nn.Parameter) -> int:
+    """Multiply-adds of one Newton-Schulz iteration on one whole matrix of ``p`` (each expert's,
+    each half of a fused [gate | up] one): what balances the distributed optimizer's owners."""
+    parts, m, n = _whole_matrices(p)
     return parts * m * n * min(m, n)
+
+
+def newton_schulz_flops(p: nn.Parameter, steps: int) -> int:
+    """FLOPs of orthogonalising every whole matrix of this rank's ``p`` (its local experts): per
+    iteration on a k x l matrix (k <= l), ``A = X X^T`` and ``B X`` at 2 k^2 l each, ``A A`` at
+    2 k^3."""
+    parts, m, n = _whole_matrices(p)
+    k, l = min(m, n), max(m, n)
+    matrices = parts * (p.numel() // (p.shape[-2] * p.shape[-1]))
+    return matrices * steps * (4 * k * k * l + 2 * k**3)
 
 
 def momentum_update(buf: torch.Tensor, g: torch.Tensor, t: TrainingConfig) -> torch.Tensor:

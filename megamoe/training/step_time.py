@@ -1,6 +1,6 @@
 """An estimated training step time for a layout, from rates this project measured.
 
-    step = compute x (1 + pipeline bubble) + exposed communication
+    step = compute x (1 + pipeline bubble) + exposed communication (+ Muon's Newton-Schulz)
 
 - compute: the model FLOPs of this GPU's share of the global batch (``flops.py``), plus what
   recomputation repeats (a forward is a third of forward + backward), at the model-FLOP rate
@@ -11,7 +11,9 @@
 - communication at the measured NVLink rates inside a node and at a nominal InfiniBand rate
   across nodes (not measured: no multi-node machine was available; an all-to-all's share for
   its own node stays on NVLink), all of it exposed except the share of the gradient reduction
-  that ``--overlap-grad-reduce`` was measured to hide.
+  that ``--overlap-grad-reduce`` was measured to hide;
+- with ``--optimizer muon``, Newton-Schulz on every whole matrix this rank orthogonalises, at
+  the rate measured for its ``--muon-fp32-matmul-prec``.
 
 Every rate carries its source; the estimate is as good as those single-node measurements are
 for the layout asked about (kernel efficiency changes with the shapes a layout leaves per GPU).
@@ -24,7 +26,10 @@ from dataclasses import dataclass
 from megamoe.config import Config
 from megamoe.model.gpt import GPTModel
 from megamoe.training.comm_plan import Traffic
+from megamoe.parallel.param_spec import spec_of
+from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import flops_per_token, recomputed_flops_per_token
+from megamoe.training.muon import is_matrix, newton_schulz_flops
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,16 @@ RATES = {
                               "2048 bf16 values left each GPU in 1.39 ms"),
     "internode": Rate(50e9, "bytes/s per GPU across nodes",
                       "nominal, not measured: one 400 Gb/s InfiniBand NIC per GPU at full rate"),
+    # Muon's Newton-Schulz, by --muon-fp32-matmul-prec; 71.3 TFLOP for the proxy's 415 matrices
+    # (muon.newton_schulz_flops)
+    "newton_schulz_low": Rate(277e12, "FLOP/s (Muon's Newton-Schulz, bf16)",
+                              "docs/benchmarks.md, 'Muon against AdamW': the proxy's Muon step with 'low' less "
+                              "AdamW's, 0.569 - 0.312 s"),
+    "newton_schulz_medium": Rate(160e12, "FLOP/s (Muon's Newton-Schulz, TF32)",
+                                 "docs/benchmarks.md, 'Muon and MuonClip', the owners table: 446.1 ms at DP 1"),
+    "newton_schulz_high": Rate(43e12, "FLOP/s (Muon's Newton-Schulz, float32)",
+                               "docs/benchmarks.md, 'Muon against AdamW': the proxy's Muon step with 'high' less "
+                               "AdamW's, 1.954 - 0.312 s"),
 }
 DP_OVERLAP_HIDDEN = 0.40  # of the gradient reduction, with --overlap-grad-reduce (same section: 37-41% at DP 2)
 
@@ -55,10 +70,11 @@ class StepEstimate:
     compute: float  # seconds of this GPU's FLOPs, recomputation included
     bubble: float  # seconds the pipeline schedule idles
     comm: dict[str, float]  # exposed seconds per group kind
+    optimizer: float = 0.0  # Muon's Newton-Schulz (AdamW's step is left out: ~1% of a step)
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + sum(self.comm.values())
+        return self.compute + self.bubble + sum(self.comm.values()) + self.optimizer
 
 
 def bubble_fraction(config: Config, num_micro: int) -> float:
@@ -85,8 +101,8 @@ def seconds(traffic: Traffic, gpus_per_node: int) -> float:
                traffic.bytes * (1 - off_node) / RATES["nvlink_all_to_all"].value)
 
 
-def estimate(config: Config, model: GPTModel, world_size: int, num_micro: int, traffic: list[Traffic],
-             gpus_per_node: int) -> StepEstimate:
+def estimate(config: Config, model: GPTModel, state: ParallelState, world_size: int, num_micro: int,
+             traffic: list[Traffic], gpus_per_node: int) -> StepEstimate:
     """The step time of the rank whose ``model`` (meta) and ``traffic`` are given."""
     args = model.args
     seq = config.model.seq_length
@@ -101,4 +117,19 @@ def estimate(config: Config, model: GPTModel, world_size: int, num_micro: int, t
         if t.kind in ("dp", "dp_cp", "edp", "embd") and config.parallel.overlap_grad_reduce:
             s *= 1 - DP_OVERLAP_HIDDEN
         comm[t.kind] = comm.get(t.kind, 0.0) + s
-    return StepEstimate(compute, compute * bubble_fraction(config, num_micro), comm)
+    return StepEstimate(compute, compute * bubble_fraction(config, num_micro), comm, muon_seconds(config, model, state))
+
+
+def muon_seconds(config: Config, model: GPTModel, state: ParallelState) -> float:
+    """This rank's Newton-Schulz time per step under ``--optimizer muon`` (0 otherwise): every
+    whole matrix of its parameters (a TP rank orthogonalises whole gathered matrices), divided
+    over the data-parallel owners with the distributed optimizer."""
+    t = config.training
+    if t.optimizer != "muon":
+        return 0.0
+    flops = 0.0
+    for p in model.parameters():
+        if is_matrix(p):
+            owners = spec_of(p).grad_groups(state)[1].size if config.parallel.use_distributed_optimizer else 1
+            flops += newton_schulz_flops(p, t.muon_num_ns_steps) / owners
+    return flops / RATES[f"newton_schulz_{t.muon_fp32_matmul_prec}"].value

@@ -16,6 +16,7 @@ from megamoe.training.activation_plan import tokens_of
 from megamoe.training.comm_plan import step_traffic
 from megamoe.training.layout_plan import num_micro_batches, plan_stages, search
 from megamoe.training.step_time import RATES, bubble_fraction
+from megamoe.parallel.state import ParallelState
 from megamoe.testing.ranks import training_rank
 from megamoe.training.train import meta_model
 
@@ -136,6 +137,32 @@ def test_step_time_adds_compute_bubble_and_communication():
         # PP 4 is outermost: each stage on its own pair of nodes, neighbours across nodes
         assert all(t.nodes(8) == 4 for t in p.traffic if t.kind == "pp")
         assert e.comm["pp"] == pytest.approx(sent["pp"] / RATES["internode"].value)
+
+
+def test_muon_adds_newton_schulz_time_divided_over_the_owners():
+    """Muon's term: every whole matrix's iteration FLOPs (checked against torch's count in
+    test_muon.py) at the measured rate; the distributed optimizer divides it over the owners
+    (DP x CP for dense matrices, expert-DP for experts); AdamW adds nothing."""
+    from megamoe.training.muon import is_matrix, newton_schulz_flops
+
+    def step(*flags):
+        config = parse_config(["--config", "examples/configs/demo.yaml", *BASE, *flags])
+        layout = validate(config, 4)
+        plan = plan_stages(config, layout, gpus_per_node=4)[0]
+        return config, layout, plan.step
+
+    _, _, adam = step("--tensor-model-parallel-size", "2")
+    config, layout, muon = step("--tensor-model-parallel-size", "2", "--optimizer", "muon")
+    _, _, sharded = step("--tensor-model-parallel-size", "2", "--optimizer", "muon", "--use-distributed-optimizer")
+    _, _, low = step("--tensor-model-parallel-size", "2", "--optimizer", "muon", "--muon-fp32-matmul-prec", "low")
+    assert adam.optimizer == 0
+    state = ParallelState.without_process_groups(layout, 0)
+    flops = sum(newton_schulz_flops(p, 5) for p in meta_model(config, state).parameters() if is_matrix(p))
+    assert muon.optimizer == pytest.approx(flops / RATES["newton_schulz_medium"].value)
+    assert muon.compute == adam.compute and muon.comm["tp"] > adam.comm["tp"]  # plus the matrices' TP gathers
+    assert muon.total == pytest.approx(muon.compute + muon.bubble + sum(muon.comm.values()) + muon.optimizer)
+    assert sharded.optimizer == pytest.approx(muon.optimizer / 2)  # DP 2 at TP 2; expert-DP 2 as well (EP 1, ETP 2)
+    assert low.optimizer == pytest.approx(muon.optimizer * 160 / 277)
 
 
 def test_search_keeps_only_layouts_that_fit_and_ranks_them():

@@ -238,3 +238,24 @@ def test_muon_state_survives_a_checkpoint_in_another_layout(workers, tmp_path, s
         assert abs(got - want) <= 1e-9 * abs(want), (first + rest, want_losses)
     for name, tensor in weights.items():
         torch.testing.assert_close(tensor, want_weights[name], **TOL, msg=name)
+
+
+def test_newton_schulz_flops_are_the_matmuls_it_runs():
+    """The planner's FLOP count (muon.newton_schulz_flops) against torch's count of the matmuls
+    newton_schulz really runs: a stack of 3 wide matrices, a tall one, and a fused [gate | up]."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megamoe.parallel.param_spec import ParamSpec, Split, set_spec
+    from megamoe.training.muon import newton_schulz_flops
+
+    cases = [(torch.nn.Parameter(torch.zeros(3, 48, 80)), None, [(3, 48, 80)]),
+             (torch.nn.Parameter(torch.zeros(96, 40)), None, [(96, 40)]),
+             (torch.nn.Parameter(torch.zeros(2, 2 * 24, 64)),
+              ParamSpec("expert", (2, 48, 64), (Split(1, "etp", parts=2),)), [(2, 2, 24, 64)])]
+    for p, spec, shapes in cases:
+        if spec is not None:
+            set_spec(p, spec)
+        with FlopCounterMode(display=False) as counter:
+            for shape in shapes:
+                newton_schulz(torch.randn(shape), 5, QUINTIC)
+        assert newton_schulz_flops(p, 5) == counter.get_total_flops(), (p.shape, counter.get_total_flops())
