@@ -20,4 +20,15 @@ TRAINING=(
     --train-iters 100000
     --recompute-granularity full
 )
-megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/kimi_k2.yaml" "${LAYOUT[@]}" "${TRAINING[@]}"
+# MuonClip, as Kimi K2 was trained: Muon with Moonlight's update scaling (0.2: the update's RMS
+# matches AdamW's, so the config's learning rate 2e-4 and weight decay 0.1 are K2's), and qk-clip
+# at K2's threshold 100. With the distributed optimizer each matrix is orthogonalised by one of
+# its data-parallel ranks (dp 128 for attention, expert-dp 8 for experts).
+OPTIMIZER=(
+    --optimizer muon
+    --muon-extra-scale-factor 0.2
+    --qk-clip
+    --qk-clip-threshold 100
+)
+megamoe_launch --config "$MEGAMOE_ROOT/examples/configs/kimi_k2.yaml" "${LAYOUT[@]}" "${TRAINING[@]}" \
+    "${OPTIMIZER[@]}"

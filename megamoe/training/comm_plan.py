@@ -191,7 +191,7 @@ def _muon_gathers(params: list, state: ParallelState, distributed: bool) -> list
             continue
         for split in spec.splits:
             group = state.group(split.group)
-            if group.size > 1:
+            if group.size > 1 and split.dim >= len(spec.shape) - 2:  # a matrix dimension (not EP's experts)
                 share = 1 / spec.grad_groups(state)[1].size if distributed else 1.0
                 sent[group.name] = sent.get(group.name, 0.0) + (group.size - 1) * p.numel() * FP32 * share
                 groups[group.name] = group
