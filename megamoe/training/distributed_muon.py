@@ -21,10 +21,10 @@ once, largest first to the least loaded rank, by the cost of a Newton-Schulz ite
 (``rows x cols x min(rows, cols)``), so each rank runs about ``1 / DP`` of the iterations.
 
 What moves: each all-to-all carries this rank's shard of the matrices, less the part it owns
-itself, in the masters' dtype: ``(DP - 1) / DP^2`` of the matrices' float32 bytes per rank and
-direction (the gradient reduce-scatter moves ``(DP - 1) / DP`` of all parameters' bytes), so
-``2 / DP`` of the data-parallel traffic for the matrices. Memory: the owner holds its matrices'
-updates whole for the duration of the step.
+itself, in the masters' dtype: on average ``(DP - 1) / DP^2`` of the matrices' float32 bytes
+per rank and direction, ``2 / DP`` of what the gradient reduce-scatter moves for them
+(``(DP - 1) / DP``). The tests count it. Memory: the owner holds its matrices' updates whole
+for the duration of the step.
 """
 
 from __future__ import annotations
