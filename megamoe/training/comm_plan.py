@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from megamoe.config import Config
 from megamoe.model.attention import GroupedQueryAttention
 from megamoe.model.gpt import GPTModel
@@ -47,7 +46,7 @@ from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import Group, ParallelState
 from megamoe.training.activation_plan import FP32, Tokens
 from megamoe.training.memory_plan import master_size, planned_buffers
-from megamoe.training.muon import is_matrix
+from megamoe.training.muon import is_matrix, orthogonalising_ranks
 
 
 @dataclass(frozen=True)
@@ -186,13 +185,13 @@ def _muon_gathers(params: list, state: ParallelState, distributed: bool) -> list
     sent: dict[str, float] = {}
     groups: dict[str, Group] = {}
     for p in params:
-        spec = spec_of(p)
         if not is_matrix(p):
             continue
+        spec = spec_of(p)
         for split in spec.splits:
             group = state.group(split.group)
             if group.size > 1 and split.dim >= len(spec.shape) - 2:  # a matrix dimension (not EP's experts)
-                share = 1 / spec.grad_groups(state)[1].size if distributed else 1.0
-                sent[group.name] = sent.get(group.name, 0.0) + (group.size - 1) * p.numel() * FP32 * share
+                gathered = (group.size - 1) * p.numel() * FP32 / orthogonalising_ranks(p, state, distributed)
+                sent[group.name] = sent.get(group.name, 0.0) + gathered
                 groups[group.name] = group
     return [Traffic(name, "Muon: TP-cut matrices' updates gathered whole", groups[name], sent[name]) for name in sent]

@@ -115,6 +115,13 @@ def newton_schulz_cost(p: nn.Parameter) -> int:
     return parts * m * n * min(m, n)
 
 
+def orthogonalising_ranks(p: nn.Parameter, state: ParallelState, distributed: bool) -> int:
+    """How many ranks share the orthogonalisation of ``p``'s matrices: with the distributed
+    optimizer its data-parallel group, whose ranks own its matrices in turn
+    (``distributed_muon.py``); otherwise 1, every rank doing all of them."""
+    return spec_of(p).grad_groups(state)[1].size if distributed else 1
+
+
 def newton_schulz_flops(p: nn.Parameter, steps: int) -> int:
     """FLOPs of orthogonalising every whole matrix of this rank's ``p`` (its local experts): per
     iteration on a k x l matrix (k <= l), ``A = X X^T`` and ``B X`` at 2 k^2 l each, ``A A`` at

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 from megamoe.config import Config
 from megamoe.model.gpt import GPTModel
-from megamoe.training.comm_plan import Traffic
-from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
+from megamoe.training.comm_plan import Traffic
 from megamoe.training.flops import flops_per_token, recomputed_flops_per_token
-from megamoe.training.muon import is_matrix, newton_schulz_flops
+from megamoe.training.muon import is_matrix, newton_schulz_flops, orthogonalising_ranks
 
 
 @dataclass(frozen=True)
@@ -127,9 +126,7 @@ def muon_seconds(config: Config, model: GPTModel, state: ParallelState) -> float
     t = config.training
     if t.optimizer != "muon":
         return 0.0
-    flops = 0.0
-    for p in model.parameters():
-        if is_matrix(p):
-            owners = spec_of(p).grad_groups(state)[1].size if config.parallel.use_distributed_optimizer else 1
-            flops += newton_schulz_flops(p, t.muon_num_ns_steps) / owners
+    distributed = config.parallel.use_distributed_optimizer
+    flops = sum(newton_schulz_flops(p, t.muon_num_ns_steps) / orthogonalising_ranks(p, state, distributed)
+                for p in model.parameters() if is_matrix(p))
     return flops / RATES[f"newton_schulz_{t.muon_fp32_matmul_prec}"].value
