@@ -126,7 +126,7 @@ class ModelConfig:
     pipeline stage, so all replicas quantize with one scale history; the current-scaling recipes
     keep no amax history and reduce only where a tensor is cut over TP."""
     fp8_param_gather: bool = False
-    """Keep the parameters in FP8 and all-gather them in FP8 (the distributed optimizer's parameter gather)."""
+    """The distributed optimizer quantizes the FP8 layers' weights from its float32 masters and all-gathers them in FP8 (half of bf16's bytes); the weights the model holds are those FP8 values, in bf16 storage. Needs --use-distributed-optimizer and megamoe's FP8 kernels (--transformer-impl local, experts not on te)."""
     first_last_layers_bf16: bool = False
     """Under FP8, run the first and last transformer layers in bf16 (how many: --num-layers-at-start-in-bf16 / --num-layers-at-end-in-bf16; MTP blocks follow the last layer)."""
     num_layers_at_start_in_bf16: int = 1

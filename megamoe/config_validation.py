@@ -37,8 +37,6 @@ from megamoe.parallel.state import ParallelLayout
 # Each entry is removed by the change that implements it.
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     {
-        # Transformer Engine layers and FP8
-        "fp8_param_gather",
         # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
         "num_workers",
     }
@@ -332,7 +330,18 @@ def _recipes_for(what: str, on_te: bool, how: str) -> tuple[tuple[str, ...], str
         (LOCAL_FP8_RECIPES, f"{what} on megamoe's FP8 kernels ({how})")
 
 
-def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig) -> None:
+def validate_fp8_param_gather(m: ModelConfig, moe: MoEConfig, distributed_optimizer: bool) -> None:
+    needs = [what for what, ok in (
+        ("--use-distributed-optimizer (its parameter all-gather is what runs in FP8)", distributed_optimizer),
+        ("--transformer-impl local", m.transformer_impl == "local"),
+        ("experts on megamoe's kernels (--moe-grouped-gemm-impl torch or loop)",
+         not moe.num_experts or moe.expert_backend != "te")) if not ok]
+    if needs:
+        _fail(f"--fp8-param-gather needs {', '.join(needs)}: the distributed optimizer quantizes the weights of "
+              "megamoe's own FP8 layers from its masters")
+
+
+def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig, distributed_optimizer: bool = False) -> None:
     for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
         if getattr(m, name) < 0:
             _fail(f"{flag_name(name)} {getattr(m, name)}: must be 0 or more")
@@ -351,7 +360,11 @@ def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig) -> None:
             _fail(f"--moe-fp8-dispatch needs {', '.join(needs)}: the rows are quantized rowwise before the all-to-all "
                   "for megamoe's FP8 experts to take as they arrive")
     if not m.fp8_format:
+        if m.fp8_param_gather:
+            _fail("--fp8-param-gather needs --fp8-format: it gathers the weights of the FP8 layers in FP8")
         return
+    if m.fp8_param_gather:
+        validate_fp8_param_gather(m, moe, distributed_optimizer)
     if m.fp8_recipe == "mxfp8":
         _fail("--fp8-recipe mxfp8 needs Blackwell GPUs (MXFP8 tensor cores, compute capability 10.0); "
               "on Hopper use --fp8-recipe rowwise or tensorwise, or blockwise with --transformer-impl "
@@ -501,7 +514,7 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     validate_moe(config.moe, config.model)
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
     validate_training(config.training, layout, config.parallel.pipeline_schedule)
-    validate_fp8(config.model, config.moe, config.training)
+    validate_fp8(config.model, config.moe, config.training, config.parallel.use_distributed_optimizer)
     validate_moe_overlap(config, layout)
     validate_data(config.data, config.training)
     validate_logging(config.logging, config.training)

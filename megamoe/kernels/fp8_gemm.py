@@ -55,6 +55,17 @@ class Fp8WeightCache:
         return self._copies[which]
 
 
+def mark_fp8_weight(weight: torch.nn.Parameter, recipe: Fp8Recipe) -> None:
+    """Say that ``weight``'s GEMMs run the native FP8 recipe ``recipe`` (the distributed
+    optimizer's ``--fp8-param-gather`` quantizes it with the recipe's scaling unit)."""
+    weight.fp8_recipe = recipe
+
+
+def fp8_weight_recipe(param: torch.Tensor) -> Optional[Fp8Recipe]:
+    """The native FP8 recipe of a weight marked by :func:`mark_fp8_weight`, else None."""
+    return getattr(param, "fp8_recipe", None)
+
+
 def _reduce_for(rows_cut: bool, tensor_cut: bool, recipe: Fp8Recipe, reduce_amax: AmaxReduce) -> AmaxReduce:
     """The reduction an operand needs: when its scaling unit (a row, or the tensor) is cut."""
     cut = rows_cut if recipe.granularity == "rowwise" else tensor_cut

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.kernels.fp8 import Fp8Recipe
-from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_grouped_linear
+from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_grouped_linear, mark_fp8_weight
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec
 from megamoe.parallel.state import Group
 from megamoe.parallel.weight_grad import WeightGradStore, grouped_linear
@@ -140,6 +140,9 @@ class GroupedExperts(nn.Module):
         fc1 = nn.Parameter(torch.empty(num_local_experts, parts * f_local, hidden_size, **kw))
         self.register_parameter(self.fc1_name, set_spec(fc1, fc1_spec))
         self.w2 = set_spec(nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw)), w2_spec)
+        if self.fp8 is not None:
+            mark_fp8_weight(self.fc1, self.fp8)
+            mark_fp8_weight(self.w2, self.fp8)
 
     def init_weights(self, generator: torch.Generator) -> None:
         """Each expert's full weights come from its own seed, so they do not depend on which

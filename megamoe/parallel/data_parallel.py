@@ -45,15 +45,20 @@ ready, whatever the dense buckets (DP x CP) ahead of it in backward order are do
 
 Bucket size (``--ddp-bucket-size``): unset means Megatron-LM's ``max(40M, 1M x group size)``
 elements, which for small models is one bucket per buffer.
+
+With ``--fp8-param-gather`` each of these buffers is split in two: the weights that run native
+FP8 GEMMs get a buffer of their own (``dense_fp8``, ``expert_fp8``...), whose buckets the
+distributed optimizer all-gathers in FP8 (``megamoe/training/fp8_param_gather.py``).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
+from megamoe.kernels.fp8_gemm import fp8_weight_recipe
 from megamoe.numerics import upcast
 
 # torch 2.13 renamed the tensor-form collectives; mappings.py picks the name this torch has.
@@ -96,7 +101,7 @@ class Bucket:
         self.num_launches = 0  # lifetime count (tests check there is one per step)
         self.launched = self.launched_in_backward = False  # this step
         self._grad_work = self._grad_scratch = None
-        self._param_work = self._param_send = None
+        self._param_work = self._param_send = self._param_then = None
 
     @property
     def deferred(self) -> bool:
@@ -130,20 +135,30 @@ class Bucket:
 
     # -- parameters (distributed optimizer)
 
-    def start_param_gather(self, shard: torch.Tensor) -> None:
+    def start_param_gather(self, shard: torch.Tensor, gathered: Optional[torch.Tensor] = None,
+                           then: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Write every rank's updated shard (``shard``: this rank's, in the parameter dtype)
-        into ``param_data``, asynchronously."""
+        into ``param_data``, asynchronously. ``gathered``/``then``: gather into ``gathered``
+        instead (another dtype: the FP8 gather) and hand it to ``then`` once complete."""
         self.wait_param_gather()
+        into = self.param_data if gathered is None else gathered
+        self._param_then = None if then is None else (then, into)
         if self.group.size == 1:
-            self.param_data.copy_(shard)
-            return
-        self._param_work = _launch(_all_gather_single, self.param_data, shard, group=self.group)
-        self._param_send = shard  # kept alive until the gather completes
+            into.copy_(shard)
+        else:
+            self._param_work = _launch(_all_gather_single, into, shard, group=self.group)
+            self._param_send = shard  # kept alive until the gather completes
+        if self._param_work is None:
+            self.wait_param_gather()
 
     def wait_param_gather(self) -> None:
         if self._param_work is not None:
             self._param_work.wait()
         self._param_work = self._param_send = None
+        if self._param_then is not None:
+            then, gathered = self._param_then
+            self._param_then = None
+            then(gathered)
 
 
 def bucket_layout(numels: list[int], bucket_size: int, pad_to: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
@@ -162,14 +177,19 @@ def bucket_layout(numels: list[int], bucket_size: int, pad_to: int) -> list[tupl
     return layout
 
 
-def buffer_groups(params: Iterable[torch.nn.Parameter], state: ParallelState) -> list[tuple[str, list, Group, Optional[Group]]]:
+def buffer_groups(params: Iterable[torch.nn.Parameter], state: ParallelState,
+                  fp8_apart: bool = False) -> list[tuple[str, list, Group, Optional[Group]]]:
     """The gradient buffers of ``params``: ``(name, members in buffer order, reduction group,
-    group summed over first)``, one per reduction kind and dtype (see the module docstring)."""
+    group summed over first)``, one per reduction kind and dtype (see the module docstring).
+    ``fp8_apart``: the weights that run native FP8 GEMMs get buffers of their own (``_fp8``
+    names), which ``--fp8-param-gather`` all-gathers in FP8."""
     ordered = list(reversed(list(params)))  # about the order backward produces gradients
     grouped: dict[tuple[str, torch.dtype], list] = {}
     kinds = {}
     for p in ordered:
         name, group, pre_group = _kind(p, state)
+        if fp8_apart and fp8_weight_recipe(p) is not None:
+            name += "_fp8"
         grouped.setdefault((name, p.dtype), []).append(p)
         kinds[name] = (group, pre_group)
     return [(name, members, *kinds[name]) for (name, _), members in grouped.items()]
@@ -214,18 +234,20 @@ class DataParallelGrads:
     Per step: :meth:`start_step` (say how many micro-batches), backward passes (the hooks
     accumulate and, with ``overlap``, start buckets), :meth:`finish` (every bucket reduced).
     ``reduce_scatter``: the distributed optimizer's reduction (only this rank's shard of each
-    bucket is summed); ``hold_params``: parameters become views of contiguous buffers.
+    bucket is summed); ``hold_params``: parameters become views of contiguous buffers;
+    ``fp8_apart``: FP8 weights in buffers of their own (:func:`buffer_groups`).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], state: ParallelState, overlap: bool = False,
-                 reduce_scatter: bool = False, bucket_size: Optional[int] = None, hold_params: bool = False):
+                 reduce_scatter: bool = False, bucket_size: Optional[int] = None, hold_params: bool = False,
+                 fp8_apart: bool = False):
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
         params = list(params)
         ordered = params[::-1]  # about the order backward produces gradients
         position = {p: i for i, p in enumerate(ordered)}
         self.buffers = [GradBuffer(name, members, group, pre_group, bucket_size or default_bucket_size(group.size),
                                    hold_params)
-                        for name, members, group, pre_group in buffer_groups(params, state)]
+                        for name, members, group, pre_group in buffer_groups(params, state, fp8_apart)]
         # One launch order for all buffers: by the backward position of each bucket's last
         # parameter; deferred buckets (reduced only after their first group) go last.
         buckets = [b for buf in self.buffers for b in buf.buckets]

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.kernels.fp8 import FP8_ALIGNMENT, AmaxReduce, Fp8Recipe
-from megamoe.kernels.fp8_gemm import Cut, Fp8WeightCache, fp8_linear
+from megamoe.kernels.fp8_gemm import Cut, Fp8WeightCache, fp8_linear, mark_fp8_weight
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec, spec_of
 from megamoe.parallel.state import Group
@@ -106,6 +106,8 @@ class _Gemm(nn.Module):
             # TE scales each rank's shard on its own (as in Megatron); delayed scaling reduces
             # the amax histories over the recipe's te_amax_group (the stage), else this TP group
             self._te_gemm = TELinearGemm(self.fp8, group)
+        elif self.fp8 is not None:
+            mark_fp8_weight(self.weight, self.fp8)
 
     def _gemm(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.fp8 is None:

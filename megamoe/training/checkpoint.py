@@ -525,6 +525,7 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
         optimizer.set_step_count(common["optimizer_step"])
         if optimizer.loss_scaler is not None and common.get("loss_scaler"):  # else this run's fresh scale
             optimizer.loss_scaler.load_state_dict(common["loss_scaler"])
+    optimizer.sync_fp8_params()
     restored = False
     if load_rng and common["layout"] == layout_signature(config, state):
         rng_path = os.path.join(path, "rng", f"rank_{state.rank:05d}.pt")

@@ -165,8 +165,9 @@ def _gradient_traffic(config: Config, state: ParallelState, model: GPTModel) -> 
         if group.size == 1:
             continue
         if distributed:
-            sent = _ring(group.size) * padded * (grad_size + dtype.itemsize)
-            what = f"{name}: gradients reduce-scattered, parameters all-gathered"
+            gathered_size = 1 if name.endswith("_fp8") else dtype.itemsize  # --fp8-param-gather: e4m3 bytes
+            sent = _ring(group.size) * padded * (grad_size + gathered_size)
+            what = f"{name}: gradients reduce-scattered, parameters all-gathered" + (" in FP8" if gathered_size == 1 else "")
             matrices = sum(p.numel() for p in buf.members if is_matrix(p)) if muon else 0
             if matrices:  # distributed_muon.py: the shard's updates to their owners and back
                 sent += 2 * (group.size - 1) / group.size**2 * matrices * grad_size

@@ -130,8 +130,9 @@ class DistributedMuon(MomentumStates, DistributedOptimizer):
     """Muon over this rank's shards of the weight matrices, AdamW over the rest of its shards
     (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, t: TrainingConfig, state: ParallelState, parallel: ParallelConfig):
-        super().__init__(model, t, state, parallel)
+    def __init__(self, model: nn.Module, t: TrainingConfig, state: ParallelState, parallel: ParallelConfig,
+                 fp8_param_gather: bool = False):
+        super().__init__(model, t, state, parallel, fp8_param_gather)
         self.t = t
         groups: dict[tuple[str, tuple[int, ...]], list[Bucket]] = {}
         for b in self.grads.buckets:

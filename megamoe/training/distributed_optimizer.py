@@ -14,7 +14,9 @@ weights, expert-DP for expert weights); this rank owns one shard of every bucket
    shard, so weight decay follows the parameter (none for 1-D weights) as without sharding;
 4. each bucket's updated shards are all-gathered into the parameter buffer, in place. With
    ``--overlap-param-gather`` the all-gathers are left in flight and a forward pre-hook waits
-   for a module's buckets just before it first runs, overlapping the next forward.
+   for a module's buckets just before it first runs, overlapping the next forward. With
+   ``--fp8-param-gather`` the buckets of FP8 weights are quantized from the masters and
+   all-gathered in FP8 (``megamoe/training/fp8_param_gather.py``).
 
 AdamW is elementwise, so updating shards gives exactly the update of the whole tensor.
 Memory per parameter on each rank: parameter + float32 main gradient as without sharding, and
@@ -34,6 +36,7 @@ from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import Bucket, DataParallelGrads
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
+from megamoe.training.fp8_param_gather import fp8_bucket_gathers
 from megamoe.training.optimizer import MasterEdit, Optimizer, adamw, tensor_bytes
 
 
@@ -55,11 +58,15 @@ class DistributedOptimizer(Optimizer):
 
     dp_sharded = True
 
-    def __init__(self, model: nn.Module, t: TrainingConfig, state: ParallelState, parallel: ParallelConfig):
+    def __init__(self, model: nn.Module, t: TrainingConfig, state: ParallelState, parallel: ParallelConfig,
+                 fp8_param_gather: bool = False):
         self.state = state
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.grads = DataParallelGrads(self.params, state, overlap=parallel.overlap_grad_reduce, reduce_scatter=True,
-                                       bucket_size=parallel.ddp_bucket_size, hold_params=True)
+                                       bucket_size=parallel.ddp_bucket_size, hold_params=True,
+                                       fp8_apart=fp8_param_gather)
+        # --fp8-param-gather: the buckets of FP8 weights are gathered in FP8 (fp8_param_gather.py)
+        self.fp8_gathers = fp8_bucket_gathers(self.grads.buckets, state) if fp8_param_gather else {}
         self.pieces: dict[Bucket, list[Piece]] = {}
         for bucket in self.grads.buckets:
             first, last = bucket.shard_start, bucket.shard_start + bucket.shard_size
@@ -69,6 +76,7 @@ class DistributedOptimizer(Optimizer):
         self.optimizer = adamw([x.master for x in adam], [x.param.ndim >= 2 for x in adam], t)
         self.overlap_param_gather = parallel.overlap_param_gather
         self._hooks = self._register_gather_hooks(model) if self.overlap_param_gather else []
+        self.sync_fp8_params()
 
     def _adam_updates(self, param: nn.Parameter) -> bool:
         """Whether AdamW updates ``param`` (all of them here; Muon's subclass keeps the matrices)."""
@@ -89,16 +97,35 @@ class DistributedOptimizer(Optimizer):
             self._torch_step()
         if edit_masters is not None:
             edit_masters(self.master_pieces())
-        # Gather in forward order (buckets are in backward order), so the first modules'
-        # parameters arrive first.
-        for bucket in reversed(self.grads.buckets):
-            shard = bucket.shard(bucket.param_data)
-            send = shard.clone()  # the padding keeps its zeros
-            for x in self.pieces[bucket]:
+        for pieces in self.pieces.values():
+            for x in pieces:
                 x.master.grad = None
+        self._start_param_gathers()
+        if not self.overlap_param_gather:
+            self.finish_param_sync()
+
+    def _start_param_gathers(self, only_fp8: bool = False) -> None:
+        """Each bucket's all-gather of the updated shards, in forward order (buckets are in
+        backward order), so the first modules' parameters arrive first."""
+        for bucket in reversed(self.grads.buckets):
+            fp8 = self.fp8_gathers.get(bucket)
+            if only_fp8 and fp8 is None:
+                continue
+            if fp8 is not None:
+                gathered = torch.empty(bucket.end - bucket.start, dtype=torch.uint8, device=bucket.grad_data.device)
+                bucket.start_param_gather(fp8.quantize_shard(self.pieces[bucket]), gathered, fp8.write_params)
+                continue
+            send = bucket.shard(bucket.param_data).clone()  # the padding keeps its zeros
+            for x in self.pieces[bucket]:
                 send[x.lo - bucket.shard_start:x.hi - bucket.shard_start].copy_(x.master)
             bucket.start_param_gather(send)
-        if not self.overlap_param_gather:
+
+    def sync_fp8_params(self) -> None:
+        """With ``--fp8-param-gather``: the FP8 weights made the FP8 values of their masters
+        (at the start, and after a load wrote weights that need not be), as each step leaves
+        them."""
+        if self.fp8_gathers:
+            self._start_param_gathers(only_fp8=True)
             self.finish_param_sync()
 
     def finish_param_sync(self) -> None:

@@ -87,7 +87,8 @@ class PlannedBuffer:
 
 def planned_buffers(config: Config, params: list, state: ParallelState) -> list[PlannedBuffer]:
     out = []
-    for name, members, group, pre_group in buffer_groups(params, state):
+    fp8_apart = config.model.fp8_param_gather and config.parallel.use_distributed_optimizer
+    for name, members, group, pre_group in buffer_groups(params, state, fp8_apart):
         size = config.parallel.ddp_bucket_size or default_bucket_size(group.size)
         layout = bucket_layout([p.numel() for p in members], size, ALIGN * group.size)
         out.append(PlannedBuffer(name, members, group, pre_group, layout))

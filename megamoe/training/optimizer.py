@@ -189,6 +189,10 @@ class Optimizer:
         """Wait until every parameter holds its updated value (``--overlap-param-gather``
         leaves all-gathers in flight after ``step``)."""
 
+    def sync_fp8_params(self) -> None:
+        """Make the parameters what a step leaves them from the masters, where that is not
+        the masters' value (``--fp8-param-gather``); called after a checkpoint is loaded."""
+
     def master_bytes(self) -> int:
         raise NotImplementedError
 

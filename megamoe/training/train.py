@@ -114,7 +114,8 @@ def build_optimizer(model: GPTModel, config: Config, state: ParallelState) -> Op
         kind = DistributedMuon if config.parallel.use_distributed_optimizer else MixedPrecisionMuon
     else:
         kind = DistributedOptimizer if config.parallel.use_distributed_optimizer else MixedPrecisionAdamW
-    optimizer = kind(model, config.training, state, config.parallel)
+    sharded = {"fp8_param_gather": config.model.fp8_param_gather} if config.parallel.use_distributed_optimizer else {}
+    optimizer = kind(model, config.training, state, config.parallel, **sharded)
     optimizer.loss_scaler = PrecisionPolicy.from_config(config).loss_scaler()
     return optimizer
 

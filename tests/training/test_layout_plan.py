@@ -95,6 +95,9 @@ def _sent_and_planned(flags: list[str]) -> tuple[dict, dict]:
 LAYOUTS = {
     "tp2,sp,dp2,distopt": ["--config", "examples/configs/demo.yaml", "--tensor-model-parallel-size", "2",
                            "--sequence-parallel", "--use-distributed-optimizer"],
+    # the FP8 weights' parameters all-gathered as one byte per element
+    "dp4,distopt,fp8-param-gather": ["--config", "examples/configs/demo.yaml", "--use-distributed-optimizer",
+                                     "--fp8-format", "hybrid", "--fp8-recipe", "rowwise", "--fp8-param-gather"],
     "ep2,alltoall,pp2": ["--config", "examples/configs/demo.yaml", "--expert-model-parallel-size", "2",
                          "--moe-token-dispatcher-type", "alltoall", "--pipeline-model-parallel-size", "2"],
     "gqa,cp2,ring,tp2": ["--config", "examples/configs/tiny_qwen3_moe.yaml", "--context-parallel-size", "2",
