@@ -144,6 +144,15 @@ def quantize(x_RC: torch.Tensor, dtype: torch.dtype, granularity: Granularity = 
     return _quantize_torch(x_RC, dtype, amax)
 
 
+def quantize_with_amax(x_RC: torch.Tensor, dtype: torch.dtype, amax_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 values, scale_inv) of each row of ``x`` at the scale of its given amax (taken
+    elsewhere: over the ranks holding parts of the row, or over the rows of a matrix)."""
+    x_RC, amax_R = x_RC.contiguous(), amax_R.float().contiguous()
+    if _use_triton(x_RC):
+        return _triton_quantize(x_RC, dtype, amax_R)
+    return _quantize_torch(x_RC, dtype, amax_R)
+
+
 def quantize_transposed(x_BRC: torch.Tensor, dtype: torch.dtype, granularity: Granularity = "rowwise",
                         reduce_amax: AmaxReduce = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 values [B, C, R], scale_inv [B, C]): each matrix's transpose ``x[b]^T`` quantized row

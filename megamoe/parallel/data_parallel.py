@@ -102,6 +102,7 @@ class Bucket:
         self.launched = self.launched_in_backward = False  # this step
         self._grad_work = self._grad_scratch = None
         self._param_work = self._param_send = self._param_then = None
+        self._param_gathered = False  # a gather started and not yet waited for
 
     @property
     def deferred(self) -> bool:
@@ -143,6 +144,7 @@ class Bucket:
         self.wait_param_gather()
         into = self.param_data if gathered is None else gathered
         self._param_then = None if then is None else (then, into)
+        self._param_gathered = True
         if self.group.size == 1:
             into.copy_(shard)
         else:
@@ -159,6 +161,14 @@ class Bucket:
             then, gathered = self._param_then
             self._param_then = None
             then(gathered)
+        if self._param_gathered:
+            # The gather wrote the parameters through the buffer, which does not move their
+            # own version counters (``p.data = view`` gave each its own): what keys on a
+            # weight's version (the FP8 weight caches, TE's first-micro-batch flag) would
+            # keep quantizing the old weights.
+            self._param_gathered = False
+            for p in self.params:
+                torch.autograd.graph.increment_version(p)
 
 
 def bucket_layout(numels: list[int], bucket_size: int, pad_to: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:

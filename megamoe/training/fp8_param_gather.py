@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+from torch.distributed import ReduceOp
 
-from megamoe.kernels.fp8 import E4M3, FP8_MAX, scale_from_amax
+from megamoe.kernels.fp8 import E4M3, quantize_with_amax, row_amax, scale_from_amax
 from megamoe.kernels.fp8_gemm import fp8_weight_recipe
 from megamoe.parallel import mappings
 from megamoe.parallel.data_parallel import Bucket
@@ -45,103 +45,125 @@ from megamoe.parallel.state import Group, ParallelState
 
 @dataclass
 class _Weight:
-    """One FP8 weight of a bucket: its offsets there, its scaling units (``unit`` consecutive
-    elements each, ``first`` the index of its first one in the bucket's amax vector) and
-    whether the units are cut over its tensor-parallel group."""
+    """One FP8 weight of a bucket, as rows of ``row`` elements (its last dimension): its
+    offsets there, ``rows_per_unit`` rows per scale, the index of its first row in the
+    bucket's rows and whether the layer's tensor-parallel cut splits its units."""
 
     param: torch.nn.Parameter
     lo: int
     hi: int
-    unit: int
-    first: int
+    row: int
+    rows_per_unit: int
+    first_row: int
     cut: bool
 
     @property
-    def num_units(self) -> int:
-        return (self.hi - self.lo) // self.unit
+    def num_rows(self) -> int:
+        return (self.hi - self.lo) // self.row
 
 
 def scaling_unit(param: torch.nn.Parameter) -> tuple[int, bool]:
-    """(elements per scale, whether the layer's tensor-parallel cut splits a unit) of an FP8
-    weight ``[O, K]`` or ``[E, O, K]``: a row (``rowwise``, cut when K is) or a matrix
-    (``tensorwise``, cut when either is)."""
+    """(rows per scale, whether the layer's tensor-parallel cut splits a unit) of an FP8 weight
+    ``[O, K]`` or ``[E, O, K]``: one row (``rowwise``, cut when K is) or one matrix of O rows
+    (``tensorwise``, cut when O or K is)."""
     recipe = fp8_weight_recipe(param)
     spec = spec_of(param)
     last = len(spec.shape) - 1
     if recipe.granularity == "rowwise":
-        return param.shape[-1], spec.split_at(last) is not None
-    return param.shape[-1] * param.shape[-2], any(spec.split_at(d) is not None for d in (last - 1, last))
+        return 1, spec.split_at(last) is not None
+    return param.shape[-2], any(spec.split_at(d) is not None for d in (last - 1, last))
+
+
+def _spans(a: int, b: int, row: int) -> list[tuple[int, int, int, int]]:
+    """The rows that elements ``[a, b)`` of a weight of ``row``-element rows touch: ``(first
+    row, rows, offset in the piece, elements)``, the whole rows together, a partial row alone."""
+    spans, pos = [], a
+    if pos % row:
+        n = min(row - pos % row, b - pos)
+        spans.append((pos // row, 1, 0, n))
+        pos += n
+    whole = (b - pos) // row
+    if whole:
+        spans.append((pos // row, whole, pos - a, whole * row))
+        pos += whole * row
+    if pos < b:
+        spans.append((pos // row, 1, pos - a, b - pos))
+    return spans
 
 
 class Fp8BucketGather:
-    """The FP8 all-gather of one bucket of FP8 weights (see the module docstring)."""
+    """The FP8 all-gather of one bucket of FP8 weights (see the module docstring). The work is
+    done row by row (Triton kernels on CUDA: one pass for the amaxes, one for the values), each
+    row's amax then reduced to its unit's."""
 
     def __init__(self, bucket: Bucket, state: ParallelState):
         self.bucket = bucket
         self.weights: list[_Weight] = []
-        units = 0
+        rows = units = 0
+        unit_of_row = []
         for p, lo, hi in bucket.ranges:
-            unit, cut = scaling_unit(p)
-            self.weights.append(_Weight(p, lo, hi, unit, units, cut))
-            units += self.weights[-1].num_units
-        self.num_units = units
+            per_unit, cut = scaling_unit(p)
+            w = _Weight(p, lo, hi, p.shape[-1], per_unit, rows, cut)
+            self.weights.append(w)
+            unit_of_row.append(units + torch.arange(w.num_rows) // per_unit)
+            rows, units = rows + w.num_rows, units + w.num_rows // per_unit
+        device = bucket.grad_data.device
+        self.num_rows, self.num_units = rows, units
+        self._unit_of_row = torch.cat(unit_of_row).to(device)
         expert = spec_of(bucket.params[0]).is_expert
         self.tp_group: Group = state.etp if expert else state.tp
-        cut = [torch.arange(w.first, w.first + w.num_units) for w in self.weights if w.cut]
-        self._cut_units = torch.cat(cut).to(bucket.grad_data.device) if cut and self.tp_group.size > 1 else None
-        self._scale_inv: Optional[torch.Tensor] = None
+        cut = [self._unit_of_row[w.first_row:w.first_row + w.num_rows] for w in self.weights if w.cut]
+        self._cut_units = torch.cat(cut).unique() if cut and self.tp_group.size > 1 else None
+        self._row_scale_inv: Optional[torch.Tensor] = None
 
-    def _segments(self, pieces):
-        """(weight, master values, first unit, elements of the first unit before the piece)
-        of each of this rank's pieces."""
+    def _spans_of(self, pieces):
+        """(weight, first row, rows, values) of the row spans of this rank's pieces' masters."""
         by_param = {w.param: w for w in self.weights}
         for x in pieces:
             w = by_param[x.param]
-            first, head = divmod(x.lo - w.lo, w.unit)
-            yield w, x.master.reshape(-1), first, head
+            values = x.master.reshape(-1)
+            for first, rows, offset, n in _spans(x.lo - w.lo, x.hi - w.lo, w.row):
+                yield w, first, rows, values[offset:offset + n], x.lo + offset
 
-    @staticmethod
-    def _units(values: torch.Tensor, unit: int, head: int) -> torch.Tensor:
-        """``values`` padded with zeros to whole units: ``[units, unit]``."""
-        tail = -(head + values.numel()) % unit
-        return F.pad(values, (head, tail)).view(-1, unit)
+    def _amax(self, spans) -> torch.Tensor:
+        """Each row's amax, the largest of its unit's, over every rank holding part of it."""
+        amax = torch.zeros(self.num_rows, dtype=torch.float32, device=self.bucket.grad_data.device)
+        for w, first, rows, values, _ in spans:
+            at = w.first_row + first
+            if values.numel() == rows * w.row:  # whole rows
+                amax[at:at + rows] = row_amax(values.view(rows, w.row))
+            else:
+                amax[at] = values.abs().max().float()
+        mappings.all_reduce_(amax, self.bucket.group, ReduceOp.MAX)
+        units = amax.new_zeros(self.num_units).scatter_reduce_(0, self._unit_of_row, amax, "amax")
+        if self._cut_units is not None:
+            units[self._cut_units] = mappings.all_reduce_(units[self._cut_units], self.tp_group, ReduceOp.MAX)
+        return units[self._unit_of_row]
 
     @torch.no_grad()
     def quantize_shard(self, pieces) -> torch.Tensor:
         """This rank's shard of the bucket as e4m3 bytes (uint8), from the pieces' masters;
         collective over the bucket's group (and the tensor-parallel group): the amaxes."""
-        device = self.bucket.grad_data.device
-        amax = torch.zeros(self.num_units, dtype=torch.float32, device=device)
-        segments = list(self._segments(pieces))
-        for w, values, first, head in segments:
-            part = self._units(values.abs(), w.unit, head).amax(dim=1).float()
-            lo = w.first + first
-            amax[lo:lo + part.numel()] = part
-        mappings.all_reduce_(amax, self.bucket.group, torch.distributed.ReduceOp.MAX)
-        if self._cut_units is not None:
-            cut = amax[self._cut_units]
-            amax[self._cut_units] = mappings.all_reduce_(cut, self.tp_group, torch.distributed.ReduceOp.MAX)
-        scale = scale_from_amax(amax, E4M3)
-        self._scale_inv = scale.reciprocal()
-        send = torch.zeros(self.bucket.shard_size, dtype=torch.uint8, device=device)
-        limit = FP8_MAX[E4M3]
-        for w, values, first, head in segments:
-            n = values.numel()
-            units = self._units(values, w.unit, head)
-            lo = w.first + first
-            q = (units * scale[lo:lo + units.shape[0], None].to(values.dtype)).clamp(-limit, limit).to(E4M3)
-            start = w.lo + first * w.unit + head - self.bucket.shard_start
-            send[start:start + n] = q.view(-1)[head:head + n].view(torch.uint8)
+        spans = list(self._spans_of(pieces))
+        amax = self._amax(spans)
+        self._row_scale_inv = scale_from_amax(amax, E4M3).reciprocal()
+        send = torch.zeros(self.bucket.shard_size, dtype=torch.uint8, device=amax.device)
+        for w, first, rows, values, at in spans:
+            row_amax_ = amax[w.first_row + first:w.first_row + first + rows]
+            q, _ = quantize_with_amax(values.view(rows, -1), E4M3, row_amax_)
+            start = at - self.bucket.shard_start
+            send[start:start + values.numel()] = q.view(-1).view(torch.uint8)
         return send
 
     @torch.no_grad()
     def write_params(self, gathered: torch.Tensor) -> None:
-        """Every FP8 weight of the bucket, dequantized from the gathered bytes."""
+        """Every FP8 weight of the bucket, dequantized from the gathered bytes (exact in the
+        parameters' dtype: an e4m3 value times a power of two)."""
         for w in self.weights:
-            q = gathered[w.lo:w.hi].view(E4M3).view(w.num_units, w.unit)
-            scale_inv = self._scale_inv[w.first:w.first + w.num_units, None]
-            values = q.to(torch.float64 if w.param.dtype == torch.float64 else torch.float32) * scale_inv
-            w.param.data.view(w.num_units, w.unit).copy_(values)
+            q = gathered[w.lo:w.hi].view(E4M3).view(w.num_rows, w.row)
+            dtype = w.param.dtype
+            scale_inv = self._row_scale_inv[w.first_row:w.first_row + w.num_rows, None].to(dtype)
+            torch.mul(q.to(dtype), scale_inv, out=w.param.data.view(w.num_rows, w.row))
 
 
 def fp8_bucket_gathers(buckets: list[Bucket], state: ParallelState) -> dict[Bucket, Fp8BucketGather]:

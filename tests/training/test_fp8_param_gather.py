@@ -40,7 +40,7 @@ def _fp8_values(w: torch.Tensor, granularity: str) -> torch.Tensor:
 def _global_masters(opt, state: ParallelState) -> dict:
     """Every parameter's masters as its global tensor: each element's master lives on one rank
     of its bucket's group, so the zero-filled local tensors sum to the whole."""
-    local = {p: torch.zeros(p.numel(), dtype=DT) for p in opt.params}
+    local = {p: torch.zeros(p.numel(), dtype=DT, device=p.device) for p in opt.params}
     for param, lo, master in opt.master_pieces():
         local[param][lo:lo + master.numel()] = master.reshape(-1)
     for bucket in opt.grads.buckets:
@@ -86,6 +86,29 @@ def _fp8_gather_parity(layout: dict, recipe: str):
                                                                                     ref_params[name], single),
                                    **TOL, msg=f"weight {name}")
     return set(gathered_bytes)
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_fp8_weights_follow_the_distributed_optimizers_updates(recipe):
+    """FP8 without the flag: the distributed optimizer writes the weights through its buffers,
+    and the FP8 layers must quantize the new weights each step (their caches key on the
+    weights' versions), as with the whole-tensor optimizer. Three steps, one process, float64:
+    the same losses and weights to summation order."""
+    single = ParallelState.single()
+    runs = []
+    for distopt in (False, True):
+        cfg = _fp8_config({"gbs": 2}, recipe)
+        cfg.model.fp8_param_gather, cfg.parallel.use_distributed_optimizer = False, distopt
+        model = build(cfg, single)
+        opt = build_optimizer(model, cfg, single)
+        data = MicroBatches(cfg, single, torch.device("cpu"))
+        losses = [train_step(model, opt, [data.get(s - 1, j) for j in range(data.num_micro)], s, cfg, single,
+                             None).lm_loss for s in range(1, 4)]
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (want, ref), (got, weights) = runs
+    assert got == pytest.approx(want, rel=1e-9)
+    for name, w in weights.items():
+        torch.testing.assert_close(w, ref[name], **TOL, msg=name)
 
 
 @pytest.mark.parametrize("world, layout, recipe", [
@@ -143,3 +166,28 @@ def test_a_load_makes_the_weights_the_fp8_values_of_the_loaded_masters(tmp_path)
         assert torch.equal(p.detach(), _fp8_values(masters[p], "rowwise")), name
         checked += 1
     assert checked
+
+
+@pytest.mark.gpu
+def test_fp8_param_gather_on_the_gpu_in_bf16():
+    """The CUDA path in bf16 with float32 masters: after two steps every FP8 weight holds the
+    FP8 values of its masters (exact in bf16), and the loss stays that of bf16 weights."""
+    from megamoe.training.train import build_model
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs a CUDA GPU with compute capability 9.0+")
+    cuda, single = torch.device("cuda"), ParallelState.single()
+    cfg = _fp8_config({"gbs": 2}, "rowwise")
+    cfg.training.bf16, cfg.moe.moe_router_dtype = True, "fp32"
+    model = build_model(cfg, single, "cuda", dtype=torch.bfloat16)
+    opt = build_optimizer(model, cfg, single)
+    data = MicroBatches(cfg, single, cuda)
+    for step in (1, 2):
+        loss = train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro)], step, cfg, single,
+                          None).lm_loss
+        assert 0 < loss < 20
+    masters = _global_masters(opt, single)
+    fp8 = [p for p in model.parameters() if fp8_weight_recipe(p) is not None]
+    assert fp8 and all(p.dtype == torch.bfloat16 for p in fp8)
+    for p in fp8:
+        assert torch.equal(p.detach().to(DT), _fp8_values(masters[p].to(cuda), "rowwise")), p.shape
