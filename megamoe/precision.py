@@ -28,6 +28,9 @@ bf16 weights after a load. TE's ``delayed`` keeps amax histories in its modules;
 checkpointed and refill over the first ``--fp8-amax-history-len`` steps after a load, as at the
 start of a run (``megamoe/extensions/te.py``). ``--transformer-impl`` picks where the dense FP8
 GEMMs run (the recipe's ``transformer_engine``); the experts' backend is their own flag.
+``--fp8-param-gather`` (native recipes, distributed optimizer) makes the FP8 weights themselves
+FP8 values, quantized from the masters after each step and all-gathered in FP8
+(``megamoe/training/fp8_param_gather.py``).
 """
 
 from __future__ import annotations

@@ -13,61 +13,96 @@ keeps a copy of the embedding, whose gradient is summed with the first stage's);
 model with Megatron-LM's default structure (LayerNorm, GeLU MLPs, multi-head attention, tied
 head) under TP 2 (+SP) and PP 2 (+TP 2 +SP).
 
-Every rank also builds the single-process reference from the same seed. The reference runs the
-data-parallel ranks' micro-batches as its own micro-batches (gradient accumulation), which is
-the semantics the parallel run must reproduce. Tolerance: 1e-9 relative (float64; only the
-order of summation differs, plus float32 rotary tables common to both sides)."""
+The reference is the single-process run of the same model from the same seed, with the whole
+global batch's sequences as its micro-batches (gradient accumulation), which is the semantics
+the parallel run must reproduce; it is computed once per model and batch in the test process
+(every layout of that model shares it), and the first rank of each pipeline stage returns its
+stage's global tensors to compare. Tolerance: 1e-9 relative (float64; only the order of
+summation differs, plus float32 rotary tables common to both sides)."""
 
 from __future__ import annotations
 
-import copy
+import functools
+from typing import Optional
 
 import pytest
 import torch
 
 from megamoe.parallel.state import ParallelState
-from megamoe.testing.parity import TOL, build, every_rank_micro_batches, gather_full, make_config, reduced_main_grads
+from megamoe.testing.parity import TOL, build, gather_full, make_config, reduced_main_grads
 from megamoe.training.optimizer import MixedPrecisionAdamW
 from megamoe.training.train import MicroBatches, build_optimizer, train_step
 
-def _parity(variant: str, layout: dict):
+def _results(model, state, steps) -> dict:
+    """What the comparison reads, as global tensors: per step the losses and every gradient,
+    then the weights and this stage's buffers."""
+    return {"steps": steps,
+            "weights": {name: gather_full(p.detach(), p, state) for name, p in model.named_parameters()},
+            "buffers": {name: b.clone() for name, b in model.named_buffers()}}
+
+
+def _layout_run(variant: str, layout: dict):
+    """Three steps in ``layout`` (every rank); the results from the first rank of each pipeline
+    stage (every rank of a stage gathers the same global tensors), None from the others."""
     cfg = make_config(variant, layout)
-    p = cfg.parallel
-    state = ParallelState.build(**p.degrees())
-    single = ParallelState.single()
-    ref_base = copy.deepcopy(cfg)
-    ref_base.moe.moe_router_padding_for_fp8 = False  # the reference never pads (layout key "pad")
-    model, ref = build(cfg, state), build(ref_base, single)
-    opt, ref_opt = build_optimizer(model, cfg, state), MixedPrecisionAdamW(ref, cfg.training, single)
+    state = ParallelState.build(**cfg.parallel.degrees())
+    model = build(cfg, state)
+    opt = build_optimizer(model, cfg, state)
     data = MicroBatches(cfg, state, torch.device("cpu"))
+    steps = []
     for step in range(1, cfg.training.train_iters + 1):
-        mine = [data.get(step - 1, j) for j in range(data.num_micro)]
-        everyone = every_rank_micro_batches(data, state, step)  # the reference reads every DP rank's
-        got = train_step(model, opt, mine, step, cfg, state, None)
-        ref_cfg = make_config(variant, {"gbs": cfg.training.global_batch_size, "layers": cfg.model.num_layers,
-                                        "clip": cfg.training.clip_grad, "iters": cfg.training.train_iters})
-        want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
-        assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
-        assert abs(got.grad_norm - want.grad_norm) <= 1e-9 * want.grad_norm, (step, got.grad_norm, want.grad_norm)
-        for a, b in zip(got.aux_losses + got.z_losses + got.mtp_losses, want.aux_losses + want.z_losses + want.mtp_losses):
-            assert abs(a - b) <= 1e-9 * abs(b) + 1e-15, (step, a, b)
-        ref_params, grads = dict(ref.named_parameters()), reduced_main_grads(opt)
-        for name, p in model.named_parameters():
-            ref_p = ref_params[name]
-            torch.testing.assert_close(gather_full(grads[p], p, state), gather_full(ref_p.main_grad, ref_p, single), **TOL,
-                                       msg=f"grad {name} step {step}")
-        if got.tokens_per_expert is not None:
-            assert (got.tokens_per_expert == want.tokens_per_expert).all()
+        got = train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro)], step, cfg, state, None)
+        grads = reduced_main_grads(opt)
+        steps.append(_step_results(got, {name: gather_full(grads[p], p, state) for name, p in model.named_parameters()}))
     opt.finish_param_sync()
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        ref_p = ref_params[name]
-        torch.testing.assert_close(gather_full(p.detach(), p, state), gather_full(ref_p.detach(), ref_p, single), **TOL,
-                                   msg=f"weight {name}")
-    ref_buffers = dict(ref.named_buffers())
-    for name, b in model.named_buffers():  # this stage's buffers: expert bias after the updates
-        torch.testing.assert_close(b, ref_buffers[name], **TOL, msg=f"buffer {name}")
-    return True
+    results = _results(model, state, steps)
+    first_of_stage = all(state.group(kind).rank == 0 for kind in ("tp", "cp", "dp", "ep", "etp", "edp"))
+    return results if first_of_stage else None
+
+
+def _step_results(got, grads: dict) -> dict:
+    return {"loss": got.lm_loss, "grad_norm": got.grad_norm, "losses": got.aux_losses + got.z_losses + got.mtp_losses,
+            "tokens_per_expert": got.tokens_per_expert, "grads": grads}
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(variant: str, gbs: int, layers: Optional[int], clip: float, iters: int) -> dict:
+    """The single-process run of the same model and global batch: one process, the global
+    batch's sequences as its micro-batches (gradient accumulation), the whole-tensor optimizer.
+    The same for every layout of one model and batch, so it is computed once per session."""
+    cfg = make_config(variant, {"gbs": gbs, "clip": clip, "iters": iters, **({"layers": layers} if layers else {})})
+    single = ParallelState.single()
+    model = build(cfg, single)
+    opt = MixedPrecisionAdamW(model, cfg.training, single)
+    data = MicroBatches(cfg, single, torch.device("cpu"))
+    steps = []
+    for step in range(1, iters + 1):
+        got = train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro)], step, cfg, single, None)
+        steps.append(_step_results(got, {name: p.main_grad.clone() for name, p in model.named_parameters()}))
+    return _results(model, single, steps)
+
+
+def _check_parity(pool, variant: str, layout: dict) -> None:
+    """``layout`` against the single-process run, to float64 summation order (TOL)."""
+    cfg = make_config(variant, layout)
+    want = _reference(variant, cfg.training.global_batch_size, layout.get("layers"), cfg.training.clip_grad,
+                      cfg.training.train_iters)
+    stages = [r for r in pool.run(_layout_run, variant, layout) if r is not None]
+    assert len(stages) == cfg.parallel.pipeline_model_parallel_size
+    for got in stages:
+        for step, (g, w) in enumerate(zip(got["steps"], want["steps"]), start=1):
+            assert abs(g["loss"] - w["loss"]) <= 1e-9 * abs(w["loss"]), (step, g["loss"], w["loss"])
+            assert abs(g["grad_norm"] - w["grad_norm"]) <= 1e-9 * w["grad_norm"], (step, g["grad_norm"], w["grad_norm"])
+            for a, b in zip(g["losses"], w["losses"]):
+                assert abs(a - b) <= 1e-9 * abs(b) + 1e-15, (step, a, b)
+            for name, grad in g["grads"].items():
+                torch.testing.assert_close(grad, w["grads"][name], **TOL, msg=f"grad {name} step {step}")
+            if g["tokens_per_expert"] is not None:
+                assert (g["tokens_per_expert"] == w["tokens_per_expert"]).all()
+        for name, weight in got["weights"].items():
+            torch.testing.assert_close(weight, want["weights"][name], **TOL, msg=f"weight {name}")
+        for name, buffer in got["buffers"].items():  # this stage's buffers: expert bias after the updates
+            torch.testing.assert_close(buffer, want["buffers"][name], **TOL, msg=f"buffer {name}")
 
 
 def _name(case) -> str:
@@ -109,12 +144,12 @@ EP_CASES = [
 
 @pytest.mark.parametrize("variant, layout", TP_CASES, ids=_name)
 def test_tensor_parallel_model_matches_single_process(workers, variant, layout):
-    assert all(workers(4).run(_parity, variant, layout))
+    _check_parity(workers(4), variant, layout)
 
 
 @pytest.mark.parametrize("variant, layout", EP_CASES, ids=_name)
 def test_expert_parallel_model_matches_single_process(workers, variant, layout):
-    assert all(workers(4).run(_parity, variant, layout))
+    _check_parity(workers(4), variant, layout)
 
 
 # one expert per rank at 8 ranks, each dispatcher once (both dispatchers run every variant at 4 ranks, above)
@@ -123,7 +158,7 @@ def test_expert_parallel_model_matches_single_process(workers, variant, layout):
     ("gqa", {"tp": 2, "ep": 8, "etp": 1, "sp": True, "dispatcher": "alltoall"}),
 ], ids=_name)
 def test_expert_parallel_8_ranks(workers, variant, layout):
-    assert all(workers(8).run(_parity, variant, layout))
+    _check_parity(workers(8), variant, layout)
 
 
 # mtp_tied: MTP and the output head tied to the embedding (the last stage's embedding copy)
@@ -147,7 +182,7 @@ PP_CASES = [
 
 @pytest.mark.parametrize("variant, layout", PP_CASES, ids=_name)
 def test_pipeline_parallel_model_matches_single_process(workers, variant, layout):
-    assert all(workers(4).run(_parity, variant, layout))
+    _check_parity(workers(4), variant, layout)
 
 
 # seq_aux_position: sequence-level balancing loss and first-come capacity, both of which must
@@ -166,17 +201,17 @@ CP_CASES = [
 
 @pytest.mark.parametrize("variant, layout", CP_CASES, ids=_name)
 def test_context_parallel_model_matches_single_process(workers, variant, layout):
-    assert all(workers(4).run(_parity, variant, layout))
+    _check_parity(workers(4), variant, layout)
 
 
 def test_interleaved_pipeline_four_virtual_stages_per_rank(workers):
     # 8 layers over pp 2 x vpp 4: every virtual stage holds one layer; 4 micro-batches per step
-    assert all(workers(2).run(_parity, "mtp_tied", {"pp": 2, "vpp": 4, "layers": 8}))
+    _check_parity(workers(2), "mtp_tied", {"pp": 2, "vpp": 4, "layers": 8})
 
 
 def test_pipeline_tensor_expert_8_ranks(workers):
     layout = {"pp": 2, "tp": 2, "ep": 2, "dispatcher": "alltoall", "sp": True}
-    assert all(workers(8).run(_parity, "mla", layout))
+    _check_parity(workers(8), "mla", layout)
 
 
 def test_dualpipev_with_expert_parallel_8_ranks(workers):
@@ -184,7 +219,7 @@ def test_dualpipev_with_expert_parallel_8_ranks(workers):
     # steps (the slowest case on two cores)
     layout = {"pp": 4, "ep": 2, "dispatcher": "alltoall", "schedule": "dualpipev", "layers": 8, "gbs": 16,
               "iters": 2}
-    assert all(workers(8).run(_parity, "mtp_capacity", layout))
+    _check_parity(workers(8), "mtp_capacity", layout)
 
 
 def test_every_dimension_at_once_8_ranks(workers):
@@ -193,7 +228,7 @@ def test_every_dimension_at_once_8_ranks(workers):
     # expert-DP 2, with overlapped reduction in several buckets
     layout = {"tp": 2, "sp": True, "cp": 2, "pp": 2, "ep": 2, "etp": 1, "dispatcher": "alltoall",
               "distopt": True, "overlap": True, "gather": True, "bucket": 50_000}
-    assert all(workers(8).run(_parity, "mtp_capacity", layout))
+    _check_parity(workers(8), "mtp_capacity", layout)
 
 
 # Data parallel (DP = world / model-parallel size): bucketed main gradients, reduced after
@@ -222,4 +257,4 @@ DP_LAYOUTS = [
 
 @pytest.mark.parametrize("world, variant, layout", DP_LAYOUTS, ids=lambda x: _name(x) if not isinstance(x, int) else str(x))
 def test_data_parallel_matches_single_process(workers, world, variant, layout):
-    assert all(workers(world).run(_parity, variant, layout))
+    _check_parity(workers(world), variant, layout)
