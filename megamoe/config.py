@@ -127,6 +127,8 @@ class ModelConfig:
     keep no amax history and reduce only where a tensor is cut over TP."""
     fp8_param_gather: bool = False
     """The distributed optimizer quantizes the FP8 layers' weights from its float32 masters and all-gathers them in FP8 (half of bf16's bytes); the weights the model holds are those FP8 values, in bf16 storage. Needs --use-distributed-optimizer and megamoe's FP8 kernels (--transformer-impl local, experts not on te)."""
+    fp8_min_linear_size: int = 0
+    """Under FP8, dense linear layers whose local out x in / (out + in) (half the GEMM's FLOPs per element of activation it quantizes) is below this run in bf16; 0 (Megatron's behaviour) runs every one in FP8. On one H200 at 32k tokens per micro-batch FP8 paid only from about 1400 (docs/benchmarks.md); the routed experts are not affected."""
     first_last_layers_bf16: bool = False
     """Under FP8, run the first and last transformer layers in bf16 (how many: --num-layers-at-start-in-bf16 / --num-layers-at-end-in-bf16; MTP blocks follow the last layer)."""
     num_layers_at_start_in_bf16: int = 1

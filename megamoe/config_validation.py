@@ -346,6 +346,10 @@ def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig, distributed_
         if getattr(m, name) < 0:
             _fail(f"{flag_name(name)} {getattr(m, name)}: must be 0 or more")
     _positive(m, "fp8_amax_history_len")
+    if m.fp8_min_linear_size < 0:
+        _fail(f"--fp8-min-linear-size {m.fp8_min_linear_size}: must be 0 or more")
+    if m.fp8_min_linear_size and not m.fp8_format:
+        _fail("--fp8-min-linear-size: only used with --fp8-format")
     delayed_only = [flag_name(n) for n, default in (("fp8_amax_history_len", 1), ("fp8_amax_compute_algo", "most_recent"),
                                                     ("tp_only_amax_red", False))
                     if getattr(m, n) != default]

@@ -17,7 +17,8 @@ Today's decisions:
 - FP8 (``--fp8-format``, ``--fp8-recipe``): which transformer blocks run their linear layers
   and experts in FP8 and with which recipe (:meth:`fp8_layers`). ``--first-last-layers-bf16``
   keeps the first ``--num-layers-at-start-in-bf16`` and last ``--num-layers-at-end-in-bf16``
-  decoder layers in bf16 (MTP blocks follow the last decoder layer). The embedding, the output
+  decoder layers in bf16 (MTP blocks follow the last decoder layer); ``--fp8-min-linear-size``
+  keeps the dense linears too small for FP8 to pay in bf16 (``Fp8Recipe.linear_pays``). The embedding, the output
   head and the routers never run in FP8 (the model does not hand them a recipe), as in Megatron
   and DeepSeek-V3.
 
@@ -92,7 +93,7 @@ def _fp8_recipe(m: ModelConfig) -> Optional[Fp8Recipe]:
         return None
     return Fp8Recipe(m.fp8_format, m.fp8_recipe, transformer_engine=m.transformer_impl == "transformer_engine",
                      amax_history_len=m.fp8_amax_history_len, amax_compute_algo=m.fp8_amax_compute_algo,
-                     tp_only_amax_reduction=m.tp_only_amax_red)
+                     tp_only_amax_reduction=m.tp_only_amax_red, min_linear_size=m.fp8_min_linear_size)
 
 
 def _bf16_ends(m: ModelConfig) -> dict:

@@ -2,7 +2,7 @@
 """Benchmark the routed experts and one dense linear of DeepSeek-V2-Lite shape in bf16 and in
 each native FP8 recipe, forward and forward + backward, on one GPU.
 
-    python tools/bench_fp8.py [--iters 20] [--profile]
+    python tools/bench_fp8.py [--iters 20] [--profile] [--linear-shapes 2048:3072 512:4096 ...] [--no-experts]
 
 Modes: bf16, megamoe's native rowwise and tensorwise recipes, and, when Transformer Engine is
 installed, TE's delayed, tensorwise and blockwise recipes (te.GroupedLinear experts, te.Linear).
@@ -56,10 +56,11 @@ def experts_case(recipe, device):
     return params, (lambda: experts(x, counts)), dy
 
 
-def linear_case(recipe, device):
-    w = torch.nn.Parameter(torch.randn(Q_OUT, HIDDEN, device=device, dtype=torch.bfloat16) * 0.02)
-    x = torch.randn(TOKENS, HIDDEN, device=device, dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(TOKENS, Q_OUT, device=device, dtype=torch.bfloat16)
+def linear_case(recipe, device, shape=(HIDDEN, Q_OUT)):
+    fan_in, fan_out = shape
+    w = torch.nn.Parameter(torch.randn(fan_out, fan_in, device=device, dtype=torch.bfloat16) * 0.02)
+    x = torch.randn(TOKENS, fan_in, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(TOKENS, fan_out, device=device, dtype=torch.bfloat16)
     cache = Fp8WeightCache()
     if recipe is None:
         return [w], (lambda: F.linear(x, w)), dy
@@ -103,10 +104,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--linear-shapes", nargs="+", default=[f"{HIDDEN}:{Q_OUT}"], metavar="IN:OUT",
+                        help="Dense linears to time (default: MLA's query projection).")
+    parser.add_argument("--no-experts", action="store_true", help="Time the dense linears only.")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'case':<10}{'mode':<15}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}{'host ms':>9}")
+    print(f"{'case':<18}{'mode':<15}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}{'host ms':>9}")
     modes = dict(MODES)
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -114,12 +118,17 @@ def main() -> int:
         modes.update(TE_MODES)
     except ImportError:
         print("Transformer Engine is not installed: its modes are left out")
-    for name, case in (("experts", experts_case), ("linear", linear_case)):
+    cases = [] if args.no_experts else [("experts", experts_case)]
+    for spec in args.linear_shapes:
+        shape = tuple(int(n) for n in spec.split(":"))
+        cases.append((f"linear {spec}" if len(args.linear_shapes) > 1 else "linear",
+                      lambda recipe, device, shape=shape: linear_case(recipe, device, shape)))
+    for name, case in cases:
         base = None
         for mode, recipe in modes.items():
             _, fwd_bwd, f, fb, host = measure(case, recipe, device, args.iters)
             base = base or (f, fb)
-            print(f"{name:<10}{mode:<15}{f:9.2f}{fb:12.2f}{base[0] / f:8.2f}{base[1] / fb:11.2f}{host:9.2f}",
+            print(f"{name:<18}{mode:<15}{f:9.2f}{fb:12.2f}{base[0] / f:8.2f}{base[1] / fb:11.2f}{host:9.2f}",
                   flush=True)
             if args.profile:
                 print(top_kernels(fwd_bwd))

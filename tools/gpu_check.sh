@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather|fp8size]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `wgrad` (one GPU): a MoE block's F, B, input-only B and deferred W
 # (tools/bench_wgrad.py) and the pipeline bubbles they model. `pp` needs two GPUs: NCCL parity of pipeline layouts
@@ -27,7 +27,8 @@
 # and without --moe-fp8-dispatch (100 iterations), and a --profile run of bf16 and of the
 # rowwise recipe (summaries in $OUT/profile_<recipe>.log). Iterations: FP8_ITERS.
 # `fp8gather`: --fp8-param-gather's GPU test and the proxy with the distributed optimizer, bf16 against
-# rowwise FP8 with and without the FP8 gather.
+# rowwise FP8 with and without the FP8 gather. `fp8size`: bf16, rowwise, and rowwise with
+# --fp8-min-linear-size 1400, and a profile of the last.
 # `fp8te` (Transformer Engine installed first, ../shared/gpu/README.md): the FP8 GPU tests with
 # TE's, tools/bench_fp8.py with TE's modes, the proxy under TE's delayed / tensorwise / blockwise
 # recipes and a profile of blockwise. `fp8peers` (bring .gpu/peers; TE installed): which cuDNN
@@ -127,7 +128,7 @@ if [ "$mode" = fp16 ]; then
       | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-420
   done
 fi
-if [ "$mode" = fp8 ] || [ "$mode" = fp8te ] || [ "$mode" = fp8peers ] || [ "$mode" = fp8gather ]; then
+if [ "$mode" = fp8 ] || [ "$mode" = fp8te ] || [ "$mode" = fp8peers ] || [ "$mode" = fp8gather ] || [ "$mode" = fp8size ]; then
   proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
   te_flags="--transformer-impl transformer_engine --moe-grouped-gemm-impl te --fp8-format hybrid"
   # the V2-Lite proxy for $iters iterations, metrics in $LOG/metrics_<name>.jsonl; the last lines on failure
@@ -170,6 +171,17 @@ if [ "$mode" = fp8gather ]; then
   proxy_run distopt_rowwise_gather --use-distributed-optimizer --fp8-format hybrid --fp8-recipe rowwise --fp8-param-gather
   python3 tools/compare_runs.py bf16="$LOG/metrics_distopt_bf16.jsonl" rowwise="$LOG/metrics_distopt_rowwise.jsonl" \
     gather="$LOG/metrics_distopt_rowwise_gather.jsonl" --at 25 50 100
+fi
+if [ "$mode" = fp8size ]; then
+  # --fp8-min-linear-size: bf16, native rowwise, and rowwise with the dense linears below 1400
+  # (out x in / (out + in)) in bf16 (FP8_ITERS, default 100), then a profile of the last
+  iters="${FP8_ITERS:-100}"
+  proxy_run bf16
+  proxy_run rowwise --fp8-format hybrid --fp8-recipe rowwise
+  proxy_run rowwise_min1400 --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400
+  python3 tools/compare_runs.py bf16="$LOG/metrics_bf16.jsonl" rowwise="$LOG/metrics_rowwise.jsonl" \
+    min1400="$LOG/metrics_rowwise_min1400.jsonl" --at 25 50 100
+  proxy_profile rowwise_min1400 --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400
 fi
 if [ "$mode" = fp8te ]; then
   # after Transformer Engine is installed: the GPU FP8 tests (TE's included), tools/bench_fp8.py

@@ -58,7 +58,7 @@ class Fp8Recipe:
     tensor-parallel group only (``--tp-only-amax-red``), not over the pipeline stage.
     ``te_amax_group``: the group TE's delayed scaling reduces every amax over (a
     :class:`megamoe.parallel.state.Group`, set by the model that holds the layers; None: each
-    layer's own TP group)."""
+    layer's own TP group). ``min_linear_size``: see :meth:`linear_pays`."""
 
     fmt: Literal["e4m3", "hybrid"]
     granularity: Granularity
@@ -67,6 +67,14 @@ class Fp8Recipe:
     amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
     tp_only_amax_reduction: bool = False
     te_amax_group: Optional[object] = field(default=None, compare=False, repr=False)
+    min_linear_size: int = 0  # --fp8-min-linear-size: smaller dense linears stay in bf16 (linear_pays)
+
+    def linear_pays(self, out_features: int, in_features: int) -> bool:
+        """Whether a dense ``[out, in]`` GEMM runs in FP8 under ``--fp8-min-linear-size``: its
+        ``out x in / (out + in)``, half the FLOPs per element of activation it quantizes (input
+        forward, output gradient backward), reaches the threshold. The routed experts are not
+        dense linears: their quantization is fused with the SwiGLU and the grouped GEMM."""
+        return out_features * in_features >= self.min_linear_size * (out_features + in_features)
 
     @property
     def forward_dtype(self) -> torch.dtype:

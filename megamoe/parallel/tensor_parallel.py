@@ -68,7 +68,7 @@ def init_sharded_(
 
 
 log = logging.getLogger(__name__)
-_warned_fp8_shapes: set[tuple[int, int]] = set()
+_warned_fp8_shapes: set[tuple] = set()
 
 
 def amax_reducer(group: Optional[Group]) -> AmaxReduce:
@@ -89,13 +89,25 @@ def fp8_for_shape(fp8: Optional[Fp8Recipe], out_features: int, in_features: int)
     return None
 
 
+def fp8_for_linear(fp8: Optional[Fp8Recipe], out_features: int, in_features: int) -> Optional[Fp8Recipe]:
+    """A dense linear's recipe: :func:`fp8_for_shape`, and None when the linear is below
+    ``--fp8-min-linear-size`` (:meth:`Fp8Recipe.linear_pays`; told once per shape)."""
+    if fp8 is None or fp8.linear_pays(out_features, in_features):
+        return fp8_for_shape(fp8, out_features, in_features)
+    if (out_features, in_features, "size") not in _warned_fp8_shapes:
+        _warned_fp8_shapes.add((out_features, in_features, "size"))
+        log.info("a [%d, %d] linear runs in the activations' dtype: below --fp8-min-linear-size %d",
+                 out_features, in_features, fp8.min_linear_size)
+    return None
+
+
 class _Gemm(nn.Module):
     """The GEMM seam every linear layer shares: ``x W^T`` in the activations' dtype or in FP8."""
 
     fp8: Optional[Fp8Recipe] = None
 
     def _setup_gemm(self, fp8: Optional[Fp8Recipe], cut: Cut, group: Optional[Group]) -> None:
-        self.fp8 = fp8_for_shape(fp8, *self.weight.shape)
+        self.fp8 = fp8_for_linear(fp8, *self.weight.shape)
         self._fp8_cut, self._fp8_reduce = cut, amax_reducer(group)
         self._fp8_cache = Fp8WeightCache()
         self._te_gemm = None

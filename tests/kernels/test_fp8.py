@@ -170,6 +170,21 @@ def test_the_policy_keeps_the_head_router_and_end_layers_out_of_fp8():
     assert fp8["head"] is None and not hasattr(model.layers["1"].ffn.gate, "fp8")  # the router: its own fp32 GEMM
 
 
+def test_the_policy_keeps_small_dense_linears_out_of_fp8():
+    """--fp8-min-linear-size: a dense linear runs in FP8 when out x in / (out + in) reaches it
+    (computed here from each weight's shape), the routed experts always."""
+    cfg = _fp8_config({}, fp8_min_linear_size=50)
+    model = build_model(cfg, ParallelState.single(), "cpu", dtype=torch.float32)
+    dense = {name: m for name, m in model.named_modules() if hasattr(m, "fp8") and hasattr(m, "weight")
+             and name.startswith("layers.1.")}
+    kept = {name for name, m in dense.items() if m.fp8 is not None}
+    sizes = {name: m.weight.shape[0] * m.weight.shape[1] / (m.weight.shape[0] + m.weight.shape[1])
+             for name, m in dense.items()}
+    assert kept == {name for name, size in sizes.items() if size >= 50}
+    assert kept and len(kept) < len(dense)  # the threshold splits this model's linears
+    assert model.layers["1"].ffn.experts.fp8 is not None
+
+
 def _fp8_step(layout: dict, recipe: str, num_dp: int):
     """One forward and backward of the FP8 model in float64 activations, each of ``num_dp``
     data-parallel ranks on its own sequences: the loss summed over them and every gradient
