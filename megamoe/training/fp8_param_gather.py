@@ -117,7 +117,8 @@ class Fp8BucketGather:
         self._row_scale_inv: Optional[torch.Tensor] = None
 
     def _spans_of(self, pieces):
-        """(weight, first row, rows, values) of the row spans of this rank's pieces' masters."""
+        """(weight, first row, rows, master values, offset in the bucket) of each row span of
+        this rank's pieces."""
         by_param = {w.param: w for w in self.weights}
         for x in pieces:
             w = by_param[x.param]
