@@ -6,10 +6,10 @@ definition: per row (rowwise) or per matrix (tensorwise) of the global tensor, t
 two that brings the amax to at most 448, e4m3 rounding, saturation. Data-parallel shards cut
 rows and matrices (small buckets), and tensor parallelism cuts them over TP and expert-TP, so
 the amax reductions show here. The losses and every weight must also equal the single-process
-run's with the same flag, whose gather is a copy, within float64 summation order (1e-9). That
-single-process run is itself checked against the whole-tensor optimizer without the flag (FP8
-under the distributed optimizer must see each step's weights), and a load must leave the weights
-the FP8 values of the loaded masters.
+run's with the same flag, whose gather is a copy, within float64 summation order (1e-9). Without the
+flag, FP8 under the distributed optimizer must train as under the whole-tensor optimizer (the
+FP8 layers must see each step's weights); and a load must leave the weights the FP8 values of
+the loaded masters.
 """
 
 from __future__ import annotations
