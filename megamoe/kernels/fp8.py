@@ -147,18 +147,19 @@ def quantize(x_RC: torch.Tensor, dtype: torch.dtype, granularity: Granularity = 
             amax = reduce_amax(amax)
         if granularity == "tensorwise":
             amax = _rows_of(amax, row_group, x_RC.shape[0])
+    return _quantize_rows(x_RC, dtype, amax)
+
+
+def _quantize_rows(x_RC: torch.Tensor, dtype: torch.dtype, amax_R: Optional[torch.Tensor]):
     if _use_triton(x_RC):
-        return _triton_quantize(x_RC, dtype, amax)
-    return _quantize_torch(x_RC, dtype, amax)
+        return _triton_quantize(x_RC, dtype, amax_R)
+    return _quantize_torch(x_RC, dtype, amax_R)
 
 
 def quantize_with_amax(x_RC: torch.Tensor, dtype: torch.dtype, amax_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 values, scale_inv) of each row of ``x`` at the scale of its given amax (taken
     elsewhere: over the ranks holding parts of the row, or over the rows of a matrix)."""
-    x_RC, amax_R = x_RC.contiguous(), amax_R.float().contiguous()
-    if _use_triton(x_RC):
-        return _triton_quantize(x_RC, dtype, amax_R)
-    return _quantize_torch(x_RC, dtype, amax_R)
+    return _quantize_rows(x_RC.contiguous(), dtype, amax_R.float().contiguous())
 
 
 def quantize_transposed(x_BRC: torch.Tensor, dtype: torch.dtype, granularity: Granularity = "rowwise",

@@ -55,15 +55,21 @@ class Fp8WeightCache:
         return self._copies[which]
 
 
-def mark_fp8_weight(weight: torch.nn.Parameter, recipe: Fp8Recipe) -> None:
-    """Say that ``weight``'s GEMMs run the native FP8 recipe ``recipe`` (the distributed
-    optimizer's ``--fp8-param-gather`` quantizes it with the recipe's scaling unit)."""
-    weight.fp8_recipe = recipe
+def mark_fp8_weight(weight: torch.nn.Parameter, recipe: Fp8Recipe, cut: Cut) -> None:
+    """Say that ``weight``'s GEMMs run the native FP8 recipe ``recipe``, its layer cut over TP as
+    ``cut`` (the distributed optimizer's ``--fp8-param-gather`` quantizes it as they do)."""
+    weight.fp8_recipe, weight.fp8_cut = recipe, cut
 
 
 def fp8_weight_recipe(param: torch.Tensor) -> Optional[Fp8Recipe]:
     """The native FP8 recipe of a weight marked by :func:`mark_fp8_weight`, else None."""
     return getattr(param, "fp8_recipe", None)
+
+
+def weight_unit_is_cut(recipe: Fp8Recipe, cut: Cut) -> bool:
+    """Whether the layer's TP cut splits a scaling unit of its weight's forward copy (a row
+    along K when the input dimension is cut; the matrix when either is)."""
+    return cut == "in" if recipe.granularity == "rowwise" else cut is not None
 
 
 def _reduce_for(rows_cut: bool, tensor_cut: bool, recipe: Fp8Recipe, reduce_amax: AmaxReduce) -> AmaxReduce:
@@ -135,7 +141,7 @@ class _Fp8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut, reduce_amax: AmaxReduce):
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = quantize(x2, E4M3, recipe.granularity, _reduce_for(cut == "in", cut == "in", recipe, reduce_amax))
-        w_reduce = _reduce_for(cut == "in", cut is not None, recipe, reduce_amax)
+        w_reduce = reduce_amax if weight_unit_is_cut(recipe, cut) else None
         wq, ws = cache.get(weight, "w", lambda: _weight_rows(weight.detach(), E4M3, recipe, w_reduce))
         y = scaled_mm(xq, xs, wq, ws, x.dtype, fast_accum=True)
         ctx.save_for_backward(x2, weight)
@@ -191,7 +197,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             x_reduce = _reduce_for(cut == "in", cut == "in", recipe, reduce_amax)
             quant = swiglu_quantize if swiglu_input else quantize
             xq, xs = quant(x, E4M3, recipe.granularity, x_reduce, groups)
-        w_reduce = _reduce_for(cut == "in", cut is not None, recipe, reduce_amax)
+        w_reduce = reduce_amax if weight_unit_is_cut(recipe, cut) else None
         wq, ws = cache.get(weight, "w", lambda: _weight_rows(weight.detach(), E4M3, recipe, w_reduce))
         y = scaled_grouped_mm(xq, xs, wq, ws, offsets, x.dtype, fast_accum=True)
         # the weight gradient needs the input: the FP8 rows stand for it when x is a stand-in

@@ -141,8 +141,8 @@ class GroupedExperts(nn.Module):
         self.register_parameter(self.fc1_name, set_spec(fc1, fc1_spec))
         self.w2 = set_spec(nn.Parameter(torch.empty(num_local_experts, hidden_size, f_local, **kw)), w2_spec)
         if self.fp8 is not None:
-            mark_fp8_weight(self.fc1, self.fp8)
-            mark_fp8_weight(self.w2, self.fp8)
+            mark_fp8_weight(self.fc1, self.fp8, "out")  # cut as _forward_fp8 runs them
+            mark_fp8_weight(self.w2, self.fp8, "in")
 
     def init_weights(self, generator: torch.Generator) -> None:
         """Each expert's full weights come from its own seed, so they do not depend on which

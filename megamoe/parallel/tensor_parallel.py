@@ -119,7 +119,7 @@ class _Gemm(nn.Module):
             # the amax histories over the recipe's te_amax_group (the stage), else this TP group
             self._te_gemm = TELinearGemm(self.fp8, group)
         elif self.fp8 is not None:
-            mark_fp8_weight(self.weight, self.fp8)
+            mark_fp8_weight(self.weight, self.fp8, cut)
 
     def _gemm(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.fp8 is None:

@@ -36,7 +36,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from megamoe.kernels.fp8 import E4M3, quantize_with_amax, row_amax, scale_from_amax
-from megamoe.kernels.fp8_gemm import fp8_weight_recipe
+from megamoe.kernels.fp8_gemm import fp8_weight_recipe, weight_unit_is_cut
 from megamoe.parallel import mappings
 from megamoe.parallel.data_parallel import Bucket
 from megamoe.parallel.param_spec import spec_of
@@ -64,14 +64,11 @@ class _Weight:
 
 def scaling_unit(param: torch.nn.Parameter) -> tuple[int, bool]:
     """(rows per scale, whether the layer's tensor-parallel cut splits a unit) of an FP8 weight
-    ``[O, K]`` or ``[E, O, K]``: one row (``rowwise``, cut when K is) or one matrix of O rows
-    (``tensorwise``, cut when O or K is)."""
+    ``[O, K]`` or ``[E, O, K]``: one row (``rowwise``) or one matrix of O rows (``tensorwise``),
+    cut as the layer's own quantization sees it (``fp8_gemm.weight_unit_is_cut``)."""
     recipe = fp8_weight_recipe(param)
-    spec = spec_of(param)
-    last = len(spec.shape) - 1
-    if recipe.granularity == "rowwise":
-        return 1, spec.split_at(last) is not None
-    return param.shape[-2], any(spec.split_at(d) is not None for d in (last - 1, last))
+    rows_per_unit = 1 if recipe.granularity == "rowwise" else param.shape[-2]
+    return rows_per_unit, weight_unit_is_cut(recipe, param.fp8_cut)
 
 
 def _spans(a: int, b: int, row: int) -> list[tuple[int, int, int, int]]:
