@@ -273,9 +273,6 @@ def validate_moe_overlap(config: Config, layout: ParallelLayout) -> None:
         return
     if not moe.num_experts or moe.moe_token_dispatcher_type != "alltoall":
         _fail(f"{flag} needs routed experts on --moe-token-dispatcher-type alltoall")
-    if layout.pp > 1 and config.parallel.pipeline_schedule != "dualpipev":
-        _fail(f"{flag} with --pipeline-schedule 1f1b at --pipeline-model-parallel-size {layout.pp} is not "
-              "supported yet: use --pipeline-schedule dualpipev, or PP 1")
     unsupported = [("--recompute-granularity full", config.model.recompute_granularity == "full"),
                    ("--moe-layer-recompute", moe.moe_layer_recompute),
                    (f"--moe-a2a-overlap-chunks {moe.moe_a2a_overlap_chunks}", moe.moe_a2a_overlap_chunks > 1),

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megamoe.parallel.pieces import PieceRun, interleave
 from megamoe.parallel.schedules import (Action, Placement, all_forward_all_backward, dualpipev, forward_only,
-                                        interleaved_1f1b, one_f_one_b, paired_accumulation)
+                                        interleaved_1f1b, one_f_one_b, paired_1f1b)
 from megamoe.parallel.state import Group
 from megamoe.parallel.weight_grad import WeightGradStore
 
@@ -212,10 +212,11 @@ def run_schedule(actions: list[Action], placement: Placement, forward_step: Forw
 def build_schedule(name: str, pp: int, rank: int, num_micro: int, vpp: int = 1,
                    train: bool = True, paired: bool = False) -> tuple[Placement, list[Action]]:
     """(placement, this rank's actions) of ``--pipeline-schedule name`` ('1f1b', interleaved with
-    ``vpp`` > 1, or 'dualpipev'); ``train=False`` for evaluation. ``paired``: one stage's
-    forwards listed before the previous micro-batch's backwards (--overlap-moe-expert-parallel-comm)."""
-    if pp == 1 and paired and train:
-        return Placement(1), paired_accumulation(num_micro)
+    ``vpp`` > 1, or 'dualpipev'); ``train=False`` for evaluation. ``paired``: 1F1B's steady
+    state as forward-backward pairs of different micro-batches (--overlap-moe-expert-parallel-comm;
+    DualPipeV pairs its own)."""
+    if paired and train and name != "dualpipev":
+        return Placement(pp, vpp), paired_1f1b(pp, rank, num_micro, vpp)
     if name == "dualpipev":
         placement, actions = Placement(pp, 2, "v"), dualpipev(pp, rank, num_micro)
         return placement, actions if train else forward_only(actions)

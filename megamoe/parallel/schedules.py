@@ -1,7 +1,7 @@
 """Pipeline schedules as data: for each pipeline rank, the list of actions it runs.
 
-A generator here (1F1B, interleaved 1F1B, DualPipeV, all-forward-all-backward) returns one
-rank's :class:`Action` list; :func:`megamoe.parallel.pipeline_parallel.run_schedule` is the one
+A generator here (1F1B, interleaved 1F1B, their paired form, DualPipeV, all-forward-all-backward)
+returns one rank's :class:`Action` list; :func:`megamoe.parallel.pipeline_parallel.run_schedule` is the one
 interpreter that runs any of them. Lists are plain data, so the tests check them without
 processes: every rank's list on threads whose transport has NCCL's matching rules (a deadlock
 becomes a timeout there), and :func:`check_schedule` checks one list's bookkeeping.
@@ -179,16 +179,45 @@ def all_forward_all_backward(pp: int, rank: int, num_micro: int) -> list[Action]
     return b.done()
 
 
-def paired_accumulation(num_micro: int) -> list[Action]:
-    """One stage (PP 1) with ``--overlap-moe-expert-parallel-comm``: each forward listed right
-    before the previous micro-batch's backward, a pair the interpreter interleaves piece by
-    piece; at most two micro-batches' activations alive."""
-    b = _Builder(Placement(1), 0)
-    b.compute("F", 0)
-    for m in range(1, num_micro):
-        b.compute("F", m)
-        b.compute("B", m - 1)
-    b.compute("B", num_micro - 1)
+def paired_1f1b(pp: int, rank: int, num_micro: int, vpp: int = 1) -> list[Action]:
+    """1F1B (interleaved over ``vpp`` chunks) whose steady state lists each forward right
+    before another micro-batch's backward, a pair the interpreter interleaves piece by piece
+    (``--overlap-moe-expert-parallel-comm``); at PP 1 it is gradient accumulation with each
+    forward paired with the previous micro-batch's backward.
+
+    Rank ``r`` runs ``x = 2 (pp - r - 1) + (vpp - 1) pp + 1`` units of warm-up: unit ``u`` holds
+    the ``u``-th forward and the ``(u - x)``-th backward (either may be absent), in the
+    interleaved schedule's orders, and one batch of transfers before each unit receives what
+    the unit needs and sends what the unit before produced. A pair cannot wait inside itself
+    for the neighbour's half of a transfer, so everything a unit needs comes from an earlier
+    unit of the neighbour: rank ``r``'s batch ``k`` meets rank ``r + 1``'s batch ``k - 1`` (and,
+    across the wrap of the loop, rank ``pp - 1``'s batch ``k + 1 - pp`` meets rank 0's batch
+    ``k``), which is why a rank keeps two more micro-batches in flight than 1F1B per rank after
+    it (``x + 1`` at most, against ``pp - r`` for 1F1B). The ``+ 1`` keeps the last stage's pair
+    from being a micro-batch's own forward and backward."""
+    if vpp > 1 and num_micro % pp:
+        raise ValueError(f"interleaved pipeline: {num_micro} micro-batches is not a multiple of the "
+                         f"pipeline size {pp}")
+    b = _Builder(Placement(pp, vpp), rank)
+    total = num_micro * vpp
+    warmup = 2 * (pp - rank - 1) + (vpp - 1) * pp + 1
+
+    def forward(u: int) -> Optional[tuple[int, int]]:  # (micro-batch, chunk) of unit u's forward
+        return (_virtual_micro(u, pp, vpp), _virtual_chunk(u, pp, vpp)) if 0 <= u < total else None
+
+    def backward(u: int) -> Optional[tuple[int, int]]:
+        k = u - warmup
+        return (_virtual_micro(k, pp, vpp), _virtual_chunk(k, pp, vpp, backward=True)) if 0 <= k < total else None
+
+    def chunk(work: Optional[tuple[int, int]]) -> Optional[int]:
+        return None if work is None else work[1]
+
+    for u in range(total + warmup + 1):
+        b.exchange(recv_f=chunk(forward(u)), send_f=chunk(forward(u - 1)), send_b=chunk(backward(u - 1)),
+                   recv_b=chunk(backward(u)))
+        for kind, work in (("F", forward(u)), ("B", backward(u))):
+            if work is not None:
+                b.compute(kind, *work)
     return b.done()
 
 

@@ -5,7 +5,8 @@ gathered), the weights after three optimizer steps and the expert-bias buffers.
 Layouts: TP 2 and 4 with and without sequence parallel; EP 2, 4 and 8; EP 2 with expert-TP 2;
 the all-to-all in 2 or 3 overlapped chunks at EP 2 and 4 (with expert-TP 2, capacity, padding);
 TP 2 for attention with EP 4 for experts (with and without SP); PP 2 and 4 (1F1B), PP 2 x VPP 2
-and PP 2 x VPP 4 (interleaved), PP 2 and 4 under DualPipeV (with EP 2), PP 2 with TP 2 or EP 2,
+and PP 2 x VPP 4 (interleaved), PP 2 and 4 under DualPipeV (with EP 2), PP 2 and PP 2 x VPP 2 with EP 2 whose steady state runs
+forward-backward pairs piece by piece (--overlap-moe-expert-parallel-comm), PP 2 with TP 2 or EP 2,
 uneven stages (1 + 3 layers), and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
 expert bias, dropless; softmax router with aux and z-loss; group-limited routing with capacity
 dropping and MTP; the same with the output head tied to the embedding (under PP the last stage
@@ -177,6 +178,9 @@ PP_CASES = [
     ("gqa", dict(pp=4, schedule="dualpipev", layers=8, gbs=8)),
     # and its forward-and-backward pairs overlapped piece by piece (--overlap-moe-expert-parallel-comm)
     ("mtp_tied", dict(pp=2, ep=2, dispatcher="alltoall", schedule="dualpipev", moe_overlap=True, gbs=12)),
+    # 1F1B and interleaved 1F1B with their steady state in overlapped forward-backward pairs
+    ("mla", dict(pp=2, ep=2, dispatcher="alltoall", moe_overlap=True, gbs=12)),
+    ("mtp_tied", dict(pp=2, vpp=2, ep=2, dispatcher="alltoall", moe_overlap=True, gbs=16)),
 ]
 
 

@@ -26,7 +26,7 @@ from megamoe.parallel.pipeline_parallel import (
     virtual_stage_layer_ranges,
 )
 from megamoe.parallel.schedules import (Action, Placement, all_forward_all_backward, check_schedule, dualpipev,
-                                        interleaved_1f1b, one_f_one_b, paired_accumulation)
+                                        interleaved_1f1b, one_f_one_b, paired_1f1b)
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.weight_grad import WeightGradStore, linear
 from megamoe.testing.distributed import run_on_threads
@@ -76,6 +76,8 @@ def _schedule(name: str, pp: int, rank: int, num_micro: int, chunks: int,
               train: bool = True) -> tuple[Placement, list[Action]]:
     if name == "afab":
         return Placement(pp), all_forward_all_backward(pp, rank, num_micro)
+    if name == "paired":  # --overlap-moe-expert-parallel-comm's 1F1B (interleaved with chunks > 1)
+        return build_schedule("1f1b", pp, rank, num_micro, chunks, train, paired=True)
     return build_schedule(name, pp, rank, num_micro, chunks if name == "1f1b" else 1, train)
 
 
@@ -115,13 +117,32 @@ def test_every_schedule_runs_each_micro_batch_once_with_its_transfers_in_order(p
 
 def test_paired_accumulation_keeps_two_micro_batches_alive():
     for m in (1, 2, 5):
-        actions = paired_accumulation(m)
+        actions = paired_1f1b(1, 0, m)
         assert check_schedule(actions, Placement(1), 0, m) == min(2, m)
-        # every forward after the first is followed by the previous micro-batch's backward (an F
-        # followed by its own B, the single micro-batch's, is no pair to the interpreter)
-        pairs = [(a.micro, b.micro) for a, b in zip(actions, actions[1:])
-                 if a.kind == "F" and b.kind == "B" and a.micro != b.micro]
-        assert pairs == [(j, j - 1) for j in range(1, m)]
+        assert _pairs(actions) == [((j, 0), (j - 1, 0)) for j in range(1, m)]
+
+
+def _pairs(actions: list[Action]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(forward, backward) of each F listed right before another micro-batch's B: what the
+    interpreter interleaves piece by piece."""
+    return [((a.micro, a.chunk), (b.micro, b.chunk)) for a, b in zip(actions, actions[1:])
+            if a.kind == "F" and b.kind == "B" and (a.micro, a.chunk) != (b.micro, b.chunk)]
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_paired_1f1b_pairs_its_steady_state_and_keeps_two_more_in_flight(pp):
+    for vpp in (1, 2, 3):
+        for m in ((1, pp, 2 * pp + 1) if vpp == 1 else (pp, 2 * pp, 3 * pp)):
+            total = m * vpp
+            for rank in range(pp):
+                actions = paired_1f1b(pp, rank, m, vpp)
+                warmup = 2 * (pp - rank - 1) + (vpp - 1) * pp + 1
+                peak = check_schedule(actions, Placement(pp, vpp), rank, m)
+                assert peak == min(warmup + 1, total) if total > warmup else peak == total, (vpp, m, rank)
+                # every forward after the warm-up runs as a pair with a backward
+                assert len(_pairs(actions)) == max(total - warmup, 0), (vpp, m, rank)
+    with pytest.raises(ValueError, match="not a multiple of the pipeline size 2"):
+        paired_1f1b(2, 0, 3, 2)
 
 
 def test_a_broken_schedule_is_named():
@@ -198,7 +219,9 @@ def _check_against_reference(results, num_stages: int, num_micro: int) -> None:
 
 SHAPES = ([("1f1b", pp, 1, m) for pp in (2, 3, 4) for m in (1, pp, 2 * pp + 1)]
           + [("1f1b", pp, vpp, m * pp) for pp in (2, 3, 4) for vpp in (2, 3) for m in (1, 2, 3)]
-          + [("dualpipev", pp, 2, m) for pp in (2, 3, 4) for m in (2 * pp, 2 * pp + 1, 3 * pp + 2)])
+          + [("dualpipev", pp, 2, m) for pp in (2, 3, 4) for m in (2 * pp, 2 * pp + 1, 3 * pp + 2)]
+          + [("paired", pp, 1, m) for pp in (2, 3, 4) for m in (1, pp, 2 * pp + 1)]
+          + [("paired", pp, vpp, m * pp) for pp in (2, 4) for vpp in (2, 3) for m in (1, 3)])
 
 
 @pytest.mark.parametrize("name,pp,chunks,num_micro", SHAPES)
@@ -266,7 +289,7 @@ def test_1f1b_matches_all_forward_all_backward_and_bounds_activations(workers, w
     assert one[0][0] == world  # the first stage does reach the bound
 
 
-@pytest.mark.parametrize("name,chunks", [("1f1b", 2), ("dualpipev", 2)])
+@pytest.mark.parametrize("name,chunks", [("1f1b", 2), ("dualpipev", 2), ("paired", 1), ("paired", 2)])
 def test_interleaved_and_dualpipev_on_gloo_match_the_unsplit_model(workers, name, chunks):
     pp = 2
     ref = _reference_grads(pp * chunks)
