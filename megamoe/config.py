@@ -186,7 +186,7 @@ class MoEConfig:
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     """How tokens reach experts on other ranks."""
     overlap_moe_expert_parallel_comm: bool = False
-    """Megatron's name: run each micro-batch's forward interleaved, piece by piece, with another micro-batch's backward, so that one's expert all-to-all is in flight while the other computes (cut at each MoE layer's dispatch and combine). With --pipeline-model-parallel-size 1 every forward pairs with the previous micro-batch's backward (gradient accumulation); under 1F1B (and interleaved 1F1B) the steady state runs as such pairs, after a warm-up of 2 (PP - rank - 1) + (VPP - 1) PP + 1 forwards (two micro-batches more in flight than 1F1B); with --pipeline-schedule dualpipev its forward-and-backward pairs run so. Needs the all-to-all dispatcher. Not supported yet: full and MoE-layer recompute, --moe-a2a-overlap-chunks, --moe-fp8-dispatch, --compile. With dropout the masks are drawn in another order than without it (still independent masks)."""
+    """Megatron's name: run each micro-batch's forward interleaved, piece by piece, with another micro-batch's backward, so that one's expert all-to-all is in flight while the other computes (cut at each MoE layer's dispatch and combine). With --pipeline-model-parallel-size 1 every forward pairs with the previous micro-batch's backward (gradient accumulation); under 1F1B (and interleaved 1F1B) the steady state runs as such pairs, after a warm-up of 2 (PP - rank - 1) + (VPP - 1) PP + 1 forwards (two micro-batches more in flight than 1F1B); with --pipeline-schedule dualpipev its forward-and-backward pairs run so. Needs the all-to-all dispatcher. Full and MoE-layer recompute then rebuild what lies between a layer's exchanges (the attention half under full, the routed and shared experts' MLPs under both) and keep the exchanged rows and the routing. Not supported yet: --moe-a2a-overlap-chunks, --moe-fp8-dispatch, --compile. With dropout the masks are drawn in another order than without it (still independent masks)."""
     moe_a2a_overlap_chunks: int = 1
     """All-to-all dispatcher: cut each MoE layer's tokens into this many chunks, dispatched and combined one by one, so one chunk's exchange runs while another chunk's experts compute, in forward and in backward. The results are those of one chunk (each token's experts stay in its chunk); one count exchange and one host synchronisation per layer whatever the count. 1: one exchange each way."""
     moe_grouped_gemm: bool = False
@@ -196,7 +196,7 @@ class MoEConfig:
     moe_shared_expert_overlap: bool = False
     """On CUDA, run the shared experts on a side stream, overlapping dispatch, experts and combine."""
     moe_layer_recompute: bool = False
-    """Recompute each MoE layer (routing, dispatch, experts, combine) in backward instead of keeping its activations."""
+    """Recompute each MoE layer (routing, dispatch, experts, combine) in backward instead of keeping its activations; under --overlap-moe-expert-parallel-comm only the routed and shared experts' MLPs (a layer cut at its exchanges cannot repeat them)."""
 
     @property
     def expert_backend(self) -> str:

@@ -273,9 +273,7 @@ def validate_moe_overlap(config: Config, layout: ParallelLayout) -> None:
         return
     if not moe.num_experts or moe.moe_token_dispatcher_type != "alltoall":
         _fail(f"{flag} needs routed experts on --moe-token-dispatcher-type alltoall")
-    unsupported = [("--recompute-granularity full", config.model.recompute_granularity == "full"),
-                   ("--moe-layer-recompute", moe.moe_layer_recompute),
-                   (f"--moe-a2a-overlap-chunks {moe.moe_a2a_overlap_chunks}", moe.moe_a2a_overlap_chunks > 1),
+    unsupported = [(f"--moe-a2a-overlap-chunks {moe.moe_a2a_overlap_chunks}", moe.moe_a2a_overlap_chunks > 1),
                    ("--moe-fp8-dispatch", moe.moe_fp8_dispatch), ("--compile", config.training.compile)]
     for other, given in unsupported:
         if given:

@@ -266,7 +266,7 @@ def _config(**fields) -> Config:
         (dict(num_experts=8, overlap_moe_expert_parallel_comm=True), 1,
          "--overlap-moe-expert-parallel-comm needs routed experts on --moe-token-dispatcher-type alltoall"),
         (dict(num_experts=8, overlap_moe_expert_parallel_comm=True, moe_token_dispatcher_type="alltoall",
-              moe_layer_recompute=True), 1, "with --moe-layer-recompute is not supported yet"),
+              moe_a2a_overlap_chunks=2), 1, "with --moe-a2a-overlap-chunks 2 is not supported yet"),
         (dict(pipeline_schedule="dualpipev"), 1, "--pipeline-schedule dualpipev needs --pipeline-model-parallel-size 2"),
         (dict(pipeline_schedule="dualpipev", pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
               global_batch_size=8), 2, "places two chunks per rank itself: drop --virtual-pipeline-model-parallel-size 2"),

@@ -77,16 +77,27 @@ class TransformerBlock(nn.Module):
             out, stats = out
         return h + self._dropout(out, rng_tracker), stats
 
-    def pieces(self, name: str, positions: torch.Tensor, rng_tracker: Optional[RNGStatesTracker] = None) -> list[Piece]:
+    def pieces(self, name: str, positions: torch.Tensor, rng_tracker: Optional[RNGStatesTracker] = None,
+               recompute_whole: bool = False) -> list[Piece]:
         """This block's forward as pieces over the residual stream ``x`` (parallel/pieces.py). A MoE
         layer on the all-to-all dispatcher takes three, cut where its exchanges are in flight:
         attention, routing and the dispatch's start; the experts and the combine's start; the
         combine and the residual. Any other block is one piece. Values are named after the
         layer (``name``); ``{name}.aux`` and ``{name}.z`` are its balancing losses, and
-        ``{name}.ctx["stats"]`` its statistics."""
+        ``{name}.ctx["stats"]`` its statistics.
+
+        Recompute (``recompute_whole``: full recompute; ``recompute_ffn``: the MoE FFN's) cannot
+        replay an exchange that one piece starts and the next one waits for, so inside the
+        three pieces it recomputes the compute between the exchanges: the attention half (full
+        only), the routed experts' MLP and the shared experts'. The exchanged rows, the router's
+        choices and each piece's inputs stay alive; a one-piece block is recomputed whole."""
+        recompute_whole = recompute_whole and self.training
         if not (isinstance(self.ffn, MoELayer) and isinstance(self.ffn.dispatcher, AllToAllDispatcher)):
             def whole(x):
-                out, stats = self(x, positions, rng_tracker)
+                if recompute_whole:
+                    out, stats = recompute_with_rng(self, x, positions, rng_tracker, rng_tracker=rng_tracker)
+                else:
+                    out, stats = self(x, positions, rng_tracker)
                 if stats is None:
                     return {"x": out}
                 return {"x": out, f"{name}.aux": stats.aux_loss, f"{name}.z": stats.z_loss,
@@ -94,9 +105,14 @@ class TransformerBlock(nn.Module):
                                                           stats.tokens_per_expert, stats.num_dropped)}}
             return [Piece(name, ("x",), whole)]
 
+        recompute_mlps = self.training and (recompute_whole or self.recompute_ffn)
+
         def attention_and_dispatch(x):
-            h = self._attention(x, positions, rng_tracker)
-            started = self.ffn.start(self.ffn_norm(h), positions)
+            if recompute_whole:
+                h = recompute_with_rng(self._attention, x, positions, rng_tracker, rng_tracker=rng_tracker)
+            else:
+                h = self._attention(x, positions, rng_tracker)
+            started = self.ffn.start(self.ffn_norm(h), positions, recompute=recompute_mlps)
             return {f"{name}.h": h, **{f"{name}.{k}": v for k, v in started.items()}}
 
         def experts(sent, ctx):

@@ -379,7 +379,7 @@ class GPTModel(nn.Module):
         else:
             values["x"] = hidden_in
         for name in self.chunk_layers[chunk]:
-            pieces += self.layers[name].pieces(name, positions, rng_tracker)
+            pieces += self.layers[name].pieces(name, positions, rng_tracker, recompute_whole=self.recompute == "full")
             loss_weights.update({f"{name}.aux": weights.balance, f"{name}.z": weights.balance})
         if chunk != self.output_chunk:
             return PieceRun(pieces, values, loss_weights, output="x")

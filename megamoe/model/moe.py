@@ -29,6 +29,7 @@ from megamoe.model.router import Routing, TopKRouter
 from megamoe.parallel import mappings
 from megamoe.parallel.expert_parallel import AllGatherDispatcher, AllToAllDispatcher, DispatchHandle
 from megamoe.parallel.permutation import combine_rows
+from megamoe.parallel.random import recompute_with_rng
 from megamoe.parallel.state import Group
 
 
@@ -97,12 +98,14 @@ class MoELayer(nn.Module):
 
     # ----------------------------------------------------------------------------- split forward
 
-    def start(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> dict:
+    def start(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None, recompute: bool = False) -> dict:
         """The forward's first piece (parallel/pieces.py): the shared experts start, the tokens are
         routed and permuted and their exchange starts. Returns the tensors the later pieces read
         (``sent``: the rows in flight; ``probs``; ``shared``), the scalar losses (``aux``, ``z``),
-        and ``ctx`` (what is not differentiated: the handle, the exchange, the statistics)."""
-        shared = self._shared_start(x)
+        and ``ctx`` (what is not differentiated: the handle, the exchange, the statistics).
+        ``recompute``: the shared and the routed experts' MLPs recompute their activations in
+        backward (the exchanges around them are not repeated)."""
+        shared = self._shared_start(x, recompute)
         x_own, positions, tokens_sharded = self._own_tokens(x, positions)
         routing = self.route(x_own, positions)
         ((pending, handle),) = self.dispatcher.dispatch_chunks(x_own.reshape(-1, x_own.shape[-1]), routing.probs_TK,
@@ -111,7 +114,7 @@ class MoELayer(nn.Module):
                          routing.num_dropped)
         stream, shared = shared if isinstance(shared, tuple) else (None, shared)
         ctx = dict(handle=handle, exchange=pending.exchange, shape=x_own.shape, dtype=x.dtype,
-                   gather=not tokens_sharded, stream=stream, stats=stats)
+                   gather=not tokens_sharded, stream=stream, stats=stats, recompute=recompute)
         return dict(sent=pending.out, probs=routing.probs_TK, shared=shared, aux=routing.aux_loss,
                     z=routing.z_loss, ctx=ctx)
 
@@ -119,7 +122,11 @@ class MoELayer(nn.Module):
         """The second piece: the rows arrive, the experts run, their outputs start back."""
         handle = ctx["handle"]
         rows = self.dispatcher.receive(mappings.PendingAllToAll(sent, ctx["exchange"]), handle)
-        pending = self.dispatcher.start_combine(self.experts(rows, handle.tokens_per_expert), handle)
+        if ctx["recompute"]:
+            y = recompute_with_rng(self.experts, rows, handle.tokens_per_expert)
+        else:
+            y = self.experts(rows, handle.tokens_per_expert)
+        pending = self.dispatcher.start_combine(y, handle)
         ctx["back"] = pending.exchange
         return dict(back=pending.out)
 
@@ -148,20 +155,25 @@ class MoELayer(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
 
-    def _shared_start(self, x: torch.Tensor):
+    def _shared_start(self, x: torch.Tensor, recompute: bool = False):
         """Start the shared experts: on a side stream on CUDA (overlapping dispatch, experts and
         combine on the main stream; autograd runs their backward on the same side stream),
-        else inline. Returns the output, or a pending (stream, output) pair."""
+        else inline. Returns the output, or a pending (stream, output) pair. ``recompute``:
+        their MLP's activations are recomputed in backward."""
         if self.shared_experts is None:
             return None
+
+        def mlp(x):
+            return recompute_with_rng(self.shared_experts, x) if recompute else self.shared_experts(x)
+
         if not (self.shared_expert_overlap and x.is_cuda):
-            return self.shared_experts(x)
+            return mlp(x)
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(device=x.device)
         main = torch.cuda.current_stream(x.device)
         self._side_stream.wait_stream(main)  # x is ready
         with torch.cuda.stream(self._side_stream):
-            out = self.shared_experts(x)
+            out = mlp(x)
         return (self._side_stream, out)
 
     @staticmethod

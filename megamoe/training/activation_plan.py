@@ -21,7 +21,9 @@ sequence, context and expert parallelism scale each item where they scale that t
 
 Recompute: ``selective`` drops the core's log-sum-exp (its other saved tensors are kept by the
 projections around it anyway); ``--moe-layer-recompute`` keeps the MoE FFN's normalised input;
-``full`` keeps each layer's input.
+``full`` keeps each layer's input. A MoE block run as pieces (``--overlap-moe-expert-parallel-comm``)
+also keeps the rows in flight and the residual after attention, and recomputes only between
+its exchanges (``_piece_block_bytes``).
 
 Checked against the tensors a forward leaves alive: on the CPU by
 ``megamoe.testing.live_bytes.LiveBytes`` in several layouts (``tests/training/test_activation_plan.py``),
@@ -43,6 +45,7 @@ from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.mlp import MLP
 from megamoe.model.moe import MoELayer
 from megamoe.parallel.cross_entropy import chunk_tokens
+from megamoe.parallel.expert_parallel import AllToAllDispatcher
 from megamoe.parallel.pipeline_parallel import build_schedule
 from megamoe.parallel.state import ParallelState
 from megamoe.precision import PrecisionPolicy
@@ -200,11 +203,20 @@ def moe_bytes(moe: MoELayer, d: int, t: Tokens, etp: int, expert_load: float = 1
 
 
 def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str],
-                expert_load: float = 1.0, moe_recompute: bool = False) -> dict[str, int]:
+                expert_load: float = 1.0, moe_recompute: bool = False, pieces: bool = False) -> dict[str, int]:
     """What one block keeps for its backward per micro-batch, item by item (bytes on this rank).
     ``moe_recompute``: whether its MoE FFN is recomputed (``--moe-layer-recompute``, from the
-    config: one meta model serves every setting)."""
+    config: one meta model serves every setting). ``pieces``: the forward runs as pieces
+    (``--overlap-moe-expert-parallel-comm``)."""
     d = block.attn_norm.dim
+    if pieces:  # a piece run holds each block's input (the piece before's output) until backward
+        if _cut_at_exchanges(block):
+            kept = _piece_block_bytes(block, t, etp, recompute, expert_load, moe_recompute)
+        elif recompute == "full":  # the checkpoint's input is the one held anyway
+            kept = {"block_input": t.rng_states}
+        else:
+            kept = block_bytes(block, t, etp, recompute, expert_load, moe_recompute)
+        return {**kept, "piece_input": t.act * d * t.stream}
     if recompute == "full":
         return {"block_input": t.act * d * t.stream + t.rng_states}
     selective = recompute == "selective"
@@ -219,6 +231,35 @@ def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optiona
     if moe_recompute:  # the recomputed MoE keeps its normalised input
         return {**items, "ffn_norm": t.norm(d, t.stream) + t.act * d * t.stream + t.rng_states}
     return {**items, **moe_bytes(block.ffn, d, t, etp, expert_load)}
+
+
+def _cut_at_exchanges(block: TransformerBlock) -> bool:
+    """Whether a piece run cuts this block at its exchanges (``TransformerBlock.pieces``)."""
+    return isinstance(block.ffn, MoELayer) and isinstance(block.ffn.dispatcher, AllToAllDispatcher)
+
+
+def _piece_block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str],
+                       expert_load: float, moe_recompute: bool) -> dict[str, int]:
+    """A MoE block run as three pieces: the cuts keep the dispatched rows in flight, the
+    residual stream after attention and the shared experts' output alive as well (besides the
+    block's input, :func:`block_bytes`), and recompute rebuilds only what lies
+    between the exchanges (``TransformerBlock.pieces``): the attention half under full
+    recompute, the routed and shared experts' MLPs under full and MoE recompute; the routing,
+    the exchanged rows and the norms' inputs stay."""
+    d = block.attn_norm.dim
+    plain = block_bytes(block, t, etp, "selective" if recompute == "selective" else None, expert_load)
+    attention = {k: v for k, v in plain.items() if k not in _FFN_ITEMS}
+    ffn = {k: v for k, v in plain.items() if k in _FFN_ITEMS}
+    if recompute == "full":  # its checkpoint keeps the block's input, which the piece run holds anyway
+        attention = {"block_input": t.rng_states}
+    if recompute == "full" or moe_recompute:
+        ffn["experts"] = t.rng_states  # the received rows, kept anyway, are the recomputation's input
+        if "shared_experts" in ffn:
+            ffn["shared_experts"] = _linear_input(t, d) + t.rng_states
+    cuts = {"rows_in_flight": ffn["expert_rows"], "residual": t.act * d * t.stream}
+    if "shared_experts" in ffn:
+        cuts["shared_output"] = t.act * d * t.stream
+    return {**attention, **ffn, **cuts}
 
 
 def head_bytes(model: GPTModel, t: Tokens, etp: int = 1, expert_load: float = 1.0, recompute: Optional[str] = None,
@@ -303,6 +344,7 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
     t = tokens_of(config, state, cpu)
     recompute = config.model.recompute_granularity
     moe_recompute = config.moe.moe_layer_recompute  # from the config: one meta model serves every setting
+    pieces = config.moe.overlap_moe_expert_parallel_comm
     etp = state.etp.size
     items: dict[str, int] = {}
     chunk_bytes, recomputed = [], [0]
@@ -310,11 +352,12 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
         total = 0
         for name in names:
             block = model.layers[name]
-            layer = block_bytes(block, t, etp, recompute, expert_load, moe_recompute)
+            layer = block_bytes(block, t, etp, recompute, expert_load, moe_recompute, pieces)
             for key, value in layer.items():
                 items[key] = items.get(key, 0) + value
             total += sum(layer.values())
-            recomputed.append(_recomputed(block, t, etp, recompute, expert_load, moe_recompute))
+            recomputed.append(_recomputed(block, t, etp, recompute, expert_load, moe_recompute,
+                                          pieces and _cut_at_exchanges(block)))
         chunk_bytes.append(total)
     head = head_transient = 0
     if model.last_stage:
@@ -330,10 +373,15 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
 
 
 def _recomputed(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str], expert_load: float,
-                moe_recompute: bool) -> int:
+                moe_recompute: bool, cut: bool = False) -> int:
     """What backward rebuilds of one block before running through it: the whole block under
-    full recompute, its MoE FFN under MoE recompute, else nothing."""
+    full recompute, its MoE FFN under MoE recompute, else nothing; in pieces (``cut``) the
+    largest region between two exchanges (the attention half, or the experts' MLPs)."""
     whole = block_bytes(block, t, etp, None, expert_load, moe_recompute=False)
+    if cut and (recompute == "full" or moe_recompute):
+        mlps = whole["experts"] + whole.get("shared_experts", 0)
+        attention = sum(v for k, v in whole.items() if k not in _FFN_ITEMS)
+        return max(mlps, attention) if recompute == "full" else mlps
     if recompute == "full":
         return sum(whole.values())
     if moe_recompute and isinstance(block.ffn, MoELayer):

@@ -140,6 +140,8 @@ EP_CASES = [
     ("mla", dict(ep=2, dispatcher="alltoall", moe_overlap=True, gbs=8)),
     ("mtp_capacity", dict(tp=2, sp=True, ep=2, etp=1, dispatcher="alltoall", moe_overlap=True, gbs=8)),
     ("gqa", dict(tp=2, ep=2, etp=2, dispatcher="alltoall", moe_overlap=True, gbs=4)),
+    # ... with full recompute inside the pieces (attention half and MLPs between the exchanges)
+    ("mtp_capacity", dict(ep=2, dispatcher="alltoall", moe_overlap=True, recompute="full", gbs=8)),
 ]
 
 
@@ -179,7 +181,7 @@ PP_CASES = [
     # and its forward-and-backward pairs overlapped piece by piece (--overlap-moe-expert-parallel-comm)
     ("mtp_tied", dict(pp=2, ep=2, dispatcher="alltoall", schedule="dualpipev", moe_overlap=True, gbs=12)),
     # 1F1B and interleaved 1F1B with their steady state in overlapped forward-backward pairs
-    ("mla", dict(pp=2, ep=2, dispatcher="alltoall", moe_overlap=True, gbs=12)),
+    ("mla", dict(pp=2, ep=2, dispatcher="alltoall", moe_overlap=True, moe_recompute=True, gbs=12)),
     ("mtp_tied", dict(pp=2, vpp=2, ep=2, dispatcher="alltoall", moe_overlap=True, gbs=16)),
 ]
 

@@ -297,3 +297,53 @@ def test_shared_expert_overlap_changes_nothing_but_streams():
         results.append((out.detach(), x.grad.clone(), layer.shared_experts.w1.weight.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_inside_overlapped_pieces_changes_no_number(monkeypatch):
+    """Under --overlap-moe-expert-parallel-comm a block runs as pieces cut at its exchanges, and
+    recompute there rebuilds what lies between the exchanges (the attention half under full
+    recompute, the routed and shared experts' MLPs under both) without routing or exchanging
+    again. One step of two paired micro-batches against the plain run: same loss and
+    gradients, and the recomputed parts ran twice, the routing once."""
+    import megamoe.model.attention as attention
+    from megamoe.model.experts import GroupedExperts as Experts
+    from megamoe.testing.parity import make_config
+    from megamoe.training.optimizer import MixedPrecisionAdamW
+    from megamoe.training.train import MicroBatches, train_step
+
+    calls = {"attention": 0, "route": 0, "experts": 0, "mlp": 0}
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(attention, "core_attention", count("attention", attention.core_attention))
+    monkeypatch.setattr(MoELayer, "route", count("route", MoELayer.route))
+    monkeypatch.setattr(Experts, "forward", count("experts", Experts.forward))
+    monkeypatch.setattr(MLP, "forward", count("mlp", MLP.forward))  # shared experts and dense FFNs
+    runs = {}
+    for name, layout in [("plain", {}), ("pieces", dict(moe_overlap=True)),
+                         ("full", dict(moe_overlap=True, recompute="full")),
+                         ("moe", dict(moe_overlap=True, moe_recompute=True))]:
+        cfg = make_config("mla", dict(dispatcher="alltoall", gbs=2, **layout))
+        model = build_model(cfg, SINGLE, "cpu", dtype=DT)
+        opt = MixedPrecisionAdamW(model, cfg.training, SINGLE)
+        data = MicroBatches(cfg, SINGLE, torch.device("cpu"))
+        for key in calls:
+            calls[key] = 0
+        got = train_step(model, opt, [data.get(0, j) for j in range(data.num_micro)], 1, cfg, SINGLE, None)
+        runs[name] = got.lm_loss, {n: p.main_grad.clone() for n, p in model.named_parameters()}, dict(calls)
+    layers = len(model.layers)
+    moe_layers = sum(isinstance(b.ffn, MoELayer) for b in model.layers.values())
+    once = runs["pieces"][2]
+    assert once == runs["plain"][2] and once["route"] == 2 * moe_layers and once["attention"] == 2 * layers
+    assert runs["moe"][2] == {**once, "experts": 2 * once["experts"], "mlp": once["mlp"] + 2 * moe_layers}
+    assert runs["full"][2] == {"attention": 2 * once["attention"], "route": once["route"],
+                               "experts": 2 * once["experts"], "mlp": 2 * once["mlp"]}
+    for name in ("pieces", "full", "moe"):
+        loss, grads, _ = runs[name]
+        assert abs(loss - runs["plain"][0]) <= 1e-12 * abs(loss), name
+        for key, grad in grads.items():
+            torch.testing.assert_close(grad, runs["plain"][1][key], rtol=1e-10, atol=1e-14, msg=f"{name} {key}")

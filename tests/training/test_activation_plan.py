@@ -9,6 +9,7 @@ import torch
 
 from megamoe.cli import parse_config
 from megamoe.config_validation import validate
+from megamoe.model.gpt import LossWeights
 from megamoe.parallel.pipeline_parallel import build_schedule
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.live_bytes import LiveBytes
@@ -35,7 +36,12 @@ def _kept_and_predicted(flags: list[str]) -> tuple[int, int]:
         moe.experts.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
         balanced.append(moe.gate.topk * state.etp.size * (shape[0] * shape[1] // state.cp.size // state.tp.size))
     with LiveBytes() as live:
-        out = model(tokens, labels, rng_tracker=rank.rng)
+        if config.moe.overlap_moe_expert_parallel_comm:  # the forward as the pieces a pair interleaves
+            weights = LossWeights(lm=1.0, mtp=[1.0] * len(model.mtp), balance=1.0)
+            out = model.piece_run(tokens, labels, None, rank.rng, None, 0, weights)
+            out.forward()
+        else:
+            out = model(tokens, labels, rng_tracker=rank.rng)
     kept = live.current
     del out
     load = sum(rows) / sum(balanced) if balanced else 1.0
@@ -55,6 +61,11 @@ LAYOUTS = {
     "mla,ep2,etp2,tp2,sp": (4, ["--config", "examples/configs/demo.yaml", "--tensor-model-parallel-size", "2",
                                 "--sequence-parallel", "--expert-model-parallel-size", "2",
                                 "--expert-tensor-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall"]),
+    # the forward in pieces (--overlap-moe-expert-parallel-comm), and recompute inside them
+    **{f"mla,pieces{name}": (1, ["--config", "examples/configs/demo.yaml", "--moe-token-dispatcher-type", "alltoall",
+                                 "--overlap-moe-expert-parallel-comm", *flags])
+       for name, flags in [("", []), (",full-recompute", ["--recompute-granularity", "full"]),
+                           (",moe-recompute", ["--moe-layer-recompute"])]},
     # GQA with QK-norm, every layer MoE without shared experts
     "gqa,ep2": (2, ["--config", "examples/configs/tiny_qwen3_moe.yaml", "--expert-model-parallel-size", "2",
                     "--moe-token-dispatcher-type", "alltoall"]),
