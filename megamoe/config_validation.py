@@ -269,6 +269,8 @@ def _validate_dualpipev(p: ParallelConfig, m: ModelConfig, layout: ParallelLayou
 def validate_moe_overlap(config: Config, layout: ParallelLayout) -> None:
     """--overlap-moe-expert-parallel-comm: where the pieces it interleaves are built."""
     moe, flag = config.moe, "--overlap-moe-expert-parallel-comm"
+    if moe.delay_wgrad_compute and not moe.overlap_moe_expert_parallel_comm:
+        _fail(f"--delay-wgrad-compute delays weight gradients inside the pieces of {flag}: give {flag} too")
     if not moe.overlap_moe_expert_parallel_comm:
         return
     if not moe.num_experts or moe.moe_token_dispatcher_type != "alltoall":

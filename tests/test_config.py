@@ -265,6 +265,9 @@ def _config(**fields) -> Config:
          "cannot pad each chunk to the micro-batch's capacity"),
         (dict(num_experts=8, overlap_moe_expert_parallel_comm=True), 1,
          "--overlap-moe-expert-parallel-comm needs routed experts on --moe-token-dispatcher-type alltoall"),
+        (dict(num_experts=8, delay_wgrad_compute=True), 1,
+         "--delay-wgrad-compute delays weight gradients inside the pieces of --overlap-moe-expert-parallel-comm: "
+         "give --overlap-moe-expert-parallel-comm too"),
         (dict(num_experts=8, overlap_moe_expert_parallel_comm=True, moe_token_dispatcher_type="alltoall",
               moe_a2a_overlap_chunks=2), 1, "with --moe-a2a-overlap-chunks 2 is not supported yet"),
         (dict(pipeline_schedule="dualpipev"), 1, "--pipeline-schedule dualpipev needs --pipeline-model-parallel-size 2"),

@@ -12,14 +12,22 @@ scalar loss it produced. An exchange started in one piece and waited for in the 
 starts the reverse exchange, the starting piece's backward waits for it.
 
 Values that are not tensors (routing handles, exchanges, statistics) are passed as they are.
+
+With ``delay_weight_grads`` (``--delay-wgrad-compute``) a piece's backward computes its input
+gradients first and its deferrable weight gradients after it returns: by then the reverse of
+the exchange the piece waited for in forward (the dispatch, for the experts' piece) is in
+flight, and the weight-gradient GEMMs run beside it instead of before it.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from megamoe.parallel.weight_grad import WeightGradStore
 
 
 @dataclass
@@ -47,6 +55,8 @@ class PieceRun:
     loss_weights: dict[str, object]  # name -> a float or a 0-d tensor
     output: Optional[str] = None
     on_forward_done: Optional[Callable[["PieceRun"], None]] = None  # called once every piece has run
+    # --delay-wgrad-compute: each piece's deferrable weight gradients run after its backward
+    delay_weight_grads: Optional[WeightGradStore] = None
     _done: list[_Done] = field(default_factory=list)
     _producer: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (piece, name) now
     _grads: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
@@ -102,7 +112,8 @@ class PieceRun:
                     tensors.append(value)
                     grads.append(grad)
             if tensors:
-                torch.autograd.backward(tensors, grads)
+                with self.delay_weight_grads.delayed() if self.delay_weight_grads is not None else nullcontext():
+                    torch.autograd.backward(tensors, grads)
             for leaf, producer in done.inputs.values():
                 if leaf.grad is not None:
                     previous = self._grads.get(producer)

@@ -50,6 +50,23 @@ class WeightGradStore:
                 self._groups.append(self._open)
                 self._open = []
 
+    @contextmanager
+    def delayed(self) -> Iterator[None]:
+        """Run one backward pass inside whose deferrable weight gradients are computed when it
+        returns, after what it started (an exchange's reverse) is in flight. Inside an
+        enclosing :meth:`deferring` they stay with that deferral (a zero-bubble schedule's W)."""
+        if self.enabled:
+            yield
+            return
+        self.enabled = True
+        try:
+            yield
+        finally:
+            self.enabled = False
+            delayed, self._open = self._open, []
+        for accumulate in delayed:
+            accumulate()
+
     def defer(self, weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> None:
         self._open.append(lambda: torch.autograd.backward(weight, compute().to(weight.dtype)))
 

@@ -44,6 +44,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.moe.moe_router_padding_for_fp8 = layout.get("pad", False)
     cfg.moe.moe_a2a_overlap_chunks = layout.get("chunks", 1)
     cfg.moe.overlap_moe_expert_parallel_comm = layout.get("moe_overlap", False)
+    cfg.moe.delay_wgrad_compute = layout.get("delay_wgrad", False)
     cfg.model.recompute_granularity = layout.get("recompute")
     cfg.moe.moe_layer_recompute = layout.get("moe_recompute", False)
     cfg.parallel.use_distributed_optimizer = layout.get("distopt", False)

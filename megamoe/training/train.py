@@ -57,7 +57,9 @@ def build_model(config: Config, state: ParallelState, device: torch.device | str
     then initialised (layout-invariant). ``dtype`` defaults to the precision policy's."""
     model = materialize(meta_model(config, state, dtype), device)
     model.init_weights(config.training.seed)
-    if _v_placement(config, state):  # DualPipeV's W actions run the deferred weight gradients
+    # DualPipeV's W actions run the deferred weight gradients; --delay-wgrad-compute runs them
+    # after each piece's backward
+    if _v_placement(config, state) or config.moe.delay_wgrad_compute:
         model.defer_weight_grads(WeightGradStore())
     if config.training.compile:
         compile_blocks(model, torch.device(device))
@@ -214,6 +216,8 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         run = model.piece_run(batch["tokens"], batch["labels"], batch["loss_mask"], rng_tracker, hidden_in, chunk,
                               weights)
         run.on_forward_done = lambda done: record(model.piece_output(done, chunk))
+        if config.moe.delay_wgrad_compute:
+            run.delay_weight_grads = model.wgrad_store
         return run
 
     overlap = config.moe.overlap_moe_expert_parallel_comm

@@ -136,8 +136,9 @@ EP_CASES = [
     ("mtp_capacity", dict(ep=4, dispatcher="alltoall", chunks=3, pad=True)),
     ("gqa", dict(ep=2, etp=2, dispatcher="alltoall", chunks=2)),
     # --overlap-moe-expert-parallel-comm: each micro-batch's forward pieces interleaved with the
-    # previous one's backward pieces (2 micro-batches per rank), with TP (+SP), expert-TP, MTP
-    ("mla", dict(ep=2, dispatcher="alltoall", moe_overlap=True, gbs=8)),
+    # previous one's backward pieces (2 micro-batches per rank), with TP (+SP), expert-TP, MTP;
+    # delay_wgrad: each piece's weight gradients after its backward (--delay-wgrad-compute)
+    ("mla", dict(ep=2, dispatcher="alltoall", moe_overlap=True, delay_wgrad=True, gbs=8)),
     ("mtp_capacity", dict(tp=2, sp=True, ep=2, etp=1, dispatcher="alltoall", moe_overlap=True, gbs=8)),
     ("gqa", dict(tp=2, ep=2, etp=2, dispatcher="alltoall", moe_overlap=True, gbs=4)),
     # ... with full recompute inside the pieces (attention half and MLPs between the exchanges)
@@ -182,7 +183,7 @@ PP_CASES = [
     ("mtp_tied", dict(pp=2, ep=2, dispatcher="alltoall", schedule="dualpipev", moe_overlap=True, gbs=12)),
     # 1F1B and interleaved 1F1B with their steady state in overlapped forward-backward pairs
     ("mla", dict(pp=2, ep=2, dispatcher="alltoall", moe_overlap=True, moe_recompute=True, gbs=12)),
-    ("mtp_tied", dict(pp=2, vpp=2, ep=2, dispatcher="alltoall", moe_overlap=True, gbs=16)),
+    ("mtp_tied", dict(pp=2, vpp=2, ep=2, dispatcher="alltoall", moe_overlap=True, delay_wgrad=True, gbs=16)),
 ]
 
 

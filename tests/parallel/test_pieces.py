@@ -81,3 +81,58 @@ def test_two_runs_interleaved_alternate_and_sum_like_accumulation():
     assert backward_log == [4, 5, 6]  # each backward piece after one more forward piece
     for got, want in zip(w, ref):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-14, atol=1e-15)
+
+
+def test_delayed_weight_gradients_run_after_each_pieces_backward():
+    """--delay-wgrad-compute: a piece's deferrable weight gradient is computed after its
+    backward returns (after the input gradient it passes on, and whatever that backward
+    started), before the next piece's backward; the gradients are autograd's."""
+    from megamoe.parallel.weight_grad import WeightGradStore, linear
+
+    store, log = WeightGradStore(), []
+    x = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
+    w, ref = _weights(7), _weights(7)
+    for i, p in enumerate(w):  # the hook also fires, without a gradient, where the backward defers it
+        p.register_post_accumulate_grad_hook(lambda p, i=i: log.append(("W", i)) if p.grad is not None else None)
+
+    def first(x):
+        return {"h": torch.tanh(linear(x, w[0], None, store))}
+
+    def second(h):
+        h = _LogBackward.apply(h, log, "second's input gradient")
+        return {"y": torch.sin(linear(h, w[1], None, store))}
+
+    run = PieceRun([Piece("first", ("x",), first), Piece("second", ("h",), second)], {"x": x}, {}, output="y",
+                   delay_weight_grads=store)
+    run.forward()
+    grad_y = torch.ones(3, 4, dtype=DT)
+    run.backward(grad_y)
+    assert log == [("second's input gradient",), ("W", 1), ("W", 0)]
+    torch.autograd.backward(torch.sin(torch.tanh(x @ ref[0].t()) @ ref[1].t()), grad_y)
+    for got, want in zip(w[:2], ref[:2]):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-14, atol=1e-15)
+    # inside a zero-bubble schedule's deferral the weight gradients stay deferred to its W
+    for p in w:
+        p.grad = None
+    run = PieceRun([Piece("first", ("x",), first), Piece("second", ("h",), second)], {"x": x}, {}, output="y",
+                   delay_weight_grads=store)
+    run.forward()
+    with store.deferring():
+        run.backward(grad_y)
+    assert w[0].grad is None and w[1].grad is None and len(store) == 1
+    store.run_next()
+    torch.testing.assert_close(w[1].grad, ref[1].grad, rtol=1e-14, atol=1e-15)
+
+
+class _LogBackward(torch.autograd.Function):
+    """Identity that logs when its backward runs (the input gradient passing the cut)."""
+
+    @staticmethod
+    def forward(ctx, x, log, what):
+        ctx.log, ctx.what = log, what
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append((ctx.what,))
+        return grad, None, None
