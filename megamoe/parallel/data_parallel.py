@@ -34,14 +34,22 @@ unreduced gradients.
 With ``overlap``, a post-accumulate-grad hook counts each parameter's backward passes in the
 step; when every parameter of a bucket has received its last micro-batch's gradient the bucket's
 reduction starts asynchronously, overlapping the rest of backward. Earlier micro-batches only
-accumulate. Each communicator's buckets (those reduced over one rank set) start in one fixed
-order (backward order, the same on every rank), a bucket never before the ones of its
-communicator ahead of it, so every communicator sees its collectives in the same order on all
-its ranks even when some parameter gets no gradient on some rank (an expert without tokens, an
-unused weight): such a bucket, and those behind it, simply start in
-:meth:`DataParallelGrads.finish`, which starts whatever has not started and waits for all.
-Communicators do not wait for each other: an expert bucket (expert-DP) starts as soon as it is
-ready, whatever the dense buckets (DP x CP) ahead of it in backward order are doing.
+accumulate. Each communicator's buckets (those reduced over one rank set) start in one order,
+the same on every rank, a bucket never before the ones of its communicator ahead of it, so
+every communicator sees its collectives in the same order on all its ranks even when some
+parameter gets no gradient on some rank (an expert without tokens, an unused weight): such a
+bucket, and those behind it, simply start in :meth:`DataParallelGrads.finish`, which starts
+whatever has not started and waits for all. Communicators do not wait for each other: an expert
+bucket (expert-DP) starts as soon as it is ready, whatever the dense buckets (DP x CP) ahead of
+it in backward order are doing.
+
+That order starts as reverse registration order, a guess at backward's; the first overlapped
+step records the order in which each communicator's buckets really became ready (a module used
+in another order than registered, a tied head, MTP, deferred weight gradients), and its
+``finish`` makes that the order from then on. The ranks of a communicator agree on it through
+each bucket's earliest observed position over the group (one small all-reduce per communicator,
+once; ties keep the current order), so a bucket that one rank saw late (an expert that got no
+tokens there) neither splits the order nor moves back.
 
 Bucket size (``--ddp-bucket-size``): unset means Megatron-LM's ``max(40M, 1M x group size)``
 elements, which for small models is one bucket per buffer.
@@ -275,6 +283,9 @@ class DataParallelGrads:
             for b in queue:
                 b.queue = q
         self._next = [0] * len(self._queues)  # each queue's first bucket not launched this step
+        # buckets in the order they became ready in backward, until the first overlapped step's
+        # finish agrees on that order (None after)
+        self._ready_order: Optional[list[Bucket]] = [] if overlap else None
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._counts: dict[torch.nn.Parameter, int] = {}
         self._params = ordered
@@ -323,6 +334,8 @@ class DataParallelGrads:
                 f"{self._num_micro} micro-batches (start_step); its bucket's reduction had already started")
         if count == self._num_micro:
             bucket.num_ready += 1
+            if self._ready_order is not None and bucket.num_ready == len(bucket.params):
+                self._ready_order.append(bucket)
             q, queue = bucket.queue, self._queues[bucket.queue]
             while self._next[q] < len(queue) and queue[self._next[q]].num_ready == len(queue[self._next[q]].params):
                 b = queue[self._next[q]]
@@ -333,16 +346,17 @@ class DataParallelGrads:
     def finish(self) -> None:
         """After the last backward: start every bucket not started yet (after summing the
         deferred buffers over their first group), then wait for all of them."""
-        self._num_micro = None
+        overlapped, self._num_micro = self._num_micro is not None, None
         # Parameters without a gradient this step (an expert that got no tokens under the loop
         # backend, an unused weight) still hold the last step's: their buckets cannot have
         # started in backward, since a bucket starts only when all its parameters are counted.
         for p in self._params:
             if p not in self._seen:
                 p.main_grad.zero_()
-        for b in self.buckets:  # what has not started, each communicator's buckets in its order
-            if not (b.deferred or b.launched):
-                b.start_grad_reduce(self.reduce_scatter)
+        for queue in self._queues:  # what has not started, each communicator's buckets in its order
+            for b in queue:
+                if not b.launched:
+                    b.start_grad_reduce(self.reduce_scatter)
         for buf in self.buffers:
             if buf.pre_group is not None and buf.pre_group.size > 1:
                 dist.all_reduce(buf.grad_data, group=buf.pre_group.process_group)
@@ -351,6 +365,33 @@ class DataParallelGrads:
                 b.start_grad_reduce(self.reduce_scatter)
         for b in self.buckets:
             b.wait_grad_reduce()
+        if overlapped and self._ready_order is not None:
+            self._follow_observed_order()
+
+    def _follow_observed_order(self) -> None:
+        """Re-sort each communicator's launch queue by the order its buckets became ready in
+        this step's backward, agreed over the communicator (see the module docstring)."""
+        observed = {b: i for i, b in enumerate(self._ready_order)}
+        self._ready_order = None
+        agreed = []
+        for queue in self._queues:
+            # never ready in backward: after the ready ones, in their current order
+            position = torch.tensor([observed.get(b, len(observed) + i) for i, b in enumerate(queue)],
+                                    dtype=torch.float64, device=queue[0].grad_data.device)
+            work = None
+            if queue[0].group.size > 1:
+                work = dist.all_reduce(position, op=dist.ReduceOp.MIN, group=queue[0].group.process_group,
+                                       async_op=True)
+            agreed.append((queue, position, work))
+        for queue, position, work in agreed:
+            if work is not None:
+                work.wait()
+            keys = position.tolist()
+            queue[:] = [queue[i] for i in sorted(range(len(queue)), key=lambda i: (keys[i], i))]
+
+    def launch_orders(self) -> list[list[Bucket]]:
+        """Each communicator's buckets in the order they start in backward."""
+        return [list(queue) for queue in self._queues]
 
     def remove_hooks(self) -> None:
         """Stop accumulating into these buffers (benchmarks that compare several setups)."""

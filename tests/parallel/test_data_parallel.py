@@ -140,6 +140,8 @@ def _bucket_reduction(overlap: bool, reduce_scatter: bool, skip_last: bool):
         dist.all_reduce, data_parallel._reduce_scatter_single = saved
     in_backward = [b.launched_in_backward for b in grads.buckets]
     launches = [b.num_launches for b in grads.buckets]
+    no_last_grad = set(model.unused.parameters()) | (set(model.layers[2].parameters()) if skip_last else set())
+    incomplete = [any(p in no_last_grad for p in b.params) for b in grads.buckets]
     want = _reference_grads(state, 3, skip_last, device)
     for p, g in zip(model.parameters(), want):
         b, lo, hi = next((b, lo, hi) for b in grads.buckets for q, lo, hi in b.ranges if q is p)
@@ -148,14 +150,14 @@ def _bucket_reduction(overlap: bool, reduce_scatter: bool, skip_last: bool):
             s0, s1 = max(lo, b.shard_start), min(hi, b.shard_start + b.shard_size)
             got, expect = b.grad_data[s0:s1], expect[s0 - lo:s1 - lo] if s0 < s1 else expect[:0]
         torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
-    return calls, in_backward, launches, len(grads.buckets)
+    return calls, in_backward, launches, len(grads.buckets), incomplete
 
 
 @pytest.mark.parametrize("reduce_scatter", [False, True], ids=["all-reduce", "reduce-scatter"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["after-backward", "overlap"])
 def test_each_bucket_is_reduced_once_per_step(workers, backend, overlap, reduce_scatter):
     results = workers(2, backend).run(_bucket_reduction, overlap, reduce_scatter, False)
-    for calls, in_backward, launches, num_buckets in results:
+    for calls, in_backward, launches, num_buckets, _ in results:
         assert num_buckets >= 4
         assert launches == [2] * num_buckets  # two steps, once each
         assert len(calls) == num_buckets  # the second step's collectives
@@ -170,12 +172,15 @@ def test_each_bucket_is_reduced_once_per_step(workers, backend, overlap, reduce_
 
 def test_a_parameter_without_a_last_gradient_hangs_nothing(workers, backend):
     # layer 2 skips the last micro-batch; `unused` never gets a gradient
-    for calls, in_backward, launches, num_buckets in workers(2, backend).run(_bucket_reduction, True, True, True):
+    for calls, in_backward, launches, num_buckets, incomplete in workers(2, backend).run(_bucket_reduction, True,
+                                                                                          True, True):
         assert launches == [2] * num_buckets and len(calls) == num_buckets
-        # Buckets start in one order on every rank: those behind layer 3 (first in backward)
-        # during backward; layer 2's and everything after it (layers 1, 0, unused) at finish.
+        # Buckets start in one order on every rank. In the first step those behind layer 2 in
+        # reverse registration order (layers 1, 0, unused) wait for finish too; that step's
+        # observed order puts layer 2's and unused's last, so in the second step (checked
+        # here) every bucket whose gradients are complete starts during backward.
         assert 0 < in_backward.count(True) < num_buckets
-        assert in_backward == sorted(in_backward, reverse=True)
+        assert in_backward == [not i for i in incomplete]
         assert calls == ["micro2"] * in_backward.count(True) + ["finish"] * in_backward.count(False)
 
 
@@ -210,6 +215,72 @@ def test_expert_buckets_do_not_wait_for_dense_ones(workers):
     for expert, dense in workers(4).run(_communicators_do_not_wait_for_each_other):
         assert expert and all(expert)  # all during backward
         assert not all(dense) and any(dense)  # layer 3's during backward, layer 2's and after at finish
+
+
+class Shuffled(nn.Module):
+    """Four linear layers registered 0, 1, 2, 3 but run 0, 2, 3, 1: backward finishes layer 1
+    first, then 3, 2, 0, where reverse registration guesses 3, 2, 1, 0. ``skip`` leaves
+    layer 2 out."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(12, 12, dtype=DT) for _ in range(4))
+
+    def forward(self, x, skip: bool = False):
+        for i in (0, 2, 3, 1):
+            if not (skip and i == 2):
+                x = torch.tanh(self.layers[i](x))
+        return x.square().sum()
+
+
+def _buckets_follow_the_observed_backward_order():
+    """Three steps of two micro-batches, one bucket per layer. Logs each layer's last gradient
+    and each bucket's launch; rank 1 skips layer 2 in its last micro-batch of the first step,
+    so the ranks observe different orders then."""
+    state = ParallelState.build()
+    model = Shuffled()
+    grads = DataParallelGrads(list(model.parameters()), state, overlap=True, bucket_size=150)
+    layer_of = {p: i for i, layer in enumerate(model.layers) for p in layer.parameters()}
+    bucket_layer = {b: layer_of[b.params[0]] for b in grads.buckets}
+    assert all(len({layer_of[p] for p in b.params}) == 1 for b in grads.buckets)
+    log, orders = [], []
+    for b in grads.buckets:
+        start = b.start_grad_reduce
+        b.start_grad_reduce = lambda rs, b=b, start=start: (log.append(("launch", bucket_layer[b])), start(rs))
+    for layer in model.layers:
+        layer.weight.register_post_accumulate_grad_hook(lambda p: log.append(("grad", layer_of[p])))
+    ref = Shuffled()
+    for step in range(3):
+        log.clear()
+        grads.start_step(2)
+        for j in range(2):
+            skip = step == 0 and j == 1 and state.rank == 1
+            x = _inputs(state.rank, 10 * step + j)
+            model(x, skip=skip).backward()
+            ref(x, skip=skip).backward()
+        grads.finish()
+        orders.append([[bucket_layer[b] for b in queue] for queue in grads.launch_orders()])
+        for p, q in zip(model.parameters(), ref.parameters()):
+            want = q.grad.clone()
+            dist.all_reduce(want)
+            torch.testing.assert_close(p.main_grad, want, rtol=1e-12, atol=1e-12)
+            q.grad = None
+    return orders, list(log)  # the last step's log
+
+
+def test_buckets_follow_the_observed_backward_order(workers):
+    results = workers(2).run(_buckets_follow_the_observed_backward_order)
+    (orders, log), (orders_1, _) = results
+    # the first step's observations (rank 0: 1 3 2 0; rank 1: 1 3 0, layer 2 at finish) agreed
+    # on by both ranks: each bucket's earliest position (layers 2 and 0 tie at 2: current order)
+    assert orders == orders_1 == [[[1, 3, 2, 0]]] * 3
+    # from the second step on each bucket starts as soon as its layer's last gradient is in,
+    # before the next layer's (the last micro-batch's events: each layer's weight gradient and
+    # its bucket's launch, side by side)
+    grads_seen = [i for i, (kind, _) in enumerate(log) if kind == "grad"]
+    last_micro = log[grads_seen[3] + 1:]
+    assert [set(last_micro[i:i + 2]) for i in range(0, 8, 2)] == [{("grad", n), ("launch", n)} for n in (1, 3, 2, 0)]
 
 
 def _optimizer_memory_and_gather(dp_shard: bool):
