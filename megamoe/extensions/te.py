@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamoe.eager import eager_under_compile
 from megamoe.kernels.fp8 import Fp8Recipe
 from megamoe.parallel.state import Group
 
@@ -154,7 +155,7 @@ class TELinearGemm:
         self.fp8 = Fp8Region(recipe, amax_group)
         self.linear = None
 
-    @torch.compiler.disable  # TE's modules are not traceable (dynamo fails on their guards): run eagerly
+    @eager_under_compile  # TE's modules are not traceable (dynamo fails on their guards): run eagerly
     def __call__(self, x: torch.Tensor, weight: nn.Parameter) -> torch.Tensor:
         if self.linear is None:
             te = import_te()
@@ -204,7 +205,7 @@ class TEGroupedMLP(nn.Module):
             return {"w1": fc1, "w2": fc2}
         return {"w1": fc1[:, : self.ffn_local], "w3": fc1[:, self.ffn_local:], "w2": fc2}
 
-    @torch.compiler.disable  # as TELinearGemm.__call__
+    @eager_under_compile  # as TELinearGemm.__call__
     def forward(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Under FP8 every expert's row count must be a multiple of 16: the dispatcher pads them
         (``--moe-router-padding-for-fp8`` is on for this backend under FP8)."""

@@ -33,6 +33,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from megamoe.eager import eager_under_compile
 from megamoe.kernels.fp8 import (E4M3, AmaxReduce, Fp8Recipe, RowGroups, dequantize, quantize, quantize_transposed,
                                  swiglu_backward, swiglu_quantize)
 
@@ -169,7 +170,7 @@ class _Fp8Linear(torch.autograd.Function):
 # the weight's storage and version, which dynamo cannot trace (it would break the graph inside
 # the autograd function and retry it on every call), and the GEMMs and Triton casts gain nothing
 # from Inductor.
-@torch.compiler.disable
+@eager_under_compile
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut = None,
                reduce_amax: AmaxReduce = None) -> torch.Tensor:
     """``x W^T`` through FP8 GEMMs (see the module docstring)."""
@@ -227,7 +228,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None, None, None, None, None, None
 
 
-@torch.compiler.disable
+@eager_under_compile
 def fp8_grouped_linear(x_NK: torch.Tensor, weight_EOK: torch.Tensor, offsets: torch.Tensor, recipe: Fp8Recipe,
                        cache: Fp8WeightCache, cut: Cut = None, reduce_amax: AmaxReduce = None,
                        swiglu_input: bool = False,

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from megamoe.eager import eager_under_compile
 from megamoe.numerics import upcast_dtype
 
 try:  # Triton ships with CUDA builds of torch; the CPU build has none
@@ -131,7 +132,7 @@ class MaxLogitTracker:
     def __init__(self):
         self.value: Optional[torch.Tensor] = None
 
-    @torch.compiler.disable  # a side record, not part of the graph (--compile)
+    @eager_under_compile  # a side record, not part of the graph (--compile)
     def observe(self, q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> None:
         """Fold in the logits of ``q`` against ``k`` (heads-first, as :func:`max_logits`)."""
         seen = max_logits(q, k, scale, causal)

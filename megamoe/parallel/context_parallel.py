@@ -34,7 +34,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from megamoe.kernels.max_logit import MaxLogitTracker
 from megamoe.parallel import mappings
@@ -97,6 +96,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         # masks, needs equal head dims. Zero-padding v costs a little; without it the fallback
         # kernel is 4x slower on H200 (docs/benchmarks.md).
         v = F.pad(v, (0, q.shape[-1] - dv))
+    # imported here: torch.nn.attention.bias imports dynamo (2.3 s per process; megamoe/eager.py)
+    from torch.nn.attention.bias import causal_lower_right
+
     fork = rng_tracker.fork(TENSOR_PARALLEL_STREAM) if (dropout_p and rng_tracker) else contextlib.nullcontext()
     outs = []
     with fork:

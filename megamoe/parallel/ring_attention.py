@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megamoe.eager import eager_under_compile
 from megamoe.kernels.max_logit import MaxLogitTracker
 from megamoe.numerics import upcast_dtype
 from megamoe.parallel.state import Group
@@ -353,7 +354,7 @@ def _check_dropout(dropout_p: float) -> None:
                          "set --attention-dropout 0 or use --cp-comm-type allgather")
 
 
-@torch.compiler.disable  # point-to-point requests and their waits are not traceable: run eagerly
+@eager_under_compile  # point-to-point requests and their waits are not traceable: run eagerly
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Group, softmax_scale: float,
                    dropout_p: float = 0.0, rng_tracker: Optional[object] = None,
                    max_logits: Optional[MaxLogitTracker] = None) -> torch.Tensor:
@@ -366,7 +367,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Group,
     return _seq_first(out).reshape(s, b, -1)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def latent_ring_attention(q: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, wkv_b: torch.nn.Module,
                           nope_dim: int, v_dim: int, cp: Group, softmax_scale: float, dropout_p: float = 0.0,
                           rng_tracker: Optional[object] = None,

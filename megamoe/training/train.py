@@ -21,6 +21,7 @@ import torch
 
 from megamoe.config import Config
 from megamoe.data.loader import build_data_source, with_tokenizer_vocab
+from megamoe.eager import disable_marked_for_compile
 from megamoe.model.args import gpt_args
 from megamoe.model.gpt import GPTModel, LossWeights, ModelOutput, materialize
 from megamoe.parallel import mappings
@@ -37,7 +38,6 @@ from megamoe.parallel.state import ParallelState
 from megamoe.parallel.weight_grad import WeightGradStore
 from megamoe.precision import PrecisionPolicy
 from megamoe.training.flops import flops_per_token, peak_tflops
-from megamoe.training.checkpoint import AsyncSaver, load_checkpoint, remove_old_checkpoints, save_checkpoint
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.distributed_muon import DistributedMuon
 from megamoe.training.muon import MixedPrecisionMuon
@@ -104,6 +104,7 @@ def compile_blocks(model: GPTModel, device: torch.device) -> None:
     if device.type != "cuda":
         log.warning("--compile: torch.compile is used on CUDA only; this %s run stays eager", device.type)
         return
+    disable_marked_for_compile()
     for block in [*model.layers.values(), *(mtp.block for mtp in model.mtp)]:
         block.compile()
 
@@ -296,6 +297,7 @@ def resume(config: Config, model: GPTModel, optimizer: Optimizer, data: MicroBat
     ckpt = config.checkpoint
     if not ckpt.load:
         return 0, rng_tracker
+    from megamoe.training.checkpoint import load_checkpoint  # here: see train()
     fresh_optimizer = ckpt.no_load_optim or ckpt.finetune
     want_rng = not (ckpt.no_load_rng or ckpt.finetune)
     loaded = load_checkpoint(ckpt.load, model, optimizer, state, config, rng_tracker, device,
@@ -379,7 +381,10 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     profiler = StepProfiler(config, state.rank, model, optimizer, device, reporter.print)
     start, rng_tracker = resume(config, model, optimizer, data, state, rng_tracker, device, reporter.print)
 
-    saver = AsyncSaver(state, device) if ckpt.async_save else None
+    # torch.distributed.checkpoint costs 1.4 s of imports per process: only runs that save load it
+    if ckpt.save:
+        from megamoe.training.checkpoint import AsyncSaver, remove_old_checkpoints, save_checkpoint
+    saver = AsyncSaver(state, device) if ckpt.save and ckpt.async_save else None
 
     def saved(path: Optional[str], began: float) -> None:
         if path is None:
