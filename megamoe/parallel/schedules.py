@@ -1,8 +1,8 @@
 """Pipeline schedules as data: for each pipeline rank, the list of actions it runs.
 
 A generator here (1F1B, interleaved 1F1B, their paired form, DualPipeV, all-forward-all-backward)
-returns one rank's :class:`Action` list; :func:`megamoe.parallel.pipeline_parallel.run_schedule` is the one
-interpreter that runs any of them. Lists are plain data, so the tests check them without
+returns one rank's :class:`Action` list; :func:`megamoe.parallel.pipeline_parallel.run_schedule`
+is the one interpreter that runs any of them. Lists are plain data, so the tests check them without
 processes: every rank's list on threads whose transport has NCCL's matching rules (a deadlock
 becomes a timeout there), and :func:`check_schedule` checks one list's bookkeeping.
 
@@ -192,9 +192,11 @@ def paired_1f1b(pp: int, rank: int, num_micro: int, vpp: int = 1) -> list[Action
     for the neighbour's half of a transfer, so everything a unit needs comes from an earlier
     unit of the neighbour: rank ``r``'s batch ``k`` meets rank ``r + 1``'s batch ``k - 1`` (and,
     across the wrap of the loop, rank ``pp - 1``'s batch ``k + 1 - pp`` meets rank 0's batch
-    ``k``), which is why a rank keeps two more micro-batches in flight than 1F1B per rank after
-    it (``x + 1`` at most, against ``pp - r`` for 1F1B). The ``+ 1`` keeps the last stage's pair
-    from being a micro-batch's own forward and backward."""
+    ``k``). That is why the warm-up counts two forwards per rank after this one, where 1F1B's
+    counts one, and a rank keeps up to ``x + 1`` chunk-micro-batches in flight: ``2 (pp - r)``
+    without virtual stages, twice 1F1B's ``pp - r``, and one more than interleaved 1F1B's bound
+    with them. The ``+ 1`` keeps the last stage's pair from being a micro-batch's own forward
+    and backward."""
     if vpp > 1 and num_micro % pp:
         raise ValueError(f"interleaved pipeline: {num_micro} micro-batches is not a multiple of the "
                          f"pipeline size {pp}")
