@@ -59,12 +59,15 @@ FLAGS = {
     "dispatcher": "--moe-token-dispatcher-type",
     "bucket": "--ddp-bucket-size",
     "schedule": "--pipeline-schedule",
+    "recompute": "--recompute-granularity",
 }
 SWITCHES = {
     "sp": "--sequence-parallel",
     "distopt": "--use-distributed-optimizer",
     "overlap": "--overlap-grad-reduce",
     "gather": "--overlap-param-gather",
+    "moe_overlap": "--overlap-moe-expert-parallel-comm",
+    "delay_wgrad": "--delay-wgrad-compute",
 }
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather|fp8size]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|overlap|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather|fp8size]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `wgrad` (one GPU): a MoE block's F, B, input-only B and deferred W
 # (tools/bench_wgrad.py) and the pipeline bubbles they model. `pp` needs two GPUs: NCCL parity of pipeline layouts
@@ -9,6 +9,9 @@
 # 2 x VPP 2 / 2 under DualPipeV.
 # `cp` needs two GPUs: the ring's GPU test, NCCL parity of CP=2 (GQA, MLA; ring and all-gather)
 # and the attention benchmark at CP 1 and 2 (32k and 128k tokens; every exchange).
+# `overlap` needs two GPUs (issue 15): NCCL parity of the forward-backward pairing at EP 2 (with
+# --delay-wgrad-compute, with full recompute) and under 1F1B at PP 2, then the V2-Lite proxy's
+# per-GPU throughput at EP 1 and EP 2 (two micro-batches per rank) with each EP overlap mode off and on.
 # `dp` needs two GPUs: the NCCL tier of the bucket tests, NCCL parity of DP 2 with overlapped
 # reduction and the distributed optimizer, and how much of the gradient reduction hides behind
 # backward (tools/bench_dp.py on the V2-Lite proxy at DP 2, with the per-bucket timeline); a few minutes.
@@ -78,6 +81,21 @@ if [ "$mode" = cp ]; then
   for seq in 32768 131072; do
     python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_cp.py --seq-length $seq 2>&1 \
       | tee "$LOG/bench_cp2_$seq.log" | grep -v -i warn | tail -7
+  done
+fi
+if [ "$mode" = overlap ]; then
+  a2a="dispatcher=alltoall,moe_overlap"
+  python3 tools/check_parity.py --models mla --layouts tp=1 "ep=2,dp=2,$a2a" "ep=2,dp=2,$a2a,delay_wgrad" \
+    "ep=2,dp=2,$a2a,recompute=full" "pp=2,$a2a" --iters 3 -- --global-batch-size 8 2>&1 \
+    | tee "$LOG/parity_overlap_nccl.log" | grep -v "^ *\[" | tail -20
+  for extra in "" "--overlap-moe-expert-parallel-comm" "--overlap-moe-expert-parallel-comm --delay-wgrad-compute" \
+      "--moe-a2a-overlap-chunks 2" "--moe-shared-expert-overlap"; do
+    echo "== EP 1 $extra"
+    python3 tools/bench_train.py --iters 12 -- --global-batch-size 16 --moe-token-dispatcher-type alltoall $extra \
+      2>&1 | tee -a "$LOG/bench_overlap.log" | tail -3
+    echo "== EP 2 $extra"
+    python3 tools/bench_train.py --nproc 2 --iters 12 -- --global-batch-size 32 --moe-token-dispatcher-type alltoall \
+      --expert-model-parallel-size 2 $extra 2>&1 | tee -a "$LOG/bench_overlap.log" | tail -3
   done
 fi
 if [ "$mode" = dp ]; then
