@@ -21,9 +21,10 @@ sequence, context and expert parallelism scale each item where they scale that t
 
 Recompute: ``selective`` drops the core's log-sum-exp (its other saved tensors are kept by the
 projections around it anyway); ``--moe-layer-recompute`` keeps the MoE FFN's normalised input;
-``full`` keeps each layer's input. A MoE block run as pieces (``--overlap-moe-expert-parallel-comm``)
-also keeps the rows in flight and the residual after attention, and recomputes only between
-its exchanges (``_piece_block_bytes``).
+``full`` keeps each layer's input. A forward run as pieces (``--overlap-moe-expert-parallel-comm``)
+also holds each block's input, and a MoE block cut at its exchanges the rows in flight, the
+residual after attention and the shared experts' output; recompute there rebuilds only what
+lies between the exchanges (``_piece_block_bytes``).
 
 Checked against the tensors a forward leaves alive: on the CPU by
 ``megamoe.testing.live_bytes.LiveBytes`` in several layouts (``tests/training/test_activation_plan.py``),
