@@ -14,7 +14,10 @@ buckets (:mod:`megamoe.parallel.data_parallel`), twice:
   (a synchronisation would wait for the collectives too).
 
 ``exposed = total(overlap) - compute`` and ``hidden = 1 - exposed / reduction``. Means over the
-steps after ``--warmup``; the optimizer step is not run (it is the same in both).
+steps after ``--warmup``; the optimizer step is not run (it is the same in both). The buckets
+launch in the order the first overlapped step observed (a warm-up step);
+``--compare-order`` times the overlapped steps once more with the order guessed from
+registration, the order used before that observation.
 
 Per bucket (``--per-bucket``, CUDA): the last overlapped step again, with CUDA events recorded
 from outside the buckets (their start and wait are wrapped here): when each bucket started
@@ -113,6 +116,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="Steps left out of the mean.")
     parser.add_argument("--no-proxy", action="store_true", help="Do not prepend the V2-Lite proxy flags.")
     parser.add_argument("--per-bucket", action="store_true", help="Time every bucket of one more step (CUDA).")
+    parser.add_argument("--compare-order", action="store_true",
+                        help="Also time the overlapped steps with the buckets in registration order.")
     # Everything else goes to the training config (torchrun 2.11 drops a lone `--`).
     args, extra = parser.parse_known_args([a for a in sys.argv[1:] if a != "--"])
     info = process_info_from_env()
@@ -136,12 +141,20 @@ def main() -> int:
                                   bucket_size=config.parallel.ddp_bucket_size)
         compute, reduction = run_mode(model, grads, data, rng, args.iters, args.warmup, False, device)
         total, _ = run_mode(model, grads, data, rng, args.iters, args.warmup, True, device)
-        results[reduce_scatter] = (compute, reduction, total, grads.grad_bytes(), len(grads.buckets))
+        guessed = total
         if args.per_bucket and device.type == "cuda":
             timelines[reduce_scatter] = bucket_timeline(model, grads, data, rng, args.iters)
+        nbytes, nbuckets = grads.grad_bytes(), len(grads.buckets)
         grads.remove_hooks()
         del grads
-    mine = torch.tensor([v for r in results.values() for v in r[:3]], dtype=torch.float64, device=device)
+        if args.compare_order:
+            grads = DataParallelGrads(params, state, overlap=True, reduce_scatter=reduce_scatter,
+                                      bucket_size=config.parallel.ddp_bucket_size, follow_observed_order=False)
+            guessed, _ = run_mode(model, grads, data, rng, args.iters, args.warmup, True, device)
+            grads.remove_hooks()
+            del grads
+        results[reduce_scatter] = (compute, reduction, total, guessed, nbytes, nbuckets)
+    mine = torch.tensor([v for r in results.values() for v in r[:4]], dtype=torch.float64, device=device)
     if info.world_size > 1:
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     if info.rank == 0:
@@ -149,14 +162,16 @@ def main() -> int:
         print(f"\nDP {info.world_size}, {n:,} parameters, {data.num_micro} micro-batches of {data.micro} per rank, "
               f"steps {args.warmup + 1}-{args.iters} (max over ranks)")
         print(f"{'reduction':<16}{'buckets':>8}{'GB':>7}{'compute':>10}{'reduction':>11}{'overlapped':>12}"
-              f"{'exposed':>9}{'hidden':>8}   (ms)")
-        for i, (reduce_scatter, (_, _, _, nbytes, nbuckets)) in enumerate(results.items()):
-            compute, reduction, total = (1e3 * x for x in mine[3 * i:3 * i + 3].tolist())
+              f"{'exposed':>9}{'hidden':>8}" + (f"{'exposed, registration order':>29}" if args.compare_order else "")
+              + "   (ms)")
+        for i, (reduce_scatter, (*_, nbytes, nbuckets)) in enumerate(results.items()):
+            compute, reduction, total, guessed = (1e3 * x for x in mine[4 * i:4 * i + 4].tolist())
             exposed = max(total - compute, 0.0)
             hidden = 1 - exposed / reduction if reduction > 0 else float("nan")
             name = "reduce-scatter" if reduce_scatter else "all-reduce"
             print(f"{name:<16}{nbuckets:>8}{nbytes / 1e9:>7.2f}{compute:>10.1f}{reduction:>11.1f}{total:>12.1f}"
-                  f"{exposed:>9.1f}{100 * hidden:>7.0f}%")
+                  f"{exposed:>9.1f}{100 * hidden:>7.0f}%"
+                  + (f"{max(guessed - compute, 0.0):>29.1f}" if args.compare_order else ""))
         for reduce_scatter, rows in timelines.items():
             print(f"\n{'reduce-scatter' if reduce_scatter else 'all-reduce'}, rank 0, ms from the end of backward:")
             print(f"{'bucket':>6}  {'buffer':<10}{'MB':>8}{'in bwd':>8}{'start':>9}{'done':>9}{'own exposed':>13}")

@@ -103,7 +103,7 @@ if [ "$mode" = dp ]; then
     | tee "$LOG/gpu_tests_dp.log" | tail -4
   python3 tools/check_parity.py --models mla --layouts tp=1 dp=2 dp=2,overlap,bucket=200000 dp=2,distopt \
     dp=2,distopt,overlap,gather,bucket=200000 2>&1 | tee "$LOG/parity_dp_nccl.log" | grep -v "^ *\[" | tail -22
-  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_dp.py --per-bucket 2>&1 \
+  python3 -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_dp.py --per-bucket --compare-order 2>&1 \
     | tee "$LOG/bench_dp.log" | tail -45
 fi
 if [ "$mode" = perf ]; then

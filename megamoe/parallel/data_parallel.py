@@ -253,12 +253,14 @@ class DataParallelGrads:
     accumulate and, with ``overlap``, start buckets), :meth:`finish` (every bucket reduced).
     ``reduce_scatter``: the distributed optimizer's reduction (only this rank's shard of each
     bucket is summed); ``hold_params``: parameters become views of contiguous buffers;
-    ``fp8_apart``: FP8 weights in buffers of their own (:func:`buffer_groups`).
+    ``fp8_apart``: FP8 weights in buffers of their own (:func:`buffer_groups`);
+    ``follow_observed_order``: launch in the first overlapped step's order (see the module
+    docstring; off only to measure what it changes, tools/bench_dp.py).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], state: ParallelState, overlap: bool = False,
                  reduce_scatter: bool = False, bucket_size: Optional[int] = None, hold_params: bool = False,
-                 fp8_apart: bool = False):
+                 fp8_apart: bool = False, follow_observed_order: bool = True):
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
         params = list(params)
         ordered = params[::-1]  # about the order backward produces gradients
@@ -285,7 +287,7 @@ class DataParallelGrads:
         self._next = [0] * len(self._queues)  # each queue's first bucket not launched this step
         # buckets in the order they became ready in backward, until the first overlapped step's
         # finish agrees on that order (None after)
-        self._ready_order: Optional[list[Bucket]] = [] if overlap else None
+        self._ready_order: Optional[list[Bucket]] = [] if overlap and follow_observed_order else None
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._counts: dict[torch.nn.Parameter, int] = {}
         self._params = ordered
