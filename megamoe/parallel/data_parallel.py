@@ -44,9 +44,9 @@ bucket (expert-DP) starts as soon as it is ready, whatever the dense buckets (DP
 it in backward order are doing.
 
 That order starts as reverse registration order, a guess at backward's; the first overlapped
-step records the order in which each communicator's buckets really became ready (a module used
-in another order than registered, a tied head, MTP, deferred weight gradients), and its
-``finish`` makes that the order from then on. The ranks of a communicator agree on it through
+step records the order in which each communicator's buckets really became ready (on the demo
+model a layer's routed experts finish before its shared experts, registered after them, and MTP's
+projection after its block), and its ``finish`` makes that the order from then on. The ranks of a communicator agree on it through
 each bucket's earliest observed position over the group (one small all-reduce per communicator,
 once; ties keep the current order), so a bucket that one rank saw late (an expert that got no
 tokens there) neither splits the order nor moves back.
