@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|overlap|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather|fp8size]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|overlap|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather|fp8size|compile]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `wgrad` (one GPU): a MoE block's F, B, input-only B and deferred W
 # (tools/bench_wgrad.py) and the pipeline bubbles they model. `pp` needs two GPUs: NCCL parity of pipeline layouts
@@ -31,12 +31,13 @@
 # rowwise recipe (summaries in $OUT/profile_<recipe>.log). Iterations: FP8_ITERS.
 # `fp8gather`: --fp8-param-gather's GPU test and the proxy with the distributed optimizer, bf16 against
 # rowwise FP8 with and without the FP8 gather. `fp8size`: bf16, rowwise, and rowwise with
-# --fp8-min-linear-size 1400, and a profile of the last.
+# --fp8-min-linear-size 1400, and a profile of the last. `compile`: profiles of bf16 and rowwise FP8
+# (--fp8-min-linear-size 1400) under --compile.
 # `fp8te` (Transformer Engine installed first, ../shared/gpu/README.md): the FP8 GPU tests with
 # TE's, tools/bench_fp8.py with TE's modes, the proxy under TE's delayed / tensorwise / blockwise
 # recipes and a profile of blockwise. `fp8peers` (bring .gpu/peers; TE installed): which cuDNN
 # torch's attention gets with TE imported (tools/check_te_cudnn.py), megamoe bf16, native rowwise
-# and TE blockwise, eager and --compile, then Megatron-Core bf16 and FP8 blockwise, in one call.
+# (--fp8-min-linear-size 1400) and TE blockwise, eager and --compile, then Megatron-Core bf16 and FP8 blockwise, in one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -146,7 +147,8 @@ if [ "$mode" = fp16 ]; then
       | grep -E "iteration +[0-9]+/|Error|error" | cut -c1-420
   done
 fi
-if [ "$mode" = fp8 ] || [ "$mode" = fp8te ] || [ "$mode" = fp8peers ] || [ "$mode" = fp8gather ] || [ "$mode" = fp8size ]; then
+if [ "$mode" = fp8 ] || [ "$mode" = fp8te ] || [ "$mode" = fp8peers ] || [ "$mode" = fp8gather ] || [ "$mode" = fp8size ] \
+    || [ "$mode" = compile ]; then
   proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
   te_flags="--transformer-impl transformer_engine --moe-grouped-gemm-impl te --fp8-format hybrid"
   # the V2-Lite proxy for $iters iterations, metrics in $LOG/metrics_<name>.jsonl; the last lines on failure
@@ -201,6 +203,11 @@ if [ "$mode" = fp8size ]; then
     min1400="$LOG/metrics_rowwise_min1400.jsonl" --at 25 50 100
   proxy_profile rowwise_min1400 --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400
 fi
+if [ "$mode" = compile ]; then
+  # a profile of bf16 and of rowwise FP8 (--fp8-min-linear-size 1400) under --compile
+  proxy_profile bf16_compiled --compile
+  proxy_profile min1400_compiled --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400 --compile
+fi
 if [ "$mode" = fp8te ]; then
   # after Transformer Engine is installed: the GPU FP8 tests (TE's included), tools/bench_fp8.py
   # with TE's modes, the proxy under each TE recipe (FP8_ITERS, default 200) and a profile of blockwise
@@ -217,7 +224,8 @@ if [ "$mode" = fp8peers ]; then
   iters="${FP8_ITERS:-100}"
   for compiled in "" "--compile"; do
     proxy_run "bf16${compiled:+_compiled}" $compiled
-    proxy_run "rowwise${compiled:+_compiled}" --fp8-format hybrid --fp8-recipe rowwise $compiled
+    proxy_run "rowwise${compiled:+_compiled}" --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400 \
+      $compiled
     proxy_run "te_blockwise${compiled:+_compiled}" $te_flags --fp8-recipe blockwise $compiled
   done
   source .gpu/peers/install.sh
