@@ -13,13 +13,15 @@ between calls, so a test module pays the start-up (importing torch on every rank
 - Worker processes are always terminated on close, on error and at interpreter exit, and exit
   on their own when the parent process dies (a killed run leaves no spinning workers).
 
-Functions passed in must be picklable (defined at module level), as processes are spawned.
+Functions passed in must be picklable (defined at module level): CPU ranks are forked from a
+forkserver that has imported torch and megamoe once, NCCL ranks are spawned.
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -41,17 +43,29 @@ class DistributedTestError(RuntimeError):
     """One or more ranks failed, died or timed out."""
 
 
-def _exit_with_parent(poll_s: float = 2.0) -> None:
-    """Die when the parent does (killed test run, CI timeout): otherwise a worker blocked in a
-    collective or a queue would outlive it and keep spinning."""
-    parent = os.getppid()
+def _exit_with_owner(owner_alive) -> None:
+    """Die when the process that owns the pool does (killed test run, CI timeout): otherwise a
+    worker blocked in a collective or a queue would outlive it and keep spinning. ``owner_alive``
+    is the read end of a pipe whose only write end the owner holds: its EOF is the owner's exit.
+    (The direct parent is no witness: under the forkserver it is the server, which stays up while
+    any of its children does.)"""
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
+        try:
+            owner_alive.recv()  # nothing is ever sent
+        except (EOFError, OSError):
+            pass
         os._exit(1)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
+
+
+def _freeze_imports() -> None:
+    """Move what the first task imported (torch, megamoe: about a million objects) out of the
+    cyclic garbage collector's reach. Its full collections otherwise walk them all, over and
+    over, while the ranks exchange small tensors (5% of a 4-rank parity case's time here)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _worker_main(
@@ -62,9 +76,10 @@ def _worker_main(
     timeout_s: float,
     tasks: "mp.Queue",
     results: "mp.Queue",
+    owner_alive,
 ) -> None:
     torch.set_num_threads(1)
-    _exit_with_parent()
+    _exit_with_owner(owner_alive)
     try:
         store = dist.TCPStore(_HOST, port, world_size=None, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
@@ -78,6 +93,7 @@ def _worker_main(
         results.put((rank, "error", traceback.format_exc()))
         return
     try:
+        frozen = False
         while True:
             task = tasks.get()
             if task is None:
@@ -87,8 +103,26 @@ def _worker_main(
                 results.put((rank, "ok", fn(*args, **kwargs)))
             except BaseException:
                 results.put((rank, "error", traceback.format_exc()))
+            if not frozen:
+                _freeze_imports()
+                frozen = True
     finally:
         dist.destroy_process_group()
+
+
+# What every CPU rank imports: a forkserver loads it once and forks the ranks from itself, where
+# spawning would import torch and megamoe again in each (about 4 s of CPU per rank).
+_PRELOAD = ["torch", "torch.distributed", "megamoe.training.train"]
+
+
+def _gloo_context():
+    """The forkserver context for CPU ranks (``_PRELOAD`` imported in the server; it imports no
+    CUDA state, and the ranks start their threads after the fork); spawn where there is none."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 class DistributedWorkers:
@@ -115,11 +149,12 @@ class DistributedWorkers:
         self.close()
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _gloo_context() if self.backend == "gloo" else mp.get_context("spawn")
         self._store = dist.TCPStore(_HOST, 0, world_size=None, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=self.timeout))
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        owner_alive, self._owner_alive = ctx.Pipe(duplex=False)  # the workers' end; ours closes in close()
         saved_env = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)  # spawned children inherit the environment at start
         try:
@@ -127,13 +162,14 @@ class DistributedWorkers:
                 proc = ctx.Process(
                     target=_worker_main,
                     args=(rank, self.world_size, self.backend, self._store.port, self.timeout,
-                          self._tasks[rank], self._results),
+                          self._tasks[rank], self._results, owner_alive),
                     daemon=True,
                     name=f"megamoe-rank{rank}",
                 )
                 proc.start()
                 self._procs.append(proc)
         finally:
+            owner_alive.close()  # the workers hold their own copies
             for k, v in saved_env.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
@@ -192,6 +228,9 @@ class DistributedWorkers:
                 proc.join(timeout=2.0)
         self._procs = []
         self._store = None
+        if getattr(self, "_owner_alive", None) is not None:
+            self._owner_alive.close()
+            self._owner_alive = None
 
 
 def run_distributed(
