@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from megamoe.cli import build_parser, load_yaml_values, parse_config, parse_valu
 from megamoe.config import SECTIONS, Config, ConfigError, field_docs, flag_name, section_of
 from megamoe.config_validation import check_not_supported_yet, notices, validate
 from megamoe.model.args import dense_ffn_hidden_size, gpt_args, parse_moe_layer_freq
+from megamoe.testing.scripts import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,7 +339,7 @@ def _run(*args: str, env_world: int | None = None) -> subprocess.CompletedProces
     env = dict(os.environ)
     if env_world is not None:
         env.update(RANK="0", WORLD_SIZE=str(env_world), LOCAL_RANK="0")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    return run_script(*args, cwd=ROOT, env=env, timeout=120)
 
 
 @pytest.mark.parametrize(

@@ -193,11 +193,18 @@ def assemble_global(local: torch.Tensor, spec: ParamSpec, state: ParallelState) 
     to compare any layout with the single-process model."""
     from megamoe.parallel import mappings
 
+    full = owned_part(local, spec, state)
+    for kind in spec.stage_groups():  # each element has exactly one owner: the sums are exact
+        mappings.all_reduce_(full, state.group(kind))
+    return full
+
+
+def owned_part(local: torch.Tensor, spec: ParamSpec, state: ParallelState) -> torch.Tensor:
+    """A global-shaped tensor holding this rank's pieces where it owns them and zeros elsewhere:
+    summed over the spec's stage groups, it is the global tensor (:func:`assemble_global`)."""
     full = torch.zeros(spec.shape, dtype=local.dtype, device=local.device)
     if spec.is_owner(state, within_stage=True):
         for box in spec.boxes(state):
             region = full[tuple(slice(o, o + n) for o, n in zip(box.offsets, box.sizes))]
             region.copy_(spec.box_view(local, box))
-    for kind in spec.stage_groups():  # each element has exactly one owner: the sums are exact
-        mappings.all_reduce_(full, state.group(kind))
     return full

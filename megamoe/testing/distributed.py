@@ -115,7 +115,7 @@ def _worker_main(
 _PRELOAD = ["torch", "torch.distributed", "megamoe.training.train"]
 
 
-def _gloo_context():
+def preloaded_context():
     """The forkserver context for CPU ranks (``_PRELOAD`` imported in the server; it imports no
     CUDA state, and the ranks start their threads after the fork); spawn where there is none."""
     if "forkserver" not in mp.get_all_start_methods():
@@ -149,7 +149,7 @@ class DistributedWorkers:
         self.close()
 
     def _start(self) -> None:
-        ctx = _gloo_context() if self.backend == "gloo" else mp.get_context("spawn")
+        ctx = preloaded_context() if self.backend == "gloo" else mp.get_context("spawn")
         self._store = dist.TCPStore(_HOST, 0, world_size=None, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=self.timeout))
         self._results = ctx.Queue()

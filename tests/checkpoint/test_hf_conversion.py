@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from megamoe.cli import config_from_values, load_yaml_values  # noqa: E402
 from megamoe.config_validation import validate  # noqa: E402
 from megamoe.parallel.state import ParallelState  # noqa: E402
 from megamoe.testing.presets import preset  # noqa: E402
+from megamoe.testing.scripts import run_script
 from megamoe.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from megamoe.training.train import build_model, build_optimizer  # noqa: E402
 
@@ -396,8 +396,7 @@ def test_a_failed_import_leaves_no_output(hf_saved, tmp_path, monkeypatch):
 
 
 def _tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/convert_checkpoint.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run_script("tools/convert_checkpoint.py", *args, cwd=ROOT, timeout=300)
 
 
 def test_the_tool_dry_runs_refuses_in_one_line_and_its_import_trains(hf_saved, tmp_path):
@@ -415,11 +414,10 @@ def test_the_tool_dry_runs_refuses_in_one_line_and_its_import_trains(hf_saved, t
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such directory" in bad.stderr
 
     assert _tool("import", "--hf-dir", path, "--out", str(tmp_path / "mm")).returncode == 0
-    run = subprocess.run([sys.executable, "pretrain_moe.py", "--config", str(tmp_path / "mm" / "megamoe.yaml"),
-                          "--load", str(tmp_path / "mm"), "--seq-length", "16", "--micro-batch-size", "2",
-                          "--global-batch-size", "2", "--train-iters", "2", "--eval-iters", "0",
-                          "--tensorboard-dir", str(tmp_path / "tb")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = run_script("pretrain_moe.py", "--config", str(tmp_path / "mm" / "megamoe.yaml"),
+                     "--load", str(tmp_path / "mm"), "--seq-length", "16", "--micro-batch-size", "2",
+                     "--global-batch-size", "2", "--train-iters", "2", "--eval-iters", "0",
+                     "--tensorboard-dir", str(tmp_path / "tb"), cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "iteration        2/" in run.stdout + run.stderr
 

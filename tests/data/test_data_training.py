@@ -5,8 +5,6 @@ data flags are validated with one-line errors."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from megamoe.data.loader import with_tokenizer_vocab
 from megamoe.model.args import gpt_args
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.presets import preset
+from megamoe.testing.scripts import run_script
 from megamoe.training.train import MicroBatches, train
 
 
@@ -135,8 +134,7 @@ def test_data_flag_validation(null_dataset, sp_model, tmp_path):
 
 
 def test_pretrain_reports_a_missing_dataset_in_one_line():
-    proc = subprocess.run([sys.executable, "pretrain_moe.py", "--data-path", "/nonexistent/corpus_text_document"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_script("pretrain_moe.py", "--data-path", "/nonexistent/corpus_text_document", cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--data-path /nonexistent/corpus_text_document: " in proc.stderr
 

@@ -37,7 +37,8 @@ from megamoe.config import ConfigError
 from megamoe.config_validation import validate
 from megamoe.data.indexed_dataset import IndexedDatasetWriter
 from megamoe.parallel.state import ParallelState
-from megamoe.testing.parity import TOL, build, gather_full, make_config
+from megamoe.testing.parity import TOL, build, gather_all, make_config
+from megamoe.testing.scripts import run_script
 from megamoe.training import checkpoint
 from megamoe.training.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from megamoe.training.train import MicroBatches, build_optimizer, train_step
@@ -152,7 +153,7 @@ def _phase(layout: dict, directory: str, save: bool) -> tuple[list, dict]:
     assert loaded.iteration == 2 and loaded.consumed_samples == 16
     metrics = _steps(cfg, state, model, opt, tracker, 3, 4)
     opt.finish_param_sync()
-    weights = {name: gather_full(p.detach(), p, state) for name, p in model.named_parameters()}
+    weights = gather_all({name: (p.detach(), p) for name, p in model.named_parameters()}, state)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     return metrics, {**weights, **buffers}
 
@@ -166,7 +167,7 @@ def reference():
     model = build(cfg, state)
     opt = build_optimizer(model, cfg, state)
     metrics = _steps(cfg, state, model, opt, None, 1, 4)
-    weights = {name: gather_full(p.detach(), p, state) for name, p in model.named_parameters()}
+    weights = gather_all({name: (p.detach(), p) for name, p in model.named_parameters()}, state)
     return metrics, {**weights, **{name: b.clone() for name, b in model.named_buffers()}}
 
 
@@ -298,9 +299,8 @@ def test_an_unwritable_save_directory_fails_before_training(tmp_path):
 
 def test_pretrain_reports_a_bad_checkpoint_in_one_line(tmp_path):
     (tmp_path / checkpoint.TRACKER).write_text("7")
-    proc = subprocess.run([sys.executable, "pretrain_moe.py", "--config", "examples/configs/demo.yaml", "--mock-data",
-                           "--seq-length", "16", "--train-iters", "1", "--load", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_script("pretrain_moe.py", "--config", "examples/configs/demo.yaml", "--mock-data",
+                      "--seq-length", "16", "--train-iters", "1", "--load", str(tmp_path), cwd=ROOT, timeout=120)
     assert proc.returncode != 0
     assert "is not a complete megamoe checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -383,9 +383,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path):
 
 
 def test_the_checkpoint_benchmark_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "tools/bench_checkpoint.py", "--dir", str(tmp_path / "c"), "--",
-                           "--config", "examples/configs/demo.yaml", "--seq-length", "16"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_script("tools/bench_checkpoint.py", "--dir", str(tmp_path / "c"), "--",
+                      "--config", "examples/configs/demo.yaml", "--seq-length", "16", cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "async save first: blocked" in proc.stdout and not (tmp_path / "c").exists()
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from megamoe.config_validation import validate
 from megamoe.parallel.state import ParallelState
 from megamoe.precision import PrecisionPolicy
 from megamoe.testing.parity import build, make_config
+from megamoe.testing.scripts import run_script
 from megamoe.training.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.training.loss_scale import LossScaler, build_loss_scaler
 from megamoe.training.train import MicroBatches, build_optimizer, train_step
@@ -191,11 +190,9 @@ def test_the_loss_scale_is_checkpointed(tmp_path):
 def test_an_fp16_run_skips_its_first_steps_then_trains(tmp_path):
     """From 2**32 the fp16 gradients overflow; with --hysteresis 1 each overflow halves the
     scale until the steps go through."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_moe.py"), "--config", str(ROOT / "examples/configs/demo.yaml"),
-         "--fp16", "--hysteresis", "1", "--seq-length", "16", "--train-iters", "20", "--log-interval", "20",
-         "--eval-iters", "0", "--metrics-file", str(tmp_path / "m.jsonl")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_script(str(ROOT / "pretrain_moe.py"), "--config", str(ROOT / "examples/configs/demo.yaml"),
+                      "--fp16", "--hysteresis", "1", "--seq-length", "16", "--train-iters", "20", "--log-interval", "20",
+                      "--eval-iters", "0", "--metrics-file", str(tmp_path / "m.jsonl"), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     skipped = [r["skipped"] for r in records]

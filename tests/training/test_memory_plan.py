@@ -15,6 +15,7 @@ from megamoe.config_validation import validate
 from megamoe.parallel.state import ParallelLayout, ParallelState
 from megamoe.training.memory_plan import stage_ranks, state_bytes
 from megamoe.testing.ranks import training_rank
+from megamoe.testing.scripts import run_script
 
 BASE = ["--config", "examples/configs/demo.yaml", "--seq-length", "16", "--micro-batch-size", "1",
         "--global-batch-size", "8"]
@@ -86,13 +87,12 @@ def test_the_planner_prints_each_stage_and_refuses_bad_layouts_in_one_line():
     rows = [line.split() for line in run.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3]  # PP 4
     assert "across nodes: dp 8 over 2 nodes" in run.stdout
-    tool = [sys.executable, "tools/plan_layout.py", "--nnodes", "1", "--gpus-per-node", "8", "--"]
-    too_big = subprocess.run(tool[:-1] + ["--gpu-memory-gib", "80", "--", "--config", "examples/configs/mixtral_8x7b.yaml",
-                                          "--bf16", "--expert-model-parallel-size", "8"],
-                             cwd=root, capture_output=True, text=True, timeout=120)
+    tool = ["tools/plan_layout.py", "--nnodes", "1", "--gpus-per-node", "8", "--"]
+    too_big = run_script(*tool[:-1], "--gpu-memory-gib", "80", "--", "--config", "examples/configs/mixtral_8x7b.yaml",
+                         "--bf16", "--expert-model-parallel-size", "8", cwd=root, timeout=120)
     # 46.7B parameters on 8 GPUs without the distributed optimizer: 18 bytes each of whole-model
     # dense state plus one eighth of the experts' exceeds 80 GiB
     assert too_big.returncode == 1 and "exceeds --gpu-memory-gib 80" in too_big.stderr
-    bad = subprocess.run(tool + ["--config", "examples/configs/mixtral_8x7b.yaml", "--expert-model-parallel-size", "3"],
-                         cwd=root, capture_output=True, text=True, timeout=120)
+    bad = run_script(*tool, "--config", "examples/configs/mixtral_8x7b.yaml", "--expert-model-parallel-size", "3",
+                     cwd=root, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--expert-model-parallel-size 3" in bad.stderr

@@ -14,7 +14,7 @@ from megamoe.config import ConfigError
 from megamoe.config_validation import validate
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
-from megamoe.testing.parity import TOL, build, every_rank_micro_batches, gather_full, make_config
+from megamoe.testing.parity import TOL, build, every_rank_micro_batches, gather_all, gather_full, make_config
 from megamoe.training import distributed_muon
 from megamoe.training.checkpoint import load_checkpoint, save_checkpoint
 from megamoe.training.muon import MixedPrecisionMuon, newton_schulz, newton_schulz_cost
@@ -141,10 +141,10 @@ def _muon_parity(layout: dict):
         want = train_step(ref, ref_opt, everyone, step, ref_cfg, single, None)
         assert abs(got.lm_loss - want.lm_loss) <= 1e-9 * abs(want.lm_loss), (step, got.lm_loss, want.lm_loss)
     ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
+    weights = gather_all({name: (p.detach(), p) for name, p in model.named_parameters()}, state)
+    for name, weight in weights.items():
         ref_p = ref_params[name]
-        torch.testing.assert_close(gather_full(p.detach(), p, state), gather_full(ref_p.detach(), ref_p, single), **TOL,
-                                   msg=f"weight {name}")
+        torch.testing.assert_close(weight, gather_full(ref_p.detach(), ref_p, single), **TOL, msg=f"weight {name}")
     # the distributed optimizer's owners: (group, matrices, this rank's Newton-Schulz cost, the largest,
     # elements sent per step, elements of the group's matrices)
     return [((e.group.name, e.group.ranks), len(e.matrices), sum(newton_schulz_cost(m.param) for m in e.mine),
@@ -216,7 +216,7 @@ def _muon_phase(layout: dict, directory: str, phase: str):
               for s in steps]
     if phase == "save":
         save_checkpoint(directory, 2, model, opt, state, cfg, 8, None, torch.device("cpu"))
-    return losses, {name: gather_full(p.detach(), p, state) for name, p in model.named_parameters()}
+    return losses, gather_all({name: (p.detach(), p) for name, p in model.named_parameters()}, state)
 
 
 @pytest.mark.parametrize("saved, loaded", [((2, {"tp": 2, "sp": True}), (4, {"ep": 2, "etp": 2, "dispatcher": "alltoall"})),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from megamoe.data.mock import MarkovMockData
 from megamoe.model.args import gpt_args
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.state import ParallelState
+from megamoe.testing.scripts import run_script
 from megamoe.training.flops import flops_per_token
 from megamoe.training.heatmap import expert_load_figure, figure_to_rgb
 from megamoe.training.schedule import learning_rate
@@ -118,7 +118,7 @@ def test_bare_run_is_a_small_dense_gpt_that_learns():
     """`python pretrain_moe.py` with no flags: Megatron's default structure at a small size, the
     two notices for Megatron defaults megamoe does not build, one log line (interval 100, and
     always the last iteration) and the validation at the end."""
-    proc = subprocess.run([sys.executable, "pretrain_moe.py"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_script("pretrain_moe.py", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert out.count("> notice:") == 2 and "learned absolute embeddings" in out and "--disable-bias-linear" in out
@@ -132,11 +132,9 @@ def test_demo_run_learns_and_reports(tmp_path):
     """The quick start's model on mock data (plus a report directory): the loss falls well
     below ln(vocab) and tensorboard and the metrics file are written."""
     tb, metrics = tmp_path / "tb", tmp_path / "metrics.jsonl"
-    proc = subprocess.run([sys.executable, "pretrain_moe.py", "--config", "examples/configs/demo.yaml",
-                           "--log-interval", "5", "--tensorboard-dir", str(tb),
-                           "--metrics-file", str(metrics), "--moe-expert-load-image-interval", "10",
-                           "--log-max-attention-logit"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_script("pretrain_moe.py", "--config", "examples/configs/demo.yaml", "--log-interval", "5",
+                      "--tensorboard-dir", str(tb), "--metrics-file", str(metrics),
+                      "--moe-expert-load-image-interval", "10", "--log-max-attention-logit", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if "iteration" in line and "lm loss:" in line]
     assert len(lines) == 8 and "iteration       40/      40" in lines[-1]
@@ -193,8 +191,8 @@ def test_check_parity_verdicts(monkeypatch, capsys):
 
 def test_check_parity_runs_torchrun():
     # the second layout saves after iteration 1 at TP 2 + SP and resumes at TP 1
-    proc = subprocess.run([sys.executable, "tools/check_parity.py", "--models", "gqa", "--layouts", "tp=1",
-                           "tp=2,sp>tp=1", "--iters", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_script("tools/check_parity.py", "--models", "gqa", "--layouts", "tp=1", "tp=2,sp>tp=1", "--iters", "2",
+                      cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS" in proc.stdout and proc.stdout.count("tp=2,sp>tp=1") == 2  # both iterations compared
 
