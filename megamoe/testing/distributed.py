@@ -11,7 +11,7 @@ between calls, so a test module pays the start-up (importing torch on every rank
   are then killed.
 - Every call has a timeout; a hang is reported with the ranks that did not finish.
 - Worker processes are always terminated on close, on error and at interpreter exit, and exit
-  on their own when the parent process dies (a killed run leaves no spinning workers).
+  on their own when the process that owns the pool dies (a killed run leaves no spinning workers).
 
 Functions passed in must be picklable (defined at module level): CPU ranks are forked from a
 forkserver that has imported torch and megamoe once, NCCL ranks are spawned.
@@ -77,7 +77,9 @@ def _worker_main(
     tasks: "mp.Queue",
     results: "mp.Queue",
     owner_alive,
+    env: dict[str, str],
 ) -> None:
+    os.environ.update(env)  # a forked rank has the forkserver's environment, from whenever it started
     torch.set_num_threads(1)
     _exit_with_owner(owner_alive)
     try:
@@ -156,13 +158,13 @@ class DistributedWorkers:
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         owner_alive, self._owner_alive = ctx.Pipe(duplex=False)  # the workers' end; ours closes in close()
         saved_env = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)  # spawned children inherit the environment at start
+        os.environ.update(self.env)  # what a spawned rank's interpreter reads as it starts (OMP_NUM_THREADS)
         try:
             for rank in range(self.world_size):
                 proc = ctx.Process(
                     target=_worker_main,
                     args=(rank, self.world_size, self.backend, self._store.port, self.timeout,
-                          self._tasks[rank], self._results, owner_alive),
+                          self._tasks[rank], self._results, owner_alive, self.env),
                     daemon=True,
                     name=f"megamoe-rank{rank}",
                 )
