@@ -46,10 +46,10 @@ it in backward order are doing.
 That order starts as reverse registration order, a guess at backward's; the first overlapped
 step records the order in which each communicator's buckets really became ready (on the demo
 model a layer's routed experts finish before its shared experts, registered after them, and MTP's
-projection after its block), and its ``finish`` makes that the order from then on. The ranks of a communicator agree on it through
-each bucket's earliest observed position over the group (one small all-reduce per communicator,
-once; ties keep the current order), so a bucket that one rank saw late (an expert that got no
-tokens there) neither splits the order nor moves back.
+projection after its block), and its ``finish`` makes that the order from then on. The ranks
+of a communicator agree on it through each bucket's earliest observed position over the group
+(one small all-reduce per communicator, once; ties keep the current order), so a bucket that one
+rank saw late (an expert that got no tokens there) neither splits the order nor moves back.
 
 Bucket size (``--ddp-bucket-size``): unset means Megatron-LM's ``max(40M, 1M x group size)``
 elements, which for small models is one bucket per buffer.

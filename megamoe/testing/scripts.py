@@ -22,7 +22,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -69,11 +69,11 @@ def _script_main(script: str, argv: list[str], cwd: str, env: dict[str, str], ou
 
 
 def run_script(script: str, *args: str, cwd: Optional[Path] = None, env: Optional[dict[str, str]] = None,
-               timeout: float = 600.0, extra_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+               timeout: float = 600.0) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True,
     text=True, timeout=timeout)``, forked from the forkserver (see the module docstring)."""
     cwd = Path(cwd or os.getcwd())
-    argv = [*args, *extra_args]
+    argv = list(args)
     with tempfile.TemporaryDirectory(prefix="megamoe-script-") as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
         proc = preloaded_context().Process(target=_script_main, daemon=False,
