@@ -63,7 +63,8 @@ def _exit_with_owner(owner_alive) -> None:
 def _freeze_imports() -> None:
     """Move what the first task imported (torch, megamoe: about a million objects) out of the
     cyclic garbage collector's reach. Its full collections otherwise walk them all, over and
-    over, while the ranks exchange small tensors (5% of a 4-rank parity case's time here)."""
+    over, while the ranks exchange small tensors (Python's GC showed in a profile of a rank's
+    collective loop here)."""
     gc.collect()
     gc.freeze()
 
