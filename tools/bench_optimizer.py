@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The end of a training step on the V2-Lite proxy's parameter shapes (one GPU): the gradient
 norm, the clip (a pass over the gradients, or folded into the fused AdamW as its
-``grad_scale``), the fused AdamW step over float32 masters, and the copy back into bf16.
+``grad_scale``), the fused AdamW step over float32 masters, and the copy back into bf16; then
+megamoe's Triton AdamW (``megamoe/kernels/adamw.py``), which does the step and the copy in one pass.
 
     python tools/bench_optimizer.py              # the proxy's 2.25e9 parameters
     python tools/bench_optimizer.py --scale 0.25
@@ -14,6 +15,8 @@ import argparse
 import torch
 
 from cuda_timing import median_ms
+
+from megamoe.kernels.adamw import TritonAdamW, triton_adamw_available
 
 # (shape, count) of the proxy's parameters: 4 layers of DeepSeek-V2-Lite, 3 of them MoE.
 PROXY_SHAPES = [((102400, 2048), 2),              # embedding, head
@@ -55,6 +58,19 @@ def main() -> int:
         ("AdamW, fused, clip as grad_scale", folded_step),
         ("masters -> bf16 params (foreach copy)", lambda: torch._foreach_copy_(params, masters)),
     ]
+    if triton_adamw_available(masters):
+        triton_masters = [m.clone() for m in masters]
+        for m, g in zip(triton_masters, grads):
+            m.grad = g
+        triton_opt = TritonAdamW(triton_masters, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1,
+                                 copies=dict(zip(triton_masters, params)))
+
+        def triton_step():
+            triton_opt.grad_scale = divisor
+            triton_opt.step()
+            triton_opt.grad_scale = None
+
+        rows.append(("Triton AdamW, clip as grad_scale, + copy", triton_step))
     print(f"{len(masters)} tensors, {numel / 1e9:.2f}e9 parameters (float32 masters, Adam states, gradients)")
     for name, fn in rows:
         print(f"{name:<40}{median_ms(fn, args.iters):>8.2f} ms")

@@ -146,15 +146,16 @@ class Bucket:
 
     def start_param_gather(self, shard: torch.Tensor, gathered: Optional[torch.Tensor] = None,
                            then: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-        """Write every rank's updated shard (``shard``: this rank's, in the parameter dtype)
-        into ``param_data``, asynchronously. ``gathered``/``then``: gather into ``gathered``
+        """Write every rank's updated shard (``shard``: this rank's, in the parameter dtype;
+        it may be this rank's part of ``param_data`` itself) into ``param_data``, asynchronously. ``gathered``/``then``: gather into ``gathered``
         instead (another dtype: the FP8 gather) and hand it to ``then`` once complete."""
         self.wait_param_gather()
         into = self.param_data if gathered is None else gathered
         self._param_then = None if then is None else (then, into)
         self._param_gathered = True
         if self.group.size == 1:
-            into.copy_(shard)
+            if shard.data_ptr() != into.data_ptr():  # not the step's in-place shard
+                into.copy_(shard)
         else:
             self._param_work = _launch(_all_gather_single, into, shard, group=self.group)
             self._param_send = shard  # kept alive until the gather completes

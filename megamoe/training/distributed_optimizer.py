@@ -37,7 +37,7 @@ from megamoe.parallel.data_parallel import Bucket, DataParallelGrads
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
 from megamoe.training.fp8_param_gather import fp8_bucket_gathers
-from megamoe.training.optimizer import MasterEdit, Optimizer, adamw, tensor_bytes
+from megamoe.training.optimizer import MasterEdit, Optimizer, adamw, tensor_bytes, writes_copies
 
 
 class Piece:
@@ -73,7 +73,13 @@ class DistributedOptimizer(Optimizer):
             self.pieces[bucket] = [Piece(p, bucket, max(lo, first), min(hi, last))
                                    for p, lo, hi in bucket.ranges if max(lo, first) < min(hi, last)]
         adam = [piece for pieces in self.pieces.values() for piece in pieces if self._adam_updates(piece.param)]
-        self.optimizer = adamw([x.master for x in adam], [x.param.ndim >= 2 for x in adam], t)
+        # On CUDA the step writes each updated piece straight into this rank's shard of the
+        # parameter buffer (TritonAdamW), which the all-gather then sends from in place; the
+        # buckets gathered in FP8 are written from their masters by the gather instead.
+        copies = [None if x.bucket in self.fp8_gathers else x.bucket.param_data[x.lo:x.hi] for x in adam]
+        self.optimizer = adamw([x.master for x in adam], [x.param.ndim >= 2 for x in adam], t, copies=copies)
+        self.step_writes_shard = {b: b not in self.fp8_gathers and writes_copies(self.optimizer, [x.master for x in ps])
+                                  for b, ps in self.pieces.items()}
         self.overlap_param_gather = parallel.overlap_param_gather
         self._hooks = self._register_gather_hooks(model) if self.overlap_param_gather else []
         self.sync_fp8_params()
@@ -100,13 +106,14 @@ class DistributedOptimizer(Optimizer):
         for pieces in self.pieces.values():
             for x in pieces:
                 x.master.grad = None
-        self._start_param_gathers()
+        self._start_param_gathers(from_masters=edit_masters is not None)
         if not self.overlap_param_gather:
             self.finish_param_sync()
 
-    def _start_param_gathers(self, only_fp8: bool = False) -> None:
+    def _start_param_gathers(self, only_fp8: bool = False, from_masters: bool = True) -> None:
         """Each bucket's all-gather of the updated shards, in forward order (buckets are in
-        backward order), so the first modules' parameters arrive first."""
+        backward order), so the first modules' parameters arrive first. ``from_masters``: the
+        shards are made from the masters even where the step wrote them (an edit followed it)."""
         for bucket in reversed(self.grads.buckets):
             fp8 = self.fp8_gathers.get(bucket)
             if only_fp8 and fp8 is None:
@@ -114,6 +121,9 @@ class DistributedOptimizer(Optimizer):
             if fp8 is not None:
                 gathered = torch.empty(bucket.end - bucket.start, dtype=torch.uint8, device=bucket.grad_data.device)
                 bucket.start_param_gather(fp8.quantize_shard(self.pieces[bucket]), gathered, fp8.write_params)
+                continue
+            if self.step_writes_shard[bucket] and not from_masters:
+                bucket.start_param_gather(bucket.shard(bucket.param_data))  # in place
                 continue
             send = bucket.shard(bucket.param_data).clone()  # the padding keeps its zeros
             for x in self.pieces[bucket]:

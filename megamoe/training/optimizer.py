@@ -5,7 +5,8 @@ parameter's gradient into ``param.main_grad`` (float32, a view into a contiguous
 of :mod:`megamoe.parallel.data_parallel`) through a post-accumulate hook and frees
 ``param.grad``, so micro-batches accumulate in float32 as Megatron does. The optimizer updates
 float32 master copies (the parameters themselves in float32 training) and copies the result
-back. Norm weights, biases and other 1-D parameters get no weight decay.
+back: on CUDA in the same pass as the update (``megamoe/kernels/adamw.py``). Norm weights,
+biases and other 1-D parameters get no weight decay.
 
 Two optimizers share one interface, which is all ``train_step`` uses::
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from megamoe.config import ParallelConfig, TrainingConfig
+from megamoe.kernels.adamw import TritonAdamW, triton_adamw_available
 from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import DataParallelGrads
 from megamoe.parallel.state import ParallelState
@@ -40,16 +42,27 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def adamw(masters: list[torch.Tensor], decay: list[bool], t: TrainingConfig) -> Optional[torch.optim.AdamW]:
-    """torch AdamW over ``masters`` (fused on CUDA); weight decay where ``decay``. None when
-    there is nothing to update (a rank whose shards hold no parameter)."""
+def adamw(masters: list[torch.Tensor], decay: list[bool], t: TrainingConfig,
+          copies: Optional[list[torch.Tensor]] = None) -> Optional[torch.optim.AdamW]:
+    """AdamW over ``masters``; weight decay where ``decay``. None when there is nothing to
+    update (a rank whose shards hold no parameter). On CUDA with Triton, the step is
+    :class:`~megamoe.kernels.adamw.TritonAdamW`'s one pass, which also writes ``copies[i]``
+    (the parameter ``masters[i]`` stands for, or None; see ``writes_copies``); elsewhere
+    torch's AdamW (fused on CUDA), and the caller copies."""
     groups = [{"params": [m for m, d in zip(masters, decay) if d], "weight_decay": t.weight_decay},
               {"params": [m for m, d in zip(masters, decay) if not d], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         return None
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                             fused=masters[0].is_cuda)
+    hyper = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    if triton_adamw_available(masters):
+        return TritonAdamW(groups, **hyper, copies=None if copies is None else dict(zip(masters, copies)))
+    return torch.optim.AdamW(groups, **hyper, fused=masters[0].is_cuda)
+
+
+def writes_copies(optimizer: Optional[torch.optim.Optimizer], masters: list[torch.Tensor]) -> bool:
+    """Whether ``optimizer``'s step writes the low-precision copy of every one of ``masters``."""
+    return isinstance(optimizer, TritonAdamW) and all(optimizer.writes_copy(m) for m in masters)
 
 
 # Changes the masters after the update, before the parameters are refreshed from them:
@@ -222,7 +235,10 @@ class MixedPrecisionAdamW(Optimizer):
         # float32 (or float64, in tests) parameters are their own masters
         self.masters_are_params = all(upcast(p).dtype == p.dtype for p in self.params)
         self.masters = self.params if self.masters_are_params else [upcast(p.detach()).clone() for p in self.params]
-        self.optimizer = adamw(self.masters, [p.ndim >= 2 for p in self.params], t)
+        self.optimizer = adamw(self.masters, [p.ndim >= 2 for p in self.params], t,
+                               copies=None if self.masters_are_params else self.params)
+        # the step writes the parameters from the masters itself (TritonAdamW, on CUDA)
+        self.step_writes_params = not self.masters_are_params and writes_copies(self.optimizer, self.masters)
 
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         return [(p, p.main_grad) for p in self.params]
@@ -238,8 +254,8 @@ class MixedPrecisionAdamW(Optimizer):
             master.grad = None
         if edit_masters is not None:
             edit_masters(self.master_pieces())
-        if not self.masters_are_params:  # one multi-tensor cast-copy, not one kernel per parameter
-            torch._foreach_copy_(self.params, self.masters)
+        if not self.masters_are_params and (edit_masters is not None or not self.step_writes_params):
+            torch._foreach_copy_(self.params, self.masters)  # one multi-tensor cast-copy
 
     def master_bytes(self) -> int:
         return 0 if self.masters_are_params else tensor_bytes(self.masters)

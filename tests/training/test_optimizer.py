@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 import torch
 import torch.nn as nn
 
@@ -53,3 +55,83 @@ def test_clip_folded_into_the_fused_step_matches_clipping_the_gradients(monkeypa
         assert abs(unclipped - norm) <= 1e-5 * norm  # the step applied the clip, the gradients kept theirs
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
+
+
+def _adamw_cases(device, chunk: int):
+    """Shapes around the kernel's chunk: smaller, not a multiple, several chunks."""
+    torch.manual_seed(0)
+    return [torch.randn(s, device=device) for s in [(3, 5), (chunk + 7,), (3 * chunk // 1024 + 1, 1024), (64, 64)]]
+
+
+@pytest.mark.gpu
+def test_triton_adamw_against_torch_adamw():
+    """The Triton step against torch's single-tensor AdamW (float32, a different code path), with
+    and without a grad_scale, over four steps (the bias corrections move); the bf16 copies are
+    the masters rounded, and their versions move. The no-decay group's lengths take the
+    kernel's unaligned path, the decay group's its 16-byte one; one master has no copy."""
+    from megamoe.kernels.adamw import CHUNK, TritonAdamW
+    dev = _cuda()
+    masters = _adamw_cases(dev, CHUNK)
+    ref = [m.clone() for m in masters]
+    with_copy = [masters[0], masters[2], masters[3]]
+    copies = [m.bfloat16() for m in with_copy]
+
+    def groups(ts):
+        return [{"params": ts[2:], "weight_decay": 0.1}, {"params": ts[:2], "weight_decay": 0.0}]
+
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    opt = TritonAdamW(groups(masters), **hyper, copies=dict(zip(with_copy, copies)))
+    ref_opt = torch.optim.AdamW(groups(ref), **hyper, foreach=False, fused=False)
+    versions = [c._version for c in copies]
+    for step in range(4):
+        scale = None if step % 2 else torch.tensor(3.0 + step, device=dev)
+        for m, r in zip(masters, ref):
+            g = torch.randn_like(m) * 5
+            m.grad, r.grad = g, (g / scale if scale is not None else g.clone())
+        opt.grad_scale = scale
+        opt.step()
+        ref_opt.step()
+        for m, r in zip(masters, ref):  # one update moves a weight by ~lr: 1e-5 of it is far below
+            torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(opt.state[m]["exp_avg_sq"], ref_opt.state[r]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        for m, c in zip(with_copy, copies):
+            assert torch.equal(c, m.bfloat16())
+    assert all(c._version > v for c, v in zip(copies, versions))
+    assert [[aligned for *_, aligned in opt._tables[g][1]] for g in (0, 1)] == [[True], [False, False]]
+    assert int(opt.state[masters[0]]["step"]) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distributed", [False, True])
+def test_the_step_on_cuda_writes_the_bf16_parameters(distributed):
+    """On CUDA the optimizer's step itself leaves the bf16 parameters equal to the masters
+    (the distributed optimizer: written into the parameter buffer, gathered in place)."""
+    from megamoe.config import ParallelConfig
+    from megamoe.training.distributed_optimizer import DistributedOptimizer
+
+    dev = _cuda()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)).to(dev, torch.bfloat16)
+    t = TrainingConfig(lr=1e-2, weight_decay=0.1, clip_grad=0.5)
+    if distributed:
+        opt = DistributedOptimizer(model, t, ParallelState.single(), ParallelConfig())
+        assert all(opt.step_writes_shard.values())
+    else:
+        opt = MixedPrecisionAdamW(model, t, ParallelState.single())
+        assert opt.step_writes_params
+    before = [p.detach().clone() for p in opt.params]
+    for step in range(2):
+        opt.zero_grad()
+        model(torch.randn(64, 16, device=dev, dtype=torch.bfloat16)).square().sum().backward()
+        opt.finish_grad_sync()
+        opt.clip_grad_norm(0.5)
+        opt.step(1e-2)
+    masters = {p: m for p, _, m in opt.master_pieces()}  # one piece per parameter on one rank
+    for p, b in zip(opt.params, before):
+        assert torch.equal(p.detach(), masters[p].view_as(p).bfloat16()) and not torch.equal(p, b)
