@@ -2,12 +2,12 @@
 parameter's bf16 (or fp16, or float32) copy as it goes.
 
 torch's fused AdamW followed by the copy of the masters into the model's parameters reads the
-masters twice and launches one multi-tensor kernel per few hundred chunks. On the V2-Lite
-proxy's 2.25e9 parameters that is the end of every step: ``tools/bench_optimizer.py`` measures
-both. Here every tensor is cut into chunks of ``CHUNK`` elements, a table on the GPU holds each
-chunk's addresses (master, gradient, the two moments, the copy), and one launch updates all
-of a group's chunks: read master + gradient + moments (16 bytes), write master + moments + copy
-(14 bytes for a bf16 copy), once.
+masters twice (and, given a ``grad_scale``, writes the unscaled gradients back). On the V2-Lite
+proxy's 2.25e9 parameters that is the end of every step, at memory bandwidth
+(``tools/bench_optimizer.py`` measures both). Here every tensor is cut into chunks of ``CHUNK``
+elements, a table on the GPU holds each chunk's addresses (master, gradient, the two moments,
+the copy), and one launch per kind of chunk updates all of a group's: per element, read master
++ gradient + moments (16 bytes) and write master + moments + copy (14 bytes for a bf16 copy), once.
 
 The arithmetic is torch's AdamW (``torch.optim.AdamW``, its fused CUDA kernel's order):
 decoupled weight decay, the moments, bias corrections from the step count, the gradient divided
@@ -45,9 +45,9 @@ def triton_adamw_available(masters: list[torch.Tensor]) -> bool:
 class TritonAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` whose step runs the Triton kernel of this module. ``copies`` maps a
     master (by identity) to the parameter (bf16, fp16 or float32; contiguous, the master's
-    size) the step writes from it; a master not in it, or mapped to None, gets no copy. The constructor's arguments are AdamW's; ``fused`` is implied (the
-    states and step counts live on the GPU, and ``grad_scale`` is honoured as torch's fused
-    step honours it)."""
+    size) the step writes from it; a master not in it, or mapped to None, gets no copy. The
+    other arguments are AdamW's; ``fused`` is implied (the states and step counts live on the
+    GPU, and ``grad_scale`` is honoured as torch's fused step honours it)."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
                  copies: Optional[dict[torch.Tensor, torch.Tensor]] = None):
@@ -84,7 +84,8 @@ class TritonAdamW(torch.optim.AdamW):
         return state
 
     def _launches(self, index: int, masters: list[torch.Tensor], states: list[dict]) -> list:
-        """The group's chunk tables, one per kind of copy; rebuilt when a tensor moved."""
+        """The group's chunk tables, one per kind of chunk (copy dtype, aligned or not); rebuilt
+        when a tensor moved."""
         operands = [(m, m.grad, s["exp_avg"], s["exp_avg_sq"], self.copies.get(id(m))) for m, s in zip(masters, states)]
         key = tuple(0 if t is None else t.data_ptr() for row in operands for t in row)
         cached = self._tables.get(index)
@@ -100,15 +101,16 @@ class TritonAdamW(torch.optim.AdamW):
         step_counts = torch.stack([s["step"] for s in states])
         if bool((step_counts != step_counts[0]).any()):
             raise ValueError("TritonAdamW: the parameters of a group have different step counts")
-        launches = []
-        for copy_dtype in {None if c is None else c.dtype for *_, c in operands}:
-            rows = [_chunk_rows(row) for row in operands if (None if row[4] is None else row[4].dtype) == copy_dtype]
-            rows = [r for rs in rows for r in rs]
+        kinds: dict[tuple, list[list[int]]] = {}  # (copy dtype, aligned) -> table rows
+        for row in operands:
+            rows = _chunk_rows(row)
             # 16-byte aligned addresses and lengths in multiples of 16 (the usual case) let the
             # kernel load and store 16 bytes at a time
-            aligned = all(address % 16 == 0 for r in rows for address in r[:5]) and all(r[5] % 16 == 0 for r in rows)
-            launches.append((torch.tensor(rows, dtype=torch.int64).to(masters[0].device), _COPY_CODES[copy_dtype],
-                             aligned))
+            aligned = all(a % 16 == 0 for r in rows for a in r[:5]) and all(r[5] % 16 == 0 for r in rows)
+            if rows:
+                kinds.setdefault((None if row[4] is None else row[4].dtype, aligned), []).extend(rows)
+        launches = [(torch.tensor(rows, dtype=torch.int64, device=masters[0].device), _COPY_CODES[dtype], aligned)
+                    for (dtype, aligned), rows in kinds.items()]
         self._tables[index] = (key, launches)
         return launches
 
