@@ -147,8 +147,9 @@ class Bucket:
     def start_param_gather(self, shard: torch.Tensor, gathered: Optional[torch.Tensor] = None,
                            then: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Write every rank's updated shard (``shard``: this rank's, in the parameter dtype;
-        it may be this rank's part of ``param_data`` itself) into ``param_data``, asynchronously. ``gathered``/``then``: gather into ``gathered``
-        instead (another dtype: the FP8 gather) and hand it to ``then`` once complete."""
+        it may be this rank's part of ``param_data`` itself, which NCCL gathers in place) into
+        ``param_data``, asynchronously. ``gathered``/``then``: gather into ``gathered`` instead
+        (another dtype: the FP8 gather) and hand it to ``then`` once complete."""
         self.wait_param_gather()
         into = self.param_data if gathered is None else gathered
         self._param_then = None if then is None else (then, into)
