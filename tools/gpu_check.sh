@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: the GPU test tier, then the training
 # benchmark. Logs go to $OUT (device tool) or ./gpu_logs. Usage:
-#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|overlap|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather|fp8size|compile]
+#   bash tools/gpu_check.sh [all|tests|bench BACKEND...|ep|moe|wgrad|pp|overlap|dp|cp|perf|ckpt|fp16|fp8|fp8te|fp8peers|fp8gather|fp8size|compile|optim]
 # `ep` needs two GPUs: NCCL parity of EP/TP layouts and the MoE-layer benchmark at EP 1 and 2;
 # `moe` runs only that benchmark. `wgrad` (one GPU): a MoE block's F, B, input-only B and deferred W
 # (tools/bench_wgrad.py) and the pipeline bubbles they model. `pp` needs two GPUs: NCCL parity of pipeline layouts
@@ -38,6 +38,9 @@
 # recipes and a profile of blockwise. `fp8peers` (bring .gpu/peers; TE installed): which cuDNN
 # torch's attention gets with TE imported (tools/check_te_cudnn.py), megamoe bf16, native rowwise
 # (--fp8-min-linear-size 1400) and TE blockwise, eager and --compile, then Megatron-Core bf16 and FP8 blockwise, in one call.
+# `optim` (one GPU): the optimizer's GPU tests (the Triton AdamW against torch's, the step writing the
+# bf16 parameters under both optimizers, FP8 under the distributed optimizer), tools/bench_optimizer.py,
+# the proxy in bf16 with each optimizer (FP8_ITERS, default 50), and a --compile profile of bf16.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -148,7 +151,7 @@ if [ "$mode" = fp16 ]; then
   done
 fi
 if [ "$mode" = fp8 ] || [ "$mode" = fp8te ] || [ "$mode" = fp8peers ] || [ "$mode" = fp8gather ] || [ "$mode" = fp8size ] \
-    || [ "$mode" = compile ]; then
+    || [ "$mode" = compile ] || [ "$mode" = optim ]; then
   proxy=$(python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_train; print(' '.join(bench_train.PROXY))")
   te_flags="--transformer-impl transformer_engine --moe-grouped-gemm-impl te --fp8-format hybrid"
   # the V2-Lite proxy for $iters iterations, metrics in $LOG/metrics_<name>.jsonl; the last lines on failure
@@ -207,6 +210,16 @@ if [ "$mode" = compile ]; then
   # a profile of bf16 and of rowwise FP8 (--fp8-min-linear-size 1400) under --compile
   proxy_profile bf16_compiled --compile
   proxy_profile min1400_compiled --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400 --compile
+fi
+if [ "$mode" = optim ]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/training/test_optimizer.py tests/training/test_fp8_param_gather.py \
+    2>&1 | tail -6
+  python3 tools/bench_optimizer.py 2>&1 | tee "$LOG/bench_optimizer.log"
+  iters="${FP8_ITERS:-50}"
+  proxy_run bf16
+  proxy_run distopt_bf16 --use-distributed-optimizer
+  python3 tools/compare_runs.py bf16="$LOG/metrics_bf16.jsonl" distopt="$LOG/metrics_distopt_bf16.jsonl" --at 25 50
+  proxy_profile bf16_compiled --compile
 fi
 if [ "$mode" = fp8te ]; then
   # after Transformer Engine is installed: the GPU FP8 tests (TE's included), tools/bench_fp8.py
