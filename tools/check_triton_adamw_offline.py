@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from megamoe.kernels import adamw  # noqa: E402
+from megamoe.testing.adamw_steps import steps_against_torch  # noqa: E402
 
 
 def check_compile() -> bool:
@@ -61,25 +62,10 @@ def check_interpret() -> bool:
     torch.manual_seed(0)
     shapes = [(3, 5), (adamw.CHUNK + 7,), (3, 256), (64, 64)]
     masters = [torch.randn(s) for s in shapes]
-    ref = [m.clone() for m in masters]
     copies = {masters[0]: torch.zeros(shapes[0], dtype=torch.bfloat16),
               masters[2]: torch.zeros(shapes[2], dtype=torch.float16), masters[3]: torch.zeros(shapes[3])}
-
-    def groups(ts):
-        return [{"params": ts[2:], "weight_decay": 0.1}, {"params": ts[:2], "weight_decay": 0.0}]
-
-    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    opt = adamw.TritonAdamW(groups(masters), **hyper, copies=copies)
-    ref_opt = torch.optim.AdamW(groups(ref), **hyper, foreach=False, fused=False)
     worst = 0.0
-    for step in range(4):
-        scale = None if step % 2 else torch.tensor(3.0 + step)
-        for m, r in zip(masters, ref):
-            g = torch.randn_like(m) * 5
-            m.grad, r.grad = g, (g / scale if scale is not None else g.clone())
-        opt.grad_scale = scale
-        opt.step()
-        ref_opt.step()
+    for _, _, ref in steps_against_torch(masters, copies):
         worst = max(worst, *((m - r).abs().max().item() for m, r in zip(masters, ref)))
         for m, c in copies.items():
             step_of_dtype = torch.finfo(c.dtype).eps * m.abs()

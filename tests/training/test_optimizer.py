@@ -75,28 +75,14 @@ def test_triton_adamw_against_torch_adamw():
     and without a grad_scale, over four steps (the bias corrections move); the bf16 copies are
     the masters rounded, and their versions move. The no-decay group's lengths take the
     kernel's unaligned path, the decay group's its 16-byte one; one master has no copy."""
-    from megamoe.kernels.adamw import CHUNK, TritonAdamW
+    from megamoe.kernels.adamw import CHUNK
+    from megamoe.testing.adamw_steps import steps_against_torch
     dev = _cuda()
     masters = _adamw_cases(dev, CHUNK)
-    ref = [m.clone() for m in masters]
     with_copy = [masters[0], masters[2], masters[3]]
     copies = [m.bfloat16() for m in with_copy]
-
-    def groups(ts):
-        return [{"params": ts[2:], "weight_decay": 0.1}, {"params": ts[:2], "weight_decay": 0.0}]
-
-    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    opt = TritonAdamW(groups(masters), **hyper, copies=dict(zip(with_copy, copies)))
-    ref_opt = torch.optim.AdamW(groups(ref), **hyper, foreach=False, fused=False)
     versions = [c._version for c in copies]
-    for step in range(4):
-        scale = None if step % 2 else torch.tensor(3.0 + step, device=dev)
-        for m, r in zip(masters, ref):
-            g = torch.randn_like(m) * 5
-            m.grad, r.grad = g, (g / scale if scale is not None else g.clone())
-        opt.grad_scale = scale
-        opt.step()
-        ref_opt.step()
+    for opt, ref_opt, ref in steps_against_torch(masters, dict(zip(with_copy, copies))):
         for m, r in zip(masters, ref):  # one update moves a weight by ~lr: 1e-5 of it is far below
             torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(opt.state[m]["exp_avg_sq"], ref_opt.state[r]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
