@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megamoe.cli import exit_on_config_error, parse_config
 from megamoe.config_validation import notices, validate
-from megamoe.parallel.launch import configure_logging, init_distributed, process_info_from_env
+from megamoe.parallel.launch import configure_logging, init_distributed, process_info_from_env, set_logging_level
 from megamoe.training.stopping import NonFiniteError
 from megamoe.training.train import train
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_config_error(PROG):
         config = parse_config(argv, prog=PROG)
         validate(config, info.world_size)
+        set_logging_level(config.logging.logging_level, info.rank)
         if info.rank == 0:
             for line in notices(config):
                 print(f"> notice: {line}", flush=True)

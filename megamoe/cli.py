@@ -19,8 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
-from megamoe.config import (FLAG_ALIASES, MEGATRON_STRUCTURAL_FLAGS, SECTIONS, Config, ConfigError, field_docs,
-                            flag_name, section_of)
+from megamoe.config import (FLAG_ALIASES, FLAG_SPELLINGS, MEGATRON_STRUCTURAL_FLAGS, SECTIONS, Config, ConfigError,
+                            field_docs, flag_name, section_of)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -158,7 +158,7 @@ def _add_field(group: argparse._ArgumentGroup, name: str, tp: Any, default: Any,
         else:
             metavar = tp.__name__.upper() + ("|None" if optional else "")
         kwargs.update(type=_value_parser(tp, optional), metavar=metavar, help=f"{doc} (default: {shown})")
-    group.add_argument(flag, **kwargs)
+    group.add_argument(flag, *FLAG_SPELLINGS.get(name, ()), **kwargs)
 
 
 def _add_aliases(group: argparse._ArgumentGroup, only: Optional[set[str]]) -> None:
@@ -271,7 +271,15 @@ def parse_values(
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
     values = load_yaml_values(config_file) if config_file else {}
+    # A run's length is --train-iters or --train-samples: one given on the command line replaces
+    # the other from the file (a preset's train_iters), as any flag overrides the file.
+    for given, replaced in (("train_samples", "train_iters"), ("train_iters", "train_samples")):
+        if args.get(given) is not None:
+            values.pop(replaced, None)
     values.update(args)
+    if values.get("train_samples") is not None and "train_iters" in values:
+        raise ConfigError(f"--train-iters {values['train_iters']} and --train-samples {values['train_samples']}: "
+                          "give one (Megatron-LM's rule)")
     return values
 
 

@@ -109,7 +109,9 @@ class ModelConfig:
     mtp_loss_scaling_factor: float = 0.1
     """Weight of the multi-token-prediction loss (averaged over MTP modules)."""
     recompute_granularity: Optional[Literal["full", "selective"]] = None
-    """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core (--recompute-activations is Megatron-LM's spelling of selective). Dropout masks are replayed exactly."""
+    """Activation recomputation: 'full' recomputes whole layers, 'selective' the modules of --recompute-modules (by default the attention core; --recompute-activations is Megatron-LM's spelling of selective). Dropout masks are replayed exactly."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """With --recompute-granularity selective: what is recomputed, from Megatron-LM's list. megamoe builds 'core_attn' (the attention core) and 'moe' (each MoE layer, as --moe-layer-recompute); 'mlp', 'mla_up_proj', 'layernorm', 'moe_act' and 'shared_experts' are refused as not built yet."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Where the FP8 layers' linear GEMMs run: megamoe's kernels ('local': recipes rowwise, tensorwise) or Transformer Engine's te.Linear ('transformer_engine': recipes delayed, tensorwise, blockwise). Linears in bf16 run torch's GEMM under either (the same cuBLAS product TE's bf16 Linear runs). The experts' backend is --moe-grouped-gemm-impl."""
     fp8_format: Optional[Literal["e4m3", "hybrid"]] = None
@@ -183,8 +185,12 @@ class MoEConfig:
     """FP8 on the wire (DeepSeek-V3's dispatch): quantize each token to e4m3 (one power-of-two scale per row) before the permutation and the all-to-all, so they move half the bytes and the experts' first FP8 GEMM takes the rows as they arrive; the combine stays in bf16. The first GEMM's weight gradient then uses the FP8 rows. Needs --fp8-recipe rowwise with megamoe's experts and --moe-token-dispatcher-type alltoall. Layers kept out of FP8 dispatch in bf16."""
     moe_token_drop_policy: Literal["probs", "position"] = "probs"
     """With a capacity factor, which tokens an over-full expert keeps: highest probability or earliest."""
-    moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
-    """How tokens reach experts on other ranks."""
+    moe_router_force_load_balancing: bool = False
+    """Benchmarks only (Megatron-LM's switch): every router routes on random logits (standard normal per token and expert) instead of its own, so the experts' loads are even in expectation whatever the router has learnt, and a throughput figure does not depend on how balanced training happens to be. The real logits still get the gradients (straight through); the model does not learn to route."""
+    moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "allgather"
+    """How tokens reach experts on other ranks: an all-gather of the tokens or an all-to-all of the routed rows. Megatron-LM's 'flex' (DeepEP / HybridEP kernels) is not built yet."""
+    moe_flex_dispatcher_backend: Optional[Literal["deepep", "hybridep"]] = None
+    """The kernels of Megatron-LM's 'flex' dispatcher. Not built yet."""
     overlap_moe_expert_parallel_comm: bool = False
     """Megatron's name: run each micro-batch's forward interleaved, piece by piece, with another micro-batch's backward, so that one's expert all-to-all is in flight while the other computes (cut at each MoE layer's dispatch and combine). With --pipeline-model-parallel-size 1 every forward pairs with the previous micro-batch's backward (gradient accumulation); under 1F1B (and interleaved 1F1B) the steady state runs as such pairs, after a warm-up of 2 (PP - rank - 1) + (VPP - 1) PP + 1 forwards (up to 2 (PP - rank) micro-batches in flight, twice 1F1B's; with virtual stages one chunk more than interleaved 1F1B); with --pipeline-schedule dualpipev its forward-and-backward pairs run so. Needs the all-to-all dispatcher. Full and MoE-layer recompute then rebuild what lies between a layer's exchanges (the attention half under full, the routed and shared experts' MLPs under both) and keep the exchanged rows and the routing. Not supported yet: --moe-a2a-overlap-chunks, --moe-fp8-dispatch, --compile. With dropout the masks are drawn in another order than without it (still independent masks)."""
     delay_wgrad_compute: bool = False
@@ -226,6 +232,8 @@ class ParallelConfig:
     """Layers on the first pipeline stage, when it should differ from the others."""
     decoder_last_pipeline_num_layers: Optional[int] = None
     """Layers on the last pipeline stage, when it should differ from the others."""
+    pipeline_model_parallel_layout: Optional[str] = None
+    """Megatron-LM's placement of every layer on a virtual pipeline stage: 'Et|(tt|)*30mL' is E the embedding, t a decoder layer, m an MTP layer, L the head and loss, | the end of a virtual stage, x*n and (...)*n repetitions. Virtual stage v runs on pipeline rank v % PP, so the stage count sets the virtual size; E opens the first stage, the MTP layers and L close the last, and a stage may hold no decoder layer. Replaces --decoder-first/last-pipeline-num-layers."""
     pipeline_schedule: Literal["1f1b", "dualpipev"] = "1f1b"
     """Pipeline schedule. '1f1b': one forward, one backward (interleaved over the chunks of
     --virtual-pipeline-model-parallel-size when set). 'dualpipev': DeepSeek's DualPipeV: each rank
@@ -249,6 +257,8 @@ class ParallelConfig:
     """Tensor-parallel degree inside each expert (ETP). Unset means the same as TP."""
     parallel_rank_order: str = "tp-cp-ep-dp-pp"
     """Order of the dimensions in the rank numbering, innermost (neighbouring ranks) first."""
+    tp_comm_overlap: bool = False
+    """Megatron-LM's overlap of the tensor-parallel all-gathers and reduce-scatters with the GEMMs around them (Transformer Engine's userbuffers). Not built yet."""
     use_distributed_optimizer: bool = False
     """Shard fp32 master weights and Adam states over data-parallel ranks (ZeRO-1): DP x CP for
     dense weights, expert-DP for experts; gradients are reduce-scattered, parameters all-gathered."""
@@ -283,21 +293,33 @@ class TrainingConfig:
     global_batch_size: int = 8
     """Sequences per optimizer step, summed over data-parallel ranks and micro-batches. Small default for a bare run."""
     train_iters: int = 40
-    """Number of optimizer steps. Megatron-LM requires it; small default for a bare run."""
+    """Number of optimizer steps. Megatron-LM requires it (or --train-samples); small default for a bare run."""
+    train_samples: Optional[int] = None
+    """Sample-based training (Megatron-LM's alternative to --train-iters; give one): the run takes train-samples / global-batch-size steps, and the learning-rate schedule is given in samples (--lr-decay-samples, --lr-warmup-samples, --lr-wsd-decay-samples)."""
     lr: float = 3e-3
     """Peak learning rate. Megatron-LM requires it; the default suits the bare run's tiny model."""
     min_lr: float = 0.0
     """Learning rate at the end of decay."""
     lr_warmup_iters: int = 0
-    """Linear warmup iterations."""
-    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "linear"
-    """Learning-rate decay after warmup."""
+    """Linear warmup iterations. As in Megatron-LM, step k runs at the schedule's value after k - 1 steps, so with warmup the first step's rate is --lr-warmup-init."""
+    lr_warmup_samples: int = 0
+    """Sample-based training: linear warmup over this many samples."""
+    lr_warmup_fraction: Optional[float] = None
+    """Warmup over this fraction of the decay window (--lr-decay-iters or --lr-decay-samples), instead of --lr-warmup-iters / --lr-warmup-samples."""
+    lr_warmup_init: float = 0.0
+    """The learning rate warmup starts from."""
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "linear"
+    """Learning-rate decay after warmup (Megatron-LM's formulas; inverse-square-root: lr x sqrt(warmup / step), at least --min-lr)."""
     lr_decay_iters: Optional[int] = None
-    """Iterations over which the learning rate decays. Unset means train-iters."""
+    """Iterations over which the learning rate decays (warmup included). Unset means train-iters."""
+    lr_decay_samples: Optional[int] = None
+    """Sample-based training: samples over which the learning rate decays. Unset means train-samples."""
     lr_wsd_decay_iters: Optional[int] = None
-    """WSD: length of the final decay phase (unset means 10% of decay iterations)."""
-    lr_wsd_decay_style: Literal["linear", "cosine", "exponential"] = "exponential"
-    """WSD: shape of the final decay phase."""
+    """WSD: length of the final decay phase in iterations. Unset means 10% of the decay window after warmup (Megatron-LM requires a value)."""
+    lr_wsd_decay_samples: Optional[int] = None
+    """Sample-based WSD: length of the final decay phase in samples. Unset means 10% of the decay window after warmup."""
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "exponential"
+    """WSD: shape of the final decay phase, over r from 0 to 1: lr = min-lr + c x (lr - min-lr) with c = 1 - r, (1 + cos(pi r)) / 2, 2 x 0.5^r - 1 or 1 - sqrt(r) (Megatron-LM's)."""
     optimizer: Literal["adam", "muon"] = "adam"
     """Optimizer: 'adam' (AdamW with decoupled weight decay) or 'muon' (Muon on the weight matrices, AdamW on embeddings, the output head, norms and biases; both with --lr and --weight-decay). Muon orthogonalises each whole matrix in every layout; with --use-distributed-optimizer each matrix by one data-parallel rank."""
     muon_momentum: float = 0.9
@@ -330,6 +352,20 @@ class TrainingConfig:
     """Adam beta2."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
+    optimizer_cpu_offload: bool = False
+    """Megatron-LM's optimizer step on the CPU, with the states in host memory. Not built yet."""
+    overlap_cpu_optimizer_d2h_h2d: bool = False
+    """With --optimizer-cpu-offload, overlap its copies between device and host. Not built yet."""
+    use_precision_aware_optimizer: bool = False
+    """Megatron-LM's switch to Transformer Engine's optimizer, which can keep gradients, masters and Adam's moments in other dtypes (below). With all four float32, what megamoe's optimizer always is, it is accepted; the other dtypes are not built yet."""
+    main_grads_dtype: Literal["fp32", "bf16"] = "fp32"
+    """The dtype gradients accumulate in. megamoe accumulates in float32 only."""
+    main_params_dtype: Literal["fp32", "fp16"] = "fp32"
+    """The dtype of the master weights. megamoe keeps float32 masters only."""
+    exp_avg_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = "fp32"
+    """The dtype of Adam's first moment. megamoe keeps it in float32 only (lower precision: not built yet)."""
+    exp_avg_sq_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = "fp32"
+    """The dtype of Adam's second moment. megamoe keeps it in float32 only (lower precision: not built yet)."""
     clip_grad: float = 1.0
     """Clip gradients to this global L2 norm (0 disables)."""
     check_for_nan_in_loss_and_grad: bool = True
@@ -352,6 +388,12 @@ class TrainingConfig:
     """Overflows tolerated before the dynamic loss scale is halved (refilled when it grows)."""
     compile: bool = False
     """Compile each transformer block with torch.compile (per block, as torchtitan does). CUDA only: elsewhere the run says so once and stays eager. Off by default: 1.12x eager on one H200 (docs/benchmarks.md), but it adds the compilation to start-up and has been measured on one GPU only."""
+    manual_gc: bool = False
+    """Turn Python's automatic garbage collector off for the run and collect at set points instead (--manual-gc-interval, --manual-gc-eval), so that collections do not pause ranks at different moments (each pause stalls every rank that waits on the paused one)."""
+    manual_gc_interval: int = 0
+    """With --manual-gc: collect after every this many iterations (0: never between iterations)."""
+    manual_gc_eval: bool = True
+    """With --manual-gc: collect before and after each evaluation."""
     eval_interval: Optional[int] = None
     """Run validation every this many iterations. Unset means only after the last iteration."""
     eval_iters: int = 100
@@ -381,8 +423,10 @@ class DataConfig:
     """Pad the vocabulary to a multiple of this (times TP) for efficient vocab-parallel GEMMs."""
     data_cache_path: Optional[str] = None
     """Where dataset index caches go (unset means next to the data)."""
+    no_mmap_bin_files: bool = False
+    """Read the .bin token files with plain file reads instead of memory-mapping them (for file systems where mapping large files is slow); the tokens read are the same."""
     num_workers: int = 2
-    """Data-loader worker processes."""
+    """Background threads that prepare the upcoming steps' batches (read and assemble the samples, move them to the device), one step each, so up to this many steps ahead of training; 0 prepares each step's batches in the training loop. Megatron-LM's default (its workers are DataLoader processes)."""
 
     @property
     def uses_mock_data(self) -> bool:
@@ -402,6 +446,14 @@ class LoggingConfig:
     """Write a per-layer expert-load heat map to tensorboard every this many iterations."""
     metrics_file: Optional[str] = None
     """Also write every iteration's losses, learning rate and grad norm to this JSON-lines file."""
+    log_memory_to_tensorboard: bool = False
+    """Also write the CUDA allocator's state every iteration: allocated, reserved and peak reserved GiB, and the allocation retries (a sign of fragmentation). The peak allocated memory is always written. Nothing more on CPUs."""
+    log_validation_ppl_to_tensorboard: bool = False
+    """Also write the validation perplexity (the loss is always written)."""
+    log_timers_to_tensorboard: bool = False
+    """Also write timers: each iteration's time, and the time of every evaluation and checkpoint save (and the pipeline wait where it is timed)."""
+    logging_level: Optional[int] = None
+    """Python logging level of megamoe's warnings and notes (10 debug, 20 info, 30 warning, 40 error). Unset means warnings, shown once, by rank 0 (other ranks show errors). The per-iteration log line is always printed."""
     log_max_attention_logit: bool = False
     """Log each attention layer's largest pre-softmax logit of the step (over its heads and the global batch) to tensorboard and the log line; on with --qk-clip."""
     profile: bool = False
@@ -414,6 +466,14 @@ class LoggingConfig:
     """Global ranks that profile. Empty means every rank (Megatron-LM's default)."""
     profile_dir: Optional[str] = None
     """Where the trace (rank-R.json.gz) and summary go. Unset means <tensorboard-dir>/../torch_profile, as Megatron-LM writes it."""
+    wandb_project: Optional[str] = None
+    """Also log to Weights & Biases, in this project: every scalar, histogram and image written to tensorboard, by the same rank (needs the wandb package; WANDB_MODE=offline writes locally)."""
+    wandb_exp_name: Optional[str] = None
+    """The W&B run's name. Unset means W&B's generated name."""
+    wandb_save_dir: Optional[str] = None
+    """Where W&B writes its local files. Unset means <--save>/wandb (Megatron-LM's place), or W&B's default without --save."""
+    wandb_entity: Optional[str] = None
+    """The W&B entity (team or user) that owns the project. Unset means your default entity."""
 
 
 @dataclass
@@ -426,12 +486,17 @@ class CheckpointConfig:
     """Directory to load a checkpoint from."""
     save_interval: Optional[int] = None
     """Save every this many iterations (and at the end of training)."""
+    no_save_optim: bool = False
+    """Save the model's weights only, without optimizer state (smaller checkpoints for evaluation or fine-tuning; resuming from one needs --no-load-optim or --finetune, and starts a fresh optimizer from the saved weights)."""
     no_load_optim: bool = False
     """Do not load optimizer state when loading a checkpoint: a fresh optimizer starts from the loaded weights."""
     no_load_rng: bool = False
     """Do not load RNG state when loading a checkpoint."""
     finetune: bool = False
     """Load the model weights only and start at iteration 0 with a fresh optimizer (implies --no-load-optim and --no-load-rng)."""
+    dist_ckpt_strictness: Literal["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected", "raise_all",
+                                  "return_unexpected", "return_all", "ignore_all"] = "assume_ok_unexpected"
+    """What --load does with tensors that the checkpoint and this model do not share. A tensor this model needs and the checkpoint lacks is always an error. Tensors the checkpoint holds and the model does not ('unexpected': a checkpoint of a model with more layers or MTP) are ignored (assume_ok_unexpected, ignore_all, and return_*: Megatron-LM hands those to a Python caller that its training discards), listed in the log (log_unexpected; log_all also lists the missing ones before the error), or an error (raise_unexpected, raise_all)."""
     ckpt_format: str = "torch_dist"
     """Checkpoint format: torch_dist (torch.distributed.checkpoint, every rank writing its own shards), the only one megamoe writes."""
     async_save: bool = False
@@ -475,6 +540,22 @@ class MegatronConfig:
     """No-op: megamoe never adds learned absolute position embeddings (Megatron-LM deprecates this flag in favour of --position-embedding-type)."""
     use_pytorch_profiler: bool = False
     """No-op: --profile always writes a torch.profiler trace (and brackets it for nsys too)."""
+    moe_permute_fusion: bool = False
+    """No-op: the token permutation and un-permutation are always single gathers (Triton kernels on CUDA)."""
+    moe_router_fusion: bool = False
+    """No-op: the router's scores, top-k and balancing statistics are torch operations, compiled with their block under --compile; there is no separate fused kernel to choose."""
+    cross_entropy_loss_fusion: bool = False
+    """No-op: the output projection and the cross entropy are always one chunked, fused operation (Triton on CUDA); the full logits are never held."""
+    cross_entropy_fusion_impl: Literal["native", "te"] = "native"
+    """No-op: the fused output projection and cross entropy are megamoe's own, whichever implementation is named."""
+    no_create_attention_mask_in_dataloader: bool = False
+    """No-op: the data loader never builds attention masks; attention is causal inside its kernels."""
+    enable_experimental: bool = False
+    """No-op: megamoe has no experimental gate; each feature is turned on by its own flag."""
+    auto_detect_ckpt_format: bool = False
+    """No-op: --load reads megamoe's one format (torch_dist) and says so when a directory holds something else; Hugging Face checkpoints go through tools/convert_checkpoint.py."""
+    log_throughput: bool = False
+    """No-op: the log line always shows tokens/s, TFLOP/s per device and (on GPUs) MFU."""
 
 
 # Shown under the megatron section of --help: the Megatron-LM structural flags that are megamoe
@@ -485,7 +566,7 @@ MEGATRON_STRUCTURAL_FLAGS = (
     "(1.0 only), --group-query-attention with --num-query-groups, --kv-channels, --qk-layernorm, "
     "--rope-type, --add-bias-linear (refused: no biases), --moe-grouped-gemm, --moe-router-dtype, "
     "--moe-layer-recompute. The switches below are Megatron kernel choices accepted as no-ops, "
-    "and two Megatron spellings of megamoe fields."
+    "and three Megatron spellings of megamoe fields."
 )
 
 # Megatron-LM's other spellings of megamoe fields: flag -> (field, value it sets, help).
@@ -494,6 +575,14 @@ FLAG_ALIASES: dict[str, tuple[str, object, str]] = {
         "add_bias_linear", False, "Megatron-LM's spelling of --no-add-bias-linear: no biases in linear layers."),
     "--recompute-activations": (
         "recompute_granularity", "selective", "Megatron-LM's spelling of --recompute-granularity selective."),
+    "--moe-router-padding-for-quantization": (
+        "moe_router_padding_for_fp8", True, "Megatron-LM's newer spelling of --moe-router-padding-for-fp8."),
+}
+
+
+# Megatron-LM's other names of megamoe fields that take a value: field -> its other flags.
+FLAG_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "virtual_pipeline_model_parallel_size": ("--num-virtual-stages-per-pipeline-rank",),
 }
 
 

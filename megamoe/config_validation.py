@@ -9,6 +9,7 @@ layout tool and training agree on what is valid.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 from megamoe.config import (
@@ -29,6 +30,7 @@ from megamoe.data.gpt_dataset import split_document_ranges
 from megamoe.data.indexed_dataset import exists, idx_path, read_header
 from megamoe.data.tokenizers import build_tokenizer
 from megamoe.model.args import dense_ffn_hidden_size, num_kv_heads, parse_moe_layer_freq
+from megamoe.parallel.pipeline_layout import PipelineLayout
 from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
 
@@ -37,8 +39,8 @@ from megamoe.parallel.state import ParallelLayout
 # Each entry is removed by the change that implements it.
 NOT_SUPPORTED_YET: frozenset[str] = frozenset(
     {
-        # data-loader worker processes (batches are prepared by the training loop's prefetch thread)
-        "num_workers",
+        # Megatron-LM's performance machinery megamoe has no counterpart of
+        "tp_comm_overlap", "optimizer_cpu_offload", "overlap_cpu_optimizer_d2h_h2d", "moe_flex_dispatcher_backend",
     }
 )
 
@@ -129,6 +131,9 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
         if moe.moe_router_topk > group_topk * (moe.num_experts // groups):
             _fail(f"--moe-router-topk {moe.moe_router_topk} exceeds the experts in "
                   f"--moe-router-group-topk {group_topk} groups of {moe.num_experts // groups}")
+    if moe.moe_token_dispatcher_type == "flex":
+        _fail("--moe-token-dispatcher-type flex: Megatron-LM's DeepEP / HybridEP dispatcher is not built yet; "
+              "--moe-token-dispatcher-type alltoall sends the same rows (DISPATCHER=alltoall in its MoE model zoo)")
     _positive(moe, "moe_a2a_overlap_chunks")
     if moe.moe_a2a_overlap_chunks > 1:
         chunks = f"--moe-a2a-overlap-chunks {moe.moe_a2a_overlap_chunks}"
@@ -151,6 +156,35 @@ def validate_moe(moe: MoEConfig, m: ModelConfig) -> None:
         except ImportError:
             _fail("--moe-grouped-gemm-impl te needs Transformer Engine, which is not installed "
                   "(pip install 'megamoe[te]'), or use --moe-grouped-gemm-impl torch")
+
+
+def resolve_pipeline_layout(p: ParallelConfig, m: ModelConfig) -> None:
+    """``--pipeline-model-parallel-layout``: check it against the model and the pipeline size, and
+    take the virtual size from it (as Megatron-LM does)."""
+    text = p.pipeline_model_parallel_layout
+    if text is None:
+        return
+    flag = f"--pipeline-model-parallel-layout {text}"
+    others = [f for f, given in (("--decoder-first-pipeline-num-layers", p.decoder_first_pipeline_num_layers),
+                                 ("--decoder-last-pipeline-num-layers", p.decoder_last_pipeline_num_layers),
+                                 ("--num-layers-per-virtual-pipeline-stage", p.num_layers_per_virtual_pipeline_stage))
+              if given is not None]
+    if others:
+        _fail(f"{flag} places every layer itself: drop {others[0]}")
+    if p.pipeline_schedule == "dualpipev":
+        _fail(f"{flag}: --pipeline-schedule dualpipev places its V itself (with --decoder-first/last-pipeline-num-layers)")
+    try:
+        layout = PipelineLayout.parse(text)
+        layout.check(m.num_layers, m.mtp_num_layers, p.pipeline_model_parallel_size)
+    except ValueError as err:
+        _fail(f"{flag}: {err} (--num-layers {m.num_layers}, --mtp-num-layers {m.mtp_num_layers}, "
+              f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size})")
+    vpp = layout.virtual_size(p.pipeline_model_parallel_size)
+    given = p.virtual_pipeline_model_parallel_size
+    if given not in (None, vpp) and not (given == 1 and vpp == 1):
+        _fail(f"{flag} has {len(layout.stages)} virtual stages, {vpp} per pipeline rank: "
+              f"--virtual-pipeline-model-parallel-size {given} disagrees")
+    p.virtual_pipeline_model_parallel_size = vpp
 
 
 def resolve_virtual_pipeline(p: ParallelConfig, m: ModelConfig) -> None:
@@ -176,6 +210,7 @@ def resolve_virtual_pipeline(p: ParallelConfig, m: ModelConfig) -> None:
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_size: int) -> ParallelLayout:
+    resolve_pipeline_layout(p, m)
     resolve_virtual_pipeline(p, m)
     layout = ParallelLayout.build(world_size, **p.degrees())
     tp = layout.tp
@@ -227,6 +262,8 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, moe: MoEConfig, world_s
 
 
 def _validate_stage_layers(p: ParallelConfig, m: ModelConfig, layout: ParallelLayout) -> None:
+    if p.pipeline_model_parallel_layout is not None:  # checked by resolve_pipeline_layout
+        return
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     try:
         ranges = stage_layer_ranges(m.num_layers, layout.pp, first, last)
@@ -282,8 +319,41 @@ def validate_moe_overlap(config: Config, layout: ParallelLayout) -> None:
             _fail(f"{flag} with {other} is not supported yet: drop one")
 
 
+def resolve_sample_based_training(t: TrainingConfig) -> None:
+    """``--train-samples``: the run's steps (``train_iters``) from the samples, as Megatron-LM
+    derives them; the schedule's lengths must be given in the same unit as the run's length."""
+    _positive(t, "train_samples", "lr_decay_iters", "lr_decay_samples", "global_batch_size")
+    for name in ("lr_warmup_iters", "lr_warmup_samples", "lr_wsd_decay_iters", "lr_wsd_decay_samples"):
+        if (getattr(t, name) or 0) < 0:
+            _fail(f"{flag_name(name)} {getattr(t, name)}: must be 0 or more")
+    if t.lr_warmup_fraction is not None and not 0 <= t.lr_warmup_fraction <= 1:
+        _fail(f"--lr-warmup-fraction {t.lr_warmup_fraction}: must be between 0 and 1")
+    samples = t.train_samples is not None
+    unit, other = ("samples", "iters") if samples else ("iters", "samples")
+    given = [name for name in (f"lr_decay_{other}", f"lr_warmup_{other}", f"lr_wsd_decay_{other}")
+             if getattr(t, name)]
+    if given:
+        how = "sample-based (--train-samples)" if samples else "iteration-based (--train-iters)"
+        _fail(f"{flag_name(given[0])}: this run is {how}, so its schedule is given in {unit} "
+              f"(--lr-decay-{unit}, --lr-warmup-{unit}, --lr-wsd-decay-{unit})")
+    if t.lr_warmup_fraction is not None and getattr(t, f"lr_warmup_{unit}"):
+        _fail(f"--lr-warmup-fraction and --lr-warmup-{unit}: give one")
+    if samples:
+        t.train_iters = t.train_samples // t.global_batch_size
+        if not t.train_iters:
+            _fail(f"--train-samples {t.train_samples} is less than one step of --global-batch-size "
+                  f"{t.global_batch_size}")
+
+
 def validate_training(t: TrainingConfig, layout: ParallelLayout, schedule: str) -> None:
+    resolve_sample_based_training(t)
     _positive(t, "micro_batch_size", "global_batch_size", "train_iters", "lr", "eval_interval")
+    if t.lr_warmup_init < 0:
+        _fail(f"--lr-warmup-init {t.lr_warmup_init}: must be 0 or more")
+    if t.manual_gc_interval < 0:
+        _fail(f"--manual-gc-interval {t.manual_gc_interval}: must be 0 (never between steps) or more")
+    if t.manual_gc_interval and not t.manual_gc:
+        _fail(f"--manual-gc-interval {t.manual_gc_interval} has no effect without --manual-gc: give both")
     if t.global_batch_size % (t.micro_batch_size * layout.dp):
         _fail(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
               f"{t.micro_batch_size} x data-parallel size {layout.dp}")
@@ -309,8 +379,6 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout, schedule: str) 
             _fail(f"{flag_name(name)} {getattr(t, name)}: must be at least 1")
     if t.min_lr > t.lr:
         _fail(f"--min-lr {t.min_lr} is larger than --lr {t.lr}")
-    if t.lr_warmup_iters < 0:
-        _fail(f"--lr-warmup-iters {t.lr_warmup_iters}: must be 0 or more")
     if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
         _fail("--adam-beta1 and --adam-beta2 must be in [0, 1)")
     if t.clip_grad < 0:
@@ -399,6 +467,8 @@ def validate_data(d: DataConfig, t: TrainingConfig) -> None:
     """Mock vs real data, the dataset files, the split and the tokenizer. Reads only file
     headers (and the tokenizer's model file)."""
     _positive(d, "vocab_size", "make_vocab_size_divisible_by")
+    if d.num_workers < 0:
+        _fail(f"--num-workers {d.num_workers}: must be 0 (batches prepared in the training loop) or more")
     if d.mock_data and d.data_path:
         _fail("--mock-data and --data-path are mutually exclusive (--data-path alone trains on real data)")
     if d.mock_data is False and not d.data_path:
@@ -449,6 +519,11 @@ def validate_data(d: DataConfig, t: TrainingConfig) -> None:
 
 def validate_logging(log: LoggingConfig, t: TrainingConfig) -> None:
     _positive(log, "log_interval", "moe_expert_load_image_interval")
+    if log.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        _fail(f"--wandb-project {log.wandb_project}: the wandb package is not installed (pip install wandb)")
+    unused = [flag_name(n) for n in ("wandb_exp_name", "wandb_save_dir", "wandb_entity") if getattr(log, n) is not None]
+    if unused and log.wandb_project is None:
+        _fail(f"{unused[0]} has no effect without --wandb-project: give the project too")
     if log.profile and not 0 <= log.profile_step_start < log.profile_step_end <= t.train_iters:
         _fail(f"--profile-step-start {log.profile_step_start} and --profile-step-end {log.profile_step_end} must "
               f"satisfy 0 <= start < end <= --train-iters {t.train_iters} (iterations start+1 .. end are profiled)")
@@ -509,12 +584,52 @@ def notices(config: Config) -> list[str]:
     return out
 
 
+# Megatron-LM's --recompute-modules, and the ones megamoe builds
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+BUILT_RECOMPUTE_MODULES = ("core_attn", "moe")
+
+
+def resolve_recompute_modules(m: ModelConfig, moe: MoEConfig) -> None:
+    """``--recompute-modules`` into the fields that say what is recomputed: ``moe`` is
+    ``--moe-layer-recompute``; without ``core_attn`` nothing else is selective. The list is then
+    reset to its default, so validating again changes nothing."""
+    modules, default = m.recompute_modules, ["core_attn"]
+    if modules == default:
+        return
+    if m.recompute_granularity != "selective":
+        _fail(f"--recompute-modules {' '.join(modules)} applies with --recompute-granularity selective "
+              f"(this run has {m.recompute_granularity or 'no recomputation'})")
+    unknown = [name for name in modules if name not in RECOMPUTE_MODULES]
+    if unknown:
+        _fail(f"--recompute-modules {unknown[0]}: not a module Megatron-LM recomputes (one of "
+              f"{', '.join(RECOMPUTE_MODULES)})")
+    unbuilt = [name for name in modules if name not in BUILT_RECOMPUTE_MODULES]
+    if unbuilt:
+        _fail(f"--recompute-modules {' '.join(unbuilt)}: not supported yet (megamoe recomputes "
+              f"{' and '.join(BUILT_RECOMPUTE_MODULES)} selectively, or whole layers with --recompute-granularity full)")
+    if "moe" in modules:
+        moe.moe_layer_recompute = True
+    if "core_attn" not in modules:
+        m.recompute_granularity = None
+    m.recompute_modules = default
+
+
+def validate_precision_aware_optimizer(t: TrainingConfig) -> None:
+    """Megatron-LM's precision-aware optimizer flags: float32 throughout is megamoe's optimizer."""
+    for name in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+        if getattr(t, name) != "fp32":
+            _fail(f"{flag_name(name)} {getattr(t, name)}: not supported yet (megamoe's optimizer keeps gradients, "
+                  "master weights and Adam's moments in float32)")
+
+
 def validate(config: Config, world_size: int) -> ParallelLayout:
     """Check every section and their combinations; return the parallel layout they imply."""
     validate_model(config.model)
+    resolve_recompute_modules(config.model, config.moe)
     validate_moe(config.moe, config.model)
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
     validate_training(config.training, layout, config.parallel.pipeline_schedule)
+    validate_precision_aware_optimizer(config.training)
     validate_fp8(config.model, config.moe, config.training, config.parallel.use_distributed_optimizer)
     validate_moe_overlap(config, layout)
     validate_data(config.data, config.training)

@@ -300,6 +300,19 @@ def _config(**fields) -> Config:
         (dict(num_layers_at_start_in_bf16=-1), 1, "--num-layers-at-start-in-bf16 -1: must be 0 or more"),
         (dict(overlap_param_gather=True), 1, "--overlap-param-gather needs --use-distributed-optimizer"),
         (dict(ddp_bucket_size=0), 1, "--ddp-bucket-size 0: must be positive"),
+        (dict(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Ett|tL"), 2,
+         r"--pipeline-model-parallel-layout Ett\|tL: 3 x 't' \(a decoder layer\) where the model has 4"),
+        (dict(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Ett|ttL",
+              decoder_first_pipeline_num_layers=2), 2, "places every layer itself: drop --decoder-first"),
+        (dict(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Et|t|t|tL",
+              virtual_pipeline_model_parallel_size=3), 2, "4 virtual stages, 2 per pipeline rank"),
+        (dict(recompute_modules=["core_attn", "mlp"], recompute_granularity="selective"), 1,
+         "--recompute-modules mlp: not supported yet"),
+        (dict(recompute_modules=["moe"]), 1, "applies with --recompute-granularity selective"),
+        (dict(recompute_modules=["attn"], recompute_granularity="selective"), 1, "attn: not a module Megatron-LM"),
+        (dict(exp_avg_sq_dtype="fp8"), 1, "--exp-avg-sq-dtype fp8: not supported yet"),
+        (dict(num_experts=8, moe_token_dispatcher_type="flex"), 1, "DeepEP / HybridEP dispatcher is not built"),
+        (dict(tp_comm_overlap=True), 1, "--tp-comm-overlap: not supported yet"),
     ],
 )
 def test_validation_errors_name_the_flags(fields, world, message):
@@ -317,6 +330,21 @@ def test_te_backend_without_te_names_the_flag():
 def test_te_linears_without_te_name_the_flag():
     with pytest.raises(ConfigError, match="--transformer-impl transformer_engine needs Transformer Engine"):
         validate(_config(fp8_format="hybrid", fp8_recipe="tensorwise", bf16=True, transformer_impl="transformer_engine"), 1)
+
+
+def test_pipeline_layout_sets_the_virtual_size_and_recompute_modules_their_fields():
+    cfg = _config(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Et|t|t|tL", global_batch_size=8)
+    layout = validate(cfg, 2)
+    assert layout.vpp == 2 and cfg.parallel.virtual_pipeline_model_parallel_size == 2
+    cfg = _config(recompute_granularity="selective", recompute_modules=["moe"], num_experts=8)
+    validate(cfg, 1)  # only the MoE layers: nothing else selective
+    assert (cfg.model.recompute_granularity, cfg.moe.moe_layer_recompute) == (None, True)
+    validate(cfg, 1)  # resolved once: validating again changes nothing
+    assert (cfg.model.recompute_granularity, cfg.moe.moe_layer_recompute, cfg.model.recompute_modules) == \
+        (None, True, ["core_attn"])
+    cfg = _config(recompute_granularity="selective", recompute_modules=["core_attn", "moe"], num_experts=8)
+    validate(cfg, 1)
+    assert (cfg.model.recompute_granularity, cfg.moe.moe_layer_recompute) == ("selective", True)
 
 
 def test_num_layers_per_virtual_stage_sets_the_virtual_size():

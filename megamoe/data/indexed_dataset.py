@@ -83,7 +83,9 @@ def _mmap(path: str) -> np.ndarray:
 
 
 class IndexedDataset:
-    """Read-only, memory-mapped access to ``PREFIX.bin`` / ``PREFIX.idx``.
+    """Read-only access to ``PREFIX.bin`` / ``PREFIX.idx``: memory-mapped, or with
+    ``mmap_bin=False`` (``--no-mmap-bin-files``) the ``.bin`` read with one ``pread`` per slice,
+    for file systems where mapping a large file is slow. Both return the same tokens.
 
     ``ds[i]`` is sequence ``i`` (a 1-D array view in the file's token dtype); ``ds.get(i,
     offset, length)`` a slice of it without reading the rest. ``sequence_lengths`` [N] int32,
@@ -91,7 +93,7 @@ class IndexedDataset:
     the index file.
     """
 
-    def __init__(self, prefix: Union[str, Path]):
+    def __init__(self, prefix: Union[str, Path], mmap_bin: bool = True):
         self.prefix = str(prefix)
         if not exists(self.prefix):
             raise FileNotFoundError(f"indexed dataset {self.prefix}: {self.prefix}.bin and .idx are needed")
@@ -105,11 +107,13 @@ class IndexedDataset:
         self.sequence_lengths = np.frombuffer(buf, dtype=np.int32, count=n, offset=at)
         self.sequence_pointers = np.frombuffer(buf, dtype=np.int64, count=n, offset=at + 4 * n)
         self.document_indices = np.frombuffer(buf, dtype=np.int64, count=m, offset=at + 12 * n)
-        self._bin = _mmap(bin_path(self.prefix))
+        self._bin = _mmap(bin_path(self.prefix)) if mmap_bin else None
+        self._bin_fd = None if mmap_bin else os.open(bin_path(self.prefix), os.O_RDONLY)
         itemsize = np.dtype(self.dtype).itemsize
         needed = int(self.sequence_pointers[-1]) + itemsize * int(self.sequence_lengths[-1]) if n else 0
-        if self._bin.size < needed:
-            raise ValueError(f"{bin_path(self.prefix)}: {self._bin.size} bytes, the index needs {needed} "
+        bin_size = os.path.getsize(bin_path(self.prefix))
+        if bin_size < needed:
+            raise ValueError(f"{bin_path(self.prefix)}: {bin_size} bytes, the index needs {needed} "
                              "(truncated or mismatched .bin)")
         if m == 0 or self.document_indices[0] != 0 or self.document_indices[-1] != n:
             raise ValueError(f"{idx_path(self.prefix)}: document indices must run from 0 to the "
@@ -135,8 +139,15 @@ class IndexedDataset:
             length = size - offset
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"tokens {offset}..{offset + length} out of range for sequence {idx} of length {size}")
-        start = int(self.sequence_pointers[idx]) + offset * np.dtype(self.dtype).itemsize
+        itemsize = np.dtype(self.dtype).itemsize
+        start = int(self.sequence_pointers[idx]) + offset * itemsize
+        if self._bin is None:  # --no-mmap-bin-files
+            return np.frombuffer(os.pread(self._bin_fd, length * itemsize, start), dtype=self.dtype)
         return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
+
+    def __del__(self) -> None:
+        if getattr(self, "_bin_fd", None) is not None:
+            os.close(self._bin_fd)
 
     @property
     def num_tokens(self) -> int:

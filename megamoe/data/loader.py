@@ -92,7 +92,7 @@ def build_dataset(config: Config, split: str, num_samples: int) -> Union[GPTData
     blend = parse_blend(d.data_path)
 
     def one(prefix: str, samples: int) -> GPTDataset:
-        indexed = IndexedDataset(prefix)
+        indexed = IndexedDataset(prefix, mmap_bin=not d.no_mmap_bin_files)
         document_range = split_document_ranges(d.split, len(indexed))[split_id]
         if document_range is None:
             raise ValueError(f"--split {d.split} gives the {split} split no documents")

@@ -72,6 +72,7 @@ class MoEArgs:
     fp8_dispatch: bool  # the FP8 layers' rows cross the all-to-all in FP8
     a2a_chunks: int  # token chunks whose all-to-alls overlap the other chunks' experts
     drop_policy: Literal["probs", "position"]
+    random_logits: bool  # --moe-router-force-load-balancing
     dispatcher: Literal["allgather", "alltoall"]
     expert_backend: Literal["loop", "torch", "te"]
     shared_expert_overlap: bool
@@ -188,7 +189,7 @@ def moe_args(config: Config, dense_ffn: int) -> Optional[MoEArgs]:
         bias_update_rate=moe.moe_router_bias_update_rate, capacity_factor=moe.moe_expert_capacity_factor,
         pad_to_capacity=moe.moe_pad_expert_input_to_capacity, pad_multiple=_pad_multiple(config),
         fp8_dispatch=moe.moe_fp8_dispatch, a2a_chunks=moe.moe_a2a_overlap_chunks,
-        drop_policy=moe.moe_token_drop_policy,
+        drop_policy=moe.moe_token_drop_policy, random_logits=moe.moe_router_force_load_balancing,
         dispatcher=moe.moe_token_dispatcher_type, expert_backend=moe.expert_backend,
         shared_expert_overlap=moe.moe_shared_expert_overlap, recompute=moe.moe_layer_recompute)
 

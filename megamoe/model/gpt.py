@@ -242,7 +242,7 @@ class GPTModel(nn.Module):
             moe.topk_scaling_factor, moe.load_balancing, moe.aux_loss_coeff, moe.z_loss_coeff,
             moe.enable_expert_bias, moe.bias_update_rate, moe.capacity_factor, moe.drop_policy,
             grad_partial_over_tp=state.tp.size > 1, init_fn=init_fn, router_dtype=moe.router_dtype,
-            device=device, dtype=dtype)
+            random_logits=moe.random_logits, device=device, dtype=dtype)
         num_local = E // state.ep.size
         experts = GroupedExperts(
             E, num_local, state.ep.rank * num_local, args.hidden_size, moe.ffn_hidden_size, state.etp,

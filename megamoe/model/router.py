@@ -79,11 +79,13 @@ class TopKRouter(nn.Module):
         grad_partial_over_tp: bool = False,
         init_fn: InitFn = normal_init(0.02),
         router_dtype: torch.dtype = torch.float32,
+        random_logits: bool = False,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.router_dtype = router_dtype
+        self.random_logits = random_logits
         self.num_experts, self.topk = num_experts, topk
         self.score_function, self.pre_softmax = score_function, pre_softmax
         self.num_groups, self.group_topk = num_groups, group_topk
@@ -217,6 +219,12 @@ class TopKRouter(nn.Module):
         """
         math_dtype = torch.promote_types(x_TD.dtype, self.router_dtype)
         logits_TE = F.linear(x_TD.to(math_dtype), self.weight.to(math_dtype))
+        if self.random_logits:
+            # --moe-router-force-load-balancing: route on noise, with the gradient passed straight
+            # through to the real logits. The device's default stream is the same on the TP ranks
+            # of a stage, so replicated tokens (TP without SP) still pick the same experts, and
+            # recomputation replays it.
+            logits_TE = logits_TE + (torch.randn_like(logits_TE) - logits_TE).detach()
         if self.score_function == "softmax":
             scores_TE = torch.softmax(logits_TE, dim=-1)
         else:

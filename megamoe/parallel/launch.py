@@ -7,6 +7,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,13 @@ def configure_logging(rank: int) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+
+
+def set_logging_level(level: Optional[int], rank: int) -> None:
+    """``--logging-level``: rank 0 logs from ``level`` up; the other ranks from the higher of
+    ``level`` and errors, so a warning is still shown once per job."""
+    if level is not None:
+        logging.getLogger().setLevel(level if rank == 0 else max(level, logging.ERROR))
 
 
 def init_distributed(config: ParallelConfig, info: ProcessInfo) -> tuple[ParallelState, torch.device]:

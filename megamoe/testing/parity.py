@@ -10,6 +10,7 @@ from megamoe.config import Config
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import assemble_global, owned_part, spec_of
+from megamoe.parallel.pipeline_layout import PipelineLayout
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.presets import preset
 from megamoe.training.distributed_optimizer import DistributedOptimizer
@@ -38,6 +39,10 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
     cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
+    if "pp_layout" in layout:  # --pipeline-model-parallel-layout, and the virtual size it implies
+        cfg.parallel.pipeline_model_parallel_layout = layout["pp_layout"]
+        vpp = PipelineLayout.parse(layout["pp_layout"]).virtual_size(cfg.parallel.pipeline_model_parallel_size)
+        cfg.parallel.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
     cfg.parallel.pipeline_schedule = layout.get("schedule", "1f1b")
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
     cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -52,6 +53,8 @@ from megamoe.parallel.param_spec import ParamSpec, global_name, spec_of
 from megamoe.parallel.random import RNGStatesTracker
 from megamoe.parallel.state import ParallelState
 from megamoe.training.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -329,16 +332,19 @@ def layout_signature(config: Config, state: ParallelState) -> dict:
                  "last_stage_layers": p.decoder_last_pipeline_num_layers}
     if p.pipeline_schedule != "1f1b":  # another placement of the layers (1F1B's keeps older signatures)
         signature["pipeline_schedule"] = p.pipeline_schedule
+    if p.pipeline_model_parallel_layout is not None:
+        signature["pipeline_layout"] = p.pipeline_model_parallel_layout
     return signature
 
 
 def write_common(path: str, iteration: int, consumed_samples: int, optimizer_step: int, layout: dict,
-                 loss_scaler: Optional[dict], config: Config) -> None:
+                 loss_scaler: Optional[dict], config: Config, optimizer_saved: bool = True) -> None:
     """``path/common.json``: what a checkpoint holds besides its tensors (see the module
-    docstring); the one writer of the format, for training saves and imported checkpoints."""
+    docstring); the one writer of the format, for training saves and imported checkpoints.
+    ``optimizer_saved``: False for a ``--no-save-optim`` save (the model's tensors only)."""
     common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
               "optimizer_step": optimizer_step, "layout": layout, "loss_scaler": loss_scaler,
-              "config": dataclasses.asdict(config)}
+              "optimizer_saved": optimizer_saved, "config": dataclasses.asdict(config)}
     with open(os.path.join(path, "common.json"), "w") as f:
         json.dump(common, f, indent=1, default=str)
 
@@ -352,10 +358,13 @@ def _begin_save(root: str, iteration: int, model, optimizer, state: ParallelStat
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier(state)
     torch.save(rng_states(tracker, device), os.path.join(tmp, "rng", f"rank_{state.rank:05d}.pt"))
+    with_optimizer = not config.checkpoint.no_save_optim
     if state.rank == 0:
         write_common(tmp, iteration, consumed_samples, optimizer.step_count(), layout_signature(config, state),
-                     optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None, config)
-    owned = model_pieces(model, state, owned_only=True) + optimizer_pieces(model, optimizer, state, owned_only=True)
+                     optimizer.loss_scaler.state_dict() if optimizer.loss_scaler else None, config, with_optimizer)
+    owned = model_pieces(model, state, owned_only=True)
+    if with_optimizer:
+        owned += optimizer_pieces(model, optimizer, state, owned_only=True)
     return tmp, owned
 
 
@@ -487,6 +496,33 @@ def read_common(path: str) -> dict:
         raise ConfigError(f"--load: {path} is not a complete megamoe checkpoint ({err})") from None
 
 
+def _check_strictness(pieces: list[Piece], saved: dict, path: str, state: ParallelState, strictness: str) -> None:
+    """``--dist-ckpt-strictness``: list the tensors the checkpoint and the model do not share, or
+    refuse the unexpected ones. The model's tensors are spread over the ranks, so the unexpected
+    ones are those that no rank asked for."""
+    if strictness == "log_all":
+        missing = sorted({p.fqn for p in pieces if p.fqn not in saved})
+        if missing:
+            log.warning("--load %s: missing from the checkpoint on rank %d: %s", path, state.rank, ", ".join(missing))
+    if strictness not in ("log_unexpected", "log_all", "raise_unexpected", "raise_all"):
+        return
+    asked = {p.fqn for p in pieces}
+    if _distributed(state):
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, asked)
+        asked = set().union(*every)
+    unexpected = sorted(k for k in saved if k.startswith("model/") and k not in asked)
+    if not unexpected:
+        return
+    if strictness.startswith("raise"):
+        raise ConfigError(f"--load: {path} holds {len(unexpected)} tensors this model does not have "
+                          f"(--dist-ckpt-strictness {strictness}): {', '.join(unexpected[:5])}"
+                          + (", ..." if len(unexpected) > 5 else ""))
+    if state.rank == 0:
+        log.warning("--load %s: tensors of the checkpoint this model does not have (ignored): %s", path,
+                    ", ".join(unexpected))
+
+
 def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: Config,
                     tracker: Optional[RNGStatesTracker], device: torch.device, load_optim: bool = True,
                     load_rng: bool = True) -> Optional[Loaded]:
@@ -503,6 +539,9 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
         raise ConfigError(f"--load: cannot read {path}: {err}") from None
     saved = metadata.state_dict_metadata
     pieces = model_pieces(model, state)
+    if load_optim and not common.get("optimizer_saved", True):
+        raise ConfigError(f"--load: {path} was saved with --no-save-optim and holds no optimizer state: give "
+                          "--no-load-optim (or --finetune) to start a fresh optimizer from its weights")
     if load_optim:
         optimizer.ensure_state()
         opt = optimizer_pieces(model, optimizer, state)
@@ -512,6 +551,7 @@ def load_checkpoint(root: str, model, optimizer, state: ParallelState, config: C
         if common["optimizer_step"] == 0:  # saved before the first step: no moments yet (zeros)
             opt = [p for p in opt if p.fqn in saved or not p.fqn.startswith("optim/exp_avg")]
         pieces += opt
+    _check_strictness(pieces, saved, path, state, config.checkpoint.dist_ckpt_strictness)
     _check_shapes(pieces, saved, path)
     try:
         with _quiet_single_process():

@@ -138,8 +138,9 @@ def candidates(base: Config, world_size: int, gpus_per_node: int) -> Iterator[tu
                             decoder_first_pipeline_num_layers=split[0] if split else None,
                             decoder_last_pipeline_num_layers=split[1] if split else None,
                             virtual_pipeline_model_parallel_size=None, pipeline_schedule="1f1b",
-                            use_distributed_optimizer=True)
-                        model = dataclasses.replace(m, recompute_granularity=granularity)
+                            pipeline_model_parallel_layout=None, use_distributed_optimizer=True)
+                        # the search chooses the placement and the recomputation itself
+                        model = dataclasses.replace(m, recompute_granularity=granularity, recompute_modules=["core_attn"])
                         moe = dataclasses.replace(base.moe, moe_layer_recompute=moe_recompute,
                                                   moe_token_dispatcher_type="alltoall" if experts
                                                   else base.moe.moe_token_dispatcher_type)

@@ -17,6 +17,7 @@ import torch
 from megamoe.config import Config
 from megamoe.precision import PrecisionPolicy
 from megamoe.training.heatmap import expert_load_heatmap, per_ep_rank_load
+from megamoe.training.wandb_writer import WandbWriter, Writers
 
 
 @dataclass
@@ -54,10 +55,15 @@ class Reporter:
         self.writer = None
         self.metrics_file = None
         self._window: list[StepMetrics] = []
+        writers = []
         if is_writer and config.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=config.logging.tensorboard_dir)
+            writers.append(SummaryWriter(log_dir=config.logging.tensorboard_dir))
+        if is_writer and config.logging.wandb_project:
+            writers.append(WandbWriter(config))
+        if writers:
+            self.writer = writers[0] if len(writers) == 1 else Writers(writers)
         if is_writer and config.logging.metrics_file:
             self.metrics_file = open(config.logging.metrics_file, "w")
 
@@ -149,6 +155,16 @@ class Reporter:
             w.add_scalar("throughput/mfu", tflops / self.peak_tflops, it)
         if self.device.type == "cuda":
             w.add_scalar("memory/peak-allocated-GiB", torch.cuda.max_memory_allocated(self.device) / 2**30, it)
+            if self.config.logging.log_memory_to_tensorboard:
+                stats = torch.cuda.memory_stats(self.device)
+                w.add_scalar("memory/allocated-GiB", stats.get("allocated_bytes.all.current", 0) / 2**30, it)
+                w.add_scalar("memory/reserved-GiB", stats.get("reserved_bytes.all.current", 0) / 2**30, it)
+                w.add_scalar("memory/peak-reserved-GiB", stats.get("reserved_bytes.all.peak", 0) / 2**30, it)
+                w.add_scalar("memory/alloc-retries", stats.get("num_alloc_retries", 0), it)
+        if self.config.logging.log_timers_to_tensorboard:
+            w.add_scalar("timers/iteration-time", m.step_time, it)
+            if m.pipeline_wait is not None:
+                w.add_scalar("timers/pipeline-wait", m.pipeline_wait, it)
         for depth, loss in enumerate(m.mtp_losses, start=1):
             w.add_scalar(f"mtp-loss/depth-{depth}", loss, it)
         if m.max_attention_logits:
@@ -177,6 +193,20 @@ class Reporter:
             if it % self.config.logging.moe_expert_load_image_interval == 0:
                 self._write_heatmap(load, it)
         w.flush()
+
+    def log_validation(self, loss: float, it: int) -> None:
+        """The validation line (Megatron-LM's) and its tensorboard scalars."""
+        ppl = float(np.exp(min(loss, 50)))
+        self.print(f" validation loss at iteration {it}: lm loss value: {loss:.5E} | lm loss PPL: {ppl:.5E} |")
+        if self.writer is not None:
+            self.writer.add_scalar("validation/lm-loss", loss, it)
+            if self.config.logging.log_validation_ppl_to_tensorboard:
+                self.writer.add_scalar("validation/lm-loss-ppl", ppl, it)
+
+    def log_timer(self, name: str, seconds: float, it: int) -> None:
+        """``--log-timers-to-tensorboard``: one timed piece of work outside the iterations."""
+        if self.writer is not None and self.config.logging.log_timers_to_tensorboard:
+            self.writer.add_scalar(f"timers/{name}", seconds, it)
 
     def _write_heatmap(self, load: np.ndarray, it: int) -> None:
         if self._heatmap_unavailable:

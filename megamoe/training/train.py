@@ -13,10 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import numpy as np
 import torch
 
 from megamoe.config import Config
@@ -33,11 +31,14 @@ from megamoe.parallel.pipeline_parallel import (
     virtual_stage_layer_ranges,
 )
 from megamoe.parallel.pieces import PieceRun
+from megamoe.parallel.pipeline_layout import PipelineLayout
 from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.weight_grad import WeightGradStore
 from megamoe.precision import PrecisionPolicy
 from megamoe.training.flops import flops_per_token, peak_tflops
+from megamoe.training.manual_gc import ManualGC
+from megamoe.training.prefetch import StepPrefetcher
 from megamoe.training.distributed_optimizer import DistributedOptimizer
 from megamoe.training.distributed_muon import DistributedMuon
 from megamoe.training.muon import MixedPrecisionMuon
@@ -75,6 +76,8 @@ def stage_chunks(config: Config, state: ParallelState) -> tuple[list[tuple[int, 
     """This rank's model chunks (``[start, end)`` decoder-layer ranges) and the chunks holding the
     model's ends (None: the loop placement's; see ``GPTModel``)."""
     p = config.parallel
+    if p.pipeline_model_parallel_layout is not None:
+        return PipelineLayout.parse(p.pipeline_model_parallel_layout).ranges(state.pp.size)[state.pp.rank], None
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     if _v_placement(config, state):  # the V: rank 0 holds the first and the last stage
         chunks = v_stage_layer_ranges(config.model.num_layers, state.pp.size, first, last)[state.pp.rank]
@@ -386,10 +389,13 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
         from megamoe.training.checkpoint import AsyncSaver, remove_old_checkpoints, save_checkpoint
     saver = AsyncSaver(state, device) if ckpt.save and ckpt.async_save else None
 
-    def saved(path: Optional[str], began: float) -> None:
+    def saved(path: Optional[str], began: float, step: int) -> None:
+        """Report a finished save (``step``: the iteration at which it is seen finished)."""
         if path is None:
             return
-        reporter.print(f"> saved checkpoint {path} ({time.perf_counter() - began:.1f} s)")
+        seconds = time.perf_counter() - began
+        reporter.print(f"> saved checkpoint {path} ({seconds:.1f} s)")
+        reporter.log_timer("save-checkpoint", seconds, step)
         if ckpt.ckpt_keep_latest and state.rank == 0:
             for old in remove_old_checkpoints(ckpt.save, ckpt.ckpt_keep_latest):
                 reporter.print(f"> removed {old} (--ckpt-keep-latest {ckpt.ckpt_keep_latest})")
@@ -400,9 +406,9 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
         consumed = data.sample_offset + step * data.global_batch
         if saver is None:
             saved(save_checkpoint(ckpt.save, step, model, optimizer, state, config, consumed, rng_tracker, device),
-                  began)
+                  began, step)
             return
-        saved(saver.wait(), saver.started_at)  # one save in flight at a time
+        saved(saver.wait(), saver.started_at, step)  # one save in flight at a time
         saver.start(ckpt.save, step, model, optimizer, config, consumed, rng_tracker)
         reporter.print(f"> async save of iteration {step} started: training blocked "
                        f"{time.perf_counter() - began:.2f} s for the copy to {saver.snapshot.where}")
@@ -412,15 +418,13 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     def step_batches(step: int) -> list[dict]:
         return [data.get(step - 1, j) for j in range(data.num_micro)]
 
-    # The next step's batches are prepared on a background thread while this step computes.
+    # The next steps' batches are prepared by --num-workers threads while this step computes.
     # Step times are wall-clock from one step's end to the next, so data waits are counted.
-    with ThreadPoolExecutor(max_workers=1) as prefetch:
-        upcoming = prefetch.submit(step_batches, start + 1)
+    with StepPrefetcher(step_batches, start + 1, t.train_iters, config.data.num_workers) as prefetch, \
+            ManualGC(t) as collector:
         last = time.perf_counter()
         for step in range(start + 1, t.train_iters + 1):
-            batches = upcoming.result()
-            if step < t.train_iters:
-                upcoming = prefetch.submit(step_batches, step + 1)
+            batches = prefetch.get(step)
             profiler.before_step(step)
             metrics = train_step(model, optimizer, batches, step, config, state, rng_tracker)
             profiler.after_step(step)
@@ -428,12 +432,14 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
             metrics.step_time, last = now - last, now
             reporter.log_step(metrics)
             history.append(metrics)
+            collector.after_step(step)
             if t.eval_iters and ((t.eval_interval and step % t.eval_interval == 0) or step == t.train_iters):
+                collector.around_evaluation()
+                began = time.perf_counter()
                 valid = evaluate(model, valid_data, config, state)
-                reporter.print(f" validation loss at iteration {step}: lm loss value: {valid:.5E} | "
-                               f"lm loss PPL: {np.exp(min(valid, 50)):.5E} |")
-                if reporter.writer is not None:
-                    reporter.writer.add_scalar("validation/lm-loss", valid, step)
+                reporter.log_timer("evaluate", time.perf_counter() - began, step)
+                collector.around_evaluation()
+                reporter.log_validation(valid, step)
                 last = time.perf_counter()
             stop = exits.reason(step)
             due = step == t.train_iters or (ckpt.save_interval and step % ckpt.save_interval == 0)
@@ -441,12 +447,12 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
                 save(step)
                 last = time.perf_counter()
             if saver is not None:
-                saved(saver.poll(), saver.started_at)
+                saved(saver.poll(), saver.started_at, step)
             if stop:
                 reporter.print(f"> exiting after iteration {step}: {stop}")
                 break
     if saver is not None:
-        saved(saver.wait(), saver.started_at)
+        saved(saver.wait(), saver.started_at, len(history) + start)
         saver.close()
     optimizer.finish_param_sync()
     reporter.close()

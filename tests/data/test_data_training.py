@@ -82,6 +82,20 @@ def test_training_on_real_data_and_the_same_batches_under_dp2(null_dataset, tmp_
         torch.testing.assert_close(torch.tensor(rank_losses), torch.tensor(losses), rtol=1e-4, atol=0)
 
 
+def test_workers_and_file_reads_give_the_same_training(null_dataset, tmp_path, one_thread):
+    """--num-workers 0 (in the loop), 1 and 3 (threads ahead of the loop) and --no-mmap-bin-files
+    train on the same batches in the same order: the same losses, bitwise."""
+    prefix, _ = null_dataset
+    base = tiny_config(prefix, str(tmp_path / "cache"))
+    base.training.train_iters = 4
+    losses = []
+    for workers, no_mmap in ((0, False), (1, False), (3, True)):
+        cfg = _set(base, num_workers=workers, no_mmap_bin_files=no_mmap)
+        validate(cfg, 1)
+        losses.append(_train_losses(cfg))
+    assert len(losses[0]) == 4 and losses[1] == losses[0] and losses[2] == losses[0], losses
+
+
 def _set(cfg: Config, **fields) -> Config:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), training=dataclasses.replace(cfg.training))
     for name, value in fields.items():
@@ -120,7 +134,7 @@ def test_data_flag_validation(null_dataset, sp_model, tmp_path):
         (_set(sp, tokenizer_model="/none.model"), "--tokenizer-model /none.model: no such file"),
         (_set(real, tokenizer_model=sp_model), "--tokenizer-model is not used by --tokenizer-type NullTokenizer"),
         (_set(Config(), tokenizer_type="SentencePieceTokenizer"), "apply to --data-path; mock data uses --vocab-size"),
-        (_set(real, num_workers=0), "--num-workers: not supported yet"),
+        (_set(real, num_workers=-1), "--num-workers -1: must be 0"),
         (_set(Config(), data_cache_path=str(tmp_path)), "--data-cache-path applies to --data-path"),
     ]
     for cfg, message in cases:

@@ -32,9 +32,10 @@ def hand_built(prefix) -> tuple[bytes, bytes]:
     return bin_bytes, idx_bytes
 
 
-def test_reader_reads_a_hand_built_file(tmp_path):
+@pytest.mark.parametrize("mmap_bin", [True, False], ids=["mmap", "no-mmap-bin-files"])
+def test_reader_reads_a_hand_built_file(tmp_path, mmap_bin):
     hand_built(tmp_path / "hand")
-    ds = IndexedDataset(tmp_path / "hand")
+    ds = IndexedDataset(tmp_path / "hand", mmap_bin=mmap_bin)
     assert ds.dtype == np.uint16 and len(ds) == 2 and ds.num_documents == 3
     assert ds[0].tolist() == [5, 6, 7] and ds[1].tolist() == [65000, 1]
     assert ds.get(0, offset=1).tolist() == [6, 7] and ds.get(0, 1, 1).tolist() == [6]
@@ -42,8 +43,10 @@ def test_reader_reads_a_hand_built_file(tmp_path):
     assert ds.sequence_pointers.tolist() == [0, 6]
     assert ds.document_indices.tolist() == [0, 1, 1, 2] and ds.document_indices.dtype == np.int64
     assert ds.num_tokens == 5
-    # zero-copy: the arrays are views on the mapped files
-    assert not ds[0].flags.owndata and not ds.sequence_lengths.flags.owndata
+    # zero-copy: the index arrays (and with mmap the tokens) are views on the mapped files
+    assert not ds.sequence_lengths.flags.owndata
+    if mmap_bin:
+        assert isinstance(ds[0].base, np.memmap) or not ds[0].flags.owndata
     with pytest.raises(IndexError):
         ds.get(0, 2, 5)
 

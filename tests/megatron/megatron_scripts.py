@@ -9,6 +9,15 @@ From NVIDIA/Megatron-LM at commit d98e8a64ddf34856e74b24714e3bedb2f5a39553 (2026
 - ``deepseek_v3``: examples/post_training/modelopt/conf/deepseek-ai/DeepSeek-R1.sh (DeepSeek-V3's
   architecture).
 
+And from NVIDIA's Megatron MoE model zoo (yanring/Megatron-MoE-ModelZoo at commit
+31942f0973c9aaad44618cef0449676d4e47b5a3), the DeepSeek-V3 benchmarking run:
+
+- ``deepseek_v3_model_zoo``: the MODEL_ARGS of model_configs/benchmarking/DeepSeek-V3.yaml, as
+  its sbatch_benchmarking.sh turns them into flags (``true`` gives the bare flag, ``false`` drops
+  it), plus what that script adds for ``DISPATCHER=alltoall`` (its other dispatchers are DeepEP
+  and HybridEP, which megamoe does not build). The tokenizer, a Hugging Face hub name there, is a
+  placeholder here (no hub is reachable); the script's variables are placeholders too.
+
 The modelopt confs hold a model's MODEL_ARGS; the script that sources them adds the tokenizer
 path (from the Hugging Face model name), the data and the training length. Placeholders the
 scripts fill from their arguments or environment are written ``{NAME}`` here. A module of its
@@ -81,8 +90,53 @@ DEEPSEEK_V3 = """
 --recompute-activations --moe-layer-recompute --sequence-parallel
 """
 
+DEEPSEEK_V3_MODEL_ZOO = """
+--distributed-timeout-minutes 60 --tensor-model-parallel-size {TP} --pipeline-model-parallel-size {PP}
+--expert-model-parallel-size {EP} --context-parallel-size {CP} --expert-tensor-parallel-size 1
+--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+--use-mcore-models --sequence-parallel --use-flash-attn --disable-bias-linear --micro-batch-size {MBS}
+--global-batch-size {GBS} --train-samples 585937500 --exit-duration-in-mins 220 --no-save-optim
+--no-check-for-nan-in-loss-and-grad --cross-entropy-loss-fusion --cross-entropy-fusion-impl native
+--manual-gc --manual-gc-interval 10
+--transformer-impl transformer_engine
+--seq-length {SEQ_LEN} --data-cache-path {WORKSPACE}/data_cache --tokenizer-type HuggingFaceTokenizer
+--tokenizer-model {TOKENIZER_MODEL} --data-path {DATA_PATH} --split 99,1,0 --no-mmap-bin-files
+--no-create-attention-mask-in-dataloader --num-workers 6
+--num-layers 61 --hidden-size 7168 --ffn-hidden-size 18432 --num-attention-heads 128 --kv-channels 128
+--max-position-embeddings 4096 --position-embedding-type rope --rotary-base 10000
+--make-vocab-size-divisible-by 3232 --normalization RMSNorm --norm-epsilon 1e-6 --swiglu
+--untie-embeddings-and-output-weights --multi-latent-attention
+--attention-dropout 0.0 --hidden-dropout 0.0 --clip-grad 1.0 --weight-decay 0.1 --qk-layernorm
+--lr-decay-samples 584765624 --lr-warmup-samples 1536000 --lr-warmup-init 3.9e-7 --lr 3.9e-6 --min-lr 3.9e-7
+--lr-decay-style cosine --adam-beta1 0.9 --adam-beta2 0.95
+--num-experts 256 --moe-layer-freq ([0]*3+[1]*58) --moe-ffn-hidden-size 2048
+--moe-shared-expert-intermediate-size 2048 --moe-router-load-balancing-type seq_aux_loss --moe-router-topk 8
+--moe-grouped-gemm --moe-aux-loss-coeff 1e-4 --moe-router-group-topk 4 --moe-router-num-groups 8
+--moe-router-topk-scaling-factor 2.5 --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+--moe-router-bias-update-rate 1e-3 --moe-router-dtype fp32 --moe-permute-fusion --moe-router-fusion
+--q-lora-rank 1536 --kv-lora-rank 512 --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128
+--rotary-scaling-factor 40 --mscale 1.0 --mscale-all-dim 1.0
+--eval-iters 32 --eval-interval 200
+--no-load-optim --no-load-rng --auto-detect-ckpt-format --load {LOAD_PATH} --save {OUTPUT_PATH}/checkpoints
+--save-interval 500 --dist-ckpt-strictness log_all
+--init-method-std 0.02
+--log-timers-to-tensorboard --log-memory-to-tensorboard --log-validation-ppl-to-tensorboard --log-throughput
+--log-interval 1 --logging-level 40 --tensorboard-dir {OUTPUT_PATH}/tensorboard --wandb-project {WANDB_PROJECT}
+--wandb-exp-name DeepSeek-V3-TP{TP}PP{PP}EP{EP}CP{CP}VPP{VPP}-MBS{MBS}GBS{GBS}-{COMMENT}
+--bf16 --enable-experimental
+--moe-token-dispatcher-type alltoall
+"""
+
+# what sbatch_benchmarking.sh adds for its precisions (PR=bf16, its default, and PR=fp8)
+MODEL_ZOO_PRECISION = {
+    "bf16": "--tp-comm-overlap",
+    "fp8": "--fp8-recipe blockwise --fp8-format e4m3 --fp8-param-gather --use-precision-aware-optimizer "
+           "--main-grads-dtype fp32 --main-params-dtype fp32 --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 "
+           "--moe-router-padding-for-fp8",
+}
+
 SCRIPTS = {"mixtral": MIXTRAL, "deepseek_v2_lite": DEEPSEEK_V2_LITE, "qwen3_30b_a3b": QWEN3_30B_A3B,
-           "deepseek_v3": DEEPSEEK_V3}
+           "deepseek_v3": DEEPSEEK_V3, "deepseek_v3_model_zoo": DEEPSEEK_V3_MODEL_ZOO}
 
 
 def script_argv(name: str, **paths: str) -> list[str]:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from megamoe.cli import parse_config
 from megamoe.config import ConfigError
@@ -33,8 +35,11 @@ from megamoe.model.gpt import GPTModel
 from megamoe.model.mla import MultiHeadLatentAttention
 from megamoe.model.norm import RMSNorm
 from megamoe.parallel.state import ParallelState
+from megamoe.testing import fake_wandb
+from megamoe.testing.fake_wandb import FakeWandb
+from megamoe.training.schedule import learning_rate, schedule_lengths
 from megamoe.training.train import train
-from megatron_scripts import script_argv
+from megatron_scripts import MODEL_ZOO_PRECISION, script_argv
 
 # ---------------------------------------------------------------------------------------------
 # What Megatron builds from each script: the released models' shapes, written out by hand.
@@ -55,8 +60,10 @@ SHAPES = {
                         expert_ffn=2048, shared_ffn=2048, score="sigmoid", pre_softmax=False, expert_bias=True,
                         published=671_026_419_200),
 }
+SHAPES["deepseek_v3_model_zoo"] = SHAPES["deepseek_v3"]  # NVIDIA's benchmarking flags build the same model
 # The tokenizers' own vocabularies; Qwen3's is padded to 151936 by the script's divisor.
-TOKENIZER_VOCAB = {"mixtral": 32000, "deepseek_v2_lite": 102400, "qwen3_30b_a3b": 151669, "deepseek_v3": 129280}
+TOKENIZER_VOCAB = {"mixtral": 32000, "deepseek_v2_lite": 102400, "qwen3_30b_a3b": 151669, "deepseek_v3": 129280,
+                   "deepseek_v3_model_zoo": 129280}
 
 
 def independent_parameter_count(s: dict) -> int:
@@ -130,14 +137,26 @@ def files(tmp_path_factory):
     full = {"mixtral": _sentencepiece_words(d, TOKENIZER_VOCAB["mixtral"])}
     for name in ("deepseek_v2_lite", "qwen3_30b_a3b", "deepseek_v3"):
         full[name] = _hugging_face_dir(d / name, TOKENIZER_VOCAB[name])
+    full["deepseek_v3_model_zoo"] = full["deepseek_v3"]
     (d / "small").mkdir()
     small = {"mixtral": _sentencepiece_words(d / "small", 300), "hf": _hugging_face_dir(d / "small_hf", 300)}
     return dict(full=full, small=small, data=_dataset(d / "docs", 25_000, 300), dir=str(d))
 
 
+# The model zoo's variables: the layout sbatch_benchmarking.sh is given, folded to one process
+# (the 2-rank run appends its own); wandb's project is the zoo's default form.
+MODEL_ZOO_VARIABLES = dict(TP=1, PP=1, EP=1, CP=1, VPP=1, MBS=1, GBS=8, SEQ_LEN=4096, WANDB_PROJECT="moe-benchmarking",
+                           COMMENT="megamoe")
+
+
 def _argv(name: str, tokenizer: str, files: dict, checkpoints: str | None = None) -> list[str]:
     paths = dict(TOKENIZER_MODEL=tokenizer, DATA_PATH=files["data"],
                  CHECKPOINT_PATH=checkpoints or files["dir"] + "/ckpt")
+    if name == "deepseek_v3_model_zoo":
+        out = checkpoints or files["dir"] + "/zoo"
+        # Transformer Engine is not installed on the CPU machines: its linears are the GPU tier's
+        return script_argv(name, **paths, **MODEL_ZOO_VARIABLES, WORKSPACE=out, LOAD_PATH=out + "/load",
+                           OUTPUT_PATH=out) + ["--transformer-impl", "local"]
     argv = script_argv(name, **paths)
     if name != "mixtral":  # the modelopt confs leave the tokenizer path and the data to their caller
         argv += ["--tokenizer-model", tokenizer, "--data-path", files["data"]]
@@ -151,9 +170,10 @@ WORLD = {"mixtral": 32}  # pp 4 x ep 8 needs dp 8; the confs set no parallel deg
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_full_size_flags_build_megatrons_model(name, files):
+def test_full_size_flags_build_megatrons_model(name, files, monkeypatch):
     shape = SHAPES[name]
     argv = _argv(name, files["full"][name], files)
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())  # the model zoo logs to W&B
     config = parse_config(argv)
     validate(config, WORLD.get(name, 1))
     config = with_tokenizer_vocab(config)
@@ -190,6 +210,8 @@ def test_full_size_flags_build_megatrons_model(name, files):
     # DeepSeek-R1's --moe-router-pre-softmax, which sigmoid scores ignore, and the modelopt confs'
     # --save-interval, whose --save their caller adds.
     expected = []
+    if name == "deepseek_v3_model_zoo":
+        _check_model_zoo_run_settings(config)
     if name == "deepseek_v3":
         expected.append("--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid")
     if not grouped:
@@ -198,6 +220,33 @@ def test_full_size_flags_build_megatrons_model(name, files):
     if "--save" not in argv:
         expected.append("--save-interval 100000 without --save: nothing is saved (as in Megatron-LM)")
     assert notices(config) == expected
+
+
+def _check_model_zoo_run_settings(config) -> None:
+    """What NVIDIA's benchmarking flags ask of the run besides the model."""
+    t, c, d, log = config.training, config.checkpoint, config.data, config.logging
+    assert t.train_iters == 585937500 // 8  # --train-samples over the global batch, as Megatron derives it
+    lengths = schedule_lengths(t)
+    assert (lengths.warmup, lengths.decay) == (1536000, 584765624)  # in samples
+    assert learning_rate(1, t) == t.lr_warmup_init == 3.9e-7 and t.lr == 3.9e-6
+    assert (t.manual_gc, t.manual_gc_interval, t.check_for_nan_in_loss_and_grad) == (True, 10, False)
+    assert (c.no_save_optim, c.no_load_optim, c.dist_ckpt_strictness) == (True, True, "log_all")
+    assert (d.num_workers, d.no_mmap_bin_files) == (6, True)
+    assert (log.wandb_project, log.log_timers_to_tensorboard, log.logging_level) == ("moe-benchmarking", True, 40)
+    assert config.moe.moe_token_dispatcher_type == "alltoall" and config.training.bf16
+
+
+@pytest.mark.parametrize("addition, message", [
+    (MODEL_ZOO_PRECISION["bf16"], "--tp-comm-overlap: not supported yet"),
+    (MODEL_ZOO_PRECISION["fp8"], "--exp-avg-dtype bf16: not supported yet"),
+    ("--moe-token-dispatcher-type flex --moe-flex-dispatcher-backend deepep", "DeepEP / HybridEP dispatcher is not built"),
+])
+def test_model_zoo_additions_megamoe_lacks_are_named(addition, message, files, monkeypatch):
+    """What sbatch_benchmarking.sh adds for its precisions and DeepEP: refused by name."""
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    argv = _argv("deepseek_v3_model_zoo", files["full"]["deepseek_v3"], files) + addition.split()
+    with pytest.raises(ConfigError, match=message):
+        validate(parse_config(argv), 1)
 
 
 def test_checkpoint_flags_carry_over(files):
@@ -232,13 +281,24 @@ TINY = {
     "deepseek_v3": ["--num-layers", "3", "--moe-layer-freq", "[0]*1+[1]*2", "--q-lora-rank", "32",
                     "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim",
                     "16", "--moe-shared-expert-intermediate-size", "32", "--expert-model-parallel-size", "2",
-                    "--num-experts", "16", "--moe-ffn-hidden-size", "32"],
+                    "--num-experts", "16", "--moe-ffn-hidden-size", "32", "--train-iters", "3"],
+    # EP 2 under the distributed optimizer, the sample-based schedule shrunk to 3 steps of 4, and
+    # the forced balancing its run.sh suggests for benchmarks (group-limited routing on noise)
+    "deepseek_v3_model_zoo": ["--num-layers", "3", "--moe-layer-freq", "[0]*1+[1]*2", "--q-lora-rank", "32",
+                              "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
+                              "--v-head-dim", "16", "--moe-shared-expert-intermediate-size", "32",
+                              "--expert-model-parallel-size", "2", "--num-experts", "16", "--moe-ffn-hidden-size", "32",
+                              "--train-samples", "12", "--lr-decay-samples", "12", "--lr-warmup-samples", "4",
+                              "--moe-router-force-load-balancing"],
 }
+for _name in ("mixtral", "deepseek_v2_lite", "qwen3_30b_a3b"):
+    TINY[_name] += ["--train-iters", "3"]
 COMMON_TINY = ["--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "32",
-               "--max-position-embeddings", "64", "--global-batch-size", "4", "--train-iters", "3", "--eval-iters", "2"]
+               "--max-position-embeddings", "64", "--global-batch-size", "4", "--eval-iters", "2"]
 
 
 def _train(argv: list[str]):
+    fake_wandb.install()  # the model zoo logs to W&B: the stand-in records what rank 0 sends
     config = parse_config(argv)
     validate(config, dist.get_world_size())
     state = ParallelState.build(**config.parallel.degrees())
@@ -254,3 +314,6 @@ def test_script_trains_at_two_ranks(name, files, workers, tmp_path):
     losses = workers(2).run(_train, argv)
     assert losses[0] == losses[1] and len(losses[0]) == 3  # every rank reports the job's losses
     assert all(math.isfinite(x) and 4.0 < x < 7.0 for x in losses[0]), losses[0]  # ln(300) = 5.7
+    if name == "deepseek_v3_model_zoo":  # --no-save-optim: the weights only, at the last step
+        saved = dcp.FileSystemReader(str(tmp_path / "ckpt" / "checkpoints" / "iter_0000003")).read_metadata()
+        assert all(key.startswith("model/") for key in saved.state_dict_metadata)

@@ -7,7 +7,8 @@ the all-to-all in 2 or 3 overlapped chunks at EP 2 and 4 (with expert-TP 2, capa
 TP 2 for attention with EP 4 for experts (with and without SP); PP 2 and 4 (1F1B), PP 2 x VPP 2
 and PP 2 x VPP 4 (interleaved), PP 2 and 4 under DualPipeV (with EP 2), PP 2 and PP 2 x VPP 2 with EP 2 whose steady state runs
 forward-backward pairs piece by piece (--overlap-moe-expert-parallel-comm), PP 2 with TP 2 or EP 2,
-uneven stages (1 + 3 layers), and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
+uneven stages (1 + 3 layers), Megatron's layout strings (uneven, a last stage with only the head,
+or the MTP layer and the head, an empty middle virtual stage), and PP 2 x TP 2 x EP 2 on 8 ranks; both token dispatchers. Model variants: sigmoid router with
 expert bias, dropless; softmax router with aux and z-loss; group-limited routing with capacity
 dropping and MTP; the same with the output head tied to the embedding (under PP the last stage
 keeps a copy of the embedding, whose gradient is summed with the first stage's); and a dense
@@ -173,6 +174,10 @@ PP_CASES = [
     ("gqa", dict(pp=2, tp=2, sp=True)), ("mtp_tied", dict(pp=2, tp=2, sp=True)),
     ("mla", dict(pp=2, ep=2, dispatcher="alltoall")),
     ("mtp_tied", dict(pp=2, last=3)), ("gqa", dict(pp=2, first=3)),
+    # --pipeline-model-parallel-layout: uneven, a last stage with only the head (and MTP), an
+    # empty middle virtual stage under interleaving
+    ("gqa", dict(pp=2, pp_layout="Et|tttL")), ("mla", dict(pp=2, pp_layout="Etttt|L")),
+    ("mtp_tied", dict(pp=2, pp_layout="Etttt|mL")), ("mtp_capacity", dict(pp=2, pp_layout="Et|t||ttmL")),
     ("dense", dict(pp=2)), ("dense", dict(pp=2, tp=2, sp=True)),
     # DualPipeV: the V placement (rank 0 holds the embedding and the tied head), weight gradients
     # of the linears and experts deferred to W actions; 2 x pp micro-batches per rank and more

@@ -157,3 +157,27 @@ def test_capacity_ties_go_to_earlier_token():
     r = router(E=2, K=1, score_function="softmax", pre_softmax=True, capacity_factor=0.5, drop_policy="probs")
     out = route(r, [[1.0, 0.0]] * 4)  # identical tokens; capacity ceil(0.5*4/2) = 1
     assert out.kept_TK[:, 0].tolist() == [True, False, False, False]
+
+
+def test_force_load_balancing_routes_on_noise_and_passes_gradients_through():
+    # Every token's own logits prefer experts 0 and 1 by a wide margin; the forced router must
+    # spread the 2 x 4000 assignments over all 8 experts, near 1000 each.
+    E, T = 8, 4000
+    r = router(E=E, K=2, score_function="softmax", random_logits=True)
+    x = torch.zeros(T, E, dtype=torch.float64)
+    x[:, :2] = 20.0
+    x.requires_grad_()
+    torch.manual_seed(0)
+    out = r(x, 1, SINGLE.tp, None)
+    counts = out.tokens_per_expert_E
+    assert counts.sum() == 2 * T
+    assert (counts - 2 * T / E).abs().max() < 0.1 * 2 * T / E  # binomial sd ~ 29, the bound is 250
+    # the probabilities come from the noise: softmax over the noise logits, top-2 renormalised
+    torch.manual_seed(0)
+    noise = torch.randn(T, E, dtype=torch.float64)
+    assert out.experts_TK.tolist() == noise.topk(2, dim=1).indices.tolist()
+    torch.testing.assert_close(out.probs_TK, torch.softmax(noise.gather(1, out.experts_TK), dim=1))
+    # straight through: d probs / d x is the softmax's Jacobian at the noise, applied to the real logits
+    out.probs_TK[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert r.weight.grad is not None and r.weight.grad.abs().sum() > 0

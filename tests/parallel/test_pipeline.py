@@ -329,3 +329,24 @@ def test_v_stage_layer_ranges():
     # 8 layers, pp 2: virtual stages 0..3; rank 0 holds the first and the last (embedding and head)
     assert v_stage_layer_ranges(8, 2) == [[(0, 2), (6, 8)], [(2, 4), (4, 6)]]
     assert v_stage_layer_ranges(6, 2, first=0, last=0) == [[(0, 0), (6, 6)], [(0, 3), (3, 6)]]
+
+
+def test_pipeline_layout_strings():
+    from megamoe.parallel.pipeline_layout import PipelineLayout, expand
+
+    assert expand("Et*2|(tt|)*2,mL") == "Ett|tt|tt|mL" and expand("((t|)*2L)*1") == "t|t|L"
+    # DeepSeek-V3 on PP 8 x VPP 4, as NVIDIA's model zoo places it: 61 layers, the last virtual
+    # stage holding only the MTP layer and the head
+    zoo = PipelineLayout.parse("Et*2|(tt|)*22t|(tt|)*7mL")
+    zoo.check(61, 1, 8)
+    ranges = zoo.ranges(8)
+    assert zoo.virtual_size(8) == 4 and ranges[0] == [(0, 2), (16, 18), (32, 34), (47, 49)]
+    assert ranges[7] == [(14, 16), (30, 32), (46, 47), (61, 61)]
+    flat = sorted(r for rank in ranges for r in rank)
+    assert all(a[1] == b[0] for a, b in zip(flat, flat[1:])) and (flat[0][0], flat[-1][1]) == (0, 61)
+    for text, pp, message in [("Ett|ttL", 3, "do not divide over 3"), ("Ett|tL", 2, "3 x 't'"),
+                              ("tE|tttL", 2, "virtual stage 0 is 'tE'"), ("Ett|tmtL", 2, "virtual stage 1"),
+                              ("Ett|mL|tt|L", 2, "2 x 'L'"), ("Ett|ttLx", 2, "'x' is not a layout symbol"),
+                              ("(Ett|ttL", 2, "never closed"), ("Ett|tt)L", 2, "unmatched"), ("Et*|ttL", 2, "count")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            PipelineLayout.parse(text).check(4, 1 if "m" in text else 0, pp)

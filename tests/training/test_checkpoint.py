@@ -6,8 +6,9 @@
   indexed dataset.
 - Resharding: saved in one layout after 2 steps, loaded in another for steps 3-4: losses, grad
   norms and the final weights match the uninterrupted single-process run (float64, 1e-9
-  relative), across TP 2 + SP, PP 2 x VPP 2, uneven PP stages, EP 4 x expert-TP 2, CP 2, DP
-  with the distributed optimizer, all dimensions on 8 ranks, and one process; on a GPU with
+  relative), across TP 2 + SP, PP 2 x VPP 2, uneven PP stages, a layout string, EP 4 x
+  expert-TP 2, CP 2, DP with the distributed optimizer, all dimensions on 8 ranks, and one
+  process; on a GPU with
   Transformer Engine, between the torch and te expert backends.
 - A save killed before it completes leaves the previous checkpoint to --load; bad checkpoints
   and an unwritable --save are one-line errors.
@@ -187,6 +188,7 @@ RESHARD = [  # (world, layout) saved -> (world, layout) loaded
     ((1, {}), (4, {"ep": 4, "etp": 1, "dispatcher": "alltoall", "distopt": True})),
     ((4, {"pp": 2, "first": 1}), (4, {"tp": 2, "sp": True, "distopt": True})),  # uneven stages (1 + 3 layers)
     ((2, {"pp": 2, "schedule": "dualpipev"}), (4, {"pp": 2, "ep": 2, "dispatcher": "alltoall"})),  # the V placement
+    ((2, {"pp": 2, "pp_layout": "Etttt|mL"}), (1, {})),  # a layout string: the last stage holds MTP and head only
 ]
 
 
@@ -287,6 +289,48 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     (tmp_path / "broken" / checkpoint.TRACKER).write_text("latest")
     with pytest.raises(ConfigError, match="not an iteration number"):
         load_checkpoint(str(tmp_path / "broken"), model, opt, state, cfg, None, CPU)
+
+
+def test_no_save_optim_writes_the_weights_only(tmp_path):
+    cfg, state, model, opt = _single(no_save_optim=True)
+    save_checkpoint(str(tmp_path), 1, model, opt, state, cfg, 8, None, CPU)
+    saved = checkpoint.dcp.FileSystemReader(str(tmp_path / "iter_0000001")).read_metadata().state_dict_metadata
+    assert saved and all(k.startswith("model/") for k in saved)
+    names = {"model/" + n for n, _ in model.named_parameters()}
+    assert names <= set(saved)
+    # resuming it with the optimizer is refused, naming the flags that load it
+    other_cfg, _, other, other_opt = _single()
+    with pytest.raises(ConfigError, match="saved with --no-save-optim .* give --no-load-optim"):
+        load_checkpoint(str(tmp_path), other, other_opt, state, other_cfg, None, CPU)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    load_checkpoint(str(tmp_path), other, other_opt, state, other_cfg, None, CPU, load_optim=False)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(a, b), name
+
+
+def _with_a_stray_tensor(tmp_path, strictness: str):
+    """A checkpoint of the demo model plus one tensor the model does not have, loaded under
+    ``--dist-ckpt-strictness strictness``."""
+    cfg, state, model, opt = _single()
+    model.register_buffer("stray", torch.ones(3))
+    save_checkpoint(str(tmp_path), 1, model, opt, state, cfg, 8, None, CPU)
+    cfg2, _, model2, opt2 = _single(dist_ckpt_strictness=strictness)
+    return load_checkpoint(str(tmp_path), model2, opt2, state, cfg2, None, CPU)
+
+
+@pytest.mark.parametrize("strictness", ["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+                                        "raise_all", "ignore_all"])
+def test_dist_ckpt_strictness_on_a_tensor_the_model_lacks(tmp_path, strictness, caplog):
+    if strictness.startswith("raise"):
+        with pytest.raises(ConfigError, match=r"holds 1 tensors this model does not have .*: model/stray"):
+            _with_a_stray_tensor(tmp_path, strictness)
+        return
+    with caplog.at_level("WARNING", logger="megamoe.training.checkpoint"):
+        assert _with_a_stray_tensor(tmp_path, strictness).iteration == 1
+    logged = "model/stray" in caplog.text
+    assert logged == strictness.startswith("log"), caplog.text
 
 
 def test_an_unwritable_save_directory_fails_before_training(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.cli import config_from_values, load_yaml_values
+from megamoe.cli import config_from_values, load_yaml_values, parse_config
 from megamoe.config import Config, ConfigError
 from megamoe.config_validation import validate
 from megamoe.data.mock import MarkovMockData
@@ -30,22 +30,65 @@ PRESETS = ROOT / "examples" / "configs"
 
 
 def test_schedule_by_hand():
+    # Megatron-LM's scheduler: step k runs at the value after k - 1 steps (it advances after the
+    # optimizer step), so with warmup the first step runs at the warmup's start.
     t = Config().training
     t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters = 1.0, 0.1, 10, 110
     t.lr_decay_style = "cosine"
-    assert learning_rate(5, t) == 0.5
-    assert learning_rate(10, t) == 1.0
-    assert math.isclose(learning_rate(60, t), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert learning_rate(110, t) == 0.1 and learning_rate(200, t) == 0.1
+    assert learning_rate(1, t) == 0.0
+    assert learning_rate(6, t) == 0.5
+    assert learning_rate(11, t) == 1.0
+    assert math.isclose(learning_rate(61, t), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert math.isclose(learning_rate(111, t), 0.1) and learning_rate(112, t) == 0.1
     t.lr_decay_style = "linear"
-    assert math.isclose(learning_rate(35, t), 0.1 + 0.9 * 0.75)
+    assert math.isclose(learning_rate(36, t), 0.1 + 0.9 * 0.75)
+    t.lr_decay_style = "inverse-square-root"
+    assert math.isclose(learning_rate(41, t), 0.5)  # sqrt(10 / 40)
     t.lr_decay_style = "constant"
-    assert learning_rate(90, t) == 1.0
+    assert learning_rate(91, t) == 1.0
     t.lr_decay_style, t.lr_wsd_decay_iters, t.lr_wsd_decay_style = "WSD", 20, "linear"
-    assert learning_rate(90, t) == 1.0  # stable until the last 20 iterations
-    assert math.isclose(learning_rate(100, t), 0.1 + 0.9 * 0.5)
-    t.lr_wsd_decay_style = "exponential"
-    assert math.isclose(learning_rate(100, t), 1.0 * (0.1 / 1.0) ** 0.5)
+    assert learning_rate(91, t) == 1.0  # stable until the last 20 iterations
+    assert math.isclose(learning_rate(101, t), 0.1 + 0.9 * 0.5)
+    t.lr_wsd_decay_style = "exponential"  # Megatron's: 2 x 0.5^r - 1 of the span, 0 at r = 1
+    assert math.isclose(learning_rate(101, t), 0.1 + 0.9 * (2 * 0.5 ** 0.5 - 1))
+    assert math.isclose(learning_rate(111, t), 0.1)
+    t.lr_wsd_decay_style = "minus_sqrt"
+    assert math.isclose(learning_rate(101, t), 0.1 + 0.9 * (1 - 0.5 ** 0.5))
+    t.lr_decay_style, t.lr_warmup_init = "linear", 0.2
+    assert math.isclose(learning_rate(6, t), 0.2 + 0.8 * 0.5)
+
+
+def test_sample_based_schedule_by_hand():
+    # --train-samples: the lengths are samples; step k runs after (k - 1) x 8 samples
+    cfg = config_from_values({"train_samples": 880, "lr_warmup_samples": 20, "lr": 1.0, "min_lr": 0.0,
+                              "global_batch_size": 8, "micro_batch_size": 4})
+    validate(cfg, 1)
+    t = cfg.training
+    assert t.train_iters == 110
+    assert math.isclose(learning_rate(2, t), 8 / 20) and math.isclose(learning_rate(3, t), 16 / 20)
+    assert math.isclose(learning_rate(4, t), 1 - (24 - 20) / (880 - 20))  # linear decay to 880 samples
+    t.lr_decay_samples, t.lr_warmup_samples, t.lr_warmup_fraction = 440, 0, 0.25  # warmup: 110 samples
+    assert math.isclose(learning_rate(12, t), 88 / 110) and learning_rate(57, t) == 0.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-iters", "10", "--train-samples", "80"], "give one"),
+    (["--train-samples", "80", "--lr-decay-iters", "5"], "--lr-decay-iters: this run is sample-based"),
+    (["--lr-warmup-samples", "16"], "--lr-warmup-samples: this run is iteration-based"),
+    (["--lr-warmup-iters", "2", "--lr-warmup-fraction", "0.1"], "give one"),
+    (["--train-samples", "4", "--global-batch-size", "8"], "less than one step"),
+])
+def test_schedule_flags_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(parse_config(flags), 1)
+
+
+def test_a_command_line_train_samples_replaces_a_files_train_iters(tmp_path):
+    preset = tmp_path / "run.yaml"
+    preset.write_text("training:\n  train_iters: 100\n  global_batch_size: 16\n")
+    cfg = parse_config(["--config", str(preset), "--train-samples", "64"])
+    validate(cfg, 1)
+    assert cfg.training.train_iters == 4
 
 
 def test_flops_match_the_megatron_figure_for_the_v2_lite_proxy():
