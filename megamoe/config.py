@@ -111,7 +111,7 @@ class ModelConfig:
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     """Activation recomputation: 'full' recomputes whole layers, 'selective' the modules of --recompute-modules (by default the attention core; --recompute-activations is Megatron-LM's spelling of selective). Dropout masks are replayed exactly."""
     recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
-    """With --recompute-granularity selective: what is recomputed, from Megatron-LM's list. megamoe builds 'core_attn' (the attention core) and 'moe' (each MoE layer, as --moe-layer-recompute); 'mlp', 'mla_up_proj', 'layernorm', 'moe_act' and 'shared_experts' are refused as not built yet."""
+    """With --recompute-granularity selective: what is recomputed, from Megatron-LM's list. megamoe builds 'core_attn' (the attention core), 'moe' (each MoE layer, as --moe-layer-recompute), 'mlp' (the dense MLP layers) and 'shared_experts' (the shared experts' MLP); 'mla_up_proj', 'layernorm' and 'moe_act' are refused as not built yet."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Where the FP8 layers' linear GEMMs run: megamoe's kernels ('local': recipes rowwise, tensorwise) or Transformer Engine's te.Linear ('transformer_engine': recipes delayed, tensorwise, blockwise). Linears in bf16 run torch's GEMM under either (the same cuBLAS product TE's bf16 Linear runs). The experts' backend is --moe-grouped-gemm-impl."""
     fp8_format: Optional[Literal["e4m3", "hybrid"]] = None
@@ -446,6 +446,8 @@ class LoggingConfig:
     """Write a per-layer expert-load heat map to tensorboard every this many iterations."""
     metrics_file: Optional[str] = None
     """Also write every iteration's losses, learning rate and grad norm to this JSON-lines file."""
+    log_params_norm: bool = False
+    """Also log the L2 norm of the parameters after each step (their float32 masters, each element counted once in every layout): the log line's 'params norm' and tensorboard's params-norm. Costs one pass over the masters and one all-reduce per step."""
     log_memory_to_tensorboard: bool = False
     """Also write the CUDA allocator's state every iteration: allocated, reserved and peak reserved GiB, and the allocation retries (a sign of fragmentation). The peak allocated memory is always written. Nothing more on CPUs."""
     log_validation_ppl_to_tensorboard: bool = False

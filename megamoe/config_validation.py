@@ -29,7 +29,7 @@ from megamoe.data.blended_dataset import parse_blend
 from megamoe.data.gpt_dataset import split_document_ranges
 from megamoe.data.indexed_dataset import exists, idx_path, read_header
 from megamoe.data.tokenizers import build_tokenizer
-from megamoe.model.args import dense_ffn_hidden_size, num_kv_heads, parse_moe_layer_freq
+from megamoe.model.args import Recompute, dense_ffn_hidden_size, num_kv_heads, parse_moe_layer_freq
 from megamoe.parallel.pipeline_layout import PipelineLayout
 from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
@@ -448,8 +448,11 @@ def validate_fp8(m: ModelConfig, moe: MoEConfig, t: TrainingConfig, distributed_
             _fail(f"--fp8-recipe {m.fp8_recipe}: {what}, which take --fp8-recipe {' or '.join(recipes)}")
     if not t.bf16:
         _fail(f"--fp8-format {m.fp8_format}: needs --bf16 (the FP8 GEMMs take and return bf16 activations)")
-    recomputed = [f for f, on in (("--recompute-granularity full", m.recompute_granularity == "full"),
-                                  ("--moe-layer-recompute", moe.moe_layer_recompute)) if on]
+    recompute = Recompute.of(m, moe)
+    recomputed = [f for f, on in (("--recompute-granularity full", recompute.full),
+                                  ("--moe-layer-recompute", recompute.moe),
+                                  ("--recompute-modules mlp", recompute.mlp_alone),
+                                  ("--recompute-modules shared_experts", recompute.shared_experts_alone)) if on]
     if m.fp8_recipe == "delayed" and recomputed:
         _fail(f"--fp8-recipe delayed with {' and '.join(recomputed)} is not supported yet: the recomputed forward "
               "would enter each amax into the history twice; use --fp8-recipe tensorwise or blockwise")
@@ -586,13 +589,12 @@ def notices(config: Config) -> list[str]:
 
 # Megatron-LM's --recompute-modules, and the ones megamoe builds
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
-BUILT_RECOMPUTE_MODULES = ("core_attn", "moe")
+BUILT_RECOMPUTE_MODULES = ("core_attn", "moe", "mlp", "shared_experts")
 
 
-def resolve_recompute_modules(m: ModelConfig, moe: MoEConfig) -> None:
-    """``--recompute-modules`` into the fields that say what is recomputed: ``moe`` is
-    ``--moe-layer-recompute``; without ``core_attn`` nothing else is selective. The list is then
-    reset to its default, so validating again changes nothing."""
+def validate_recompute_modules(m: ModelConfig) -> None:
+    """``--recompute-modules``: Megatron-LM's names, the ones megamoe builds, and only with
+    selective recomputation (what each means: ``megamoe.model.args.Recompute``)."""
     modules, default = m.recompute_modules, ["core_attn"]
     if modules == default:
         return
@@ -606,12 +608,7 @@ def resolve_recompute_modules(m: ModelConfig, moe: MoEConfig) -> None:
     unbuilt = [name for name in modules if name not in BUILT_RECOMPUTE_MODULES]
     if unbuilt:
         _fail(f"--recompute-modules {' '.join(unbuilt)}: not supported yet (megamoe recomputes "
-              f"{' and '.join(BUILT_RECOMPUTE_MODULES)} selectively, or whole layers with --recompute-granularity full)")
-    if "moe" in modules:
-        moe.moe_layer_recompute = True
-    if "core_attn" not in modules:
-        m.recompute_granularity = None
-    m.recompute_modules = default
+              f"{', '.join(BUILT_RECOMPUTE_MODULES)} selectively, or whole layers with --recompute-granularity full)")
 
 
 def validate_precision_aware_optimizer(t: TrainingConfig) -> None:
@@ -625,7 +622,7 @@ def validate_precision_aware_optimizer(t: TrainingConfig) -> None:
 def validate(config: Config, world_size: int) -> ParallelLayout:
     """Check every section and their combinations; return the parallel layout they imply."""
     validate_model(config.model)
-    resolve_recompute_modules(config.model, config.moe)
+    validate_recompute_modules(config.model)
     validate_moe(config.moe, config.model)
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
     validate_training(config.training, layout, config.parallel.pipeline_schedule)

@@ -12,6 +12,7 @@ import pytest
 from megamoe.cli import build_parser, load_yaml_values, parse_config, parse_values
 from megamoe.config import SECTIONS, Config, ConfigError, field_docs, flag_name, section_of
 from megamoe.config_validation import check_not_supported_yet, notices, validate
+from megamoe.model.args import Recompute
 from megamoe.model.args import dense_ffn_hidden_size, gpt_args, parse_moe_layer_freq
 from megamoe.testing.scripts import run_script
 
@@ -306,8 +307,8 @@ def _config(**fields) -> Config:
               decoder_first_pipeline_num_layers=2), 2, "places every layer itself: drop --decoder-first"),
         (dict(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Et|t|t|tL",
               virtual_pipeline_model_parallel_size=3), 2, "4 virtual stages, 2 per pipeline rank"),
-        (dict(recompute_modules=["core_attn", "mlp"], recompute_granularity="selective"), 1,
-         "--recompute-modules mlp: not supported yet"),
+        (dict(recompute_modules=["core_attn", "mla_up_proj"], recompute_granularity="selective"), 1,
+         "--recompute-modules mla_up_proj: not supported yet"),
         (dict(recompute_modules=["moe"]), 1, "applies with --recompute-granularity selective"),
         (dict(recompute_modules=["attn"], recompute_granularity="selective"), 1, "attn: not a module Megatron-LM"),
         (dict(exp_avg_sq_dtype="fp8"), 1, "--exp-avg-sq-dtype fp8: not supported yet"),
@@ -332,19 +333,26 @@ def test_te_linears_without_te_name_the_flag():
         validate(_config(fp8_format="hybrid", fp8_recipe="tensorwise", bf16=True, transformer_impl="transformer_engine"), 1)
 
 
-def test_pipeline_layout_sets_the_virtual_size_and_recompute_modules_their_fields():
+def test_pipeline_layout_sets_the_virtual_size():
     cfg = _config(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Et|t|t|tL", global_batch_size=8)
     layout = validate(cfg, 2)
     assert layout.vpp == 2 and cfg.parallel.virtual_pipeline_model_parallel_size == 2
-    cfg = _config(recompute_granularity="selective", recompute_modules=["moe"], num_experts=8)
-    validate(cfg, 1)  # only the MoE layers: nothing else selective
-    assert (cfg.model.recompute_granularity, cfg.moe.moe_layer_recompute) == (None, True)
-    validate(cfg, 1)  # resolved once: validating again changes nothing
-    assert (cfg.model.recompute_granularity, cfg.moe.moe_layer_recompute, cfg.model.recompute_modules) == \
-        (None, True, ["core_attn"])
-    cfg = _config(recompute_granularity="selective", recompute_modules=["core_attn", "moe"], num_experts=8)
+
+
+@pytest.mark.parametrize("granularity, modules, moe_layer_recompute, want", [
+    (None, ["core_attn"], False, Recompute()),
+    ("selective", ["core_attn"], False, Recompute(core_attn=True)),  # --recompute-activations
+    ("selective", ["moe"], False, Recompute(moe=True)),  # the MoE layers only: the attention core is kept
+    (None, ["core_attn"], True, Recompute(moe=True)),  # --moe-layer-recompute
+    ("selective", ["core_attn", "mlp", "shared_experts"], False,
+     Recompute(core_attn=True, mlp=True, shared_experts=True)),
+    ("full", ["core_attn"], True, Recompute(full=True, moe=True)),
+])
+def test_what_is_recomputed(granularity, modules, moe_layer_recompute, want):
+    cfg = _config(recompute_granularity=granularity, recompute_modules=modules, moe_layer_recompute=moe_layer_recompute,
+                  num_experts=8)
     validate(cfg, 1)
-    assert (cfg.model.recompute_granularity, cfg.moe.moe_layer_recompute) == ("selective", True)
+    assert Recompute.of(cfg.model, cfg.moe) == want
 
 
 def test_num_layers_per_virtual_stage_sets_the_virtual_size():

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megamoe.config import FLAG_ALIASES, SECTIONS, field_docs, flag_name  # noqa: E402
+from megamoe.config import FLAG_ALIASES, FLAG_SPELLINGS, SECTIONS, field_docs, flag_name  # noqa: E402
 from megamoe.config_validation import NOT_SUPPORTED_YET  # noqa: E402
 
 
@@ -51,7 +51,8 @@ def render() -> str:
             shown = "unset" if default is None else f"`{default}`"
             note = " *(not yet)*" if f.name in NOT_SUPPORTED_YET else ""
             meaning = docs[f.name].replace("|", "\\|")
-            lines.append(f"| `{flag_name(f.name)}`{note} | {_type_name(hints[f.name])} | {shown} | {meaning} |")
+            flags = ", ".join(f"`{flag}`" for flag in (flag_name(f.name), *FLAG_SPELLINGS.get(f.name, ())))
+            lines.append(f"| {flags}{note} | {_type_name(hints[f.name])} | {shown} | {meaning} |")
         if section == "megatron":
             for flag, (name, value, doc) in FLAG_ALIASES.items():
                 lines.append(f"| `{flag}` | switch | | {doc} Sets `{flag_name(name)} {value}`. |")

@@ -74,18 +74,22 @@ def print_rates() -> None:
         print(f"  {name}: {r.value:.3g} {r.unit}; {r.source}")
 
 
-RECOMPUTE_SETTINGS = {"none": (None, False), "selective": ("selective", False), "moe": (None, True),
-                      "full": ("full", False)}
+# name: (--recompute-granularity, --recompute-modules, --moe-layer-recompute)
+RECOMPUTE_SETTINGS = {"none": (None, ["core_attn"], False), "selective": ("selective", ["core_attn"], False),
+                      "moe": (None, ["core_attn"], True),
+                      "moe+mlps": ("selective", ["moe", "mlp", "shared_experts"], False),
+                      "full": ("full", ["core_attn"], False)}
 
 
 def print_recompute_settings(config, layout, gpus_per_node: int, models: dict) -> None:
     """The same layout under each recompute setting: its worst stage's activations and peak."""
-    print("recompute settings (the stage with the highest peak; --recompute-granularity, --moe-layer-recompute):")
-    for name, (granularity, moe) in RECOMPUTE_SETTINGS.items():
-        if moe and not config.moe.num_experts:
+    print("recompute settings (the stage with the highest peak; --recompute-granularity, --moe-layer-recompute, "
+          "moe+mlps: --recompute-modules moe mlp shared_experts):")
+    for name, (granularity, modules, moe) in RECOMPUTE_SETTINGS.items():
+        if (moe or "moe" in modules) and not config.moe.num_experts:
             continue
-        variant = dataclasses.replace(config, model=dataclasses.replace(config.model, recompute_granularity=granularity),
-                                      moe=dataclasses.replace(config.moe, moe_layer_recompute=moe))
+        model = dataclasses.replace(config.model, recompute_granularity=granularity, recompute_modules=modules)
+        variant = dataclasses.replace(config, model=model, moe=dataclasses.replace(config.moe, moe_layer_recompute=moe))
         plans = plan_stages(variant, layout, gpus_per_node, models)
         worst = max(plans, key=lambda p: p.peak)
         slowest = max(p.step.total for p in plans)

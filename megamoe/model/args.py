@@ -17,12 +17,43 @@ from typing import Literal, Optional
 
 import torch
 
-from megamoe.config import Config, ConfigError, ModelConfig
+from megamoe.config import Config, ConfigError, ModelConfig, MoEConfig
 from megamoe.kernels.fp8 import FP8_ALIGNMENT
 from megamoe.model.rope import YarnScaling
 
 Normalization = Literal["LayerNorm", "RMSNorm"]
 _ROUTER_DTYPES = {None: torch.float32, "fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """What backward recomputes instead of keeping, from ``--recompute-granularity``,
+    ``--recompute-modules`` and ``--moe-layer-recompute``: the model, the activation planner,
+    the FLOPs and the traffic estimates all read this one record."""
+
+    full: bool = False  # whole blocks
+    core_attn: bool = False  # the attention core (selective)
+    moe: bool = False  # each MoE layer (routing, dispatch, experts, combine)
+    mlp: bool = False  # the dense MLP layers
+    shared_experts: bool = False  # the shared experts' MLP
+
+    @classmethod
+    def of(cls, m: ModelConfig, moe: MoEConfig) -> "Recompute":
+        if m.recompute_granularity == "full":
+            return cls(full=True, moe=moe.moe_layer_recompute)
+        modules = set(m.recompute_modules) if m.recompute_granularity == "selective" else set()
+        return cls(core_attn="core_attn" in modules, moe=moe.moe_layer_recompute or "moe" in modules,
+                   mlp="mlp" in modules, shared_experts="shared_experts" in modules)
+
+    @property
+    def mlp_alone(self) -> bool:
+        """The dense MLPs recomputed on their own (not inside a recomputed block)."""
+        return self.mlp and not self.full
+
+    @property
+    def shared_experts_alone(self) -> bool:
+        """The shared experts recomputed on their own (not inside a recomputed block or MoE layer)."""
+        return self.shared_experts and not (self.full or self.moe)
 
 
 @dataclass(frozen=True)
@@ -95,7 +126,7 @@ class GPTArgs:
     init_method_std: float
     hidden_dropout: float
     mtp_num_layers: int
-    recompute_granularity: Optional[Literal["full", "selective"]]
+    recompute: Recompute
     attention: AttentionArgs
     moe: Optional[MoEArgs]
     moe_layers: tuple[bool, ...]
@@ -191,7 +222,7 @@ def moe_args(config: Config, dense_ffn: int) -> Optional[MoEArgs]:
         fp8_dispatch=moe.moe_fp8_dispatch, a2a_chunks=moe.moe_a2a_overlap_chunks,
         drop_policy=moe.moe_token_drop_policy, random_logits=moe.moe_router_force_load_balancing,
         dispatcher=moe.moe_token_dispatcher_type, expert_backend=moe.expert_backend,
-        shared_expert_overlap=moe.moe_shared_expert_overlap, recompute=moe.moe_layer_recompute)
+        shared_expert_overlap=moe.moe_shared_expert_overlap, recompute=Recompute.of(config.model, moe).moe)
 
 
 def gpt_args(config: Config) -> GPTArgs:
@@ -208,5 +239,5 @@ def gpt_args(config: Config) -> GPTArgs:
         make_vocab_size_divisible_by=config.data.make_vocab_size_divisible_by,
         tie_embeddings=not m.untie_embeddings_and_output_weights, init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout, mtp_num_layers=m.mtp_num_layers,
-        recompute_granularity=m.recompute_granularity, attention=attention_args(config), moe=moe,
+        recompute=Recompute.of(m, config.moe), attention=attention_args(config), moe=moe,
         moe_layers=tuple(is_moe))

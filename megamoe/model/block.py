@@ -22,8 +22,8 @@ from megamoe.parallel.random import TENSOR_PARALLEL_STREAM, RNGStatesTracker, re
 class TransformerBlock(nn.Module):
     """``h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h))`` (DeepSeek names).
 
-    ``recompute_ffn``: recompute a MoE FFN in backward instead of keeping its activations
-    (``--moe-layer-recompute``).
+    ``recompute_ffn``: recompute the FFN in backward instead of keeping its activations: a MoE
+    layer's (``--moe-layer-recompute``) or a dense MLP's (``--recompute-modules mlp``).
     """
 
     def __init__(
@@ -67,7 +67,10 @@ class TransformerBlock(nn.Module):
                 rng_tracker: Optional[RNGStatesTracker] = None) -> tuple[torch.Tensor, Optional[MoEStats]]:
         h = self._attention(x, positions, rng_tracker)
         if not isinstance(self.ffn, MoELayer):
-            out = self.ffn(self.ffn_norm(h))
+            if self.recompute_ffn and self.training:
+                out = recompute_with_rng(self.ffn, self.ffn_norm(h))
+            else:
+                out = self.ffn(self.ffn_norm(h))
         elif self.recompute_ffn and self.training:
             out = recompute_with_rng(self.ffn, self.ffn_norm(h), positions, rng_tracker=rng_tracker)
         else:  # MoE layers order their tokens by position for capacity decisions

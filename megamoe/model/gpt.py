@@ -140,7 +140,7 @@ class GPTModel(nn.Module):
         self.sequence_parallel = sp
         self.vocab_size = args.vocab_size
         self.padded_vocab = padded_vocab_size(self.vocab_size, args.make_vocab_size_divisible_by, tp.size)
-        self.recompute = args.recompute_granularity
+        self.recompute_full = args.recompute.full
         kw = dict(device=device, dtype=dtype)
         init_fn = normal_init(args.init_method_std)
         chunk_ranges = chunk_ranges or [(0, args.num_layers)]
@@ -225,13 +225,14 @@ class GPTModel(nn.Module):
             attn = GroupedQueryAttention(
                 args.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, self.rope, cp=state.cp,
                 cp_comm_type=a.cp_comm_type, attention_dropout=a.dropout, **norm, **common)
-        attn.recompute_core = args.recompute_granularity == "selective"
+        attn.recompute_core = args.recompute.core_attn
         if moe_layer:
             ffn = self._build_moe(args, state, init_fn, output_init_fn, fp8, **kw)
         else:
             ffn = MLP(args.hidden_size, args.ffn_hidden_size, gated=args.swiglu, **common)
         return TransformerBlock(attn, ffn, args.hidden_size, args.norm_eps, sp, args.hidden_dropout,
-                                normalization=args.normalization, recompute_ffn=moe_layer and args.moe.recompute, **kw)
+                                normalization=args.normalization,
+                                recompute_ffn=args.moe.recompute if moe_layer else args.recompute.mlp_alone, **kw)
 
     def _build_moe(self, args: GPTArgs, state: ParallelState, init_fn, output_init_fn, fp8: Optional[Fp8Recipe],
                    device, dtype) -> MoELayer:
@@ -258,8 +259,10 @@ class GPTModel(nn.Module):
         else:
             dispatcher = AllGatherDispatcher(state.etp_ep, E, num_local, state.ep.rank * num_local, moe.pad_to_capacity,
                                              moe.pad_multiple)
-        return MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.shared_expert_overlap,
-                        token_group=state.tp_cp)
+        layer = MoELayer(router, experts, shared, dispatcher, state.tp, state.dp, sp, moe.shared_expert_overlap,
+                         token_group=state.tp_cp)
+        layer.recompute_shared_experts = args.recompute.shared_experts_alone
+        return layer
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -287,7 +290,7 @@ class GPTModel(nn.Module):
         return [b.ffn for b in blocks if isinstance(b.ffn, MoELayer)]
 
     def _run_block(self, block, x, positions, rng_tracker):
-        if self.recompute == "full" and self.training:
+        if self.recompute_full and self.training:
             return recompute_with_rng(block, x, positions, rng_tracker, rng_tracker=rng_tracker)
         return block(x, positions, rng_tracker)
 
@@ -379,7 +382,7 @@ class GPTModel(nn.Module):
         else:
             values["x"] = hidden_in
         for name in self.chunk_layers[chunk]:
-            pieces += self.layers[name].pieces(name, positions, rng_tracker, recompute_whole=self.recompute == "full")
+            pieces += self.layers[name].pieces(name, positions, rng_tracker, recompute_whole=self.recompute_full)
             loss_weights.update({f"{name}.aux": weights.balance, f"{name}.z": weights.balance})
         if chunk != self.output_chunk:
             return PieceRun(pieces, values, loss_weights, output="x")

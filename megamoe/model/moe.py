@@ -65,6 +65,7 @@ class MoELayer(nn.Module):
         self.token_group = token_group or tp  # the ranks sharing one micro-batch's tokens
         self.sequence_parallel = sequence_parallel and tp.size > 1
         self.shared_expert_overlap = shared_expert_overlap
+        self.recompute_shared_experts = False  # --recompute-modules shared_experts (the model sets it)
         self._side_stream: Optional[torch.cuda.Stream] = None
 
     # ----------------------------------------------------------------------------- stages
@@ -159,9 +160,11 @@ class MoELayer(nn.Module):
         """Start the shared experts: on a side stream on CUDA (overlapping dispatch, experts and
         combine on the main stream; autograd runs their backward on the same side stream),
         else inline. Returns the output, or a pending (stream, output) pair. ``recompute``:
-        their MLP's activations are recomputed in backward."""
+        their MLP's activations are recomputed in backward (as they are with
+        ``recompute_shared_experts`` when training)."""
         if self.shared_experts is None:
             return None
+        recompute = recompute or (self.recompute_shared_experts and self.training)
 
         def mlp(x):
             return recompute_with_rng(self.shared_experts, x) if recompute else self.shared_experts(x)

@@ -19,9 +19,10 @@ sequence, context and expert parallelism scale each item where they scale that t
 - the fused head keeps its float32 weight gradient (vocab/TP x hidden: a constant per
   micro-batch) and input gradient; each MTP depth has its own.
 
-Recompute: ``selective`` drops the core's log-sum-exp (its other saved tensors are kept by the
-projections around it anyway); ``--moe-layer-recompute`` keeps the MoE FFN's normalised input;
-``full`` keeps each layer's input. A forward run as pieces (``--overlap-moe-expert-parallel-comm``)
+Recompute (:class:`megamoe.model.args.Recompute`): the attention core's drops its log-sum-exp
+(its other saved tensors are kept by the projections around it anyway); the MoE layer's keeps
+the MoE FFN's normalised input, a dense MLP's the same for its MLP; the shared experts' their
+input; ``full`` keeps each layer's input. A forward run as pieces (``--overlap-moe-expert-parallel-comm``)
 also holds each block's input, and a MoE block cut at its exchanges the rows in flight, the
 residual after attention and the shared experts' output; recompute there rebuilds only what
 lies between the exchanges (``_piece_block_bytes``).
@@ -39,6 +40,7 @@ from typing import Optional
 import torch.nn as nn
 
 from megamoe.config import Config
+from megamoe.model.args import Recompute
 from megamoe.model.attention import GroupedQueryAttention
 from megamoe.model.block import TransformerBlock
 from megamoe.model.gpt import GPTModel
@@ -182,12 +184,17 @@ def mlp_bytes(mlp: MLP, t: Tokens, tokens: int) -> int:
     return t.act * f * (4 if mlp.w3 is not None else 2) * tokens
 
 
-def dense_ffn_bytes(mlp: MLP, d: int, t: Tokens) -> dict[str, int]:
+def dense_ffn_bytes(mlp: MLP, d: int, t: Tokens, recomputed: bool = False) -> dict[str, int]:
+    """``recomputed``: the MLP is recomputed in backward, which keeps only its normalised input."""
+    if recomputed:
+        return {"ffn_norm": t.norm(d, t.stream) + t.act * d * t.stream + t.rng_states}
     return {"ffn_norm": t.norm(d, t.stream), "mlp_input": _linear_input(t, d), "mlp": mlp_bytes(mlp, t, t.full)}
 
 
-def moe_bytes(moe: MoELayer, d: int, t: Tokens, etp: int, expert_load: float = 1.0) -> dict[str, int]:
-    """``expert_load``: this rank's expert rows over the balanced mean (1: balanced routing)."""
+def moe_bytes(moe: MoELayer, d: int, t: Tokens, etp: int, expert_load: float = 1.0,
+              shared_recomputed: bool = False) -> dict[str, int]:
+    """``expert_load``: this rank's expert rows over the balanced mean (1: balanced routing).
+    ``shared_recomputed``: the shared experts' MLP is recomputed in backward (it keeps its input)."""
     a, routed = t.act, t.routed
     k, num_experts = moe.gate.topk, moe.gate.num_experts
     experts = moe.experts
@@ -199,28 +206,28 @@ def moe_bytes(moe: MoELayer, d: int, t: Tokens, etp: int, expert_load: float = 1
              "experts": a * f_local * (4 if experts.gated else 2) * rows,
              "expert_output_rows": a * d * rows}
     if moe.shared_experts is not None:
-        items["shared_experts"] = _linear_input(t, d) + mlp_bytes(moe.shared_experts, t, t.full)
+        mlp = t.rng_states if shared_recomputed else mlp_bytes(moe.shared_experts, t, t.full)
+        items["shared_experts"] = _linear_input(t, d) + mlp
     return items
 
 
-def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str],
-                expert_load: float = 1.0, moe_recompute: bool = False, pieces: bool = False) -> dict[str, int]:
+def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Recompute,
+                expert_load: float = 1.0, pieces: bool = False) -> dict[str, int]:
     """What one block keeps for its backward per micro-batch, item by item (bytes on this rank).
-    ``moe_recompute``: whether its MoE FFN is recomputed (``--moe-layer-recompute``, from the
-    config: one meta model serves every setting). ``pieces``: the forward runs as pieces
-    (``--overlap-moe-expert-parallel-comm``)."""
+    ``recompute`` comes from the config (one meta model serves every setting). ``pieces``: the
+    forward runs as pieces (``--overlap-moe-expert-parallel-comm``)."""
     d = block.attn_norm.dim
     if pieces:  # a piece run holds each block's input (the piece before's output) until backward
         if _cut_at_exchanges(block):
-            kept = _piece_block_bytes(block, t, etp, recompute, expert_load, moe_recompute)
-        elif recompute == "full":  # the checkpoint's input is the one held anyway
+            kept = _piece_block_bytes(block, t, etp, recompute, expert_load)
+        elif recompute.full:  # the checkpoint's input is the one held anyway
             kept = {"block_input": t.rng_states}
         else:
-            kept = block_bytes(block, t, etp, recompute, expert_load, moe_recompute)
+            kept = block_bytes(block, t, etp, recompute, expert_load)
         return {**kept, "piece_input": t.act * d * t.stream}
-    if recompute == "full":
+    if recompute.full:
         return {"block_input": t.act * d * t.stream + t.rng_states}
-    selective = recompute == "selective"
+    selective = recompute.core_attn
     attn = block.attn
     items = mla_bytes(attn, d, t, selective) if isinstance(attn, MultiHeadLatentAttention) else gqa_bytes(
         attn, d, t, selective)
@@ -228,10 +235,10 @@ def block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optiona
         items["attn_dropout_mask"] = MASK * d * t.stream
         items["ffn_dropout_mask"] = MASK * d * t.stream
     if not isinstance(block.ffn, MoELayer):
-        return {**items, **dense_ffn_bytes(block.ffn, d, t)}
-    if moe_recompute:  # the recomputed MoE keeps its normalised input
+        return {**items, **dense_ffn_bytes(block.ffn, d, t, recompute.mlp_alone)}
+    if recompute.moe:  # the recomputed MoE keeps its normalised input
         return {**items, "ffn_norm": t.norm(d, t.stream) + t.act * d * t.stream + t.rng_states}
-    return {**items, **moe_bytes(block.ffn, d, t, etp, expert_load)}
+    return {**items, **moe_bytes(block.ffn, d, t, etp, expert_load, recompute.shared_experts_alone)}
 
 
 def _cut_at_exchanges(block: TransformerBlock) -> bool:
@@ -239,8 +246,8 @@ def _cut_at_exchanges(block: TransformerBlock) -> bool:
     return isinstance(block.ffn, MoELayer) and isinstance(block.ffn.dispatcher, AllToAllDispatcher)
 
 
-def _piece_block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str],
-                       expert_load: float, moe_recompute: bool) -> dict[str, int]:
+def _piece_block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: Recompute,
+                       expert_load: float) -> dict[str, int]:
     """A MoE block run as three pieces: the cuts keep the dispatched rows in flight, the
     residual stream after attention and the shared experts' output alive as well (besides the
     block's input, :func:`block_bytes`), and recompute rebuilds only what lies
@@ -248,12 +255,13 @@ def _piece_block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: 
     recompute, the routed and shared experts' MLPs under full and MoE recompute; the routing,
     the exchanged rows and the norms' inputs stay."""
     d = block.attn_norm.dim
-    plain = block_bytes(block, t, etp, "selective" if recompute == "selective" else None, expert_load)
+    plain = block_bytes(block, t, etp, Recompute(core_attn=recompute.core_attn,
+                                                 shared_experts=recompute.shared_experts_alone), expert_load)
     attention = {k: v for k, v in plain.items() if k not in _FFN_ITEMS}
     ffn = {k: v for k, v in plain.items() if k in _FFN_ITEMS}
-    if recompute == "full":  # its checkpoint keeps the block's input, which the piece run holds anyway
+    if recompute.full:  # its checkpoint keeps the block's input, which the piece run holds anyway
         attention = {"block_input": t.rng_states}
-    if recompute == "full" or moe_recompute:
+    if recompute.full or recompute.moe:
         ffn["experts"] = t.rng_states  # the received rows, kept anyway, are the recomputation's input
         if "shared_experts" in ffn:
             ffn["shared_experts"] = _linear_input(t, d) + t.rng_states
@@ -263,8 +271,8 @@ def _piece_block_bytes(block: TransformerBlock, t: Tokens, etp: int, recompute: 
     return {**attention, **ffn, **cuts}
 
 
-def head_bytes(model: GPTModel, t: Tokens, etp: int = 1, expert_load: float = 1.0, recompute: Optional[str] = None,
-               moe_recompute: bool = False) -> dict[str, int]:
+def head_bytes(model: GPTModel, t: Tokens, etp: int = 1, expert_load: float = 1.0,
+               recompute: Recompute = Recompute()) -> dict[str, int]:
     """The last stage's loss: the final norm, the fused head's float32 weight and input gradients,
     and each MTP depth's norms, projection input, block and head."""
     d, v_local = model.args.hidden_size, model.padded_vocab // t.tp
@@ -273,7 +281,7 @@ def head_bytes(model: GPTModel, t: Tokens, etp: int = 1, expert_load: float = 1.
     items = {"head": one_head}
     for depth, mtp in enumerate(model.mtp, start=1):
         items[f"mtp{depth}"] = (2 * t.norm(d, t.stream) + t.act * 2 * d * t.stream
-                                + sum(block_bytes(mtp.block, t, etp, recompute, expert_load, moe_recompute).values()) + one_head)
+                                + sum(block_bytes(mtp.block, t, etp, recompute, expert_load).values()) + one_head)
     return items
 
 
@@ -343,8 +351,7 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
     ``model``: its meta model, when already built."""
     model = model if model is not None else meta_model(config, state)
     t = tokens_of(config, state, cpu)
-    recompute = config.model.recompute_granularity
-    moe_recompute = config.moe.moe_layer_recompute  # from the config: one meta model serves every setting
+    recompute = Recompute.of(config.model, config.moe)  # from the config: one meta model serves every setting
     pieces = config.moe.overlap_moe_expert_parallel_comm
     etp = state.etp.size
     items: dict[str, int] = {}
@@ -353,16 +360,15 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
         total = 0
         for name in names:
             block = model.layers[name]
-            layer = block_bytes(block, t, etp, recompute, expert_load, moe_recompute, pieces)
+            layer = block_bytes(block, t, etp, recompute, expert_load, pieces)
             for key, value in layer.items():
                 items[key] = items.get(key, 0) + value
             total += sum(layer.values())
-            recomputed.append(_recomputed(block, t, etp, recompute, expert_load, moe_recompute,
-                                          pieces and _cut_at_exchanges(block)))
+            recomputed.append(_recomputed(block, t, etp, recompute, expert_load, pieces and _cut_at_exchanges(block)))
         chunk_bytes.append(total)
     head = head_transient = 0
     if model.last_stage:
-        head = sum(head_bytes(model, t, etp, expert_load, recompute, moe_recompute).values())
+        head = sum(head_bytes(model, t, etp, expert_load, recompute).values())
         chunk_bytes[model.output_chunk] += head
         head_transient = _head_transient(model, t)
     _, actions = build_schedule(config.parallel.pipeline_schedule, state.pp.size, state.pp.rank, num_micro,
@@ -373,20 +379,26 @@ def stage_plan(config: Config, state: ParallelState, num_micro: int, cpu: bool =
                      {**items, "head": head})
 
 
-def _recomputed(block: TransformerBlock, t: Tokens, etp: int, recompute: Optional[str], expert_load: float,
-                moe_recompute: bool, cut: bool = False) -> int:
+def _recomputed(block: TransformerBlock, t: Tokens, etp: int, recompute: Recompute, expert_load: float,
+                cut: bool = False) -> int:
     """What backward rebuilds of one block before running through it: the whole block under
-    full recompute, its MoE FFN under MoE recompute, else nothing; in pieces (``cut``) the
-    largest region between two exchanges (the attention half, or the experts' MLPs)."""
-    whole = block_bytes(block, t, etp, None, expert_load, moe_recompute=False)
-    if cut and (recompute == "full" or moe_recompute):
+    full recompute, its MoE FFN under MoE recompute, its MLP or shared experts when those are
+    recomputed, else nothing; in pieces (``cut``) the largest region between two exchanges
+    (the attention half, or the experts' MLPs)."""
+    whole = block_bytes(block, t, etp, Recompute(), expert_load)
+    if cut and (recompute.full or recompute.moe):
         mlps = whole["experts"] + whole.get("shared_experts", 0)
         attention = sum(v for k, v in whole.items() if k not in _FFN_ITEMS)
-        return max(mlps, attention) if recompute == "full" else mlps
-    if recompute == "full":
+        return max(mlps, attention) if recompute.full else mlps
+    if recompute.full:
         return sum(whole.values())
-    if moe_recompute and isinstance(block.ffn, MoELayer):
+    moe = isinstance(block.ffn, MoELayer)
+    if moe and recompute.moe:
         return sum(v for k, v in whole.items() if k in _FFN_ITEMS)
+    if not moe and recompute.mlp_alone:
+        return whole["mlp"]
+    if moe and recompute.shared_experts_alone:
+        return whole.get("shared_experts", 0)
     return 0
 
 

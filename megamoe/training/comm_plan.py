@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamoe.config import Config
+from megamoe.model.args import Recompute
 from megamoe.model.attention import GroupedQueryAttention
 from megamoe.model.gpt import GPTModel
 from megamoe.model.mla import MultiHeadLatentAttention
@@ -88,8 +89,8 @@ def _kv_values(attn) -> int:
 
 def step_traffic(config: Config, state: ParallelState, model: GPTModel, t: Tokens, num_micro: int) -> list[Traffic]:
     """This rank's traffic per training step, one entry per group and purpose."""
-    recompute = config.model.recompute_granularity
-    passes = 3 if recompute == "full" else 2  # forward, backward, and the recomputed forward
+    recompute = Recompute.of(config.model, config.moe)
+    passes = 3 if recompute.full else 2  # forward, backward, and the recomputed forward
     blocks = list(model.layers.values()) + [m.block for m in model.mtp]
     tp, cp, ep, etp = state.tp, state.cp, state.ep, state.etp
     a, d = t.act, model.args.hidden_size
@@ -97,15 +98,18 @@ def step_traffic(config: Config, state: ParallelState, model: GPTModel, t: Token
     tp_bytes = ep_bytes = etp_bytes = cp_bytes = 0.0
     for block in blocks:
         moe = block.ffn if isinstance(block.ffn, MoELayer) else None
-        moe_passes = passes + (1 if moe is not None and config.moe.moe_layer_recompute and recompute != "full" else 0)
-        ffn_passes = moe_passes if moe is not None else passes
+        moe_passes = passes + (1 if moe is not None and recompute.moe and not recompute.full else 0)
         if tp.size > 1:
             region_in, region_out = _attention_region(block.attn, d)
             tp_bytes += passes * _ring(tp.size) * t.full * a * (region_in + region_out)
-            ffn = 2 * d if moe is None or moe.shared_experts is not None else 0  # an MLP's region
-            if moe is not None and not t.sp:
-                ffn += d  # the routed experts' output, all-gathered over TP (and back in backward)
-            tp_bytes += ffn_passes * _ring(tp.size) * t.full * a * ffn
+            # an MLP's region (the dense MLP, or the shared experts'), once more where it is recomputed alone
+            if moe is None:
+                mlp_passes = passes + int(recompute.mlp_alone)
+            else:
+                mlp_passes = moe_passes + int(recompute.shared_experts_alone)
+            mlp = 2 * d if moe is None or moe.shared_experts is not None else 0
+            routed = d if moe is not None and not t.sp else 0  # the routed experts' output, all-gathered over TP
+            tp_bytes += _ring(tp.size) * t.full * a * (mlp_passes * mlp + moe_passes * routed)
         if cp.size > 1:
             kv = _kv_values(block.attn) * t.full * a
             if block.attn.cp_comm_type == "p2p":

@@ -12,9 +12,7 @@ For the 4-layer DeepSeek-V2-Lite proxy in shared/gpu/README.md (seq 4096) this g
 
 from __future__ import annotations
 
-from typing import Optional
-
-from megamoe.model.args import AttentionArgs, GPTArgs
+from megamoe.model.args import AttentionArgs, GPTArgs, Recompute
 
 
 def _attention_macs_per_token(a: AttentionArgs, hidden: int, seq_length: int) -> float:
@@ -53,21 +51,25 @@ def flops_per_token(args: GPTArgs, seq_length: int, padded_vocab: int) -> float:
     return 3 * 2 * macs
 
 
-def recomputed_flops_per_token(args: GPTArgs, seq_length: int, granularity: Optional[str] = None,
-                               moe_layers: bool = False) -> float:
+def recomputed_flops_per_token(args: GPTArgs, seq_length: int, recompute: Recompute = Recompute()) -> float:
     """FLOPs per token that recomputation adds to a training step (not model FLOPs): a second
-    forward of every block (``granularity`` 'full'), of the attention core ('selective'), or
-    of the MoE layers' FFN (``moe_layers``: ``--moe-layer-recompute``)."""
+    forward of every block (full), or of what ``recompute`` names: the attention core, the MoE
+    layers' FFN, the dense MLPs, the shared experts."""
     h = args.hidden_size
     attention = _attention_macs_per_token(args.attention, h, seq_length)
     blocks = list(args.moe_layers)  # decoder layers, then MTP blocks
-    if granularity == "full":
+    if recompute.full:
         return 2 * sum(attention + _ffn_macs_per_token(args, x) for x in blocks)
     macs = 0.0
-    if granularity == "selective":
+    if recompute.core_attn:
         macs += len(blocks) * (attention - _attention_macs_per_token(args.attention, h, 0))
-    if moe_layers and args.moe is not None:
+    if recompute.moe and args.moe is not None:
         macs += sum(_ffn_macs_per_token(args, True) for x in blocks if x)
+    if recompute.mlp_alone:
+        macs += sum(_ffn_macs_per_token(args, False) for x in blocks if not x)
+    if recompute.shared_experts_alone and args.moe is not None:
+        matrices = 3 if args.swiglu else 2
+        macs += sum(1 for x in blocks if x) * matrices * h * (args.moe.shared_ffn_hidden_size or 0)
     return 2 * macs
 
 

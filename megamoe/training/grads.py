@@ -20,7 +20,8 @@ from megamoe.parallel.state import ParallelState
 def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], state: ParallelState,
                      dp_sharded: bool = False) -> torch.Tensor:
     """L2 norm of the full model's gradient, each element counted exactly once (a float64
-    scalar tensor on the gradients' device).
+    scalar tensor on the gradients' device); of anything shaped and held like the gradients too
+    (the float32 masters: ``Optimizer.params_norm``).
 
     ``grads``: ``(param, gradient)`` pairs, the gradient being the parameter's whole reduced
     main gradient or, with ``dp_sharded`` (distributed optimizer), the piece of it this rank

@@ -155,6 +155,13 @@ class Optimizer:
         ``[lo, lo + n)`` of the flattened ``param`` (the parameter itself when it is its own)."""
         return [(p, 0, master) for p, master in zip(self.params, self.masters)]
 
+    @torch.no_grad()
+    def params_norm(self) -> float:
+        """``--log-params-norm``: the L2 norm of the whole model's float32 masters, each element
+        counted once whatever the layout (the masters are shaped and owned as the gradients)."""
+        pieces = [(p, master) for p, _, master in self.master_pieces()]
+        return global_grad_norm(pieces, self.state, self.dp_sharded).item()
+
     # -- checkpoints (megamoe/training/checkpoint.py)
 
     def state_pieces(self) -> list[tuple[nn.Parameter, int, dict[str, torch.Tensor]]]:

@@ -38,6 +38,7 @@ class StepMetrics:
     pipeline_wait: Optional[float] = None  # this rank's seconds blocked in pipeline exchanges (when timed)
     loss_scale: Optional[float] = None  # the scale this step's loss was multiplied by (fp16, --loss-scale)
     skipped: bool = False  # the step overflowed and was skipped
+    params_norm: Optional[float] = None  # --log-params-norm: the masters' L2 norm after the step
     max_attention_logits: Optional[list[float]] = None  # per block (decoder layers, then MTP), over heads and batch
 
 
@@ -80,6 +81,7 @@ class Reporter:
         self._write_scalars(m, tokens_per_s, tflops)
         if self.metrics_file:
             record = {"iteration": m.iteration, "lm_loss": m.lm_loss, "grad_norm": m.grad_norm, "lr": m.lr,
+                      "params_norm": m.params_norm,
                       "loss_scale": m.loss_scale, "skipped": m.skipped,
                       "mtp_losses": m.mtp_losses, "aux_losses": m.aux_losses, "z_losses": m.z_losses,
                       "step_time": m.step_time, "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
@@ -128,7 +130,10 @@ class Reporter:
         if m.loss_scale is not None:  # Megatron-LM's fields
             parts += [f"loss scale: {m.loss_scale:.1f}",
                       f"number of skipped iterations: {sum(w.skipped for w in window):3d}"]
-        parts += [f"grad norm: {m.grad_norm:.4f}", f"tokens/s: {tokens_per_s:,.0f}",
+        parts.append(f"grad norm: {m.grad_norm:.4f}")
+        if m.params_norm is not None:
+            parts.append(f"params norm: {m.params_norm:.3f}")
+        parts += [f"tokens/s: {tokens_per_s:,.0f}",
                   f"TFLOP/s/device: {tflops:.2f}" if tflops >= 1 else f"TFLOP/s/device: {tflops:.2g}"]
         if self.peak_tflops and self.policy.counts_toward_mfu():
             parts.append(f"MFU: {100 * tflops / self.peak_tflops:.1f}%")
@@ -146,6 +151,8 @@ class Reporter:
         w.add_scalar("lm-loss", m.lm_loss, it)
         w.add_scalar("learning-rate", m.lr, it)
         w.add_scalar("grad-norm", m.grad_norm, it)
+        if m.params_norm is not None:
+            w.add_scalar("params-norm", m.params_norm, it)
         if m.loss_scale is not None:
             w.add_scalar("loss-scale", m.loss_scale, it)
             w.add_scalar("skipped-iteration", float(m.skipped), it)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamoe.config import Config
+from megamoe.model.args import Recompute
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.state import ParallelState
 from megamoe.training.comm_plan import Traffic
@@ -108,7 +109,7 @@ def estimate(config: Config, model: GPTModel, state: ParallelState, world_size: 
     tokens_per_gpu = config.training.global_batch_size * seq / world_size
     # the recompute settings from the config: a search shares one meta model between them
     per_token = flops_per_token(args, seq, model.padded_vocab) + recomputed_flops_per_token(
-        args, seq, config.model.recompute_granularity, config.moe.moe_layer_recompute)
+        args, seq, Recompute.of(config.model, config.moe))
     compute = per_token * tokens_per_gpu / RATES["model_flops"].value
     comm: dict[str, float] = {}
     for t in traffic:

@@ -288,6 +288,7 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         pipeline_wait=p2p.wait_seconds if time_pipeline else None,
         loss_scale=loss_scale if scaler is not None else None,  # the one this step's loss used
         skipped=overflowed,
+        params_norm=optimizer.params_norm() if config.logging.log_params_norm else None,
         max_attention_logits=layer_max_logits(model, maxima, state) if track_logits else None,
     )
 

@@ -38,7 +38,7 @@ from megamoe.parallel.state import ParallelState
 from megamoe.testing import fake_wandb
 from megamoe.testing.fake_wandb import FakeWandb
 from megamoe.training.schedule import learning_rate, schedule_lengths
-from megamoe.training.train import train
+from megamoe.training.train import meta_model, train
 from megatron_scripts import MODEL_ZOO_PRECISION, script_argv
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +247,28 @@ def test_model_zoo_additions_megamoe_lacks_are_named(addition, message, files, m
     argv = _argv("deepseek_v3_model_zoo", files["full"]["deepseek_v3"], files) + addition.split()
     with pytest.raises(ConfigError, match=message):
         validate(parse_config(argv), 1)
+
+
+def test_model_zoo_best_practice_layouts(files, monkeypatch):
+    """best-practice/DeepSeekV3/run.sh's H100 layouts: its pipeline layout strings (with MTP, which
+    the yaml's comment turns on) place DeepSeek-V3 on PP 8 x VPP 4, the last virtual stage holding
+    only the MTP layer and the head; its recompute modules other than mla_up_proj and layernorm
+    are built, those two are refused by name."""
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    variables = {**MODEL_ZOO_VARIABLES, "TP": 2, "PP": 8, "EP": 64, "VPP": 4, "GBS": 8192}
+    out = files["dir"] + "/zoo"
+    argv = script_argv("deepseek_v3_model_zoo", TOKENIZER_MODEL=files["full"]["deepseek_v3"], DATA_PATH=files["data"],
+                       WORKSPACE=out, LOAD_PATH=out + "/load", OUTPUT_PATH=out, **variables)
+    argv += ["--transformer-impl", "local", "--mtp-num-layers", "1", "--recompute-granularity", "selective"]
+    for layout in ("Et|(tt|)*30mL", "Et*2|(tt|)*22t|(tt|)*7mL"):
+        config = parse_config(argv + ["--recompute-modules", "moe", "mlp", "--pipeline-model-parallel-layout", layout])
+        assert validate(config, 1024).vpp == 4
+        state = ParallelState.without_process_groups(validate(config, 1024), 1023)  # the last rank
+        model = meta_model(config, state)
+        assert model.chunk_layers[-1] == [] and len(model.mtp) == 1 and model.head is not None
+    config = parse_config(argv + ["--recompute-modules", "mla_up_proj", "mlp"])
+    with pytest.raises(ConfigError, match="--recompute-modules mla_up_proj: not supported yet"):
+        validate(config, 1024)
 
 
 def test_checkpoint_flags_carry_over(files):

@@ -232,15 +232,15 @@ def test_tied_embeddings_share_the_table():
 
 
 @pytest.mark.parametrize("granularity, dropout", [("full", 0.0), ("selective", 0.0), ("full", 0.2),
-                                                  ("selective", 0.2), ("moe", 0.2)])
+                                                  ("selective", 0.2), ("moe", 0.2), ("mlp shared_experts", 0.2)])
 def test_recompute_gives_the_same_loss_and_gradients(granularity, dropout, monkeypatch):
     """Recomputation changes no number, dropout included: the replayed forward draws the same
     masks from the default stream and from the tracker's tensor-parallel stream (attention
     dropout forks into it), although both have advanced by the time backward runs."""
     import megamoe.model.attention as attention
 
-    calls = {"attention": 0, "route": 0}
-    original_core, original_route = attention.core_attention, MoELayer.route
+    calls = {"attention": 0, "route": 0, "mlp": 0}
+    original_core, original_route, original_mlp = attention.core_attention, MoELayer.route, MLP.forward
 
     def count(key, fn):
         def wrapped(*a, **k):
@@ -250,12 +250,15 @@ def test_recompute_gives_the_same_loss_and_gradients(granularity, dropout, monke
 
     monkeypatch.setattr(attention, "core_attention", count("attention", original_core))
     monkeypatch.setattr(MoELayer, "route", count("route", original_route))
+    monkeypatch.setattr(MLP, "forward", count("mlp", original_mlp))  # dense FFNs and shared experts
     cfg = tiny_config(mtp_num_layers=1, attention_dropout=dropout, hidden_dropout=dropout)
     plain = build(cfg)
     if granularity == "moe":
         cfg.moe.moe_layer_recompute = True
-    else:
+    elif granularity in ("full", "selective"):
         cfg.model.recompute_granularity = granularity
+    else:  # --recompute-granularity selective --recompute-modules mlp shared_experts
+        cfg.model.recompute_granularity, cfg.model.recompute_modules = "selective", granularity.split()
     recomputed = build(cfg)
     tokens, labels = torch.randint(0, 512, (2, 12)), torch.randint(0, 512, (2, 12))
     losses, counts = [], []
@@ -269,12 +272,14 @@ def test_recompute_gives_the_same_loss_and_gradients(granularity, dropout, monke
         loss.backward()
         losses.append(loss.detach())
         counts.append(dict(calls))
-    # 4 decoder layers (3 MoE) + 1 MTP block (MoE); recomputation runs the decoder layers'
-    # attention again (full recompute covers the decoder layers, selective every attention
-    # core), or every MoE layer's routing (--moe-layer-recompute).
-    assert counts[0] == {"attention": 5, "route": 4}
-    expected = {"full": {"attention": 9, "route": 7}, "selective": {"attention": 10, "route": 4},
-                "moe": {"attention": 5, "route": 8}}[granularity]
+    # 4 decoder layers (1 dense, 3 MoE with a shared expert) + 1 MTP block (MoE); recomputation
+    # runs the decoder layers again (full recompute), every attention core (selective), every
+    # MoE layer's routing and shared expert (--moe-layer-recompute), or the dense MLP and the
+    # four shared experts (--recompute-modules mlp shared_experts).
+    assert counts[0] == {"attention": 5, "route": 4, "mlp": 5}
+    expected = {"full": {"attention": 9, "route": 7, "mlp": 9}, "selective": {"attention": 10, "route": 4, "mlp": 5},
+                "moe": {"attention": 5, "route": 8, "mlp": 9},
+                "mlp shared_experts": {"attention": 5, "route": 4, "mlp": 10}}[granularity]
     assert counts[1] == expected
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
     for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):

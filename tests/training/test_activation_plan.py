@@ -54,6 +54,12 @@ LAYOUTS = {
     "mla": (1, ["--config", "examples/configs/demo.yaml"]),
     "mla,full-recompute": (1, ["--config", "examples/configs/demo.yaml", "--recompute-granularity", "full"]),
     "mla,moe-recompute": (1, ["--config", "examples/configs/demo.yaml", "--moe-layer-recompute"]),
+    # --recompute-modules: the dense MLP and the shared experts alone (with the attention core)
+    "mla,recompute-modules": (1, ["--config", "examples/configs/demo.yaml", "--recompute-granularity", "selective",
+                                  "--recompute-modules", "core_attn", "mlp", "shared_experts"]),
+    "mla,tp2,sp,recompute-modules": (2, ["--config", "examples/configs/demo.yaml", "--tensor-model-parallel-size", "2",
+                                         "--sequence-parallel", "--recompute-granularity", "selective",
+                                         "--recompute-modules", "mlp", "shared_experts"]),
     "mla,tp2,sp": (2, ["--config", "examples/configs/demo.yaml", "--tensor-model-parallel-size", "2",
                        "--sequence-parallel"]),
     "mla,tp2": (2, ["--config", "examples/configs/demo.yaml", "--tensor-model-parallel-size", "2"]),
@@ -65,7 +71,9 @@ LAYOUTS = {
     **{f"mla,pieces{name}": (1, ["--config", "examples/configs/demo.yaml", "--moe-token-dispatcher-type", "alltoall",
                                  "--overlap-moe-expert-parallel-comm", *flags])
        for name, flags in [("", []), (",full-recompute", ["--recompute-granularity", "full"]),
-                           (",moe-recompute", ["--moe-layer-recompute"])]},
+                           (",moe-recompute", ["--moe-layer-recompute"]),
+                           (",shared-recompute", ["--recompute-granularity", "selective", "--recompute-modules",
+                                                  "shared_experts"])]},
     # GQA with QK-norm, every layer MoE without shared experts
     "gqa,ep2": (2, ["--config", "examples/configs/tiny_qwen3_moe.yaml", "--expert-model-parallel-size", "2",
                     "--moe-token-dispatcher-type", "alltoall"]),

@@ -187,7 +187,7 @@ def test_search_keeps_only_layouts_that_fit_and_ranks_them():
 
 
 def test_recomputation_repeats_a_forward():
-    from megamoe.model.args import gpt_args
+    from megamoe.model.args import Recompute, gpt_args
     from megamoe.training.flops import flops_per_token, recomputed_flops_per_token
 
     config = parse_config(["--config", "examples/configs/deepseek_v2_lite.yaml", "--num-layers", "4",
@@ -196,8 +196,12 @@ def test_recomputation_repeats_a_forward():
     h, moe = args.hidden_size, args.moe
     head = 3 * 2 * h * vocab  # model FLOPs of the head, which full recompute does not repeat
     # full: one more forward of every block, a third of their forward + backward
-    assert recomputed_flops_per_token(args, seq, "full") == pytest.approx((flops_per_token(args, seq, vocab) - head) / 3)
+    assert recomputed_flops_per_token(args, seq, Recompute(full=True)) == pytest.approx(
+        (flops_per_token(args, seq, vocab) - head) / 3)
     # MoE recompute: the three MoE layers' router, routed and shared experts, forward (2 FLOPs per multiply-add)
     per_moe_layer = h * moe.num_experts + 3 * h * (moe.topk * moe.ffn_hidden_size + moe.shared_ffn_hidden_size)
-    assert recomputed_flops_per_token(args, seq, None, moe_layers=True) == 3 * 2 * per_moe_layer
-    assert recomputed_flops_per_token(args, seq, None) == 0
+    assert recomputed_flops_per_token(args, seq, Recompute(moe=True)) == 3 * 2 * per_moe_layer
+    assert recomputed_flops_per_token(args, seq, Recompute()) == 0
+    # --recompute-modules mlp shared_experts: the dense layer's MLP and the three shared experts' MLPs
+    mlps = 3 * h * args.ffn_hidden_size + 3 * 3 * h * moe.shared_ffn_hidden_size
+    assert recomputed_flops_per_token(args, seq, Recompute(mlp=True, shared_experts=True)) == 2 * mlps

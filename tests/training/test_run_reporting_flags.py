@@ -1,7 +1,7 @@
 """Megatron-LM's reporting and housekeeping flags in a real (one-process) run: tensorboard's
 extra scalars (--log-validation-ppl-to-tensorboard, --log-timers-to-tensorboard), Weights &
-Biases (--wandb-*, through a stand-in for the wandb package that records its calls), and
---manual-gc's collections."""
+Biases (--wandb-*, through a stand-in for the wandb package that records its calls),
+--log-params-norm against the norm of the trained weights, and --manual-gc's collections."""
 
 from __future__ import annotations
 
@@ -18,7 +18,16 @@ from megamoe.config_validation import validate
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.fake_wandb import FakeWandb
 from megamoe.testing.presets import preset
+from megamoe.training import train as train_module
 from megamoe.training.train import train
+
+
+def _recording(build_model, built: list):
+    def build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        built.append(model)
+        return model
+    return build
 
 
 def _scalars(directory) -> dict[str, dict[int, float]]:
@@ -43,9 +52,11 @@ def test_tensorboard_wandb_and_manual_gc_flags(tmp_path, monkeypatch):
     cfg.checkpoint.save, cfg.checkpoint.save_interval = str(tmp_path / "ckpt"), 3
     log = cfg.logging
     log.tensorboard_dir, log.log_interval = str(tmp_path / "tb"), 1
-    log.log_validation_ppl_to_tensorboard = log.log_timers_to_tensorboard = True
+    log.log_validation_ppl_to_tensorboard = log.log_timers_to_tensorboard = log.log_params_norm = True
     log.wandb_project, log.wandb_exp_name = "proj", "run-1"
     validate(cfg, 1)
+    final_weights = []
+    monkeypatch.setattr(train_module, "build_model", _recording(train_module.build_model, final_weights))
     history = train(cfg, ParallelState.single(), torch.device("cpu"))
 
     # --manual-gc: the collector is off during the run and back on after it; collections at the
@@ -54,6 +65,11 @@ def test_tensorboard_wandb_and_manual_gc_flags(tmp_path, monkeypatch):
     assert len(collections) == 1 + 3 + 4 and not any(collections)
 
     tb = _scalars(tmp_path / "tb")
+    # --log-params-norm: the norm of the parameters as they are after the last step (float32 run)
+    (model,) = final_weights
+    by_hand = torch.cat([p.detach().double().flatten() for p in model.parameters()]).norm().item()
+    assert math.isclose(history[-1].params_norm, by_hand, rel_tol=1e-6)  # per-tensor norms in float32
+    assert math.isclose(tb["params-norm"][6], by_hand, rel_tol=1e-6)  # tensorboard stores float32
     assert set(tb["timers/iteration-time"]) == set(range(1, 7))
     assert all(t > 0 for t in tb["timers/iteration-time"].values())
     assert set(tb["timers/evaluate"]) == set(tb["timers/save-checkpoint"]) == {3, 6}
