@@ -72,6 +72,8 @@ class ModelConfig:
     """RoPE base (theta)."""
     rope_type: Optional[Literal["rope", "yarn"]] = None
     """Rotary scaling: plain RoPE, or YaRN (uses --rotary-scaling-factor and the mscale fields). Unset means yarn for MLA and rope otherwise (Megatron-LM's rule; YaRN with scaling factor 1 is plain RoPE)."""
+    rotary_seq_len_interpolation_factor: Optional[float] = None
+    """Linear position interpolation of plain RoPE (Megatron-LM's): every position is divided by this factor before it is rotated, so a model trained at length L covers L x factor. Unset (or 1) means none; YaRN scales with --rotary-scaling-factor instead."""
     rotary_scaling_factor: float = 1.0
     """YaRN context extension factor."""
     original_max_position_embeddings: int = 4096
@@ -448,6 +450,8 @@ class LoggingConfig:
     """Also write every iteration's losses, learning rate and grad norm to this JSON-lines file."""
     log_params_norm: bool = False
     """Also log the L2 norm of the parameters after each step (their float32 masters, each element counted once in every layout): the log line's 'params norm' and tensorboard's params-norm. Costs one pass over the masters and one all-reduce per step."""
+    log_num_zeros_in_grad: bool = False
+    """Also log how many elements of the step's gradient are zero (each counted once in every layout): the log line's 'num zeros' and tensorboard's num-zeros. Costs one pass over the gradients and one all-reduce per step."""
     log_memory_to_tensorboard: bool = False
     """Also write the CUDA allocator's state every iteration: allocated, reserved and peak reserved GiB, and the allocation retries (a sign of fragmentation). The peak allocated memory is always written. Nothing more on CPUs."""
     log_validation_ppl_to_tensorboard: bool = False

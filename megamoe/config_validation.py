@@ -69,8 +69,13 @@ def check_not_supported_yet(config: Config, unsupported: frozenset[str] = NOT_SU
 def validate_model(m: ModelConfig) -> None:
     _positive(m, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings",
-              "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rotary_base")
+              "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rotary_base",
+              "rotary_seq_len_interpolation_factor")
     _check_megatron_defaults_not_built(m)
+    interpolation = m.rotary_seq_len_interpolation_factor
+    if interpolation not in (None, 1.0) and (m.rope_type or ("yarn" if m.multi_latent_attention else "rope")) == "yarn":
+        _fail(f"--rotary-seq-len-interpolation-factor {interpolation} applies to plain RoPE; YaRN extends the "
+              "context with --rotary-scaling-factor")
     if m.group_query_attention and m.multi_latent_attention:
         _fail("--group-query-attention and --multi-latent-attention are alternatives: give one")
     if m.group_query_attention and m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:

@@ -76,6 +76,7 @@ class AttentionArgs:
     rope_base: float
     max_positions: int
     yarn: Optional[YarnScaling]
+    position_interpolation: float = 1.0  # positions divided by this before rotation (plain RoPE)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def attention_args(config: Config) -> AttentionArgs:
         kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim, qk_pos_emb_head_dim=m.qk_pos_emb_head_dim,
         v_head_dim=m.v_head_dim, dropout=m.attention_dropout, cp_comm_type=config.parallel.cp_comm_type,
         rope_dim=m.qk_pos_emb_head_dim if mla else head_dim, rope_base=m.rotary_base,
-        max_positions=m.max_position_embeddings or m.seq_length, yarn=yarn)
+        max_positions=m.max_position_embeddings or m.seq_length, yarn=yarn,
+        position_interpolation=m.rotary_seq_len_interpolation_factor or 1.0)
 
 
 def _pad_multiple(config: Config) -> int:

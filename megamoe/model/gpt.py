@@ -162,7 +162,8 @@ class GPTModel(nn.Module):
                 shared_embedding=state.pp.size > 1 and last_stage_reads_embedding
                 and not (self.first_stage and self.last_stage)))
         a = args.attention
-        self.rope = RotaryEmbedding(a.rope_dim, a.max_positions, a.rope_base, a.yarn, device=device)
+        self.rope = RotaryEmbedding(a.rope_dim, a.max_positions, a.rope_base, a.yarn, device=device,
+                                    interpolation=a.position_interpolation)
         is_moe = args.moe_layers
         self.chunk_layers = [[str(i) for i in range(start, end)] for start, end in chunk_ranges]
         # Global ordinal of each MoE layer (MTP blocks count after the decoder), per chunk; MTP

@@ -60,11 +60,13 @@ class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for ``max_positions`` positions of a ``dim``-wide rotary slice."""
 
     def __init__(self, dim: int, max_positions: int, base: float = 10000.0,
-                 yarn: Optional[YarnScaling] = None, device: Optional[torch.device] = None):
+                 yarn: Optional[YarnScaling] = None, device: Optional[torch.device] = None,
+                 interpolation: float = 1.0):
         super().__init__()
         if dim % 2:
             raise ValueError(f"rotary dimension must be even, got {dim}")
         self.dim, self.max_positions, self.base, self.yarn = dim, max_positions, base, yarn
+        self.interpolation = interpolation  # --rotary-seq-len-interpolation-factor: positions / this
         self.table_scale = 1.0
         self.softmax_scale_multiplier = 1.0
         if yarn is not None and yarn.factor > 1.0:
@@ -75,7 +77,8 @@ class RotaryEmbedding(torch.nn.Module):
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         freqs = inverse_frequencies(self.dim, self.base, self.yarn)
-        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), freqs)
+        positions = torch.arange(self.max_positions, dtype=torch.float64) / self.interpolation
+        angles = torch.outer(positions, freqs)
         with torch.no_grad():
             self.cos.copy_(angles.cos() * self.table_scale)
             self.sin.copy_(angles.sin() * self.table_scale)

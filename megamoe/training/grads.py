@@ -26,12 +26,36 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
     ``grads``: ``(param, gradient)`` pairs, the gradient being the parameter's whole reduced
     main gradient or, with ``dp_sharded`` (distributed optimizer), the piece of it this rank
     owns. Each rank's squared norms are divided by the number of ranks holding an identical
-    copy: DP x CP for dense weights and expert-DP for expert weights (unless sharded over
-    them), times TP for TP-replicated dense weights; then summed over the whole world. The last
-    stage's copy of the embedding is not counted. Per-tensor norms use the multi-tensor
-    ``torch._foreach_norm`` kernels in the gradients' dtype, so no float64 copy of a gradient
-    is made.
+    copy (:func:`_by_copies`), then summed over the whole world. Per-tensor norms use the
+    multi-tensor ``torch._foreach_norm`` kernels in the gradients' dtype, so no float64 copy of
+    a gradient is made.
     """
+    groups, device = _by_copies(grads, state, dp_sharded)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for copies, tensors in groups.items():
+        # one multi-tensor kernel per group: each gradient's norm in its own dtype (float32 main
+        # gradients), squared and summed in float64
+        norms = torch.stack(torch._foreach_norm(tensors)).double()
+        total += norms.square().sum() / copies
+    return _summed_over_world(total, state).sqrt()
+
+
+def global_zero_count(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], state: ParallelState,
+                      dp_sharded: bool = False) -> int:
+    """``--log-num-zeros-in-grad``: how many elements of the full model's gradient are zero,
+    each counted once (as :func:`global_grad_norm` counts)."""
+    groups, device = _by_copies(grads, state, dp_sharded)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for copies, tensors in groups.items():
+        total += sum((t == 0).sum() for t in tensors).double() / copies
+    return round(_summed_over_world(total, state).item())
+
+
+def _by_copies(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], state: ParallelState,
+               dp_sharded: bool) -> tuple[dict[int, list[torch.Tensor]], torch.device]:
+    """The tensors grouped by how many ranks hold an identical copy of them: DP x CP for dense
+    weights and expert-DP for expert weights (unless sharded over them), times TP for
+    TP-replicated dense weights. The last stage's copy of the embedding is left out."""
     device = None
     dense_copies = 1 if dp_sharded else state.dp.size * state.cp.size
     expert_copies = 1 if dp_sharded else state.edp.size
@@ -47,15 +71,13 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
             copies = dense_copies * (1 if spec.split_over("tp") else state.tp.size)
         if g.numel():
             by_copies.setdefault(copies, []).append(g)
-    total = torch.zeros((), dtype=torch.float64, device=device or _default_device())
-    for copies, tensors in by_copies.items():
-        # one multi-tensor kernel per group: each gradient's norm in its own dtype (float32 main
-        # gradients), squared and summed in float64
-        norms = torch.stack(torch._foreach_norm(tensors)).double()
-        total += norms.square().sum() / copies
+    return by_copies, device or _default_device()
+
+
+def _summed_over_world(total: torch.Tensor, state: ParallelState) -> torch.Tensor:
     if dist.is_initialized() and state.layout.world_size > 1:
         dist.all_reduce(total)
-    return total.sqrt()
+    return total
 
 
 def _default_device() -> torch.device:

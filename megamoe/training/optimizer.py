@@ -34,7 +34,7 @@ from megamoe.kernels.adamw import TritonAdamW, triton_adamw_available
 from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import DataParallelGrads
 from megamoe.parallel.state import ParallelState
-from megamoe.training.grads import global_grad_norm
+from megamoe.training.grads import global_grad_norm, global_zero_count
 from megamoe.training.loss_scale import LossScaler
 
 
@@ -154,6 +154,11 @@ class Optimizer:
         """``(param, lo, master)``: the float32 masters this rank updates, each holding elements
         ``[lo, lo + n)`` of the flattened ``param`` (the parameter itself when it is its own)."""
         return [(p, 0, master) for p, master in zip(self.params, self.masters)]
+
+    @torch.no_grad()
+    def grad_zeros(self) -> int:
+        """``--log-num-zeros-in-grad``: the zero elements of the whole model's reduced gradient."""
+        return global_zero_count(self.grad_pieces(), self.state, self.dp_sharded)
 
     @torch.no_grad()
     def params_norm(self) -> float:

@@ -39,6 +39,7 @@ class StepMetrics:
     loss_scale: Optional[float] = None  # the scale this step's loss was multiplied by (fp16, --loss-scale)
     skipped: bool = False  # the step overflowed and was skipped
     params_norm: Optional[float] = None  # --log-params-norm: the masters' L2 norm after the step
+    num_zeros: Optional[int] = None  # --log-num-zeros-in-grad: zero elements of the step's gradient
     max_attention_logits: Optional[list[float]] = None  # per block (decoder layers, then MTP), over heads and batch
 
 
@@ -81,7 +82,7 @@ class Reporter:
         self._write_scalars(m, tokens_per_s, tflops)
         if self.metrics_file:
             record = {"iteration": m.iteration, "lm_loss": m.lm_loss, "grad_norm": m.grad_norm, "lr": m.lr,
-                      "params_norm": m.params_norm,
+                      "params_norm": m.params_norm, "num_zeros": m.num_zeros,
                       "loss_scale": m.loss_scale, "skipped": m.skipped,
                       "mtp_losses": m.mtp_losses, "aux_losses": m.aux_losses, "z_losses": m.z_losses,
                       "step_time": m.step_time, "tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
@@ -131,6 +132,8 @@ class Reporter:
             parts += [f"loss scale: {m.loss_scale:.1f}",
                       f"number of skipped iterations: {sum(w.skipped for w in window):3d}"]
         parts.append(f"grad norm: {m.grad_norm:.4f}")
+        if m.num_zeros is not None:
+            parts.append(f"num zeros: {m.num_zeros}")
         if m.params_norm is not None:
             parts.append(f"params norm: {m.params_norm:.3f}")
         parts += [f"tokens/s: {tokens_per_s:,.0f}",
@@ -153,6 +156,8 @@ class Reporter:
         w.add_scalar("grad-norm", m.grad_norm, it)
         if m.params_norm is not None:
             w.add_scalar("params-norm", m.params_norm, it)
+        if m.num_zeros is not None:
+            w.add_scalar("num-zeros", m.num_zeros, it)
         if m.loss_scale is not None:
             w.add_scalar("loss-scale", m.loss_scale, it)
             w.add_scalar("skipped-iteration", float(m.skipped), it)

@@ -244,6 +244,7 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     if t.check_for_nan_in_loss_and_grad and not overflowed and not math.isfinite(grad_norm):
         mine_bad = any(not bool(torch.isfinite(g).all()) for _, g in optimizer.grad_pieces())
         check_finite("grad norm", grad_norm, step, mine_bad, state, device)  # before the step touches the weights
+    num_zeros = optimizer.grad_zeros() if config.logging.log_num_zeros_in_grad else None
     # Megatron-LM's schedule advances only on the steps taken
     lr = learning_rate(step - (scaler.skipped if scaler is not None else 0), t)
     maxima = take_max_logits(model, state) if track_logits else {}
@@ -289,6 +290,7 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         loss_scale=loss_scale if scaler is not None else None,  # the one this step's loss used
         skipped=overflowed,
         params_norm=optimizer.params_norm() if config.logging.log_params_norm else None,
+        num_zeros=num_zeros,
         max_attention_logits=layer_max_logits(model, maxima, state) if track_logits else None,
     )
 

@@ -55,9 +55,11 @@ HF_MODELS = {
     # Kimi K2: DeepSeek-V3's architecture with one expert group (its config says model_type kimi_k2)
     "kimi_k2": ("DeepseekV3", dict(_DEEPSEEK, q_lora_rank=32, n_routed_experts=16, num_experts_per_tok=4,
                                    n_shared_experts=1, n_group=1, topk_group=1, routed_scaling_factor=2.827)),
+    # Mixtral with linear RoPE scaling: positions halved (--rotary-seq-len-interpolation-factor 2)
     "mixtral": ("Mixtral", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                                num_experts_per_tok=2, max_position_embeddings=64, rope_theta=1e6)),
+                                num_experts_per_tok=2, max_position_embeddings=64, rope_theta=1e6,
+                                rope_scaling=dict(rope_type="linear", factor=2.0))),
     # Qwen3: QK-norm, a dense first layer, renormalised top-k, tied embeddings
     "qwen3_moe": ("Qwen3Moe", dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, moe_intermediate_size=24,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -133,9 +135,11 @@ def test_an_imported_model_computes_transformers_logits(kind, hf_saved, tmp_path
 
 
 def _randomized_megamoe(name: str, seed: int = 3):
-    cfg = preset(name.removesuffix(":tied"))
+    cfg = preset(name.split(":")[0])
     cfg.model.seq_length = 24
     cfg.model.untie_embeddings_and_output_weights = not name.endswith(":tied")
+    if name.endswith(":interpolated"):
+        cfg.model.rotary_seq_len_interpolation_factor = 4.0
     state = ParallelState.single()
     model = build_model(cfg, state, CPU, dtype=torch.float32)
     _randomize(model, seed)
@@ -143,7 +147,7 @@ def _randomized_megamoe(name: str, seed: int = 3):
 
 
 @pytest.mark.parametrize("name", ["tiny_deepseek_v2_lite", "tiny_deepseek_v3", "tiny_kimi_k2", "tiny_mixtral",
-                                  "tiny_qwen3_moe", "tiny_qwen3_moe:tied"])
+                                  "tiny_mixtral:interpolated", "tiny_qwen3_moe", "tiny_qwen3_moe:tied"])
 def test_an_exported_model_computes_megamoe_logits_in_transformers(name, tmp_path):
     cfg, state, model = _randomized_megamoe(name)
     save_checkpoint(str(tmp_path / "ckpt"), 7, model, build_optimizer(model, cfg, state), state, cfg, 0, None, CPU)

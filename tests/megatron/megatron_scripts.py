@@ -17,6 +17,9 @@ And from NVIDIA's Megatron MoE model zoo (yanring/Megatron-MoE-ModelZoo at commi
   it), plus what that script adds for ``DISPATCHER=alltoall`` (its other dispatchers are DeepEP
   and HybridEP, which megamoe does not build). The tokenizer, a Hugging Face hub name there, is a
   placeholder here (no hub is reachable); the script's variables are placeholders too.
+- ``qwen3_30b_a3b_model_zoo``: the MODEL_ARGS of model_configs/benchmarking/Qwen3-30B-A3B.yaml (at
+  commit 17070963cc67634f2b998ece29cad7cfe770d159) the same way, with ``MOE_GROUPED_GEMM=true``
+  and ``MOE_TOKEN_DISPATCHER=alltoall``.
 
 The modelopt confs hold a model's MODEL_ARGS; the script that sources them adds the tokenizer
 path (from the Hugging Face model name), the data and the training length. Placeholders the
@@ -127,6 +130,37 @@ DEEPSEEK_V3_MODEL_ZOO = """
 --moe-token-dispatcher-type alltoall
 """
 
+QWEN3_30B_A3B_MODEL_ZOO = """
+--distributed-timeout-minutes 60 --tensor-model-parallel-size {TP} --pipeline-model-parallel-size {PP}
+--num-layers-per-virtual-pipeline-stage {LAYERS_PER_VP} --expert-model-parallel-size {EP}
+--context-parallel-size {CP} --expert-tensor-parallel-size 1 --use-distributed-optimizer --overlap-grad-reduce
+--overlap-param-gather --no-create-attention-mask-in-dataloader
+--use-mcore-models --sequence-parallel --use-flash-attn --disable-bias-linear --micro-batch-size {MBS}
+--global-batch-size {GBS} --train-samples 268554688 --exit-duration-in-mins 230 --manual-gc --manual-gc-interval 5
+--transformer-impl transformer_engine
+--data-cache-path {WORKSPACE}/data_cache --tokenizer-type HuggingFaceTokenizer --tokenizer-model {TOKENIZER_MODEL}
+--data-path {DATA_PATH} --split 99,1,0 --no-mmap-bin-files --num-workers 6
+--untie-embeddings-and-output-weights --position-embedding-type rope --rotary-percent 1.0 --rotary-base 1000000
+--rotary-seq-len-interpolation-factor 1 --normalization RMSNorm --swiglu --norm-epsilon 1e-06 --num-layers 48
+--hidden-size 2048 --ffn-hidden-size 6144 --num-attention-heads 32 --group-query-attention --num-query-groups 4
+--kv-channels 128 --qk-layernorm --seq-length {SEQ_LEN} --max-position-embeddings 40960
+--make-vocab-size-divisible-by 1187
+--attention-dropout 0.0 --hidden-dropout 0.0 --clip-grad 1.0 --weight-decay 0.1
+--lr-decay-samples 255126953 --lr-warmup-samples 162761 --lr 1.2e-4 --min-lr 1.2e-5 --lr-decay-style cosine
+--adam-beta1 0.9 --adam-beta2 0.95
+--num-experts 128 --moe-ffn-hidden-size 768 --moe-router-load-balancing-type aux_loss --moe-router-topk 8
+--moe-grouped-gemm --moe-aux-loss-coeff 1e-3 --moe-token-dispatcher-type alltoall --moe-permute-fusion
+--moe-router-dtype fp32
+--eval-iters 32 --eval-interval 500
+--finetune --auto-detect-ckpt-format --load {LOAD_PATH} --save {OUTPUT_PATH}/checkpoints --save-interval 500
+--dist-ckpt-strictness log_all
+--init-method-std 0.02
+--log-timers-to-tensorboard --log-memory-to-tensorboard --log-num-zeros-in-grad --log-params-norm
+--log-validation-ppl-to-tensorboard --log-throughput --log-interval 1 --tensorboard-dir {OUTPUT_PATH}/tensorboard
+--wandb-project {WANDB_PROJECT} --wandb-exp-name Qwen3-30B-A3B-TP{TP}PP{PP}EP{EP}CP{CP}VPP{VPP}-MBS{MBS}GBS{GBS}-{COMMENT}
+--bf16
+"""
+
 # what sbatch_benchmarking.sh adds for its precisions (PR=bf16, its default, and PR=fp8)
 MODEL_ZOO_PRECISION = {
     "bf16": "--tp-comm-overlap",
@@ -136,7 +170,8 @@ MODEL_ZOO_PRECISION = {
 }
 
 SCRIPTS = {"mixtral": MIXTRAL, "deepseek_v2_lite": DEEPSEEK_V2_LITE, "qwen3_30b_a3b": QWEN3_30B_A3B,
-           "deepseek_v3": DEEPSEEK_V3, "deepseek_v3_model_zoo": DEEPSEEK_V3_MODEL_ZOO}
+           "deepseek_v3": DEEPSEEK_V3, "deepseek_v3_model_zoo": DEEPSEEK_V3_MODEL_ZOO,
+           "qwen3_30b_a3b_model_zoo": QWEN3_30B_A3B_MODEL_ZOO}
 
 
 def script_argv(name: str, **paths: str) -> list[str]:

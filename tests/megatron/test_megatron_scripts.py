@@ -60,10 +60,11 @@ SHAPES = {
                         expert_ffn=2048, shared_ffn=2048, score="sigmoid", pre_softmax=False, expert_bias=True,
                         published=671_026_419_200),
 }
-SHAPES["deepseek_v3_model_zoo"] = SHAPES["deepseek_v3"]  # NVIDIA's benchmarking flags build the same model
+# NVIDIA's benchmarking flags build the same models
+SHAPES["deepseek_v3_model_zoo"], SHAPES["qwen3_30b_a3b_model_zoo"] = SHAPES["deepseek_v3"], SHAPES["qwen3_30b_a3b"]
 # The tokenizers' own vocabularies; Qwen3's is padded to 151936 by the script's divisor.
 TOKENIZER_VOCAB = {"mixtral": 32000, "deepseek_v2_lite": 102400, "qwen3_30b_a3b": 151669, "deepseek_v3": 129280,
-                   "deepseek_v3_model_zoo": 129280}
+                   "deepseek_v3_model_zoo": 129280, "qwen3_30b_a3b_model_zoo": 151669}
 
 
 def independent_parameter_count(s: dict) -> int:
@@ -137,7 +138,7 @@ def files(tmp_path_factory):
     full = {"mixtral": _sentencepiece_words(d, TOKENIZER_VOCAB["mixtral"])}
     for name in ("deepseek_v2_lite", "qwen3_30b_a3b", "deepseek_v3"):
         full[name] = _hugging_face_dir(d / name, TOKENIZER_VOCAB[name])
-    full["deepseek_v3_model_zoo"] = full["deepseek_v3"]
+    full["deepseek_v3_model_zoo"], full["qwen3_30b_a3b_model_zoo"] = full["deepseek_v3"], full["qwen3_30b_a3b"]
     (d / "small").mkdir()
     small = {"mixtral": _sentencepiece_words(d / "small", 300), "hf": _hugging_face_dir(d / "small_hf", 300)}
     return dict(full=full, small=small, data=_dataset(d / "docs", 25_000, 300), dir=str(d))
@@ -147,15 +148,18 @@ def files(tmp_path_factory):
 # (the 2-rank run appends its own); wandb's project is the zoo's default form.
 MODEL_ZOO_VARIABLES = dict(TP=1, PP=1, EP=1, CP=1, VPP=1, MBS=1, GBS=8, SEQ_LEN=4096, WANDB_PROJECT="moe-benchmarking",
                            COMMENT="megamoe")
+# Qwen3's conf always sets the layers per virtual chunk: PP 4, 12 layers a stage in 2 chunks
+ZOO_LAYOUT = {"qwen3_30b_a3b_model_zoo": dict(PP=4, VPP=2, LAYERS_PER_VP=6)}
 
 
 def _argv(name: str, tokenizer: str, files: dict, checkpoints: str | None = None) -> list[str]:
     paths = dict(TOKENIZER_MODEL=tokenizer, DATA_PATH=files["data"],
                  CHECKPOINT_PATH=checkpoints or files["dir"] + "/ckpt")
-    if name == "deepseek_v3_model_zoo":
+    if name.endswith("_model_zoo"):
         out = checkpoints or files["dir"] + "/zoo"
         # Transformer Engine is not installed on the CPU machines: its linears are the GPU tier's
-        return script_argv(name, **paths, **MODEL_ZOO_VARIABLES, WORKSPACE=out, LOAD_PATH=out + "/load",
+        variables = {**MODEL_ZOO_VARIABLES, **ZOO_LAYOUT.get(name, {})}
+        return script_argv(name, **paths, **variables, WORKSPACE=out, LOAD_PATH=out + "/load",
                            OUTPUT_PATH=out) + ["--transformer-impl", "local"]
     argv = script_argv(name, **paths)
     if name != "mixtral":  # the modelopt confs leave the tokenizer path and the data to their caller
@@ -166,7 +170,8 @@ def _argv(name: str, tokenizer: str, files: dict, checkpoints: str | None = None
 # ---------------------------------------------------------------------------------------------
 # Full size: the model Megatron builds
 
-WORLD = {"mixtral": 32}  # pp 4 x ep 8 needs dp 8; the confs set no parallel degrees
+# pp 4 x ep 8 needs dp 8; the confs set no parallel degrees; the model zoo's Qwen3 at PP 4
+WORLD = {"mixtral": 32, "qwen3_30b_a3b_model_zoo": 4}
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -210,8 +215,8 @@ def test_full_size_flags_build_megatrons_model(name, files, monkeypatch):
     # DeepSeek-R1's --moe-router-pre-softmax, which sigmoid scores ignore, and the modelopt confs'
     # --save-interval, whose --save their caller adds.
     expected = []
-    if name == "deepseek_v3_model_zoo":
-        _check_model_zoo_run_settings(config)
+    if name.endswith("_model_zoo"):
+        _check_model_zoo_run_settings(name, config)
     if name == "deepseek_v3":
         expected.append("--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid")
     if not grouped:
@@ -222,9 +227,15 @@ def test_full_size_flags_build_megatrons_model(name, files, monkeypatch):
     assert notices(config) == expected
 
 
-def _check_model_zoo_run_settings(config) -> None:
+def _check_model_zoo_run_settings(name: str, config) -> None:
     """What NVIDIA's benchmarking flags ask of the run besides the model."""
     t, c, d, log = config.training, config.checkpoint, config.data, config.logging
+    if name == "qwen3_30b_a3b_model_zoo":
+        assert t.train_iters == 268554688 // 8 and schedule_lengths(t).warmup == 162761
+        assert config.parallel.virtual_pipeline_model_parallel_size == 2  # 12 layers a stage, 6 a chunk
+        assert (c.finetune, log.log_num_zeros_in_grad, log.log_params_norm, d.num_workers) == (True, True, True, 6)
+        assert config.model.rotary_seq_len_interpolation_factor == 1
+        return
     assert t.train_iters == 585937500 // 8  # --train-samples over the global batch, as Megatron derives it
     lengths = schedule_lengths(t)
     assert (lengths.warmup, lengths.decay) == (1536000, 584765624)  # in samples
@@ -312,6 +323,12 @@ TINY = {
                               "--expert-model-parallel-size", "2", "--num-experts", "16", "--moe-ffn-hidden-size", "32",
                               "--train-samples", "12", "--lr-decay-samples", "12", "--lr-warmup-samples", "4",
                               "--moe-router-force-load-balancing"],
+    # interleaved PP 2 (2 virtual chunks of one layer), the interleaved schedule's 4 micro-batches,
+    # --finetune from an empty --load, the zero count and parameter norm logged
+    "qwen3_30b_a3b_model_zoo": ["--num-layers", "4", "--kv-channels", "16", "--num-query-groups", "2",
+                                "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                                *MOE_TINY, "--train-samples", "12", "--lr-decay-samples", "12",
+                                "--lr-warmup-samples", "4"],
 }
 for _name in ("mixtral", "deepseek_v2_lite", "qwen3_30b_a3b"):
     TINY[_name] += ["--train-iters", "3"]

@@ -139,3 +139,16 @@ def test_rope_rotation_preserves_norm_and_relative_positions():
     for d in dots[1:]:
         torch.testing.assert_close(d, dots[0], **TOL)  # depends only on the distance
     torch.testing.assert_close(rope(q, torch.tensor([7])).norm(), q.norm(), **TOL)
+
+
+def test_rope_position_interpolation_divides_the_positions():
+    """--rotary-seq-len-interpolation-factor 4: position 4p rotates as position p does without it
+    (by hand: cos and sin of p x base^(-2i/dim))."""
+    plain, stretched = RotaryEmbedding(8, 64, 10000.0), RotaryEmbedding(8, 64, 10000.0, interpolation=4.0)
+    plain.init_weights()
+    stretched.init_weights()
+    torch.testing.assert_close(stretched.cos[::4], plain.cos[:16], rtol=0, atol=0)
+    torch.testing.assert_close(stretched.sin[::4], plain.sin[:16], rtol=0, atol=0)
+    freqs = [10000.0 ** (-2 * i / 8) for i in range(4)]
+    by_hand = torch.tensor([[math.cos(1.5 * f) for f in freqs]], dtype=torch.float32)
+    torch.testing.assert_close(stretched.cos[6:7], by_hand)

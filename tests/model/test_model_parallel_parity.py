@@ -63,7 +63,7 @@ def _layout_run(variant: str, layout: dict):
 
 
 def _step_results(got, grads: dict) -> dict:
-    return {"loss": got.lm_loss, "grad_norm": got.grad_norm, "params_norm": got.params_norm,
+    return {"loss": got.lm_loss, "grad_norm": got.grad_norm, "params_norm": got.params_norm, "num_zeros": got.num_zeros,
             "losses": got.aux_losses + got.z_losses + got.mtp_losses,
             "tokens_per_expert": got.tokens_per_expert, "grads": grads}
 
@@ -98,6 +98,7 @@ def _check_parity(pool, variant: str, layout: dict) -> None:
             assert abs(g["grad_norm"] - w["grad_norm"]) <= 1e-9 * w["grad_norm"], (step, g["grad_norm"], w["grad_norm"])
             assert abs(g["params_norm"] - w["params_norm"]) <= 1e-9 * w["params_norm"], (step, g["params_norm"],
                                                                                        w["params_norm"])
+            assert g["num_zeros"] == w["num_zeros"], (step, g["num_zeros"], w["num_zeros"])
             for a, b in zip(g["losses"], w["losses"]):
                 assert abs(a - b) <= 1e-9 * abs(b) + 1e-15, (step, a, b)
             for name, grad in g["grads"].items():

@@ -107,3 +107,20 @@ def test_manual_gc_interval_needs_manual_gc():
     cfg.training.manual_gc_interval = 5
     with pytest.raises(ConfigError, match="--manual-gc-interval 5 has no effect without --manual-gc"):
         validate(cfg, 1)
+
+
+def test_num_zeros_in_grad_counts_the_zero_gradient_elements():
+    """--log-num-zeros-in-grad against a count by hand of the main gradients the step left (the
+    padded vocabulary rows and the experts no token reached are zero)."""
+    from megamoe.testing.parity import build, make_config
+    from megamoe.training.optimizer import MixedPrecisionAdamW
+    from megamoe.training.train import MicroBatches, train_step
+
+    cfg = make_config("mla", {"gbs": 2})
+    state = ParallelState.single()
+    model = build(cfg, state)
+    opt = MixedPrecisionAdamW(model, cfg.training, state)
+    data = MicroBatches(cfg, state, torch.device("cpu"))
+    got = train_step(model, opt, [data.get(0, j) for j in range(data.num_micro)], 1, cfg, state, None)
+    by_hand = sum(int((p.main_grad == 0).sum()) for p in model.parameters())
+    assert got.num_zeros == by_hand > 0

@@ -87,7 +87,10 @@ def _rope_values(hf: dict, mla: bool) -> dict:
     if kind == "default":
         values["rope_type"] = "rope"
         return values
-    _refuse_unless(kind == "yarn", f"rope type {kind!r} (megamoe has plain RoPE and YaRN)")
+    if kind == "linear":  # positions divided by the factor: --rotary-seq-len-interpolation-factor
+        values.update(rope_type="rope", rotary_seq_len_interpolation_factor=float(rope["factor"]))
+        return values
+    _refuse_unless(kind == "yarn", f"rope type {kind!r} (megamoe has plain RoPE, linear interpolation and YaRN)")
     _refuse_unless(rope.get("attention_factor") is None, "yarn attention_factor is set explicitly")
     _refuse_unless(rope.get("truncate", True), "yarn truncate is false")
     original = rope.get("original_max_position_embeddings")
@@ -279,6 +282,8 @@ def hf_config(config: Config, gpt, family: str) -> dict:
         "attention_bias": False, "attention_dropout": 0.0, "rope_theta": float(a.rope_base),
         "num_experts_per_tok": moe.topk, "torch_dtype": "bfloat16",
     }
+    if a.position_interpolation != 1.0:
+        hf["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": a.position_interpolation}
     if a.yarn is not None and a.yarn.factor > 1.0:
         y = a.yarn
         hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": y.factor,
