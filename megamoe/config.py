@@ -425,6 +425,8 @@ class DataConfig:
     """Pad the vocabulary to a multiple of this (times TP) for efficient vocab-parallel GEMMs."""
     data_cache_path: Optional[str] = None
     """Where dataset index caches go (unset means next to the data)."""
+    eod_mask_loss: bool = False
+    """Leave out of the loss every prediction made from an end-of-document token (the next document's first token, which nothing before it predicts), as Megatron-LM does; the loss is the mean over the tokens left. Needs --data-path."""
     no_mmap_bin_files: bool = False
     """Read the .bin token files with plain file reads instead of memory-mapping them (for file systems where mapping large files is slow); the tokens read are the same."""
     num_workers: int = 2

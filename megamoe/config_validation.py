@@ -475,6 +475,8 @@ def validate_data(d: DataConfig, t: TrainingConfig) -> None:
     """Mock vs real data, the dataset files, the split and the tokenizer. Reads only file
     headers (and the tokenizer's model file)."""
     _positive(d, "vocab_size", "make_vocab_size_divisible_by")
+    if d.eod_mask_loss and d.uses_mock_data:
+        _fail("--eod-mask-loss needs --data-path: mock data has no documents to end")
     if d.num_workers < 0:
         _fail(f"--num-workers {d.num_workers}: must be 0 (batches prepared in the training loop) or more")
     if d.mock_data and d.data_path:

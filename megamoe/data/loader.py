@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -42,36 +42,48 @@ class OffsetSource:
 
 
 class TokenBatches:
-    """Batches of a dataset whose items are [seq_length + 1] token arrays."""
+    """Batches of a dataset whose items are [seq_length + 1] token arrays. ``masked_eod``: the
+    end-of-document id whose predictions leave the loss (``--eod-mask-loss``), or None."""
 
-    def __init__(self, dataset: Union[GPTDataset, BlendedDataset], seq_length: int, vocab_size: int):
+    def __init__(self, dataset: Union[GPTDataset, BlendedDataset], seq_length: int, vocab_size: int,
+                 masked_eod: Optional[int] = None):
         self.dataset, self.seq_length, self.vocab_size = dataset, seq_length, vocab_size
+        self.masked_eod = masked_eod
 
     def batch(self, indices: Sequence[int], device: Union[torch.device, str] = "cpu") -> dict[str, torch.Tensor]:
         """{"tokens", "labels"}: [m, seq] int64, inputs and next tokens; "loss_mask": [m, seq]
-        float32 ones (Megatron's default: end-of-document tokens are not masked)."""
+        float32, ones (Megatron's default), or zeros where the input is the end-of-document token
+        with ``masked_eod``."""
         array = np.stack([self.dataset[int(i)] for i in indices])  # [m, seq + 1] int64
         if array.size and array.max() >= self.vocab_size:  # else the embedding would silently mask it
             raise ValueError(f"token id {array.max()} in the data is outside the tokenizer's vocabulary of "
                              f"{self.vocab_size}: was the dataset made with another --tokenizer-model?")
         seq = torch.from_numpy(array)
-        return {
-            "tokens": seq[:, :-1].to(device),
-            "labels": seq[:, 1:].to(device),
-            "loss_mask": torch.ones(len(indices), self.seq_length, device=device),
-        }
+        tokens = seq[:, :-1]
+        if self.masked_eod is None:
+            loss_mask = torch.ones(len(indices), self.seq_length)
+        else:
+            loss_mask = (tokens != self.masked_eod).float()
+        return {"tokens": tokens.to(device), "labels": seq[:, 1:].to(device), "loss_mask": loss_mask.to(device)}
 
 
 def with_tokenizer_vocab(config: Config) -> Config:
     """The config with ``data.vocab_size`` set to the tokenizer's vocabulary when real data is
-    used (the model pads it by ``--make-vocab-size-divisible-by``); unchanged for mock data."""
+    used (the model pads it by ``--make-vocab-size-divisible-by``); unchanged for mock data.
+    NullTokenizer is built from ``--vocab-size`` itself (its end-of-document id is that number):
+    its config keeps it, and the model's vocabulary (``model_vocab_size``) gets the extra id, so
+    applying this twice changes nothing."""
     if config.data.uses_mock_data:
         return config
     vocab = build_tokenizer(config.data).vocab_size
     if config.data.model_vocab_size is not None and config.data.model_vocab_size < vocab:
         raise ConfigError(f"--model-vocab-size {config.data.model_vocab_size} is smaller than the vocabulary of "
                           f"--tokenizer-model {config.data.tokenizer_model} ({vocab} ids)")
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, vocab_size=vocab))
+    if config.data.tokenizer_type == "NullTokenizer":
+        data = dataclasses.replace(config.data, model_vocab_size=config.data.model_vocab_size or vocab)
+    else:
+        data = dataclasses.replace(config.data, vocab_size=vocab)
+    return dataclasses.replace(config, data=data)
 
 
 def samples_needed(config: Config, split: str) -> int:
@@ -137,4 +149,6 @@ def build_data_source(config: Config, split: str = "train") -> Union[MarkovMockD
             dataset = build_dataset(config, split, num_samples)
     else:
         dataset = build_dataset(config, split, num_samples)
-    return TokenBatches(dataset, config.model.seq_length, build_tokenizer(config.data).vocab_size)
+    tokenizer = build_tokenizer(config.data)
+    return TokenBatches(dataset, config.model.seq_length, tokenizer.vocab_size,
+                        masked_eod=tokenizer.eod if config.data.eod_mask_loss else None)

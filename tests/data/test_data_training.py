@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from datagen import ROOT
 from megamoe.config import Config, ConfigError
@@ -17,7 +18,7 @@ from megamoe.model.args import gpt_args
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.presets import preset
 from megamoe.testing.scripts import run_script
-from megamoe.training.train import MicroBatches, train
+from megamoe.training.train import MicroBatches, build_model, build_optimizer, train, train_step
 
 
 def tiny_config(prefix: str, cache: str) -> Config:
@@ -63,7 +64,8 @@ def test_training_on_real_data_and_the_same_batches_under_dp2(null_dataset, tmp_
     prefix, _ = null_dataset
     cfg = tiny_config(prefix, str(tmp_path / "cache"))
     validate(cfg, world_size=1)
-    assert with_tokenizer_vocab(cfg).data.vocab_size == 51  # NullTokenizer: 50 ids + end-of-document
+    once = with_tokenizer_vocab(cfg)  # NullTokenizer: 50 ids + end-of-document, whatever the repeats
+    assert gpt_args(once).vocab_size == gpt_args(with_tokenizer_vocab(once)).vocab_size == 51
     single = _read_batches(cfg)
     for split in single:  # one process: global batch = the micro-batches in order
         for batches in single[split]:
@@ -94,6 +96,31 @@ def test_workers_and_file_reads_give_the_same_training(null_dataset, tmp_path, o
         validate(cfg, 1)
         losses.append(_train_losses(cfg))
     assert len(losses[0]) == 4 and losses[1] == losses[0] and losses[2] == losses[0], losses
+
+
+def test_eod_mask_loss_leaves_out_the_predictions_from_end_of_document(null_dataset, tmp_path, one_thread):
+    """--eod-mask-loss: the mask is zero exactly where the input is the end-of-document id (50,
+    NullTokenizer's), and the step's loss is the mean cross entropy over the other positions,
+    computed here from the model's logits."""
+    prefix, _ = null_dataset
+    cfg = tiny_config(prefix, str(tmp_path / "cache"))
+    cfg.data.eod_mask_loss = True
+    validate(cfg, 1)
+    cfg = with_tokenizer_vocab(cfg)
+    state = ParallelState.build()
+    data = MicroBatches(cfg, state, torch.device("cpu"))
+    batches = [data.get(0, j) for j in range(data.num_micro)]
+    tokens, labels, mask = (torch.cat([b[key] for b in batches]) for key in ("tokens", "labels", "loss_mask"))
+    assert (tokens == 50).any() and torch.equal(mask, (tokens != 50).float())
+    model = build_model(cfg, state, "cpu", dtype=torch.float64)
+    with torch.no_grad():
+        per_token = F.cross_entropy(model.logits(tokens).flatten(0, 1), labels.flatten(), reduction="none")
+    by_hand = (per_token * mask.flatten()).sum() / mask.sum()
+    opt = build_optimizer(model, cfg, state)
+    got = train_step(model, opt, batches, 1, cfg, state, None)
+    assert abs(got.lm_loss - by_hand.item()) <= 1e-12 * by_hand.item()
+    with pytest.raises(ConfigError, match="--eod-mask-loss needs --data-path"):
+        validate(_set(Config(), eod_mask_loss=True), 1)
 
 
 def _set(cfg: Config, **fields) -> Config:
