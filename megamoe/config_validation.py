@@ -186,7 +186,7 @@ def resolve_pipeline_layout(p: ParallelConfig, m: ModelConfig) -> None:
               f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size})")
     vpp = layout.virtual_size(p.pipeline_model_parallel_size)
     given = p.virtual_pipeline_model_parallel_size
-    if given not in (None, vpp) and not (given == 1 and vpp == 1):
+    if given not in (None, vpp):
         _fail(f"{flag} has {len(layout.stages)} virtual stages, {vpp} per pipeline rank: "
               f"--virtual-pipeline-model-parallel-size {given} disagrees")
     p.virtual_pipeline_model_parallel_size = vpp

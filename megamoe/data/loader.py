@@ -61,10 +61,10 @@ class TokenBatches:
         seq = torch.from_numpy(array)
         tokens = seq[:, :-1]
         if self.masked_eod is None:
-            loss_mask = torch.ones(len(indices), self.seq_length)
+            loss_mask = torch.ones(len(indices), self.seq_length, device=device)
         else:
-            loss_mask = (tokens != self.masked_eod).float()
-        return {"tokens": tokens.to(device), "labels": seq[:, 1:].to(device), "loss_mask": loss_mask.to(device)}
+            loss_mask = (tokens != self.masked_eod).float().to(device)
+        return {"tokens": tokens.to(device), "labels": seq[:, 1:].to(device), "loss_mask": loss_mask}
 
 
 def with_tokenizer_vocab(config: Config) -> Config:

@@ -18,22 +18,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from megamoe.parallel.pipeline_parallel import ranges_by_rank
+
 SYMBOLS = {"E": "the embedding", "t": "a decoder layer", "m": "an MTP layer", "L": "the head and loss"}
 
 
 def expand(text: str) -> str:
     """The layout with every repetition written out (``"(tt|)*2L"`` -> ``"tt|tt|L"``)."""
-    out, at = _sequence(text.replace(",", "").replace(" ", ""), 0, text)
-    if at != len(text.replace(",", "").replace(" ", "")):
+    s = text.replace(",", "").replace(" ", "")
+    out, at = _sequence(s, 0)
+    if at != len(s):
         raise ValueError(f"unmatched ')' at character {at + 1}")
     return out
 
 
-def _sequence(s: str, at: int, text: str) -> tuple[str, int]:
+def _sequence(s: str, at: int) -> tuple[str, int]:
     out = []
     while at < len(s) and s[at] != ")":
         if s[at] == "(":
-            inner, at = _sequence(s, at + 1, text)
+            inner, at = _sequence(s, at + 1)
             if at >= len(s) or s[at] != ")":
                 raise ValueError("a '(' is never closed")
             at += 1
@@ -87,8 +90,5 @@ class PipelineLayout:
 
     def ranges(self, pp: int) -> list[list[tuple[int, int]]]:
         """``ranges[rank][chunk]``: the ``[start, end)`` decoder layers of each rank's chunks."""
-        vpp = self.virtual_size(pp)
-        counts = [stage.count("t") for stage in self.stages]
-        starts = [sum(counts[:v]) for v in range(len(counts))]
-        return [[(starts[c * pp + r], starts[c * pp + r] + counts[c * pp + r]) for c in range(vpp)]
-                for r in range(pp)]
+        self.virtual_size(pp)
+        return ranges_by_rank([stage.count("t") for stage in self.stages], pp)

@@ -247,8 +247,14 @@ def virtual_stage_layer_ranges(num_layers: int, pp: int, vpp: int = 1, first: Op
     per_rank = [end - start for start, end in stage_layer_ranges(num_layers, pp, first, last)]
     if any(count % vpp for count in per_rank):
         raise ValueError(f"pipeline stages of {per_rank} layers cannot be split into {vpp} chunks each")
-    sizes = [per_rank[v % pp] // vpp for v in range(pp * vpp)]  # by virtual stage
-    starts = [sum(sizes[:v]) for v in range(pp * vpp)]
+    return ranges_by_rank([per_rank[v % pp] // vpp for v in range(pp * vpp)], pp)
+
+
+def ranges_by_rank(sizes: list[int], pp: int) -> list[list[tuple[int, int]]]:
+    """``ranges[rank][chunk]`` of virtual stages of ``sizes`` decoder layers each, in virtual-stage
+    order, stage ``chunk * pp + rank`` on ``rank`` (Megatron-LM's interleaved placement)."""
+    starts = [sum(sizes[:v]) for v in range(len(sizes))]
+    vpp = len(sizes) // pp
     return [[(starts[c * pp + r], starts[c * pp + r] + sizes[c * pp + r]) for c in range(vpp)] for r in range(pp)]
 
 

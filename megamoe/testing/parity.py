@@ -10,7 +10,7 @@ from megamoe.config import Config
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import assemble_global, owned_part, spec_of
-from megamoe.parallel.pipeline_layout import PipelineLayout
+from megamoe.config_validation import resolve_pipeline_layout, resolve_virtual_pipeline
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.presets import preset
 from megamoe.training.distributed_optimizer import DistributedOptimizer
@@ -41,10 +41,7 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.parallel.virtual_pipeline_model_parallel_size = layout.get("vpp")
     cfg.parallel.decoder_first_pipeline_num_layers = layout.get("first")
     cfg.parallel.decoder_last_pipeline_num_layers = layout.get("last")
-    if "pp_layout" in layout:  # --pipeline-model-parallel-layout, and the virtual size it implies
-        cfg.parallel.pipeline_model_parallel_layout = layout["pp_layout"]
-        vpp = PipelineLayout.parse(layout["pp_layout"]).virtual_size(cfg.parallel.pipeline_model_parallel_size)
-        cfg.parallel.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    cfg.parallel.pipeline_model_parallel_layout = layout.get("pp_layout")
     cfg.parallel.pipeline_schedule = layout.get("schedule", "1f1b")
     cfg.parallel.expert_tensor_parallel_size = layout.get("etp")
     cfg.moe.moe_token_dispatcher_type = layout.get("dispatcher", "allgather")
@@ -83,6 +80,9 @@ def make_config(variant: str, layout: dict) -> Config:
         cfg.model.q_lora_rank = 0
         cfg.moe.moe_expert_capacity_factor = 1.0
         cfg.moe.moe_router_num_groups, cfg.moe.moe_router_group_topk = 4, 2
+    if cfg.parallel.pipeline_model_parallel_layout is not None:  # checked against the variant's model
+        resolve_pipeline_layout(cfg.parallel, cfg.model)  # and the virtual size it implies
+        resolve_virtual_pipeline(cfg.parallel, cfg.model)
     return cfg
 
 
