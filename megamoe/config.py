@@ -359,15 +359,15 @@ class TrainingConfig:
     overlap_cpu_optimizer_d2h_h2d: bool = False
     """With --optimizer-cpu-offload, overlap its copies between device and host. Not built yet."""
     use_precision_aware_optimizer: bool = False
-    """Megatron-LM's switch to Transformer Engine's optimizer, which can keep gradients, masters and Adam's moments in other dtypes (below). With all four float32, what megamoe's optimizer always is, it is accepted; the other dtypes are not built yet."""
+    """Megatron-LM's switch for keeping optimizer tensors in other dtypes (below). megamoe builds Adam's moments in bf16 (--exp-avg-dtype, --exp-avg-sq-dtype); gradients and masters stay float32."""
     main_grads_dtype: Literal["fp32", "bf16"] = "fp32"
     """The dtype gradients accumulate in. megamoe accumulates in float32 only."""
     main_params_dtype: Literal["fp32", "fp16"] = "fp32"
     """The dtype of the master weights. megamoe keeps float32 masters only."""
     exp_avg_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = "fp32"
-    """The dtype of Adam's first moment. megamoe keeps it in float32 only (lower precision: not built yet)."""
+    """The dtype of Adam's first moment: fp32, or bf16 (with --use-precision-aware-optimizer; updated in float32, stored rounded to nearest; 2 bytes a parameter fewer). fp16 and fp8 are not built."""
     exp_avg_sq_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = "fp32"
-    """The dtype of Adam's second moment. megamoe keeps it in float32 only (lower precision: not built yet)."""
+    """The dtype of Adam's second moment: fp32, or bf16 (as --exp-avg-dtype). fp16 and fp8 are not built."""
     clip_grad: float = 1.0
     """Clip gradients to this global L2 norm (0 disables)."""
     check_for_nan_in_loss_and_grad: bool = True

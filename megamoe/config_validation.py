@@ -619,11 +619,23 @@ def validate_recompute_modules(m: ModelConfig) -> None:
 
 
 def validate_precision_aware_optimizer(t: TrainingConfig) -> None:
-    """Megatron-LM's precision-aware optimizer flags: float32 throughout is megamoe's optimizer."""
-    for name in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+    """Megatron-LM's precision-aware optimizer flags: float32 gradients and masters; Adam's
+    moments in float32 or bf16, the latter behind --use-precision-aware-optimizer (as Megatron
+    asserts) and for AdamW only."""
+    for name in ("main_grads_dtype", "main_params_dtype"):
         if getattr(t, name) != "fp32":
-            _fail(f"{flag_name(name)} {getattr(t, name)}: not supported yet (megamoe's optimizer keeps gradients, "
-                  "master weights and Adam's moments in float32)")
+            _fail(f"{flag_name(name)} {getattr(t, name)}: not supported yet (megamoe's optimizer keeps gradients "
+                  "and master weights in float32)")
+    for name in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+        dtype = getattr(t, name)
+        if dtype in ("fp16", "fp8"):
+            _fail(f"{flag_name(name)} {dtype}: not supported yet (it needs a scale per tensor to keep small "
+                  "moments from underflowing; bf16 and fp32 are built)")
+        if dtype != "fp32" and not t.use_precision_aware_optimizer:
+            _fail(f"{flag_name(name)} {dtype} needs --use-precision-aware-optimizer (as in Megatron-LM)")
+        if dtype != "fp32" and t.optimizer != "adam":
+            _fail(f"{flag_name(name)} {dtype}: Adam's moments only; --optimizer {t.optimizer} keeps its own "
+                  "state in float32")
 
 
 def validate(config: Config, world_size: int) -> ParallelLayout:

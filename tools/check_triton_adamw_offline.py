@@ -7,7 +7,8 @@
    bytes per instruction (``v4.b32``); the unaligned ones fall back to 4- and 2-byte ones.
 2. ``interpret``: run :class:`TritonAdamW` under Triton's interpreter (``TRITON_INTERPRET=1``,
    set by this script) on CPU tensors against torch's single-tensor AdamW, with small chunks so
-   every tensor spans several table rows, over four steps with and without a ``grad_scale``.
+   every tensor spans several table rows, over four steps with and without a ``grad_scale``;
+   then with the moments in bf16, against :class:`MomentsAdamW` (torch ops, bf16 moments).
    The interpreter rounds float32 to bf16 toward zero (the GPU rounds to nearest), so the bf16
    copies are checked to within one bf16 step here; the GPU test checks them exactly.
 
@@ -37,23 +38,25 @@ from megamoe.testing.adamw_steps import steps_against_torch  # noqa: E402
 
 
 def check_compile() -> bool:
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
     signature = {"table": "*i64", "step_ptr": "*fp32", "scale_ptr": "*fp32", **{name: "fp32" for name in (
         "lr", "weight_decay", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps")}}
     ok = True
-    for copy_code in (0, 1, 2, 3):
-        for aligned in (True, False):
-            constants = {"HAS_SCALE": True, "COPY": copy_code, "ALIGNED": aligned, "BLOCK": adamw.BLOCK,
-                         "CHUNK": adamw.CHUNK}
-            source = ASTSource(fn=adamw._adamw_chunks, signature={**signature, **{k: "constexpr" for k in constants}},
-                               constexprs=constants)
-            ptx = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
-            widths = collections.Counter(re.findall(r"(?:ld|st)\.global(?:\.v\d)?\.b\d+", ptx))
-            vector = sum(n for op, n in widths.items() if ".v4." in op)
-            ok &= (vector > 0) == aligned
-            print(f"copy {copy_code} aligned {aligned!s:5}: {dict(widths)}")
+    variants = [(copy_code, aligned, tl.float32) for copy_code in (0, 1, 2, 3) for aligned in (True, False)]
+    variants += [(1, aligned, tl.bfloat16) for aligned in (True, False)]  # bf16 moments
+    for copy_code, aligned, moments in variants:
+        constants = {"HAS_SCALE": True, "COPY": copy_code, "EXP_AVG": moments, "EXP_AVG_SQ": moments,
+                     "ALIGNED": aligned, "BLOCK": adamw.BLOCK, "CHUNK": adamw.CHUNK}
+        source = ASTSource(fn=adamw._adamw_chunks, signature={**signature, **{k: "constexpr" for k in constants}},
+                           constexprs=constants)
+        ptx = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+        widths = collections.Counter(re.findall(r"(?:ld|st)\.global(?:\.v\d)?\.b\d+", ptx))
+        vector = sum(n for op, n in widths.items() if ".v4." in op)
+        ok &= (vector > 0) == aligned
+        print(f"copy {copy_code} moments {moments} aligned {aligned!s:5}: {dict(widths)}")
     return ok
 
 
@@ -73,7 +76,30 @@ def check_interpret() -> bool:
     # float32 rounding in another order: a few 1e-7 on weights of magnitude ~1; a wrong bias
     # correction, decay or scale would show as ~1e-3 (an update is ~lr = 1e-2)
     print(f"interpret: largest difference from torch's AdamW over 4 steps: {worst:.2e} (weights ~1, lr 1e-2)")
-    return worst < 2e-6
+    return worst < 2e-6 and check_interpret_bf16_moments(shapes)
+
+
+def check_interpret_bf16_moments(shapes) -> bool:
+    """bf16 moments: the interpreter's toward-zero rounding against torch's to-nearest leaves the
+    moments a bf16 step apart at most, and the weights within a few 1e-4 after 4 steps of
+    ~1e-2 (a wrong bias correction or a moment read as float32 is off by far more)."""
+    bf16 = (torch.bfloat16, torch.bfloat16)
+    masters = [torch.randn(s) for s in shapes]
+    worst_weight = worst_moment = 0.0
+    for opt, ref_opt, ref in steps_against_torch(masters, {}, moment_dtypes=bf16):
+        for m, r in zip(masters, ref):
+            worst_weight = max(worst_weight, (m - r).abs().max().item())
+            for key in ("exp_avg", "exp_avg_sq"):
+                got, want = opt.state[m][key], ref_opt.state[r][key]
+                assert got.dtype == want.dtype == torch.bfloat16, (key, got.dtype)
+                # in bf16 steps of the tensor's largest moment: the two roundings part the moments
+                # by a step of the previous value, which the next update carries on (also into a
+                # moment that cancels to near zero)
+                steps = (got.float() - want.float()).abs().max() / (want.float().abs().max() * 2 ** -7)
+                worst_moment = max(worst_moment, steps.item())
+    print(f"interpret, bf16 moments: largest weight difference {worst_weight:.2e}, moments {worst_moment:.2f} bf16 "
+          "steps of the largest")
+    return worst_weight < 5e-4 and worst_moment <= 2.0
 
 
 def main() -> int:

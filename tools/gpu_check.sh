@@ -40,7 +40,8 @@
 # (--fp8-min-linear-size 1400) and TE blockwise, eager and --compile, then Megatron-Core bf16 and FP8 blockwise, in one call.
 # `optim` (one GPU): the optimizer's GPU tests (the Triton AdamW against torch's, the step writing the
 # bf16 parameters under both optimizers, FP8 under the distributed optimizer), tools/bench_optimizer.py,
-# the proxy in bf16 with each optimizer (FP8_ITERS, default 50), and a --compile profile of bf16.
+# the proxy in bf16 with each optimizer and with bf16 Adam moments (FP8_ITERS, default 50), and a
+# --compile profile of bf16.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"; mkdir -p "$LOG"
@@ -218,7 +219,9 @@ if [ "$mode" = optim ]; then
   iters="${FP8_ITERS:-50}"
   proxy_run bf16
   proxy_run distopt_bf16 --use-distributed-optimizer
-  python3 tools/compare_runs.py bf16="$LOG/metrics_bf16.jsonl" distopt="$LOG/metrics_distopt_bf16.jsonl" --at 25 50
+  proxy_run bf16_moments --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
+  python3 tools/compare_runs.py bf16="$LOG/metrics_bf16.jsonl" distopt="$LOG/metrics_distopt_bf16.jsonl" \
+    bf16_moments="$LOG/metrics_bf16_moments.jsonl" --at 25 50
   proxy_profile bf16_compiled --compile
 fi
 if [ "$mode" = fp8te ]; then

@@ -8,6 +8,9 @@ proxy's 2.25e9 parameters that is the end of every step, at memory bandwidth
 elements, a table on the GPU holds each chunk's addresses (master, gradient, the two moments,
 the copy), and one launch per kind of chunk updates all of a group's: per element, read master
 + gradient + moments (16 bytes) and write master + moments + copy (14 bytes for a bf16 copy), once.
+Adam's moments may be kept in bf16 (``--exp-avg-dtype`` / ``--exp-avg-sq-dtype``, as DeepSeek-V3
+trained): read and widened to float32, updated, used for this step's update unrounded, stored
+rounded to nearest (10 bytes fewer per element).
 
 The arithmetic is torch's AdamW (``torch.optim.AdamW``, its fused CUDA kernel's order):
 decoupled weight decay, the moments, bias corrections from the step count, the gradient divided
@@ -35,6 +38,17 @@ except ImportError:  # pragma: no cover - depends on the install
 BLOCK = 2048  # elements per inner iteration of a program
 CHUNK = 16 * BLOCK  # elements per program (one table row)
 _COPY_CODES = {None: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+FLOAT32_MOMENTS = (torch.float32, torch.float32)
+MOMENT_DTYPES = (torch.float32, torch.bfloat16)  # what the kernel keeps Adam's moments in
+
+
+def new_adam_state(master: torch.Tensor, step_device, moment_dtypes: tuple = (None, None)) -> dict:
+    """Adam's state for ``master`` as torch's AdamW lays it out: a float32 step count on
+    ``step_device``, the two moments zero, in ``moment_dtypes`` (None: the master's dtype)."""
+    exp_avg, exp_avg_sq = moment_dtypes
+    return {"step": torch.zeros((), dtype=torch.float32, device=step_device),
+            "exp_avg": torch.zeros_like(master, dtype=exp_avg or master.dtype),
+            "exp_avg_sq": torch.zeros_like(master, dtype=exp_avg_sq or master.dtype)}
 
 
 def triton_adamw_available(masters: list[torch.Tensor]) -> bool:
@@ -45,13 +59,19 @@ def triton_adamw_available(masters: list[torch.Tensor]) -> bool:
 class TritonAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` whose step runs the Triton kernel of this module. ``copies`` maps a
     master (by identity) to the parameter (bf16, fp16 or float32; contiguous, the master's
-    size) the step writes from it; a master not in it, or mapped to None, gets no copy. The
+    size) the step writes from it; a master not in it, or mapped to None, gets no copy.
+    ``moment_dtypes``: the dtypes of ``exp_avg`` and ``exp_avg_sq`` (float32 or bf16). The
     other arguments are AdamW's; ``fused`` is implied (the states and step counts live on the
     GPU, and ``grad_scale`` is honoured as torch's fused step honours it)."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
-                 copies: Optional[dict[torch.Tensor, torch.Tensor]] = None):
+                 copies: Optional[dict[torch.Tensor, torch.Tensor]] = None,
+                 moment_dtypes: tuple[torch.dtype, torch.dtype] = FLOAT32_MOMENTS):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        for dtype in moment_dtypes:
+            if dtype not in MOMENT_DTYPES:
+                raise ValueError(f"TritonAdamW keeps Adam's moments in float32 or bf16, not {dtype}")
+        self.moment_dtypes = tuple(moment_dtypes)
         self.copies = {id(m): c for m, c in (copies or {}).items() if c is not None}
         self._tables: dict[int, tuple[tuple, list]] = {}  # group index -> (addresses key, launches)
         self.grad_scale: Optional[torch.Tensor] = None
@@ -77,10 +97,8 @@ class TritonAdamW(torch.optim.AdamW):
 
     def _state_of(self, master: torch.Tensor) -> dict:
         state = self.state[master]
-        if not state:  # as torch's AdamW creates them
-            state["step"] = torch.zeros((), dtype=torch.float32, device=master.device)
-            state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        if not state:
+            state.update(new_adam_state(master, master.device, self.moment_dtypes))
         return state
 
     def _launches(self, index: int, masters: list[torch.Tensor], states: list[dict]) -> list:
@@ -121,7 +139,8 @@ class TritonAdamW(torch.optim.AdamW):
         _adamw_chunks[(table.shape[0],)](
             table, step, step if scale is None else scale, float(group["lr"]), float(group["weight_decay"]),
             float(beta1), float(beta2), math.log2(beta1), math.log2(beta2), float(group["eps"]),
-            HAS_SCALE=scale is not None, COPY=copy_code, ALIGNED=aligned, BLOCK=BLOCK, CHUNK=CHUNK, num_warps=8)
+            HAS_SCALE=scale is not None, COPY=copy_code, EXP_AVG=_MOMENT_TYPES[self.moment_dtypes[0]],
+            EXP_AVG_SQ=_MOMENT_TYPES[self.moment_dtypes[1]], ALIGNED=aligned, BLOCK=BLOCK, CHUNK=CHUNK, num_warps=8)
 
 
 def _chunk_rows(operands: tuple) -> list[list[int]]:
@@ -135,6 +154,7 @@ def _chunk_rows(operands: tuple) -> list[list[int]]:
 
 
 if triton is not None:
+    _MOMENT_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
     @triton.jit
     def _address(row, column: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
@@ -147,14 +167,14 @@ if triton is not None:
 
     @triton.jit
     def _adamw_chunks(table, step_ptr, scale_ptr, lr, weight_decay, beta1, beta2, log2_beta1, log2_beta2, eps,
-                      HAS_SCALE: tl.constexpr, COPY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                      CHUNK: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, COPY: tl.constexpr, EXP_AVG: tl.constexpr, EXP_AVG_SQ: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         # a row of the table: addresses of master, grad, exp_avg, exp_avg_sq, copy (0: none); elements
         row = table + tl.program_id(0).to(tl.int64) * 6
         master = _address(row, 0, tl.float32, ALIGNED)
         grad = _address(row, 1, tl.float32, ALIGNED)
-        exp_avg = _address(row, 2, tl.float32, ALIGNED)
-        exp_avg_sq = _address(row, 3, tl.float32, ALIGNED)
+        exp_avg = _address(row, 2, EXP_AVG, ALIGNED)  # the moments' element types (float32 or bf16)
+        exp_avg_sq = _address(row, 3, EXP_AVG_SQ, ALIGNED)
         n = tl.load(row + 5).to(tl.int32)
         if ALIGNED:
             n = tl.multiple_of(n, 16)
@@ -167,8 +187,8 @@ if triton is not None:
             mask = offs < n
             p = tl.load(master + offs, mask=mask, other=0.0)
             g = tl.load(grad + offs, mask=mask, other=0.0)
-            m = tl.load(exp_avg + offs, mask=mask, other=0.0)
-            v = tl.load(exp_avg_sq + offs, mask=mask, other=0.0)
+            m = tl.load(exp_avg + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(exp_avg_sq + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 g = g / tl.load(scale_ptr)
             p = p - lr * weight_decay * p
@@ -176,8 +196,8 @@ if triton is not None:
             v = beta2 * v + (1.0 - beta2) * g * g
             p = p - step_size * m / (tl.sqrt(v) / bias_correction2_sqrt + eps)
             tl.store(master + offs, p, mask=mask)
-            tl.store(exp_avg + offs, m, mask=mask)
-            tl.store(exp_avg_sq + offs, v, mask=mask)
+            tl.store(exp_avg + offs, m.to(EXP_AVG), mask=mask)
+            tl.store(exp_avg_sq + offs, v.to(EXP_AVG_SQ), mask=mask)
             if COPY == 1:
                 tl.store(_address(row, 4, tl.bfloat16, ALIGNED) + offs, p.to(tl.bfloat16),
                          mask=mask)

@@ -1,5 +1,5 @@
-""":class:`~megamoe.kernels.adamw.TritonAdamW` and torch's single-tensor AdamW stepped side by side
-on the same gradients: the GPU test (``tests/training/test_optimizer.py``) and the check without a
+""":class:`~megamoe.kernels.adamw.TritonAdamW` and torch's single-tensor AdamW (with bf16 moments:
+:class:`~megamoe.training.moments_adamw.MomentsAdamW`) stepped side by side on the same gradients: the GPU test (``tests/training/test_optimizer.py``) and the check without a
 GPU (``tools/check_triton_adamw_offline.py``) both run these steps and judge them their own way."""
 
 from __future__ import annotations
@@ -8,24 +8,30 @@ from typing import Iterator, Optional
 
 import torch
 
-from megamoe.kernels.adamw import TritonAdamW
+from megamoe.kernels.adamw import FLOAT32_MOMENTS, TritonAdamW
+from megamoe.training.moments_adamw import MomentsAdamW
 
 
-def steps_against_torch(masters: list[torch.Tensor], copies: dict[torch.Tensor, torch.Tensor], steps: int = 4
+def steps_against_torch(masters: list[torch.Tensor], copies: dict[torch.Tensor, torch.Tensor], steps: int = 4,
+                        moment_dtypes: tuple[torch.dtype, torch.dtype] = FLOAT32_MOMENTS
                         ) -> Iterator[tuple[TritonAdamW, torch.optim.AdamW, list[torch.Tensor]]]:
     """``steps`` steps of a TritonAdamW over ``masters`` (weight decay on ``masters[2:]``, none on
     ``masters[:2]``; ``copies`` as its argument) and of torch's single-tensor AdamW over clones of
     them. Each step draws gradients of scale 5; every other step gives the Triton step a
     ``grad_scale`` and the reference the gradients divided by it. Yields ``(opt, reference,
-    reference masters)`` after each step."""
+    reference masters)`` after each step. ``moment_dtypes`` other than float32: both keep the
+    moments in them."""
 
     def groups(ts):
         return [{"params": ts[2:], "weight_decay": 0.1}, {"params": ts[:2], "weight_decay": 0.0}]
 
     ref = [m.clone() for m in masters]
     hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    opt = TritonAdamW(groups(masters), **hyper, copies=copies)
-    ref_opt = torch.optim.AdamW(groups(ref), **hyper, foreach=False, fused=False)
+    opt = TritonAdamW(groups(masters), **hyper, copies=copies, moment_dtypes=moment_dtypes)
+    if tuple(moment_dtypes) == FLOAT32_MOMENTS:
+        ref_opt = torch.optim.AdamW(groups(ref), **hyper, foreach=False, fused=False)
+    else:
+        ref_opt = MomentsAdamW(groups(ref), **hyper, moment_dtypes=moment_dtypes)
     for step in range(steps):
         scale: Optional[torch.Tensor] = None if step % 2 else torch.tensor(3.0 + step, device=masters[0].device)
         for m, r in zip(masters, ref):

@@ -30,6 +30,9 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
     cfg.training.train_iters = layout.get("iters", 2)  # the second step runs from updated weights and states
     cfg.training.clip_grad = layout.get("clip", 0.0)
+    if "moments" in layout:  # Adam's moments in this dtype (--exp-avg-dtype, --exp-avg-sq-dtype)
+        cfg.training.use_precision_aware_optimizer = True
+        cfg.training.exp_avg_dtype = cfg.training.exp_avg_sq_dtype = layout["moments"]
     # compared with the single process's, as the grad norm is
     cfg.logging.log_params_norm = cfg.logging.log_num_zeros_in_grad = True
     cfg.parallel.tensor_model_parallel_size = layout.get("tp", 1)

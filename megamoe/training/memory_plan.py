@@ -24,9 +24,9 @@ from megamoe.parallel.data_parallel import ALIGN, bucket_layout, buffer_groups, 
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import Group, ParallelLayout, ParallelState
 from megamoe.training.muon import is_matrix
+from megamoe.training.optimizer import moment_dtypes
 from megamoe.training.train import meta_model
 
-ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the masters' dtype
 ADAM_STEP_BYTES = 4  # torch's AdamW keeps each tensor's step as a float32 scalar tensor
 MUON_STATES = 1  # the momentum buffer, in the masters' dtype
 
@@ -102,6 +102,7 @@ def state_bytes(config: Config, state: ParallelState, model: Optional[GPTModel] 
     params = [p for p in model.parameters() if p.requires_grad]
     distributed = config.parallel.use_distributed_optimizer
     muon = config.training.optimizer == "muon"
+    adam_moments = moment_dtypes(config.training)  # exp_avg, exp_avg_sq (None: the masters' dtype)
     weights = grads = masters = moments = 0
     for buf in planned_buffers(config, params, state):
         size = master_size(buf.dtype)
@@ -118,7 +119,7 @@ def state_bytes(config: Config, state: ParallelState, model: Optional[GPTModel] 
             if muon and is_matrix(p):  # Muon's momentum buffer
                 moments += MUON_STATES * n * size
             else:  # Adam's two moments, and its step count: a float32 scalar per master tensor
-                moments += ADAM_STATES * n * size + ADAM_STEP_BYTES
+                moments += sum(n * (d.itemsize if d else size) for d in adam_moments) + ADAM_STEP_BYTES
     own_masters = not distributed and all(upcast(p).dtype == p.dtype for p in params)
     return StateBytes(weights, grads, 0 if own_masters else masters, moments, sum(p.numel() for p in params),
                       sum(p.numel() for p in params if spec_of(p).is_expert))

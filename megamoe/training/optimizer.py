@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 
 from megamoe.config import ParallelConfig, TrainingConfig
-from megamoe.kernels.adamw import TritonAdamW, triton_adamw_available
+from megamoe.kernels.adamw import TritonAdamW, new_adam_state, triton_adamw_available
 from megamoe.numerics import upcast
 from megamoe.parallel.data_parallel import DataParallelGrads
 from megamoe.parallel.state import ParallelState
 from megamoe.training.grads import global_grad_norm, global_zero_count
 from megamoe.training.loss_scale import LossScaler
+from megamoe.training.moments_adamw import MomentsAdamW
 
 
 def tensor_bytes(tensors) -> int:
@@ -48,16 +49,29 @@ def adamw(masters: list[torch.Tensor], decay: list[bool], t: TrainingConfig,
     update (a rank whose shards hold no parameter). On CUDA with Triton, the step is
     :class:`~megamoe.kernels.adamw.TritonAdamW`'s one pass, which also writes ``copies[i]``
     (the parameter ``masters[i]`` stands for, or None; see ``writes_copies``); elsewhere
-    torch's AdamW (fused on CUDA), and the caller copies."""
+    torch's AdamW (fused on CUDA), and the caller copies. Moments in bf16 (``--exp-avg-dtype``,
+    ``--exp-avg-sq-dtype``) without Triton: :class:`MomentsAdamW`."""
     groups = [{"params": [m for m, d in zip(masters, decay) if d], "weight_decay": t.weight_decay},
               {"params": [m for m, d in zip(masters, decay) if not d], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         return None
     hyper = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    moments = moment_dtypes(t)
     if triton_adamw_available(masters):
-        return TritonAdamW(groups, **hyper, copies=None if copies is None else dict(zip(masters, copies)))
+        return TritonAdamW(groups, **hyper, copies=None if copies is None else dict(zip(masters, copies)),
+                           moment_dtypes=tuple(d or torch.float32 for d in moments))
+    if moments != (None, None):
+        return MomentsAdamW(groups, **hyper, moment_dtypes=moments)
     return torch.optim.AdamW(groups, **hyper, fused=masters[0].is_cuda)
+
+
+MOMENT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: the masters' dtype (float64 in tests)
+
+
+def moment_dtypes(t: TrainingConfig) -> tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+    """The dtypes of Adam's ``exp_avg`` and ``exp_avg_sq`` (``--exp-avg-dtype``, ``--exp-avg-sq-dtype``)."""
+    return MOMENT_DTYPES[t.exp_avg_dtype], MOMENT_DTYPES[t.exp_avg_sq_dtype]
 
 
 def writes_copies(optimizer: Optional[torch.optim.Optimizer], masters: list[torch.Tensor]) -> bool:
@@ -182,13 +196,12 @@ class Optimizer:
         """Create Adam's (zero) states before any step, so a checkpoint can be loaded into them."""
         if self.optimizer is None:
             return
+        moments = getattr(self.optimizer, "moment_dtypes", (None, None))
         for group in self.optimizer.param_groups:
             fused = group.get("fused") or False
             for m in group["params"]:
                 if m not in self.optimizer.state or not self.optimizer.state[m]:
-                    step = torch.zeros((), dtype=torch.float32, device=m.device if fused else "cpu")
-                    self.optimizer.state[m] = {"step": step, "exp_avg": torch.zeros_like(m),
-                                               "exp_avg_sq": torch.zeros_like(m)}
+                    self.optimizer.state[m] = new_adam_state(m, m.device if fused else "cpu", moments)
 
     def step_count(self) -> int:
         """Optimizer steps taken (Adam's bias correction counts them)."""

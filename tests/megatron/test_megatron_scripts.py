@@ -249,7 +249,6 @@ def _check_model_zoo_run_settings(name: str, config) -> None:
 
 @pytest.mark.parametrize("addition, message", [
     (MODEL_ZOO_PRECISION["bf16"], "--tp-comm-overlap: not supported yet"),
-    (MODEL_ZOO_PRECISION["fp8"], "--exp-avg-dtype bf16: not supported yet"),
     ("--moe-token-dispatcher-type flex --moe-flex-dispatcher-backend deepep", "DeepEP / HybridEP dispatcher is not built"),
 ])
 def test_model_zoo_additions_megamoe_lacks_are_named(addition, message, files, monkeypatch):
@@ -258,6 +257,31 @@ def test_model_zoo_additions_megamoe_lacks_are_named(addition, message, files, m
     argv = _argv("deepseek_v3_model_zoo", files["full"]["deepseek_v3"], files) + addition.split()
     with pytest.raises(ConfigError, match=message):
         validate(parse_config(argv), 1)
+
+
+def test_model_zoo_fp8_addition(files, monkeypatch):
+    """sbatch_benchmarking.sh's FP8 flags under the zoo's own --transformer-impl
+    transformer_engine, with TE's import stood in (the CPU machines have none). The FP8 parameter
+    gather of TE's layers is not built, and is refused by name. megamoe's --moe-grouped-gemm
+    experts are its own (rowwise or tensorwise FP8): blockwise experts are TE's,
+    --moe-grouped-gemm-impl te, which the refusal names. With that, TE blockwise and Adam's
+    moments in bf16 (the precision-aware optimizer) validate."""
+    import megamoe.extensions.te as te
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    monkeypatch.setattr(te, "import_te", lambda: None)
+    argv = _argv("deepseek_v3_model_zoo", files["full"]["deepseek_v3"], files) + MODEL_ZOO_PRECISION["fp8"].split()
+    argv += ["--transformer-impl", "transformer_engine"]
+    with pytest.raises(ConfigError, match="--fp8-param-gather needs --transformer-impl local"):
+        validate(parse_config(argv), 1)
+    argv.remove("--fp8-param-gather")
+    with pytest.raises(ConfigError, match="--fp8-recipe blockwise: the experts run .*--moe-grouped-gemm-impl torch"):
+        validate(parse_config(argv), 1)
+    config = parse_config(argv + ["--moe-grouped-gemm-impl", "te"])
+    validate(config, 1)
+    t, m = config.training, config.model
+    assert (m.fp8_recipe, m.fp8_format, m.transformer_impl) == ("blockwise", "e4m3", "transformer_engine")
+    assert (t.use_precision_aware_optimizer, t.exp_avg_dtype, t.exp_avg_sq_dtype) == (True, "bf16", "bf16")
 
 
 def test_model_zoo_best_practice_layouts(files, monkeypatch):

@@ -69,11 +69,12 @@ def _step_results(got, grads: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(variant: str, gbs: int, layers: Optional[int], clip: float, iters: int) -> dict:
+def _reference(variant: str, gbs: int, layers: Optional[int], clip: float, iters: int, moments: str) -> dict:
     """The single-process run of the same model and global batch: one process, the global
     batch's sequences as its micro-batches (gradient accumulation), the whole-tensor optimizer.
     The same for every layout of one model and batch, so it is computed once per session."""
-    cfg = make_config(variant, {"gbs": gbs, "clip": clip, "iters": iters, **({"layers": layers} if layers else {})})
+    cfg = make_config(variant, {"gbs": gbs, "clip": clip, "iters": iters, "moments": moments,
+                                **({"layers": layers} if layers else {})})
     single = ParallelState.single()
     model = build(cfg, single)
     opt = MixedPrecisionAdamW(model, cfg.training, single)
@@ -89,7 +90,7 @@ def _check_parity(pool, variant: str, layout: dict) -> None:
     """``layout`` against the single-process run, to float64 summation order (TOL)."""
     cfg = make_config(variant, layout)
     want = _reference(variant, cfg.training.global_batch_size, layout.get("layers"), cfg.training.clip_grad,
-                      cfg.training.train_iters)
+                      cfg.training.train_iters, cfg.training.exp_avg_dtype)
     stages = [r for r in pool.run(_layout_run, variant, layout) if r is not None]
     assert len(stages) == cfg.parallel.pipeline_model_parallel_size
     for got in stages:
@@ -258,7 +259,8 @@ DP_LAYOUTS = [
     (2, "mla", dict(overlap=True, bucket=B)),
     (2, "mla", dict(distopt=True, bucket=B)),
     (2, "mla", dict(distopt=True, overlap=True, gather=True, bucket=B)),
-    (2, "gqa", dict(distopt=True, overlap=True, bucket=B, gbs=8, clip=0.05)),  # 4 micro-batches, clipped
+    # 4 micro-batches, clipped; Adam's moments in bf16 (rounded alike whatever the shard)
+    (2, "gqa", dict(distopt=True, overlap=True, bucket=B, gbs=8, clip=0.05, moments="bf16")),
     (4, "mla", dict(bucket=B)),  # dp 4, 1 micro-batch per rank
     (4, "mla", dict(overlap=True, bucket=B)),
     (4, "mla", dict(distopt=True)),  # default bucket size: one bucket per buffer

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from megamoe.config import ConfigError
 from megamoe.config_validation import validate
@@ -41,7 +42,7 @@ from megamoe.parallel.state import ParallelState
 from megamoe.testing.parity import TOL, build, gather_all, make_config
 from megamoe.testing.scripts import run_script
 from megamoe.training import checkpoint
-from megamoe.training.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+from megamoe.training.checkpoint import iteration_dir, latest_iteration, load_checkpoint, save_checkpoint
 from megamoe.training.train import MicroBatches, build_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,6 +205,34 @@ def test_a_checkpoint_loads_in_another_layout(workers, tmp_path, reference, save
             torch.testing.assert_close(tensor, want_weights[name], **TOL, msg=name)
 
 
+def test_adam_moments_load_into_either_dtype(tmp_path):
+    """A checkpoint of bf16 moments loads into a run that keeps them in bf16 or in the masters'
+    dtype (float64 here), each holding the saved values exactly; one of float64 moments loads
+    into bf16 ones rounded to nearest."""
+    single = ParallelState.single()
+
+    def trained(moments: str, steps: int):
+        cfg = make_config("mla", {"gbs": 4, "moments": moments})
+        model = build(cfg, single)
+        opt = build_optimizer(model, cfg, single)
+        _steps(cfg, single, model, opt, None, 1, steps)
+        return cfg, model, opt
+
+    def moments_of(opt) -> list[torch.Tensor]:
+        return [s[k] for s in opt.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+
+    for saved_dtype, loaded_dtype in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "bf16")):
+        directory = str(tmp_path / f"{saved_dtype}_{loaded_dtype}")
+        cfg, model, opt = trained(saved_dtype, 2)
+        save_checkpoint(directory, 2, model, opt, single, cfg, 8, None, CPU)
+        cfg, model, loaded = trained(loaded_dtype, 0)
+        load_checkpoint(directory, model, loaded, single, cfg, None, CPU)
+        want_dtype = torch.bfloat16 if loaded_dtype == "bf16" else torch.float64
+        for got, want in zip(moments_of(loaded), moments_of(opt)):
+            assert got.dtype == want_dtype
+            assert torch.equal(got, want.to(want_dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # kills and bad input, in one process
 
@@ -364,17 +393,23 @@ def test_exit_interval_saves_and_stops_and_old_checkpoints_are_pruned(tmp_path):
 
 def test_an_fp8_run_resumes_exactly(tmp_path):
     """The native FP8 recipes keep no scaling state: a run stopped and resumed from its
-    checkpoint gives the uninterrupted run's losses and grad norms, bit for bit."""
+    checkpoint gives the uninterrupted run's losses and grad norms, bit for bit. The run keeps
+    Adam's moments in bf16, which the checkpoint stores as they are."""
     from megamoe.training.train import train
 
     def fp8_config(**ckpt):
         cfg = _demo_config(4, **ckpt)
         cfg.training.bf16, cfg.model.fp8_format, cfg.model.fp8_recipe = True, "hybrid", "rowwise"
+        t = cfg.training
+        t.use_precision_aware_optimizer, t.exp_avg_dtype, t.exp_avg_sq_dtype = True, "bf16", "bf16"
         validate(cfg, 1)
         return cfg
 
     whole = train(fp8_config(), ParallelState.single(), CPU)
     train(fp8_config(save=str(tmp_path), save_interval=2, exit_interval=2), ParallelState.single(), CPU)
+    saved = dcp.FileSystemReader(iteration_dir(str(tmp_path), 2)).read_metadata().state_dict_metadata
+    moments = {saved[k].properties.dtype for k in saved if k.startswith("optim/exp_avg")}
+    assert moments == {torch.bfloat16}
     resumed = train(fp8_config(load=str(tmp_path)), ParallelState.single(), CPU)
     assert [m.iteration for m in resumed] == [3, 4]
     assert [(m.lm_loss, m.grad_norm) for m in resumed] == [(m.lm_loss, m.grad_norm) for m in whole[2:]]

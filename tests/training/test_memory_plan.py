@@ -32,8 +32,9 @@ def _allocated_and_predicted(flags: list[str]) -> tuple[dict, dict]:
 LAYOUTS = {
     "bf16": (1, ["--bf16"]),
     "fp32": (1, []),
-    "tp2,distopt": (2, ["--bf16", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-                        "--use-distributed-optimizer"]),
+    "tp2,distopt,bf16-moments": (2, ["--bf16", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                     "--use-distributed-optimizer", "--use-precision-aware-optimizer",
+                                     "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]),
     "pp2,ep2,distopt": (4, ["--bf16", "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
                             "--moe-token-dispatcher-type", "alltoall", "--use-distributed-optimizer"]),
     "dp4,distopt,small-buckets": (4, ["--bf16", "--use-distributed-optimizer", "--ddp-bucket-size", "5000"]),
@@ -42,8 +43,10 @@ LAYOUTS = {
     "muon,tp2,ep2,distopt": (4, ["--bf16", "--optimizer", "muon", "--tensor-model-parallel-size", "2",
                                  "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
                                  "--use-distributed-optimizer", "--ddp-bucket-size", "5000"]),
-    "ep4,etp1,tp2": (4, ["--bf16", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4",
-                         "--expert-tensor-parallel-size", "1", "--moe-token-dispatcher-type", "alltoall"]),
+    "ep4,etp1,tp2,bf16-second-moment": (4, ["--bf16", "--tensor-model-parallel-size", "2",
+                                            "--expert-model-parallel-size", "4", "--expert-tensor-parallel-size", "1",
+                                            "--moe-token-dispatcher-type", "alltoall",
+                                            "--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "bf16"]),
 }
 
 

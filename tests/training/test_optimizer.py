@@ -1,5 +1,6 @@
 """The optimizer against torch's own parts: gradient clipping folded into a fused AdamW step
-gives the update of ``torch.nn.utils.clip_grad_norm_`` followed by an unfused AdamW."""
+gives the update of ``torch.nn.utils.clip_grad_norm_`` followed by an unfused AdamW; Adam's
+moments in bf16 against AdamW written out in float64."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from megamoe.config import TrainingConfig
 from megamoe.parallel.state import ParallelState
+from megamoe.training.moments_adamw import MomentsAdamW
 from megamoe.training.optimizer import MixedPrecisionAdamW
 
 
@@ -57,6 +59,36 @@ def test_clip_folded_into_the_fused_step_matches_clipping_the_gradients(monkeypa
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("moments", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_bf16_moments_against_adamw_in_float64(moments):
+    """MomentsAdamW against AdamW's equations in float64 whose moments are rounded to the given
+    dtype after each update (the update itself uses them unrounded), over five steps with weight
+    decay. The weights agree to float32 rounding (1e-6 against updates of ~1e-2); the bf16
+    moments are the rounded float64 ones, bar a neighbouring bf16 value where float32 arithmetic
+    lands on the other side of a rounding boundary."""
+    torch.manual_seed(0)
+    lr, (beta1, beta2), eps, decay = 1e-2, (0.9, 0.95), 1e-8, 0.1
+    master = torch.randn(64, 48)
+    opt = MomentsAdamW([master], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=decay, moment_dtypes=moments)
+    p, m, v = master.double(), torch.zeros(64, 48, dtype=torch.float64), torch.zeros(64, 48, dtype=torch.float64)
+    for step in range(1, 6):
+        g = torch.randn(64, 48) * 3
+        master.grad = g
+        opt.step()
+        g = g.double()
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        p = p * (1 - lr * decay) - lr / (1 - beta1 ** step) * m / (v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps)
+        m, v = m.to(moments[0]).double(), v.to(moments[1]).double()
+        torch.testing.assert_close(master.double(), p, rtol=1e-6, atol=1e-6)
+        for key, want, dtype in (("exp_avg", m, moments[0]), ("exp_avg_sq", v, moments[1])):
+            got = opt.state[master][key]
+            assert got.dtype == dtype
+            step_of_largest = want.abs().max() * torch.finfo(dtype).eps
+            assert (got.double() - want).abs().max() <= step_of_largest, (key, step)
+            if dtype == torch.bfloat16:  # (a float32 moment differs from float64's in its last bits)
+                assert (got.double() == want).double().mean() > 0.99, (key, step)
+
+
 def _cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -91,6 +123,27 @@ def test_triton_adamw_against_torch_adamw():
     assert all(c._version > v for c, v in zip(copies, versions))
     assert [[aligned for *_, aligned in opt._tables[g][1]] for g in (0, 1)] == [[True], [False, False]]
     assert int(opt.state[masters[0]]["step"]) == 4
+
+
+@pytest.mark.gpu
+def test_triton_adamw_with_bf16_moments_against_torch_ops():
+    """bf16 moments: the kernel against MomentsAdamW (torch ops, float32 arithmetic, bf16
+    storage), both rounding to nearest. Their float32 arithmetic differs in order, so a moment
+    can round to the neighbouring bf16 value, and the next steps carry that on: moments within
+    two bf16 steps of each tensor's largest, weights within 1e-5 of an update of ~1e-2."""
+    from megamoe.kernels.adamw import CHUNK
+    from megamoe.testing.adamw_steps import steps_against_torch
+    dev = _cuda()
+    masters = _adamw_cases(dev, CHUNK)
+    bf16 = (torch.bfloat16, torch.bfloat16)
+    for opt, ref_opt, ref in steps_against_torch(masters, {}, moment_dtypes=bf16):
+        for m, r in zip(masters, ref):
+            torch.testing.assert_close(m, r, rtol=0, atol=1e-5)
+            for key in ("exp_avg", "exp_avg_sq"):
+                got, want = opt.state[m][key], ref_opt.state[r][key]
+                assert got.dtype == want.dtype == torch.bfloat16
+                assert (got.float() - want.float()).abs().max() <= 2 * 2 ** -7 * want.float().abs().max()
+                assert (got == want).float().mean() > 0.99  # a neighbouring value is the exception
 
 
 @pytest.mark.gpu
