@@ -37,7 +37,8 @@
 # TE's, tools/bench_fp8.py with TE's modes, the proxy under TE's delayed / tensorwise / blockwise
 # recipes and a profile of blockwise. `fp8peers` (bring .gpu/peers; TE installed): which cuDNN
 # torch's attention gets with TE imported (tools/check_te_cudnn.py), megamoe bf16, native rowwise
-# (--fp8-min-linear-size 1400) and TE blockwise, eager and --compile, then Megatron-Core bf16 and FP8 blockwise, in one call.
+# (--fp8-min-linear-size 1400) and TE blockwise, eager and --compile (FP8PEERS_COMPILED_ONLY=1: --compile
+# only), native rowwise --compile with bf16 Adam moments, then Megatron-Core bf16 and FP8 blockwise, in one call.
 # `optim` (one GPU): the optimizer's GPU tests (the Triton AdamW against torch's, the step writing the
 # bf16 parameters under both optimizers, FP8 under the distributed optimizer), tools/bench_optimizer.py,
 # the proxy in bf16 with each optimizer and with bf16 Adam moments (FP8_ITERS, default 50), and a
@@ -238,12 +239,17 @@ if [ "$mode" = fp8peers ]; then
   # native rowwise FP8 (FP8_ITERS, default 100), then Megatron-Core bf16 and FP8 blockwise
   for probe in none te megamoe; do python3 tools/check_te_cudnn.py $probe 2>&1 | grep -E "^$probe |Error"; done
   iters="${FP8_ITERS:-100}"
-  for compiled in "" "--compile"; do
+  # FP8PEERS_COMPILED_ONLY=1: megamoe's --compile runs only (its fastest; half the call's time)
+  variants=("" "--compile"); [ "${FP8PEERS_COMPILED_ONLY:-0}" = 1 ] && variants=("--compile")
+  for compiled in "${variants[@]}"; do
     proxy_run "bf16${compiled:+_compiled}" $compiled
     proxy_run "rowwise${compiled:+_compiled}" --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400 \
       $compiled
     proxy_run "te_blockwise${compiled:+_compiled}" $te_flags --fp8-recipe blockwise $compiled
   done
+  # the fastest FP8 run again with Adam's moments in bf16 (10 bytes a parameter less optimizer traffic)
+  proxy_run rowwise_compiled_bf16_moments --fp8-format hybrid --fp8-recipe rowwise --fp8-min-linear-size 1400 --compile \
+    --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
   source .gpu/peers/install.sh
   for fp8 in none blockwise; do
     python3 .gpu/peers/mcore_bench.py --optim mcore --mbs 8 --fp8 $fp8 2>&1 | tee "$LOG/mcore_$fp8.log" | grep RESULT \
