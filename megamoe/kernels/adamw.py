@@ -10,7 +10,7 @@ the copy), and one launch per kind of chunk updates all of a group's: per elemen
 + gradient + moments (16 bytes) and write master + moments + copy (14 bytes for a bf16 copy), once.
 Adam's moments may be kept in bf16 (``--exp-avg-dtype`` / ``--exp-avg-sq-dtype``, as DeepSeek-V3
 trained): read and widened to float32, updated, used for this step's update unrounded, stored
-rounded to nearest (10 bytes fewer per element).
+rounded to nearest (8 bytes of the 30 fewer per element).
 
 The arithmetic is torch's AdamW (``torch.optim.AdamW``, its fused CUDA kernel's order):
 decoupled weight decay, the moments, bias corrections from the step count, the gradient divided
