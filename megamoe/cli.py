@@ -276,7 +276,14 @@ def parse_values(
     for given, replaced in (("train_samples", "train_iters"), ("train_iters", "train_samples")):
         if args.get(given) is not None:
             values.pop(replaced, None)
+    # a batch schedule's last batch is the global batch size (Megatron-LM: not both): one on the
+    # command line replaces the file's global_batch_size
+    if args.get("step_batch_size_schedule") is not None:
+        values.pop("global_batch_size", None)
     values.update(args)
+    if values.get("step_batch_size_schedule") is not None and values.get("global_batch_size") is not None:
+        raise ConfigError(f"--step-batch-size-schedule {values['step_batch_size_schedule']!r} and --global-batch-size "
+                          f"{values['global_batch_size']}: give one (the schedule's last batch is the global batch size)")
     if values.get("train_samples") is not None and "train_iters" in values:
         raise ConfigError(f"--train-iters {values['train_iters']} and --train-samples {values['train_samples']}: "
                           "give one (Megatron-LM's rule)")

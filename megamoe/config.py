@@ -294,6 +294,10 @@ class TrainingConfig:
     """Sequences per micro-batch per data-parallel rank. Megatron-LM requires it; small default for a bare run."""
     global_batch_size: int = 8
     """Sequences per optimizer step, summed over data-parallel ranks and micro-batches. Small default for a bare run."""
+    step_batch_size_schedule: Optional[str] = None
+    """Megatron-LM's growing global batch: "THRESHOLD:BATCH ..." (e.g. "0:768 250B:1536 500B:3072"), from each threshold of tokens consumed (suffixes K, M, B, T; the first 0) the batch after the colon; a step runs at the batch of the tokens consumed before it. The last batch is the global batch size (so not with --global-batch-size). Needs --train-samples."""
+    rampup_batch_size: Optional[list[int]] = None
+    """Megatron-LM's older ramp, START INCREMENT SAMPLES: the global batch grows from START by INCREMENT in equal slices of SAMPLES samples up to --global-batch-size (deprecated in Megatron, which now ignores it; megamoe ramps as Megatron did). Needs --train-samples."""
     train_iters: int = 40
     """Number of optimizer steps. Megatron-LM requires it (or --train-samples); small default for a bare run."""
     train_samples: Optional[int] = None

@@ -33,6 +33,7 @@ from megamoe.model.args import Recompute, dense_ffn_hidden_size, num_kv_heads, p
 from megamoe.parallel.pipeline_layout import PipelineLayout
 from megamoe.parallel.pipeline_parallel import stage_layer_ranges, virtual_stage_layer_ranges
 from megamoe.parallel.state import ParallelLayout
+from megamoe.batch_schedule import BatchSchedule
 
 # Flags that are declared (so --help lists them and launch scripts parse) but whose feature
 # has not landed yet. Setting one to anything but its default is an error, never a no-op.
@@ -324,9 +325,10 @@ def validate_moe_overlap(config: Config, layout: ParallelLayout) -> None:
             _fail(f"{flag} with {other} is not supported yet: drop one")
 
 
-def resolve_sample_based_training(t: TrainingConfig) -> None:
+def resolve_sample_based_training(t: TrainingConfig, schedule: BatchSchedule) -> None:
     """``--train-samples``: the run's steps (``train_iters``) from the samples, as Megatron-LM
-    derives them; the schedule's lengths must be given in the same unit as the run's length."""
+    derives them (walking ``schedule``, the batch sizes); the learning-rate schedule's lengths
+    must be given in the same unit as the run's length."""
     _positive(t, "train_samples", "lr_decay_iters", "lr_decay_samples", "global_batch_size")
     for name in ("lr_warmup_iters", "lr_warmup_samples", "lr_wsd_decay_iters", "lr_wsd_decay_samples"):
         if (getattr(t, name) or 0) < 0:
@@ -344,14 +346,57 @@ def resolve_sample_based_training(t: TrainingConfig) -> None:
     if t.lr_warmup_fraction is not None and getattr(t, f"lr_warmup_{unit}"):
         _fail(f"--lr-warmup-fraction and --lr-warmup-{unit}: give one")
     if samples:
-        t.train_iters = t.train_samples // t.global_batch_size
+        t.train_iters = schedule.steps_for(t.train_samples)
         if not t.train_iters:
             _fail(f"--train-samples {t.train_samples} is less than one step of --global-batch-size "
                   f"{t.global_batch_size}")
 
 
-def validate_training(t: TrainingConfig, layout: ParallelLayout, schedule: str) -> None:
-    resolve_sample_based_training(t)
+def resolve_batch_schedule(config: Config) -> BatchSchedule:
+    """``--step-batch-size-schedule`` or ``--rampup-batch-size``: parsed (the global batch size
+    becomes the schedule's last), with Megatron-LM's rules; a constant schedule without them."""
+    t = config.training
+    if t.step_batch_size_schedule is not None and t.rampup_batch_size is not None:
+        _fail("--step-batch-size-schedule and --rampup-batch-size: give one")
+    flag = ("--step-batch-size-schedule" if t.step_batch_size_schedule is not None
+            else "--rampup-batch-size" if t.rampup_batch_size is not None else None)
+    if flag is None:
+        return BatchSchedule.constant(t.global_batch_size)
+    if t.rampup_batch_size is not None and len(t.rampup_batch_size) != 3:
+        _fail(f"--rampup-batch-size {' '.join(map(str, t.rampup_batch_size))}: takes START INCREMENT SAMPLES")
+    if t.train_samples is None:  # as Megatron asserts: the schedule is counted in samples
+        _fail(f"{flag} needs --train-samples (sample-based training), not --train-iters")
+    try:
+        schedule = BatchSchedule.of(config)
+    except ValueError as err:
+        value = t.step_batch_size_schedule if t.rampup_batch_size is None else " ".join(map(str, t.rampup_batch_size))
+        _fail(f"{flag} {value!r}: {err}")
+    t.global_batch_size = schedule.final
+    return schedule
+
+
+def _check_batch_size(batch: int, which: str, t: TrainingConfig, layout: ParallelLayout, schedule: str) -> None:
+    """A global batch of ``batch`` sequences splits into whole micro-batches per data-parallel
+    rank, in a count the pipeline schedule can run."""
+    if batch % (t.micro_batch_size * layout.dp):
+        _fail(f"--global-batch-size {batch}{which} is not divisible by --micro-batch-size "
+              f"{t.micro_batch_size} x data-parallel size {layout.dp}")
+    num_micro = batch // (t.micro_batch_size * layout.dp)
+    if layout.vpp and num_micro % layout.pp:
+        _fail(f"the interleaved pipeline (--virtual-pipeline-model-parallel-size {layout.vpp}) needs the "
+              f"micro-batches per step ({num_micro} = --global-batch-size {batch}{which} / "
+              f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp})) to be a multiple "
+              f"of --pipeline-model-parallel-size {layout.pp}")
+    if schedule == "dualpipev" and num_micro < 2 * layout.pp:
+        _fail(f"--pipeline-schedule dualpipev needs at least 2 x --pipeline-model-parallel-size = {2 * layout.pp} "
+              f"micro-batches per step, got {num_micro} (= --global-batch-size {batch}{which} / "
+              f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp}))")
+
+
+def validate_training(config: Config, layout: ParallelLayout) -> None:
+    t, schedule = config.training, config.parallel.pipeline_schedule
+    batches = resolve_batch_schedule(config)
+    resolve_sample_based_training(t, batches)
     _positive(t, "micro_batch_size", "global_batch_size", "train_iters", "lr", "eval_interval")
     if t.lr_warmup_init < 0:
         _fail(f"--lr-warmup-init {t.lr_warmup_init}: must be 0 or more")
@@ -359,19 +404,10 @@ def validate_training(t: TrainingConfig, layout: ParallelLayout, schedule: str) 
         _fail(f"--manual-gc-interval {t.manual_gc_interval}: must be 0 (never between steps) or more")
     if t.manual_gc_interval and not t.manual_gc:
         _fail(f"--manual-gc-interval {t.manual_gc_interval} has no effect without --manual-gc: give both")
-    if t.global_batch_size % (t.micro_batch_size * layout.dp):
-        _fail(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-              f"{t.micro_batch_size} x data-parallel size {layout.dp}")
-    num_micro = t.global_batch_size // (t.micro_batch_size * layout.dp)
-    if layout.vpp and num_micro % layout.pp:
-        _fail(f"the interleaved pipeline (--virtual-pipeline-model-parallel-size {layout.vpp}) needs the "
-              f"micro-batches per step ({num_micro} = --global-batch-size {t.global_batch_size} / "
-              f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp})) to be a multiple "
-              f"of --pipeline-model-parallel-size {layout.pp}")
-    if schedule == "dualpipev" and num_micro < 2 * layout.pp:
-        _fail(f"--pipeline-schedule dualpipev needs at least 2 x --pipeline-model-parallel-size = {2 * layout.pp} "
-              f"micro-batches per step, got {num_micro} (= --global-batch-size {t.global_batch_size} / "
-              f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp}))")
+    which = ("" if len(batches.entries) == 1 else " (a --rampup-batch-size batch)" if t.rampup_batch_size
+             else " (a --step-batch-size-schedule batch)")
+    for batch in dict.fromkeys(batches.sizes):  # each batch size the run steps at
+        _check_batch_size(batch, which, t, layout, schedule)
     if t.bf16 and t.fp16:
         _fail("--bf16 and --fp16 cannot both be set")
     if t.loss_scale is not None and not (t.fp16 or t.bf16):
@@ -644,7 +680,7 @@ def validate(config: Config, world_size: int) -> ParallelLayout:
     validate_recompute_modules(config.model)
     validate_moe(config.moe, config.model)
     layout = validate_parallel(config.parallel, config.model, config.moe, world_size)
-    validate_training(config.training, layout, config.parallel.pipeline_schedule)
+    validate_training(config, layout)
     validate_precision_aware_optimizer(config.training)
     validate_fp8(config.model, config.moe, config.training, config.parallel.use_distributed_optimizer)
     validate_moe_overlap(config, layout)

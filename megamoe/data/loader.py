@@ -4,6 +4,7 @@ With mock data (the default, or ``--mock-data``) the source is
 :class:`~megamoe.data.mock.MarkovMockData`; validation reads the same chain from a far-away
 index range. With ``--data-path`` it is a :class:`TokenBatches` over a GPT dataset (or a blend
 of several), built for exactly the samples the run reads: ``train_iters * global_batch_size``
+(the batch schedule's samples with ``--step-batch-size-schedule``)
 for training and ``eval_iters * global_batch_size`` for validation (every evaluation reads the
 same validation batches, so evaluations are comparable).
 
@@ -20,6 +21,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from megamoe.batch_schedule import BatchSchedule
 from megamoe.config import Config, ConfigError
 from megamoe.data.blended_dataset import BlendedDataset, parse_blend
 from megamoe.data.gpt_dataset import SPLITS, GPTDataset, split_document_ranges
@@ -89,7 +91,9 @@ def with_tokenizer_vocab(config: Config) -> Config:
 def samples_needed(config: Config, split: str) -> int:
     """Samples the training loop reads from a split (see the module docstring)."""
     t = config.training
-    return (t.train_iters if split == "train" else t.eval_iters) * t.global_batch_size
+    if split == "train":  # the batch schedule's samples (--global-batch-size each without one)
+        return BatchSchedule.of(config).consumed_after(t.train_iters)
+    return t.eval_iters * t.global_batch_size
 
 
 def cache_dir_for(config: Config, prefix: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from megamoe.batch_schedule import BatchSchedule
 from megamoe.config import Config
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import mappings
@@ -30,6 +31,11 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.training.global_batch_size = layout.get("gbs", 4)  # one sequence per micro-batch
     cfg.training.train_iters = layout.get("iters", 2)  # the second step runs from updated weights and states
     cfg.training.clip_grad = layout.get("clip", 0.0)
+    if "batches" in layout:  # --step-batch-size-schedule (tokens), over --train-samples
+        cfg.training.step_batch_size_schedule, cfg.training.train_samples = layout["batches"], layout["samples"]
+        schedule = BatchSchedule.of(cfg)
+        cfg.training.global_batch_size = schedule.final
+        cfg.training.train_iters = schedule.steps_for(layout["samples"])
     if "moments" in layout:  # Adam's moments in this dtype (--exp-avg-dtype, --exp-avg-sq-dtype)
         cfg.training.use_precision_aware_optimizer = True
         cfg.training.exp_avg_dtype = cfg.training.exp_avg_sq_dtype = layout["moments"]
@@ -134,6 +140,6 @@ def every_rank_micro_batches(data, state: ParallelState, step: int) -> list:
     mine, out = data.dp_rank, []
     for d in range(state.dp.size):
         data.dp_rank = d
-        out += [data.get(step - 1, j) for j in range(data.num_micro)]
+        out += [data.get(step - 1, j) for j in range(data.num_micro_of(step - 1))]
     data.dp_rank = mine
     return out

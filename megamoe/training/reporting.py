@@ -41,6 +41,8 @@ class StepMetrics:
     params_norm: Optional[float] = None  # --log-params-norm: the masters' L2 norm after the step
     num_zeros: Optional[int] = None  # --log-num-zeros-in-grad: zero elements of the step's gradient
     max_attention_logits: Optional[list[float]] = None  # per block (decoder layers, then MTP), over heads and batch
+    global_batch: Optional[int] = None  # sequences in this step (a --step-batch-size-schedule's may grow)
+    consumed_samples: Optional[int] = None  # after this step (set by the training loop)
 
 
 class Reporter:
@@ -102,12 +104,13 @@ class Reporter:
         elapsed = sum(w.step_time for w in window) / len(window)
         tokens_per_s = sum(w.tokens for w in window) / sum(w.step_time for w in window)
         tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+        consumed = m.consumed_samples if m.consumed_samples is not None else m.iteration * t.global_batch_size
         parts = [
             f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {m.iteration:8d}/{t.train_iters:8d}",
-            f"consumed samples: {m.iteration * t.global_batch_size}",
+            f"consumed samples: {consumed}",
             f"elapsed time per iteration (ms): {elapsed * 1000:.1f}",
             f"learning rate: {m.lr:.6E}",
-            f"global batch size: {t.global_batch_size}",
+            f"global batch size: {m.global_batch or t.global_batch_size}",
             f"lm loss: {m.lm_loss:.5E}",
         ]
         for depth, loss in enumerate(m.mtp_losses, start=1):
@@ -154,6 +157,8 @@ class Reporter:
         w.add_scalar("lm-loss", m.lm_loss, it)
         w.add_scalar("learning-rate", m.lr, it)
         w.add_scalar("grad-norm", m.grad_norm, it)
+        if m.global_batch is not None:
+            w.add_scalar("batch-size", m.global_batch, it)
         if m.params_norm is not None:
             w.add_scalar("params-norm", m.params_norm, it)
         if m.num_zeros is not None:

@@ -3,17 +3,21 @@
 Megatron counts its schedule in samples: each step advances it by the global batch, lengths
 given in iterations are multiplied by the global batch (``--train-iters`` runs) and lengths given
 in samples are used as they are (``--train-samples`` runs). A step runs at the schedule's value
-*before* it advances: step k (1-based) at ``(k - 1) x global_batch_size`` samples, so with warmup
-the first step runs at ``--lr-warmup-init``. Steps skipped by the fp16 loss scale do not advance
-it (the caller passes the count of steps taken).
+*before* it advances: step k (1-based) at ``(k - 1) x global_batch_size`` samples (with a batch
+schedule, the samples of the steps before it), so with warmup the first step runs at
+``--lr-warmup-init``. Steps skipped by the fp16 loss scale do not advance it (the caller passes the
+count of steps taken; under a batch schedule they are counted as the run's first steps, which is
+Megatron's count where the skips fall at one batch size, as the first steps' do).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from megamoe.config import TrainingConfig
+from megamoe.batch_schedule import BatchSchedule
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,11 @@ def schedule_lengths(t: TrainingConfig) -> ScheduleLengths:
     return ScheduleLengths(warmup, decay, float(wsd))
 
 
-def learning_rate(step: int, t: TrainingConfig) -> float:
-    """The learning rate of optimizer step ``step`` (1-based, counting the steps taken)."""
-    return learning_rate_at((step - 1) * t.global_batch_size, t)
+def learning_rate(step: int, t: TrainingConfig, batches: Optional[BatchSchedule] = None) -> float:
+    """The learning rate of optimizer step ``step`` (1-based, counting the steps taken), whose
+    predecessors consumed ``batches``' sizes (None: ``--global-batch-size`` each)."""
+    samples = (step - 1) * t.global_batch_size if batches is None else batches.consumed_after(step - 1)
+    return learning_rate_at(samples, t)
 
 
 def learning_rate_at(samples: float, t: TrainingConfig) -> float:

@@ -36,6 +36,7 @@ from megamoe.parallel.random import RNGStatesTracker, model_parallel_seed
 from megamoe.parallel.state import ParallelState
 from megamoe.parallel.weight_grad import WeightGradStore
 from megamoe.precision import PrecisionPolicy
+from megamoe.batch_schedule import BatchSchedule
 from megamoe.training.flops import flops_per_token, peak_tflops
 from megamoe.training.manual_gc import ManualGC
 from megamoe.training.prefetch import StepPrefetcher
@@ -127,22 +128,40 @@ def build_optimizer(model: GPTModel, config: Config, state: ParallelState) -> Op
 
 
 class MicroBatches:
-    """Which samples each rank reads: Megatron's order. Micro-step ``j`` of step ``it`` gives
-    data-parallel rank ``d`` samples ``it*G + j*m*dp + d*m ... + m`` (G global, m micro batch)
-    of ``split`` ('train' or 'valid'): mock data, or the datasets of --data-path."""
+    """Which samples each rank reads: Megatron's order. Micro-step ``j`` of step ``it`` (0-based)
+    gives data-parallel rank ``d`` samples ``C + j*m*dp + d*m ... + m`` (C the samples consumed
+    before the step, ``it*G`` at a constant global batch G; m the micro batch) of ``split``
+    ('train' or 'valid'): mock data, or the datasets of --data-path. Training steps follow the
+    batch schedule (``--step-batch-size-schedule``); evaluation reads global batches of
+    ``--global-batch-size``."""
 
     def __init__(self, config: Config, state: ParallelState, device: torch.device, split: str = "train"):
         t = config.training
         self.data = build_data_source(config, split)
         self.micro, self.global_batch = t.micro_batch_size, t.global_batch_size
         self.dp, self.dp_rank, self.device = state.dp.size, state.dp.rank, device
-        self.num_micro = self.global_batch // (self.micro * self.dp)
-        self.sample_offset = 0  # a resumed run whose global batch changed: samples already consumed
+        self.schedule = BatchSchedule.of(config) if split == "train" else BatchSchedule.constant(t.global_batch_size)
+        self.num_micro = self.global_batch // (self.micro * self.dp)  # at --global-batch-size
+        self.origin = (0, 0)  # (steps, samples consumed) the run starts from: a resumed run's checkpoint
+
+    def consumed_before(self, step: int) -> int:
+        """Samples consumed before 0-based step ``step``."""
+        steps, samples = self.origin
+        return self.schedule.consumed_after(step - steps, start=samples)
+
+    def num_micro_of(self, step: int) -> int:
+        """Micro-batches per data-parallel rank in 0-based step ``step``."""
+        return self.schedule.batch_at(self.consumed_before(step)) // (self.micro * self.dp)
 
     def get(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        start = (self.sample_offset + step * self.global_batch + micro_step * self.micro * self.dp
-                 + self.dp_rank * self.micro)
+        start = self.consumed_before(step) + micro_step * self.micro * self.dp + self.dp_rank * self.micro
         return self.data.batch(list(range(start, start + self.micro)), self.device)
+
+
+def _micro_batch_counts(data: MicroBatches) -> str:
+    """The micro-batches per step per data-parallel rank, or how a batch schedule grows them."""
+    counts = [batch // (data.micro * data.dp) for batch in dict.fromkeys(data.schedule.sizes)]
+    return str(counts[0]) if len(counts) == 1 else " -> ".join(map(str, counts)) + " (the batch schedule)"
 
 
 def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torch.Tensor:
@@ -246,7 +265,7 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         check_finite("grad norm", grad_norm, step, mine_bad, state, device)  # before the step touches the weights
     num_zeros = optimizer.grad_zeros() if config.logging.log_num_zeros_in_grad else None
     # Megatron-LM's schedule advances only on the steps taken
-    lr = learning_rate(step - (scaler.skipped if scaler is not None else 0), t)
+    lr = learning_rate(step - (scaler.skipped if scaler is not None else 0), t, BatchSchedule.of(config))
     maxima = take_max_logits(model, state) if track_logits else {}
     if overflowed:
         optimizer.skip_step()
@@ -280,7 +299,8 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         lr=lr,
         grad_norm=grad_norm,
         step_time=time.perf_counter() - start,
-        tokens=t.global_batch_size * config.model.seq_length,
+        tokens=num_micro * dp * t.micro_batch_size * config.model.seq_length,
+        global_batch=num_micro * dp * t.micro_batch_size,
         mtp_losses=[(sums[k] / counts[k]).item() for k in range(1, depths + 1)],
         aux_losses=aux[0].tolist(),
         z_losses=aux[1].tolist(),
@@ -316,7 +336,7 @@ def resume(config: Config, model: GPTModel, optimizer: Optimizer, data: MicroBat
         say(f"> --finetune: loaded the weights of iteration {loaded.iteration} from {ckpt.load}; starting at 0")
         return 0, rng_tracker
     start = loaded.iteration
-    data.sample_offset = loaded.consumed_samples - start * data.global_batch
+    data.origin = (start, loaded.consumed_samples)  # the schedule goes on from the samples consumed
     say(f"> loaded {what} of iteration {start} from {ckpt.load} ({loaded.consumed_samples:,} samples consumed)")
     if want_rng and not loaded.rng_restored:
         say("> the checkpoint was written in another layout: its RNG streams do not carry over; "
@@ -379,7 +399,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     reporter = Reporter(config, fpt, state.layout.world_size, is_writer, peak, device, moe_layer_names(model.args))
     n_params = sum(p.numel() for p in model.parameters())
     reporter.print(f"> model: {n_params:,} parameters on rank 0; {fpt / 1e9:.3f} GFLOPs per token (fwd+bwd); "
-                   f"{data.num_micro} micro-batches of {data.micro} per step per data-parallel rank")
+                   f"{_micro_batch_counts(data)} micro-batches of {data.micro} per step per data-parallel rank")
     if config.logging.tensorboard_dir:
         reporter.print(f"> tensorboard: {config.logging.tensorboard_dir}")
     history = []
@@ -406,7 +426,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     def save(step: int) -> None:
         optimizer.finish_param_sync()
         began = time.perf_counter()
-        consumed = data.sample_offset + step * data.global_batch
+        consumed = data.consumed_before(step)
         if saver is None:
             saved(save_checkpoint(ckpt.save, step, model, optimizer, state, config, consumed, rng_tracker, device),
                   began, step)
@@ -419,7 +439,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
     exits = ExitConditions(ckpt, state, device)
 
     def step_batches(step: int) -> list[dict]:
-        return [data.get(step - 1, j) for j in range(data.num_micro)]
+        return [data.get(step - 1, j) for j in range(data.num_micro_of(step - 1))]
 
     # The next steps' batches are prepared by --num-workers threads while this step computes.
     # Step times are wall-clock from one step's end to the next, so data waits are counted.
@@ -433,6 +453,7 @@ def train(config: Config, state: ParallelState, device: torch.device) -> list[St
             profiler.after_step(step)
             now = time.perf_counter()
             metrics.step_time, last = now - last, now
+            metrics.consumed_samples = data.consumed_before(step)
             reporter.log_step(metrics)
             history.append(metrics)
             collector.after_step(step)

@@ -53,7 +53,8 @@ def _layout_run(variant: str, layout: dict):
     data = MicroBatches(cfg, state, torch.device("cpu"))
     steps = []
     for step in range(1, cfg.training.train_iters + 1):
-        got = train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro)], step, cfg, state, None)
+        got = train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro_of(step - 1))], step, cfg,
+                         state, None)
         grads = reduced_main_grads(opt)
         steps.append(_step_results(got, gather_all({name: (grads[p], p) for name, p in model.named_parameters()}, state)))
     opt.finish_param_sync()
@@ -69,19 +70,22 @@ def _step_results(got, grads: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(variant: str, gbs: int, layers: Optional[int], clip: float, iters: int, moments: str) -> dict:
+def _reference(variant: str, gbs: int, layers: Optional[int], clip: float, iters: int, moments: str,
+               batches: Optional[tuple[str, int]]) -> dict:
     """The single-process run of the same model and global batch: one process, the global
     batch's sequences as its micro-batches (gradient accumulation), the whole-tensor optimizer.
     The same for every layout of one model and batch, so it is computed once per session."""
     cfg = make_config(variant, {"gbs": gbs, "clip": clip, "iters": iters, "moments": moments,
-                                **({"layers": layers} if layers else {})})
+                                **({"layers": layers} if layers else {}),
+                                **(dict(zip(("batches", "samples"), batches)) if batches else {})})
     single = ParallelState.single()
     model = build(cfg, single)
     opt = MixedPrecisionAdamW(model, cfg.training, single)
     data = MicroBatches(cfg, single, torch.device("cpu"))
     steps = []
     for step in range(1, iters + 1):
-        got = train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro)], step, cfg, single, None)
+        got = train_step(model, opt, [data.get(step - 1, j) for j in range(data.num_micro_of(step - 1))], step, cfg,
+                         single, None)
         steps.append(_step_results(got, {name: p.main_grad.clone() for name, p in model.named_parameters()}))
     return _results(model, single, steps)
 
@@ -90,7 +94,8 @@ def _check_parity(pool, variant: str, layout: dict) -> None:
     """``layout`` against the single-process run, to float64 summation order (TOL)."""
     cfg = make_config(variant, layout)
     want = _reference(variant, cfg.training.global_batch_size, layout.get("layers"), cfg.training.clip_grad,
-                      cfg.training.train_iters, cfg.training.exp_avg_dtype)
+                      cfg.training.train_iters, cfg.training.exp_avg_dtype,
+                      (layout["batches"], layout["samples"]) if "batches" in layout else None)
     stages = [r for r in pool.run(_layout_run, variant, layout) if r is not None]
     assert len(stages) == cfg.parallel.pipeline_model_parallel_size
     for got in stages:
@@ -115,7 +120,7 @@ def _check_parity(pool, variant: str, layout: dict) -> None:
 def _name(case) -> str:
     if isinstance(case, str):
         return case
-    return ",".join(k if v is True else f"{k}={v}" for k, v in case.items() if k not in ("gbs", "iters"))
+    return ",".join(k if v is True else f"{k}={v}" for k, v in case.items() if k not in ("gbs", "iters", "samples"))
 
 
 # (variant, layout) pairs: every layout once, every variant under every dimension; the suite
@@ -256,7 +261,9 @@ def test_every_dimension_at_once_8_ranks(workers):
 B = 50_000
 DP_LAYOUTS = [
     (2, "mla", dict(bucket=B)),  # dp 2, 2 micro-batches per rank
-    (2, "mla", dict(overlap=True, bucket=B)),
+    # the global batch grows from 4 to 8 sequences after 64 tokens (--step-batch-size-schedule):
+    # 2 then 4 micro-batches per rank, each step's count known to the overlapped reduction
+    (2, "mla", dict(overlap=True, bucket=B, batches="0:4 64:8", samples=12)),
     (2, "mla", dict(distopt=True, bucket=B)),
     (2, "mla", dict(distopt=True, overlap=True, gather=True, bucket=B)),
     # 4 micro-batches, clipped; Adam's moments in bf16 (rounded alike whatever the shard)

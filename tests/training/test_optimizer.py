@@ -130,7 +130,9 @@ def test_triton_adamw_with_bf16_moments_against_torch_ops():
     """bf16 moments: the kernel against MomentsAdamW (torch ops, float32 arithmetic, bf16
     storage), both rounding to nearest. Their float32 arithmetic differs in order, so a moment
     can round to the neighbouring bf16 value, and the next steps carry that on: moments within
-    two bf16 steps of each tensor's largest, weights within 1e-5 of an update of ~1e-2."""
+    two bf16 steps of each tensor's largest; weights within 1e-4, the change a moment one bf16
+    step (2**-8) off makes to updates of ~1e-2 over the steps that carry it (measured on an
+    H200: 2.5e-5 at most), where a wrong bias correction or scale is off by ~1e-3."""
     from megamoe.kernels.adamw import CHUNK
     from megamoe.testing.adamw_steps import steps_against_torch
     dev = _cuda()
@@ -138,7 +140,7 @@ def test_triton_adamw_with_bf16_moments_against_torch_ops():
     bf16 = (torch.bfloat16, torch.bfloat16)
     for opt, ref_opt, ref in steps_against_torch(masters, {}, moment_dtypes=bf16):
         for m, r in zip(masters, ref):
-            torch.testing.assert_close(m, r, rtol=0, atol=1e-5)
+            torch.testing.assert_close(m, r, rtol=0, atol=1e-4)
             for key in ("exp_avg", "exp_avg_sq"):
                 got, want = opt.state[m][key], ref_opt.state[r][key]
                 assert got.dtype == want.dtype == torch.bfloat16
