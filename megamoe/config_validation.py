@@ -375,7 +375,8 @@ def resolve_batch_schedule(config: Config) -> BatchSchedule:
     return schedule
 
 
-def _check_batch_size(batch: int, which: str, t: TrainingConfig, layout: ParallelLayout, schedule: str) -> None:
+def _check_batch_size(batch: int, which: str, t: TrainingConfig, layout: ParallelLayout, pipeline_schedule: str
+                      ) -> None:
     """A global batch of ``batch`` sequences splits into whole micro-batches per data-parallel
     rank, in a count the pipeline schedule can run."""
     if batch % (t.micro_batch_size * layout.dp):
@@ -387,14 +388,14 @@ def _check_batch_size(batch: int, which: str, t: TrainingConfig, layout: Paralle
               f"micro-batches per step ({num_micro} = --global-batch-size {batch}{which} / "
               f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp})) to be a multiple "
               f"of --pipeline-model-parallel-size {layout.pp}")
-    if schedule == "dualpipev" and num_micro < 2 * layout.pp:
+    if pipeline_schedule == "dualpipev" and num_micro < 2 * layout.pp:
         _fail(f"--pipeline-schedule dualpipev needs at least 2 x --pipeline-model-parallel-size = {2 * layout.pp} "
               f"micro-batches per step, got {num_micro} (= --global-batch-size {batch}{which} / "
               f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {layout.dp}))")
 
 
 def validate_training(config: Config, layout: ParallelLayout) -> None:
-    t, schedule = config.training, config.parallel.pipeline_schedule
+    t = config.training
     batches = resolve_batch_schedule(config)
     resolve_sample_based_training(t, batches)
     _positive(t, "micro_batch_size", "global_batch_size", "train_iters", "lr", "eval_interval")
@@ -407,7 +408,7 @@ def validate_training(config: Config, layout: ParallelLayout) -> None:
     which = ("" if len(batches.entries) == 1 else " (a --rampup-batch-size batch)" if t.rampup_batch_size
              else " (a --step-batch-size-schedule batch)")
     for batch in dict.fromkeys(batches.sizes):  # each batch size the run steps at
-        _check_batch_size(batch, which, t, layout, schedule)
+        _check_batch_size(batch, which, t, layout, config.parallel.pipeline_schedule)
     if t.bf16 and t.fp16:
         _fail("--bf16 and --fp16 cannot both be set")
     if t.loss_scale is not None and not (t.fp16 or t.bf16):
