@@ -16,7 +16,8 @@ traced into (and recompile) their graphs; their kernels (Inductor's fused ``trit
 among them) are still listed by name. Backward work is attributed through the autograd
 sequence numbers that link each backward function to the forward op that recorded it. Each
 op's *self* device time (its kernels; self CPU time without a GPU) is added to the innermost
-stage, so nothing is counted twice.
+stage, so nothing is counted twice. Kernels the profiler ties to no op are listed as
+``unattributed`` (see :func:`stage_times`).
 """
 
 from __future__ import annotations
@@ -134,9 +135,15 @@ def _backward_key(event):
     return None
 
 
+UNATTRIBUTED = "unattributed"  # kernels the profiler tied to no CPU event
+
+
 def stage_times(events, use_device: bool) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
     """Microseconds per stage, and per (stage, kernel name) with a GPU (per (stage, op) without),
-    summed over the profiled window."""
+    summed over the profiled window. A kernel reaches a stage through the CPU event that launched
+    it; the profiler ties some launches to none (kernels launched straight through the driver, as
+    a Triton kernel called outside torch's ops can be), and those count as ``unattributed``, by
+    name, so the total is every kernel's time."""
     forward_stage = {}
     for e in events:
         if e.sequence_nr >= 0 and not e.name.startswith(_BACKWARD):
@@ -145,7 +152,12 @@ def stage_times(events, use_device: bool) -> tuple[dict[str, float], dict[tuple[
                 forward_stage.setdefault((e.thread, e.sequence_nr), stage)
     stages: dict[str, float] = defaultdict(float)
     kernels: dict[tuple[str, str], float] = defaultdict(float)
+    on_device: dict[str, float] = defaultdict(float)  # kernel name -> every such kernel's time
+    attributed: dict[str, float] = defaultdict(float)  # kernel name -> the time tied to a CPU event
     for e in events:
+        if use_device and e.device_type != torch.autograd.DeviceType.CPU:  # a kernel (or copy) itself
+            on_device[e.name] += e.time_range.end - e.time_range.start
+            continue
         if e.name.startswith(_STAGE):
             continue
         stage = _innermost_stage(e)
@@ -158,9 +170,15 @@ def stage_times(events, use_device: bool) -> tuple[dict[str, float], dict[tuple[
             for kernel in e.kernels:
                 stages[stage] += kernel.duration
                 kernels[(stage, kernel.name)] += kernel.duration
+                attributed[kernel.name] += kernel.duration
         else:
             stages[stage] += e.self_cpu_time_total
             kernels[(stage, e.name)] += e.self_cpu_time_total
+    for name, total in on_device.items():
+        missing = total - attributed.get(name, 0.0)
+        if missing > 1e-6 * total:
+            stages[UNATTRIBUTED] += missing
+            kernels[(UNATTRIBUTED, name)] += missing
     return dict(stages), dict(kernels)
 
 

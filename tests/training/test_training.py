@@ -240,6 +240,28 @@ def test_check_parity_runs_torchrun():
     assert "PASS" in proc.stdout and proc.stdout.count("tp=2,sp>tp=1") == 2  # both iterations compared
 
 
+def test_the_profile_counts_kernels_tied_to_no_cpu_event():
+    """A kernel the profiler ties to no CPU event (one launched straight through the driver)
+    still counts, as ``unattributed`` under its name; one tied to an op counts under the op's
+    stage only. Events as torch's profiler lists them: CPU ops with their kernels, and every
+    kernel again as a device event."""
+    from types import SimpleNamespace as Event
+
+    from megamoe.training.profiling import stage_times
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    stage = Event(name="stage:optimizer", sequence_nr=-1, cpu_parent=None, kernels=[], device_type=cpu)
+    op = Event(name="aten::_foreach_add_", sequence_nr=-1, cpu_parent=stage, device_type=cpu,
+               kernels=[Event(name="multi_tensor_apply_kernel", duration=5.0)])
+    tied = Event(name="multi_tensor_apply_kernel", sequence_nr=-1, cpu_parent=None, device_type=cuda,
+                 time_range=Event(start=0.0, end=5.0))
+    loose = Event(name="_adamw_chunks", sequence_nr=-1, cpu_parent=None, device_type=cuda,
+                  time_range=Event(start=10.0, end=30.0))
+    stages, kernels = stage_times([stage, op, tied, loose], use_device=True)
+    assert stages == {"optimizer": 5.0, "unattributed": 20.0}
+    assert kernels == {("optimizer", "multi_tensor_apply_kernel"): 5.0, ("unattributed", "_adamw_chunks"): 20.0}
+
+
 def test_profile_labels_a_compiled_block_as_one_stage():
     """Under --compile the stage hooks stay off a compiled block and its modules (they would be
     traced into its graph): the blocks are one stage, labelled at their call site, the rest keep
