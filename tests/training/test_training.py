@@ -262,6 +262,39 @@ def test_the_profile_counts_kernels_tied_to_no_cpu_event():
     assert kernels == {("optimizer", "multi_tensor_apply_kernel"): 5.0, ("unattributed", "_adamw_chunks"): 20.0}
 
 
+@pytest.mark.gpu
+def test_the_profile_summary_counts_the_triton_adamw_kernel():
+    """On a GPU: one TritonAdamW step profiled inside the optimizer's stage. The summary's total
+    holds its kernel's time (under ``optimizer``, or ``unattributed`` where the profiler ties the
+    launch to no op), at least 80% of the step timed by CUDA events."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from megamoe.kernels.adamw import TritonAdamW, triton_adamw_available
+    from megamoe.training.profiling import stage_times
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    masters = [torch.randn(4096, 4096, device="cuda") for _ in range(4)]
+    if not triton_adamw_available(masters):
+        pytest.skip("needs Triton")
+    for m in masters:
+        m.grad = torch.randn_like(m)
+    opt = TritonAdamW(masters, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt.step()  # the states and the chunk tables exist
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    opt.step()
+    end.record()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("stage:optimizer"):
+            opt.step()
+        torch.cuda.synchronize()
+    stages, kernels = stage_times(prof.events(), use_device=True)
+    assert sum(stages.values()) / 1e3 >= 0.8 * start.elapsed_time(end), (stages, start.elapsed_time(end))
+    assert any("adamw" in name for _, name in kernels), kernels
+
+
 def test_profile_labels_a_compiled_block_as_one_stage():
     """Under --compile the stage hooks stay off a compiled block and its modules (they would be
     traced into its graph): the blocks are one stage, labelled at their call site, the rest keep
