@@ -1,6 +1,7 @@
 """:class:`~megamoe.kernels.adamw.TritonAdamW` and torch's single-tensor AdamW (with bf16 moments:
-:class:`~megamoe.training.moments_adamw.MomentsAdamW`) stepped side by side on the same gradients: the GPU test (``tests/training/test_optimizer.py``) and the check without a
-GPU (``tools/check_triton_adamw_offline.py``) both run these steps and judge them their own way."""
+:class:`~megamoe.training.moments_adamw.MomentsAdamW`) stepped side by side on the same
+gradients: the GPU test (``tests/training/test_optimizer.py``) and the check without a GPU
+(``tools/check_triton_adamw_offline.py``) both run these steps and judge them their own way."""
 
 from __future__ import annotations
 

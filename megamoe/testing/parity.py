@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from megamoe.batch_schedule import BatchSchedule
 from megamoe.config import Config
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import mappings
 from megamoe.parallel.param_spec import assemble_global, owned_part, spec_of
-from megamoe.config_validation import resolve_pipeline_layout, resolve_virtual_pipeline
+from megamoe.config_validation import (resolve_batch_schedule, resolve_pipeline_layout,
+                                       resolve_sample_based_training, resolve_virtual_pipeline)
 from megamoe.parallel.state import ParallelState
 from megamoe.testing.presets import preset
 from megamoe.training.distributed_optimizer import DistributedOptimizer
@@ -33,9 +33,8 @@ def make_config(variant: str, layout: dict) -> Config:
     cfg.training.clip_grad = layout.get("clip", 0.0)
     if "batches" in layout:  # --step-batch-size-schedule (tokens), over --train-samples
         cfg.training.step_batch_size_schedule, cfg.training.train_samples = layout["batches"], layout["samples"]
-        schedule = BatchSchedule.of(cfg)
-        cfg.training.global_batch_size = schedule.final
-        cfg.training.train_iters = schedule.steps_for(layout["samples"])
+        cfg.training.lr_warmup_iters = 0  # a sample-based run (the preset's is unused then): none
+        resolve_sample_based_training(cfg.training, resolve_batch_schedule(cfg))  # the global batch, the steps
     if "moments" in layout:  # Adam's moments in this dtype (--exp-avg-dtype, --exp-avg-sq-dtype)
         cfg.training.use_precision_aware_optimizer = True
         cfg.training.exp_avg_dtype = cfg.training.exp_avg_sq_dtype = layout["moments"]

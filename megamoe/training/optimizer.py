@@ -66,12 +66,12 @@ def adamw(masters: list[torch.Tensor], decay: list[bool], t: TrainingConfig,
     return torch.optim.AdamW(groups, **hyper, fused=masters[0].is_cuda)
 
 
-MOMENT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: the masters' dtype (float64 in tests)
+_MOMENT_DTYPE_OF_FLAG = {"fp32": None, "bf16": torch.bfloat16}  # None: the masters' dtype (float64 in tests)
 
 
 def moment_dtypes(t: TrainingConfig) -> tuple[Optional[torch.dtype], Optional[torch.dtype]]:
     """The dtypes of Adam's ``exp_avg`` and ``exp_avg_sq`` (``--exp-avg-dtype``, ``--exp-avg-sq-dtype``)."""
-    return MOMENT_DTYPES[t.exp_avg_dtype], MOMENT_DTYPES[t.exp_avg_sq_dtype]
+    return _MOMENT_DTYPE_OF_FLAG[t.exp_avg_dtype], _MOMENT_DTYPE_OF_FLAG[t.exp_avg_sq_dtype]
 
 
 def writes_copies(optimizer: Optional[torch.optim.Optimizer], masters: list[torch.Tensor]) -> bool:
