@@ -262,6 +262,37 @@ def test_the_profile_counts_kernels_tied_to_no_cpu_event():
     assert kernels == {("optimizer", "multi_tensor_apply_kernel"): 5.0, ("unattributed", "_adamw_chunks"): 20.0}
 
 
+def test_trace_gaps_finds_the_idle_time_and_the_host_call_behind_it(tmp_path):
+    """tools/trace_gaps.py on a hand-made trace: two kernels on two streams overlap (busy once),
+    then the GPU idles 470 us while the host waits in a stream synchronise, and the next kernel
+    was launched from ``aten::add`` inside the stage ``stage:optimizer``."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trace_gaps", Path(__file__).parents[2] / "tools/trace_gaps.py")
+    trace_gaps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_gaps)
+
+    def x(cat, name, ts, dur, tid=1, **args):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, tid=tid, **({"args": args} if args else {}))
+
+    events = [x("cpu_op", "aten::mm", 10, 20), x("cuda_runtime", "cudaLaunchKernel", 12, 5, correlation=1),
+              x("kernel", "gemm", 20, 100, tid=7, correlation=1), x("kernel", "copy", 60, 90, tid=8),
+              x("cuda_runtime", "cudaStreamSynchronize", 40, 200),
+              x("user_annotation", "stage:optimizer", 590, 100), x("cpu_op", "aten::add", 600, 30),
+              x("cuda_runtime", "cudaLaunchKernel", 610, 5, correlation=2),
+              x("kernel", "add_kernel", 620, 10, tid=7, correlation=2)]
+    path = tmp_path / "rank-0.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    result = trace_gaps.analyse(trace_gaps.load_events(str(path)), min_gap_us=20)
+    assert (result["span_us"], result["busy_us"]) == (610, 140)
+    (gap,) = result["gaps"]
+    assert gap["us"] == 470 and gap["launched_by"] == "stage:optimizer / aten::add"
+    assert gap["syncs"] == ["cudaStreamSynchronize"] and gap["launch_to_start_us"] == 5
+    assert "idle 0.47 ms" in trace_gaps.report(result, steps=1, top=5)
+
+
 @pytest.mark.gpu
 def test_the_profile_summary_counts_the_triton_adamw_kernel():
     """On a GPU: one TritonAdamW step profiled inside the optimizer's stage. The summary's total
