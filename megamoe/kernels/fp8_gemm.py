@@ -35,7 +35,7 @@ import torch
 
 from megamoe.eager import eager_under_compile
 from megamoe.kernels.fp8 import (E4M3, AmaxReduce, Fp8Recipe, RowGroups, dequantize, quantize, quantize_transposed,
-                                 swiglu_backward, swiglu_quantize)
+                                 swiglu_backward, swiglu_backward_quantize, swiglu_quantize)
 
 Cut = Optional[Literal["in", "out"]]
 
@@ -181,6 +181,34 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe, cache: 
 # grouped experts
 
 
+class GradHandoff:
+    """A gradient quantized by the backward that produced it, for the backward that consumes it.
+
+    The experts' down projection (``swiglu_input``) computes the gradient ``dh`` of the gate/up
+    projection's output; quantizing ``dh`` there, in the SwiGLU's backward kernel, saves the
+    gate/up backward a pass over it. The handoff holds ``dh`` itself (so its memory cannot be
+    reused meanwhile) and gives the FP8 copy only for that very tensor, unchanged: a gradient
+    that reaches the gate/up backward otherwise (summed with another path, changed by a hook) is
+    quantized there as before."""
+
+    def __init__(self):
+        self._grad: Optional[torch.Tensor] = None
+        self._key: Optional[tuple] = None
+        self._quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def put(self, grad: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._grad, self._key, self._quantized = grad, self._key_of(grad), quantized
+
+    def take(self, grad: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        quantized = self._quantized if self._grad is not None and self._key_of(grad) == self._key else None
+        self._grad = self._key = self._quantized = None
+        return quantized
+
+    @staticmethod
+    def _key_of(t: torch.Tensor) -> tuple:
+        return t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype
+
+
 def _row_groups(offsets: torch.Tensor, num_rows: int) -> RowGroups:
     """Each row's expert (for per-expert tensorwise scales), from the device-side offsets."""
     rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
@@ -190,7 +218,7 @@ def _row_groups(offsets: torch.Tensor, num_rows: int) -> RowGroups:
 class _Fp8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offsets, recipe: Fp8Recipe, cache: Fp8WeightCache, cut: Cut,
-                reduce_amax: AmaxReduce, swiglu_input: bool, quantized_input):
+                reduce_amax: AmaxReduce, swiglu_input: bool, quantized_input, handoff: Optional[GradHandoff]):
         groups = _row_groups(offsets, x.shape[0]) if recipe.granularity == "tensorwise" else None
         if quantized_input is not None:
             xq, xs = quantized_input  # quantized before the exchange, rowwise (FP8 dispatch)
@@ -205,6 +233,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         ctx.save_for_backward(*((x,) if quantized_input is None else quantized_input), weight, offsets)
         ctx.recipe, ctx.cache, ctx.cut, ctx.reduce_amax, ctx.swiglu_input = recipe, cache, cut, reduce_amax, swiglu_input
         ctx.groups, ctx.x_dtype, ctx.quantized_input = groups, x.dtype, quantized_input is not None
+        ctx.handoff = handoff
         return y
 
     @staticmethod
@@ -216,27 +245,39 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             x, weight, offsets = ctx.saved_tensors
         recipe, cut, reduce_amax = ctx.recipe, ctx.cut, ctx.reduce_amax
         dy = dy.contiguous()
-        dq, ds = quantize(dy, recipe.expert_grad_dtype, recipe.granularity,
-                          _reduce_for(cut == "out", cut == "out", recipe, reduce_amax), ctx.groups)
+        dy_reduce = _reduce_for(cut == "out", cut == "out", recipe, reduce_amax)
+        quantized = ctx.handoff.take(dy) if ctx.handoff is not None and not ctx.swiglu_input else None
+        dq, ds = quantized or quantize(dy, recipe.expert_grad_dtype, recipe.granularity, dy_reduce, ctx.groups)
         wt_reduce = _reduce_for(cut == "out", cut is not None, recipe, reduce_amax)
         wtq, wts = ctx.cache.get(weight, "wt",
                                  lambda: _weight_transposed(weight.detach(), E4M3, recipe, wt_reduce))
         da = scaled_grouped_mm(dq, ds, wtq, wts, offsets, dy.dtype, fast_accum=False)
-        # the SwiGLU's backward recomputes the activation (in bf16, as the forward quantized it)
-        dx, a = swiglu_backward(x, da) if ctx.swiglu_input else (da, x)
+        if not ctx.swiglu_input:
+            dx, a = da, x
+        elif ctx.handoff is not None:
+            # the SwiGLU's backward recomputes the activation (in bf16, as the forward quantized
+            # it) and quantizes dh for the gate/up projection's backward (see GradHandoff)
+            dx, a, *dx_quantized = swiglu_backward_quantize(x, da, recipe.expert_grad_dtype)
+            ctx.handoff.put(dx, tuple(dx_quantized))
+        else:
+            dx, a = swiglu_backward(x, da)
         dw = grouped_weight_grad(dy, a, offsets).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 @eager_under_compile
 def fp8_grouped_linear(x_NK: torch.Tensor, weight_EOK: torch.Tensor, offsets: torch.Tensor, recipe: Fp8Recipe,
                        cache: Fp8WeightCache, cut: Cut = None, reduce_amax: AmaxReduce = None,
                        swiglu_input: bool = False,
-                       quantized_input: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                       quantized_input: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                       handoff: Optional[GradHandoff] = None) -> torch.Tensor:
     """Rows grouped by expert (``offsets``: int32 cumulative counts) times their expert's
     ``W^T``, in FP8. ``swiglu_input``: ``x`` is ``[gate | up]`` and the GEMM's input is its
     SwiGLU, fused into the quantization and recomputed in backward (never stored).
     ``quantized_input``: ``x`` already quantized rowwise (values, scale_inv); ``x`` is then a
-    stand-in for its shape and gradient, and the weight gradient uses the dequantized rows."""
+    stand-in for its shape and gradient, and the weight gradient uses the dequantized rows.
+    ``handoff``: one :class:`GradHandoff` given to both GEMMs of a SwiGLU MLP, whose second
+    (``swiglu_input``) backward then quantizes the first one's output gradient; only for
+    rowwise scales without an amax reduction over ranks (where it is the same quantization)."""
     return _Fp8GroupedLinear.apply(x_NK, weight_EOK, offsets, recipe, cache, cut, reduce_amax, swiglu_input,
-                                   quantized_input)
+                                   quantized_input, handoff)

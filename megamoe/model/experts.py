@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.kernels.fp8 import Fp8Recipe
-from megamoe.kernels.fp8_gemm import Fp8WeightCache, fp8_grouped_linear, mark_fp8_weight
+from megamoe.kernels.fp8_gemm import Fp8WeightCache, GradHandoff, fp8_grouped_linear, mark_fp8_weight
 from megamoe.parallel.param_spec import ParamSpec, Split, set_spec
 from megamoe.parallel.state import Group
 from megamoe.parallel.weight_grad import WeightGradStore, grouped_linear
@@ -220,10 +220,15 @@ class GroupedExperts(nn.Module):
     def _forward_fp8(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor, fp8_rows) -> torch.Tensor:
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         recipe, (cache1, cache2), reduce = self.fp8, self._fp8_caches, self._fp8_reduce
-        h = fp8_grouped_linear(x_ND, self.fc1, offsets, recipe, cache1, "out", reduce, quantized_input=fp8_rows)
+        # the down projection's backward quantizes dh for the gate/up projection's backward when
+        # that is the quantization the latter would make (rowwise, no amax reduction over expert-TP)
+        handoff = GradHandoff() if self.gated and recipe.granularity == "rowwise" and reduce is None else None
+        h = fp8_grouped_linear(x_ND, self.fc1, offsets, recipe, cache1, "out", reduce, quantized_input=fp8_rows,
+                               handoff=handoff)
         if not self.gated:
             return fp8_grouped_linear(F.gelu(h), self.w2, offsets, recipe, cache2, "in", reduce)
-        return fp8_grouped_linear(h, self.w2, offsets, recipe, cache2, "in", reduce, swiglu_input=True)
+        return fp8_grouped_linear(h, self.w2, offsets, recipe, cache2, "in", reduce, swiglu_input=True,
+                                  handoff=handoff)
 
     def extra_repr(self) -> str:
         fp8 = "" if self.fp8 is None else f", fp8={self.fp8.fmt}/{self.fp8.granularity}"

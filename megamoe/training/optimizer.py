@@ -139,7 +139,8 @@ class Optimizer:
         divisor = ((norm + 1e-6) / max_norm if clip else 1.0) * loss_scale
         if self.optimizer is not None and self.optimizer.defaults.get("fused"):
             device = self.optimizer.param_groups[0]["params"][0].device
-            self._grad_scale = torch.tensor(divisor, dtype=torch.float32, device=device)
+            # a fill kernel, not a copy from pageable host memory (which the host waits for)
+            self._grad_scale = torch.full((), divisor, dtype=torch.float32, device=device)
         else:
             grads = [g for _, g in pieces if g.numel()]
             if grads:  # one multi-tensor kernel; exact for a power-of-two scale without a clip

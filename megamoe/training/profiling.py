@@ -156,7 +156,10 @@ def stage_times(events, use_device: bool) -> tuple[dict[str, float], dict[tuple[
     attributed: dict[str, float] = defaultdict(float)  # kernel name -> the time tied to a CPU event
     for e in events:
         if use_device and e.device_type != torch.autograd.DeviceType.CPU:  # a kernel (or copy) itself
-            on_device[e.name] += e.time_range.end - e.time_range.start
+            # ... or a labelled region's span as the GPU saw it (record_function's, the stage
+            # labels' and the optimizer's step), which holds kernels counted on their own
+            if not getattr(e, "is_user_annotation", False):
+                on_device[e.name] += e.time_range.end - e.time_range.start
             continue
         if e.name.startswith(_STAGE):
             continue

@@ -176,6 +176,18 @@ def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torc
     return mappings.all_reduce_(counts, state.dp)
 
 
+def _copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """``t`` copied into (pinned) host memory without waiting for the device, and the event to
+    wait on before reading the copy (None: a CPU tensor, copied already)."""
+    if not t.is_cuda:
+        return t.clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step: int,
                config: Config, state: ParallelState, rng_tracker: Optional[RNGStatesTracker],
                time_pipeline: bool = False) -> StepMetrics:
@@ -256,6 +268,23 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
                      piece_step=piece_step if overlap else None)
 
     optimizer.finish_grad_sync()
+    # Reduce the metrics: loss shares over TP, sums over data-parallel ranks and pipeline stages.
+    # Loss sums and aux shares are split over CP ranks; expert loads are whole on each of them.
+    mappings.all_reduce_(aux, state.tp)
+    packed = torch.cat([sums, aux.flatten(), load.flatten(), dropped])
+    mappings.all_reduce_(packed, state.dp_cp)
+    mappings.all_reduce_(packed, state.pp)
+
+    def unpack(flat):  # sums, aux, load and dropped from the reduced metrics (on either side)
+        rest = flat[1 + depths:]
+        return (flat[: 1 + depths], rest[: aux.numel()].view_as(aux) / (num_micro * dp),
+                rest[aux.numel(): aux.numel() + load.numel()].view_as(load) / state.cp.size,
+                rest[aux.numel() + load.numel():] / state.cp.size)
+
+    # ... and start their copy to the host now: the grad norm's read below waits for it, and the
+    # host then logs and launches the next step while the optimizer's update runs (waiting for
+    # the whole step left the GPU idle for the host's work between two steps).
+    on_host, copied = _copy_to_host(torch.cat([counts, sums[:1], packed]))  # sums[:1]: this rank's loss
     grad_norm = optimizer.clip_grad_norm(t.clip_grad, loss_scale)
     # An overflow under the dynamic loss scale skips the step (the norm is the same on every
     # rank, so they all skip); any other non-finite norm stops the run.
@@ -273,23 +302,14 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         optimizer.step(lr, qk_clip_edit(maxima, t) if t.qk_clip else None)
     if scaler is not None:
         scaler.update(overflowed)
-
-    # Reduce the metrics: loss shares over TP, sums over data-parallel ranks and pipeline stages.
-    # Loss sums and aux shares are split over CP ranks; expert loads are whole on each of them.
-    mappings.all_reduce_(aux, state.tp)
-    my_loss_sum = sums[0].clone()
-    packed = torch.cat([sums, aux.flatten(), load.flatten(), dropped])
-    mappings.all_reduce_(packed, state.dp_cp)
-    mappings.all_reduce_(packed, state.pp)
-    sums, rest = packed[: 1 + depths], packed[1 + depths:]
-    aux = rest[: aux.numel()].view_as(aux) / (num_micro * dp)
-    load = rest[aux.numel(): aux.numel() + load.numel()].view_as(load) / state.cp.size
-    dropped = rest[aux.numel() + load.numel():] / state.cp.size
+    load_on_device = unpack(packed)[2]
     for layer, i in zip(model.moe_layers(), model.moe_index):
         if not overflowed:  # a skipped step changes nothing in the model
-            layer.gate.update_expert_bias(load[i].float())
-    if counts.is_cuda:
-        torch.cuda.synchronize(counts.device)
+            layer.gate.update_expert_bias(load_on_device[i].float())
+    if copied is not None:
+        copied.synchronize()
+    counts, my_loss_sum = on_host[: 1 + depths], on_host[1 + depths]
+    sums, aux, load, dropped = unpack(on_host[2 + depths:])
     lm_loss = (sums[0] / counts[0]).item()
     if t.check_for_nan_in_loss_and_grad:
         check_finite("lm loss", lm_loss, step, not math.isfinite(my_loss_sum.item()), state, device)

@@ -135,6 +135,47 @@ def test_fp8_grouped_experts_forward_and_backward(recipe):
     assert (w13.grad[1] == 0).all() and (w2.grad[1] == 0).all()
 
 
+def test_the_handed_off_gradient_quantization_is_the_one_it_replaces(monkeypatch):
+    """With a GradHandoff the down projection's backward quantizes dh for the gate/up
+    projection's backward: one quantization fewer there, and the same gradients bit for bit."""
+    from megamoe.kernels import fp8_gemm
+
+    torch.manual_seed(2)
+    recipe, counts = Fp8Recipe("hybrid", "rowwise"), [9, 0, 14, 5]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    x0, w13_0, w2_0 = torch.randn(28, 64), torch.randn(4, 96, 64) / 8, torch.randn(4, 64, 48) / 7
+    dy = torch.randn(28, 64)
+    calls = []
+    quantize_in_gemms = fp8_gemm.quantize
+    monkeypatch.setattr(fp8_gemm, "quantize", lambda *a, **k: calls.append(1) or quantize_in_gemms(*a, **k))
+
+    def grads(handoff):
+        x, w13, w2 = (t.clone().requires_grad_() for t in (x0, w13_0, w2_0))
+        h = fp8_grouped_linear(x, w13, offsets, recipe, Fp8WeightCache(), "out", handoff=handoff)
+        y = fp8_grouped_linear(h, w2, offsets, recipe, Fp8WeightCache(), "in", swiglu_input=True, handoff=handoff)
+        calls.clear()
+        y.backward(dy)
+        return [t.grad for t in (x, w13, w2)], len(calls)
+
+    (ref, ref_calls), (got, got_calls) = grads(None), grads(fp8_gemm.GradHandoff())
+    assert (ref_calls, got_calls) == (2, 1)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+def test_a_gradient_changed_on_its_way_is_quantized_afresh():
+    from megamoe.kernels.fp8_gemm import GradHandoff
+
+    handoff, dh = GradHandoff(), torch.randn(4, 8)
+    handoff.put(dh, ("q", "s"))
+    assert handoff.take(dh) == ("q", "s") and handoff.take(dh) is None  # given once
+    handoff.put(dh, ("q", "s"))
+    dh.mul_(2)  # a hook scaled it in place: its version moved
+    assert handoff.take(dh) is None
+    handoff.put(dh, ("q", "s"))
+    assert handoff.take(dh + 0) is None  # another tensor (a sum with another path)
+
+
 def test_the_weight_cache_requantizes_after_an_in_place_update():
     recipe, cache = Fp8Recipe("e4m3", "rowwise"), Fp8WeightCache()
     w = torch.nn.Parameter(torch.randn(16, 32))
@@ -318,11 +359,16 @@ def test_triton_quantization_matches_torch(dtype):
     from megamoe.kernels import fp8
 
     dev = _cuda()
-    x = (torch.randn(300, 2048, device=dev) * torch.logspace(-4, 4, 300, device=dev)[:, None]).bfloat16()
-    x[7] = 0
-    q, s = fp8.quantize(x, dtype)
-    q_ref, s_ref = fp8._quantize_torch(x, dtype, None)
-    assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
+    # row lengths quantized whole in tiles (2048, 2816, 100: a partial tile) and in a loop (10000);
+    # 301 rows: the last tile holds fewer rows than the others
+    for cols in (2048, 2816, 100, 10000):
+        x = (torch.randn(301, cols, device=dev) * torch.logspace(-4, 4, 301, device=dev)[:, None]).bfloat16()
+        x[7] = 0
+        given = x.float().abs().amax(1) * torch.rand(301, device=dev).add(1)  # a reduced amax is larger
+        for amax in (None, given):
+            q, s = fp8.quantize_with_amax(x, dtype, amax) if amax is not None else fp8.quantize(x, dtype)
+            q_ref, s_ref = fp8._quantize_torch(x, dtype, amax)
+            assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float()), (cols, amax is None)
     h = torch.randn(300, 2 * 1408, device=dev).bfloat16()
     qa, sa = fp8.swiglu_quantize(h, dtype)
     qa_ref, sa_ref = fp8._quantize_torch(swiglu(h), dtype, None)
@@ -346,6 +392,23 @@ def test_triton_transposed_quantization_matches_torch(granularity):
     for b in range(w.shape[0]):
         q_ref, s_ref = fp8.quantize(w[b].t().contiguous(), E4M3, granularity)
         assert torch.equal(s[b], s_ref) and torch.equal(q[b].float(), q_ref.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_fused_swiglu_backward_quantization_matches_the_two_kernels(dtype):
+    from megamoe.kernels.fp8 import swiglu_backward, swiglu_backward_quantize
+
+    dev = _cuda()
+    for rows, cols in ((501, 1408), (37, 100)):  # a partial last tile; a row shorter than its tile
+        h = (torch.randn(rows, 2 * cols, device=dev) * torch.logspace(-3, 3, rows, device=dev)[:, None]).bfloat16()
+        da = torch.randn(rows, cols, device=dev).bfloat16()
+        da[5] = 0  # a zero gradient row: scale 1
+        dh, a, q, s = swiglu_backward_quantize(h, da, dtype)
+        dh_ref, a_ref = swiglu_backward(h, da)
+        q_ref, s_ref = quantize(dh_ref, dtype)
+        assert torch.equal(dh, dh_ref) and torch.equal(a, a_ref)
+        assert torch.equal(s, s_ref) and torch.equal(q.float(), q_ref.float())
 
 
 @pytest.mark.gpu
