@@ -33,6 +33,7 @@ from megamoe.parallel import permutation  # noqa: E402
 
 TOKENS, TOPK, EXPERTS, HIDDEN = 32768, 6, 64, 2048
 TILES = [(0, 0, 0), (8192, 4096, 4), (8192, 4096, 8), (8192, 8192, 8), (8192, 16384, 8)]  # (max C, values, warps)
+DEFAULT_TILES = (fp8._TILE_MAX_C, fp8._TILE_ELEMENTS, fp8._TILE_WARPS)  # restored after each sweep
 
 
 def set_tiles(tiles: tuple[int, int, int]) -> None:
@@ -93,8 +94,6 @@ def experts() -> None:
     experts_module.GradHandoff = handoff
     set_tiles(DEFAULT_TILES)
 
-
-DEFAULT_TILES = (fp8._TILE_MAX_C, fp8._TILE_ELEMENTS, fp8._TILE_WARPS)
 
 if __name__ == "__main__":
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")

@@ -88,9 +88,9 @@ def analyse(events: list[dict], min_gap_us: float) -> dict:
             op = innermost_op(ops_by_tid, launch["tid"], launch["ts"])
             label = innermost_op(labels_by_tid, launch["tid"], launch["ts"])
             op = op if label == "(no CPU op)" else f"{label} / {op}"
-        first = max(0, bisect.bisect_left(sync_starts, gap_start - 1e6) - 1)
-        overlapping = sorted({s["name"] for s in syncs[first:]
-                              if s["ts"] < gap_end and s["ts"] + s["dur"] > gap_start})
+        # the synchronising calls that started at most a second before the gap and before its end
+        first, last = bisect.bisect_left(sync_starts, gap_start - 1e6), bisect.bisect_left(sync_starts, gap_end)
+        overlapping = sorted({s["name"] for s in syncs[first:last] if s["ts"] + s["dur"] > gap_start})
         gaps.append({"us": gap_end - gap_start, "at_us": gap_start - busy[0][0], "next_kernel": after["name"],
                      "launched_by": op, "launch_to_start_us": lag, "syncs": overlapping})
     return {"span_us": span, "busy_us": busy_us, "gaps": gaps}

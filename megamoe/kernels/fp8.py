@@ -246,6 +246,18 @@ if triton is not None:
         return tl.where(amax > 0, tl.exp2(exponent), 1.0)
 
     @triton.jit
+    def _saturate(v, FP8_MAX: tl.constexpr):
+        # a scaled value clamped to the format's finite range, for the store's cast
+        return tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+
+    @triton.jit
+    def _swiglu_grads(g, u, da):
+        # float32 (a, d gate, d up) of a = silu(g) * u for the output gradient da
+        s = tl.sigmoid(g)
+        silu = g * s
+        return silu * u, da * u * (s * (1.0 + g * (1.0 - s))), da * silu
+
+    @triton.jit
     def _row_amax_kernel(x_ptr, out_ptr, C, BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -273,7 +285,7 @@ if triton is not None:
             offs = start + tl.arange(0, BLOCK)
             mask = offs < C
             v = tl.load(x_ptr + r * C + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.minimum(tl.maximum(v * scale, -FP8_MAX), FP8_MAX)
+            v = _saturate(v * scale, FP8_MAX)
             tl.store(q_ptr + r * C + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_inv_ptr + r, 1.0 / scale)
 
@@ -291,7 +303,7 @@ if triton is not None:
         else:
             amax = tl.max(tl.abs(v), axis=1)
         scale = _pow2_scale(amax, FP8_MAX)
-        v = tl.minimum(tl.maximum(v * scale[:, None], -FP8_MAX), FP8_MAX)
+        v = _saturate(v * scale[:, None], FP8_MAX)
         tl.store(q_ptr + rows[:, None] * C + cols[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_inv_ptr + rows, 1.0 / scale, mask=rows < R)
 
@@ -320,7 +332,7 @@ if triton is not None:
             rows = start + tl.arange(0, BR)
             mask = (rows[:, None] < R) & col_mask[None, :]
             v = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            v = tl.minimum(tl.maximum(v * scale[None, :], -FP8_MAX), FP8_MAX)
+            v = _saturate(v * scale[None, :], FP8_MAX)
             tl.store(q_ptr + cols[None, :] * R + rows[:, None], v.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_inv_ptr + b * C + cols, 1.0 / scale, mask=col_mask)
 
@@ -346,7 +358,7 @@ if triton is not None:
             offs = start + tl.arange(0, BLOCK)
             mask = offs < C
             a = _swiglu_block(h_ptr, r, C, offs, mask)
-            a = tl.minimum(tl.maximum(a * scale, -FP8_MAX), FP8_MAX)
+            a = _saturate(a * scale, FP8_MAX)
             tl.store(q_ptr + r * C + offs, a.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_inv_ptr + r, 1.0 / scale)
 
@@ -358,18 +370,16 @@ if triton is not None:
         g = tl.load(h_ptr + r * 2 * C + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(h_ptr + r * 2 * C + C + offs, mask=mask, other=0.0).to(tl.float32)
         da = tl.load(da_ptr + r * C + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        silu = g * s
-        tl.store(a_ptr + r * C + offs, (silu * u).to(a_ptr.dtype.element_ty), mask=mask)
-        dg = da * u * (s * (1.0 + g * (1.0 - s)))
+        a, dg, du = _swiglu_grads(g, u, da)
+        tl.store(a_ptr + r * C + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_ptr + r * 2 * C + offs, dg.to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dh_ptr + r * 2 * C + C + offs, (da * silu).to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + r * 2 * C + C + offs, du.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
     @triton.jit
     def _swiglu_backward_quantize_kernel(h_ptr, da_ptr, dh_ptr, a_ptr, q_ptr, scale_inv_ptr, R, C,
                                          FP8_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        # _swiglu_backward_kernel's arithmetic on ROWS whole rows, then dh quantized from its
+        # the SwiGLU's backward on ROWS whole rows, then dh quantized from its
         # rounded values (as quantize(dh) reads them) while they are still in registers
         rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)
@@ -378,17 +388,15 @@ if triton is not None:
         g = tl.load(h_ptr + gate_at, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(h_ptr + gate_at + C, mask=mask, other=0.0).to(tl.float32)
         da = tl.load(da_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        silu = g * s
-        tl.store(a_ptr + rows[:, None] * C + cols[None, :], (silu * u).to(a_ptr.dtype.element_ty), mask=mask)
-        dg = (da * u * (s * (1.0 + g * (1.0 - s)))).to(dh_ptr.dtype.element_ty)
-        du = (da * silu).to(dh_ptr.dtype.element_ty)
+        a, dg, du = _swiglu_grads(g, u, da)
+        tl.store(a_ptr + rows[:, None] * C + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
+        dg, du = dg.to(dh_ptr.dtype.element_ty), du.to(dh_ptr.dtype.element_ty)
         tl.store(dh_ptr + gate_at, dg, mask=mask)
         tl.store(dh_ptr + gate_at + C, du, mask=mask)
         dg, du = dg.to(tl.float32), du.to(tl.float32)
         scale = _pow2_scale(tl.maximum(tl.max(tl.abs(dg), axis=1), tl.max(tl.abs(du), axis=1)), FP8_MAX)
-        dg = tl.minimum(tl.maximum(dg * scale[:, None], -FP8_MAX), FP8_MAX)
-        du = tl.minimum(tl.maximum(du * scale[:, None], -FP8_MAX), FP8_MAX)
+        dg = _saturate(dg * scale[:, None], FP8_MAX)
+        du = _saturate(du * scale[:, None], FP8_MAX)
         tl.store(q_ptr + gate_at, dg.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(q_ptr + gate_at + C, du.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_inv_ptr + rows, 1.0 / scale, mask=rows < R)
