@@ -51,6 +51,14 @@ of a communicator agree on it through each bucket's earliest observed position o
 (one small all-reduce per communicator, once; ties keep the current order), so a bucket that one
 rank saw late (an expert that got no tokens there) neither splits the order nor moves back.
 
+A step of one backward pass on a parameter reduced over no other rank (one data-parallel rank,
+one micro-batch) needs no float32 main gradient: it would only be an exact copy of the bf16
+gradient. With ``alias_single_pass`` (the Triton AdamW, which reads bf16 gradients as they are)
+such a parameter's ``main_grad`` is then the gradient autograd produced, not a view of the
+buffer, until the next step starts: the 6 bytes a parameter of the copy, and 2 of the
+optimizer's read, saved (on the V2-Lite proxy the copy alone took 4.4 ms a step on an H200). A
+second backward pass in the step after all widens it into its view and adds there.
+
 Bucket size (``--ddp-bucket-size``): unset means Megatron-LM's ``max(40M, 1M x group size)``
 elements, which for small models is one bucket per buffer.
 
@@ -257,12 +265,14 @@ class DataParallelGrads:
     bucket is summed); ``hold_params``: parameters become views of contiguous buffers;
     ``fp8_apart``: FP8 weights in buffers of their own (:func:`buffer_groups`);
     ``follow_observed_order``: launch in the first overlapped step's order (see the module
-    docstring; off only to measure what it changes, tools/bench_dp.py).
+    docstring; off only to measure what it changes, tools/bench_dp.py); ``alias_single_pass``:
+    in a step of one backward pass, a parameter reduced over no other rank keeps the gradient
+    itself as its main gradient (the module docstring; for an optimizer that reads it as it is).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], state: ParallelState, overlap: bool = False,
                  reduce_scatter: bool = False, bucket_size: Optional[int] = None, hold_params: bool = False,
-                 fp8_apart: bool = False, follow_observed_order: bool = True):
+                 fp8_apart: bool = False, follow_observed_order: bool = True, alias_single_pass: bool = False):
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
         params = list(params)
         ordered = params[::-1]  # about the order backward produces gradients
@@ -295,6 +305,12 @@ class DataParallelGrads:
         self._params = ordered
         self._seen: set[torch.nn.Parameter] = set()  # parameters with a gradient this step
         self._num_micro: Optional[int] = None
+        # parameters whose main gradient may be their gradient itself in a single-pass step, and
+        # while it is, their views of the buffer
+        self._may_alias = {p for b in self.buckets if alias_single_pass and not b.deferred and b.group.size == 1
+                           for p in b.params}
+        self._views: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._alias = False  # this step has one backward pass
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in ordered]
 
     # -- per step
@@ -309,6 +325,10 @@ class DataParallelGrads:
         parameters that received none. Bucket padding is never written but by reductions, which
         sum its zeros."""
         self._seen.clear()
+        for p, view in self._views.items():  # the last step's gradients are let go
+            p.main_grad = view
+        self._views.clear()
+        self._alias = num_micro == 1 and bool(self._may_alias)
         for b in self.buckets:
             b.num_ready, b.launched, b.launched_in_backward = 0, False, False
         self._counts.clear()
@@ -316,10 +336,20 @@ class DataParallelGrads:
         self._num_micro = num_micro if self.overlap else None
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
-        if param.grad is None:  # a deferred weight gradient (weight_grad.py): it comes with its W
+        grad = param.grad
+        if grad is None:  # a deferred weight gradient (weight_grad.py): it comes with its W
             return
         if param in self._seen:
-            param.main_grad.add_(param.grad)
+            if param in self._views:  # a second pass after all: the first one widened into the buffer
+                view = self._views.pop(param)
+                torch._foreach_copy_([view], [param.main_grad])
+                param.main_grad = view
+            param.main_grad.add_(grad)
+        elif self._alias and param in self._may_alias and grad.is_contiguous() and grad.data_ptr() % 16 == 0:
+            # autograd hands over a tensor nothing else refers to (it clones one that is shared)
+            self._views[param] = param.main_grad
+            param.main_grad = grad
+            self._seen.add(param)
         else:
             # the multi-tensor copy is vectorised, a casting copy_ is not: 4.4 vs 8.5 ms per step
             # on the V2-Lite proxy (one H200, compiled profile)

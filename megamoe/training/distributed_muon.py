@@ -133,6 +133,7 @@ class DistributedMuon(MomentumStates, DistributedOptimizer):
     def __init__(self, model: nn.Module, t: TrainingConfig, state: ParallelState, parallel: ParallelConfig,
                  fp8_param_gather: bool = False):
         super().__init__(model, t, state, parallel, fp8_param_gather)
+        self.skips_on_device = False  # Muon divides its matrices' gradients by the clip itself, read on the host
         self.t = t
         groups: dict[tuple[str, tuple[int, ...]], list[Bucket]] = {}
         for b in self.grads.buckets:

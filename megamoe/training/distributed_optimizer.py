@@ -37,6 +37,7 @@ from megamoe.parallel.data_parallel import Bucket, DataParallelGrads
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
 from megamoe.training.fp8_param_gather import fp8_bucket_gathers
+from megamoe.kernels.adamw import triton_adamw_runs_on
 from megamoe.training.optimizer import MasterEdit, Optimizer, adamw, tensor_bytes, writes_copies
 
 
@@ -80,6 +81,8 @@ class DistributedOptimizer(Optimizer):
         self.optimizer = adamw([x.master for x in adam], [x.param.ndim >= 2 for x in adam], t, copies=copies)
         self.step_writes_shard = {b: b not in self.fp8_gathers and writes_copies(self.optimizer, [x.master for x in ps])
                                   for b, ps in self.pieces.items()}
+        # decided from the parameters, not this rank's shards, so that every rank agrees
+        self.skips_on_device = triton_adamw_runs_on(self.params)
         self.overlap_param_gather = parallel.overlap_param_gather
         self._hooks = self._register_gather_hooks(model) if self.overlap_param_gather else []
         self.sync_fp8_params()

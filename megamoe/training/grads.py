@@ -8,6 +8,7 @@ backward, so every reduction is a sum.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -27,15 +28,16 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
     main gradient or, with ``dp_sharded`` (distributed optimizer), the piece of it this rank
     owns. Each rank's squared norms are divided by the number of ranks holding an identical
     copy (:func:`_by_copies`), then summed over the whole world. Per-tensor norms use the
-    multi-tensor ``torch._foreach_norm`` kernels in the gradients' dtype, so no float64 copy of
+    multi-tensor ``torch._foreach_norm`` kernels in float32 (float64 for float64 gradients), so no float64 copy of
     a gradient is made.
     """
     groups, device = _by_copies(grads, state, dp_sharded)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for copies, tensors in groups.items():
-        # one multi-tensor kernel per group: each gradient's norm in its own dtype (float32 main
-        # gradients), squared and summed in float64
-        norms = torch.stack(torch._foreach_norm(tensors)).double()
+        # one multi-tensor kernel per group: each gradient's norm in float32 or wider (bf16
+        # gradients that are their own main gradients included), squared and summed in float64
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).double()
         total += norms.square().sum() / copies
     return _summed_over_world(total, state).sqrt()
 

@@ -3,7 +3,9 @@
 Model parameters keep the training dtype (bfloat16 or float32). Every backward adds the
 parameter's gradient into ``param.main_grad`` (float32, a view into a contiguous bucketed buffer
 of :mod:`megamoe.parallel.data_parallel`) through a post-accumulate hook and frees
-``param.grad``, so micro-batches accumulate in float32 as Megatron does. The optimizer updates
+``param.grad``, so micro-batches accumulate in float32 as Megatron does (a step of one backward
+pass with nothing to reduce keeps the bf16 gradient itself, which the Triton step reads as it is:
+the float32 copy would be exact). The optimizer updates
 float32 master copies (the parameters themselves in float32 training) and copies the result
 back: on CUDA in the same pass as the update (``megamoe/kernels/adamw.py``). Norm weights,
 biases and other 1-D parameters get no weight decay.
@@ -13,7 +15,7 @@ Two optimizers share one interface, which is all ``train_step`` uses::
     optimizer.zero_grad(num_micro)      # before the first micro-batch
     ...                                 # forward / backward of each micro-batch
     optimizer.finish_grad_sync()        # every main gradient reduced over its data-parallel group
-    norm = optimizer.clip_grad_norm(max_norm)
+    norm = optimizer.clip_grad_norm(max_norm)   # or start_clip_grad_norm, read after the step
     optimizer.step(lr)
 
 :class:`MixedPrecisionAdamW` (here) keeps whole masters and Adam states on every rank and
@@ -37,6 +39,7 @@ from megamoe.parallel.state import ParallelState
 from megamoe.training.grads import global_grad_norm, global_zero_count
 from megamoe.training.loss_scale import LossScaler
 from megamoe.training.moments_adamw import MomentsAdamW
+from megamoe.training.to_host import PendingValue
 
 
 def tensor_bytes(tensors) -> int:
@@ -116,7 +119,12 @@ class Optimizer:
         raise NotImplementedError
 
     _grad_scale: Optional[torch.Tensor] = None  # a division left for the fused step to apply
+    _found_inf: Optional[torch.Tensor] = None  # 1.0: the fused step skips itself (a non-finite norm)
     loss_scaler: Optional[LossScaler] = None  # fp16 / --loss-scale (set by build_optimizer)
+    # The step decides on the device: the clip's divisor and whether the norm is finite are
+    # tensors its kernel reads, so the host may launch it before reading the norm. The same on
+    # every rank (a rank without shards to update still takes part in the step's gathers).
+    skips_on_device: bool = False
 
     def clip_grad_norm(self, max_norm: float, loss_scale: float = 1.0) -> float:
         """The global norm of the unscaled gradients; gradients are divided by ``loss_scale``
@@ -124,18 +132,33 @@ class Optimizer:
         clipping) by Megatron-LM's ``max_norm / (norm + 1e-6)`` when that is below 1. A
         non-finite norm (an overflow) is returned with the gradients untouched.
 
-        With a fused torch AdamW (CUDA) that division is left to the step: its kernel divides
-        each gradient by ``grad_scale`` as it reads it (the hook AMP's unscaling uses). Measured
-        on the V2-Lite proxy's parameters (``tools/bench_optimizer.py``, one H200): 22.9 ms for
-        the step with ``grad_scale``, against 5.1 + 18.4 ms for a pass over the gradients and a
-        plain step. Steps with nothing to divide run the plain step, so the norm is read on the
-        host first."""
+        With a fused AdamW (CUDA) that division is left to the step: its kernel divides each
+        gradient by ``grad_scale`` as it reads it (the hook AMP's unscaling uses). Measured on
+        the V2-Lite proxy's parameters (``tools/bench_optimizer.py``, one H200): 22.9 ms for
+        torch's fused step with ``grad_scale``, against 5.1 + 18.4 ms for a pass over the
+        gradients and a plain step. Steps with nothing to divide run torch's plain step, so the
+        norm is read on the host first; the Triton step (:attr:`skips_on_device`) reads the
+        divisor and the verdict on a non-finite norm (``found_inf``) from the device instead."""
+        return self.start_clip_grad_norm(max_norm, loss_scale).read()
+
+    def start_clip_grad_norm(self, max_norm: float, loss_scale: float = 1.0) -> PendingValue:
+        """:meth:`clip_grad_norm` whose norm the host may read after launching :meth:`step`
+        (where :attr:`skips_on_device`; otherwise it is read here)."""
         pieces = self.grad_pieces()
-        norm = global_grad_norm(pieces, self.state, self.dp_sharded).item() / loss_scale
-        self._grad_scale = None
+        norm = global_grad_norm(pieces, self.state, self.dp_sharded) / loss_scale
+        self._grad_scale = self._found_inf = None
+        if self.skips_on_device:
+            if max_norm > 0:
+                divisor = torch.where(norm > max_norm, (norm + 1e-6) / max_norm, 1.0) * loss_scale
+            else:
+                divisor = torch.full_like(norm, loss_scale)
+            self._grad_scale = divisor.float()
+            self._found_inf = (~torch.isfinite(norm)).float()
+            return PendingValue(device_value=norm)
+        norm = norm.item()
         clip = max_norm > 0 and norm > max_norm
         if not math.isfinite(norm) or not (clip or loss_scale != 1.0):
-            return norm
+            return PendingValue(norm)
         divisor = ((norm + 1e-6) / max_norm if clip else 1.0) * loss_scale
         if self.optimizer is not None and self.optimizer.defaults.get("fused"):
             device = self.optimizer.param_groups[0]["params"][0].device
@@ -145,20 +168,20 @@ class Optimizer:
             grads = [g for _, g in pieces if g.numel()]
             if grads:  # one multi-tensor kernel; exact for a power-of-two scale without a clip
                 torch._foreach_mul_(grads, (max_norm / (norm + 1e-6) if clip else 1.0) / loss_scale)
-        return norm
+        return PendingValue(norm)
 
     def skip_step(self) -> None:
         """An overflowed step: nothing is updated (Adam's step count included); the gradients
         are zeroed by the next :meth:`zero_grad`."""
-        self._grad_scale = None
+        self._grad_scale = self._found_inf = None
 
     def _torch_step(self) -> None:
         """The torch optimizer's step, with a clip that :meth:`clip_grad_norm` left to it."""
-        self.optimizer.grad_scale = self._grad_scale
+        self.optimizer.grad_scale, self.optimizer.found_inf = self._grad_scale, self._found_inf
         try:
             self.optimizer.step()
         finally:
-            self.optimizer.grad_scale, self._grad_scale = None, None
+            self.optimizer.grad_scale = self.optimizer.found_inf = self._grad_scale = self._found_inf = None
 
     def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
         """Update the masters at learning rate ``lr``, apply ``edit_masters`` to
@@ -256,15 +279,19 @@ class MixedPrecisionAdamW(Optimizer):
         parallel = parallel or ParallelConfig()
         self.state = state
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.grads = DataParallelGrads(self.params, state, overlap=parallel.overlap_grad_reduce,
-                                       bucket_size=parallel.ddp_bucket_size)
         # float32 (or float64, in tests) parameters are their own masters
         self.masters_are_params = all(upcast(p).dtype == p.dtype for p in self.params)
         self.masters = self.params if self.masters_are_params else [upcast(p.detach()).clone() for p in self.params]
         self.optimizer = adamw(self.masters, [p.ndim >= 2 for p in self.params], t,
                                copies=None if self.masters_are_params else self.params)
+        # the Triton step reads bf16 gradients, so a step of one backward pass with nothing to
+        # reduce keeps them as they are (no float32 copy: data_parallel.py's module docstring)
+        self.grads = DataParallelGrads(self.params, state, overlap=parallel.overlap_grad_reduce,
+                                       bucket_size=parallel.ddp_bucket_size,
+                                       alias_single_pass=isinstance(self.optimizer, TritonAdamW))
         # the step writes the parameters from the masters itself (TritonAdamW, on CUDA)
         self.step_writes_params = not self.masters_are_params and writes_copies(self.optimizer, self.masters)
+        self.skips_on_device = isinstance(self.optimizer, TritonAdamW)
 
     def grad_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         return [(p, p.main_grad) for p in self.params]
@@ -273,9 +300,19 @@ class MixedPrecisionAdamW(Optimizer):
     def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        narrow = {}  # bf16 gradients kept as main gradients, which torch won't take as a float32 .grad
         for p, master in zip(self.params, self.masters):
-            master.grad = p.main_grad
-        self._torch_step()
+            if p.main_grad.dtype == master.dtype:
+                master.grad = p.main_grad
+            else:
+                narrow[id(master)] = p.main_grad
+        if narrow:
+            self.optimizer.narrow_grads = narrow
+        try:
+            self._torch_step()
+        finally:
+            if narrow:
+                self.optimizer.narrow_grads = {}
         for master in self.masters:
             master.grad = None
         if edit_masters is not None:

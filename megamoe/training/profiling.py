@@ -85,7 +85,7 @@ class StageLabels:
             self._wrap(model, "_run_block", "block (compiled)")
         self._wrap(model, "_token_loss", "head + loss")
         self._wrap(optimizer, "finish_grad_sync", "grad sync")
-        self._wrap(optimizer, "clip_grad_norm", "grad norm")
+        self._wrap(optimizer, "start_clip_grad_norm", "grad norm")
         self._wrap(optimizer, "step", "optimizer")
 
     def _hook(self, module: nn.Module, stage: str) -> None:

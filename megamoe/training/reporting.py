@@ -37,7 +37,7 @@ class StepMetrics:
     dropped: list[float] = field(default_factory=list)
     pipeline_wait: Optional[float] = None  # this rank's seconds blocked in pipeline exchanges (when timed)
     loss_scale: Optional[float] = None  # the scale this step's loss was multiplied by (fp16, --loss-scale)
-    skipped: bool = False  # the step overflowed and was skipped
+    skipped: bool = False  # the grad norm was not finite (an fp16 overflow): no update
     params_norm: Optional[float] = None  # --log-params-norm: the masters' L2 norm after the step
     num_zeros: Optional[int] = None  # --log-num-zeros-in-grad: zero elements of the step's gradient
     max_attention_logits: Optional[list[float]] = None  # per block (decoder layers, then MTP), over heads and batch

@@ -49,6 +49,7 @@ from megamoe.training.qk_clip import layer_max_logits, qk_clip_edit, start_track
 from megamoe.training.reporting import Reporter, StepMetrics
 from megamoe.training.schedule import learning_rate
 from megamoe.training.stopping import ExitConditions, check_finite
+from megamoe.training.to_host import copy_to_host
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +177,6 @@ def _global_token_counts(batches, mtp_depths: int, state: ParallelState) -> torc
     return mappings.all_reduce_(counts, state.dp)
 
 
-def _copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
-    """``t`` copied into (pinned) host memory without waiting for the device, and the event to
-    wait on before reading the copy (None: a CPU tensor, copied already)."""
-    if not t.is_cuda:
-        return t.clone(), None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return host, copied
-
-
 def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step: int,
                config: Config, state: ParallelState, rng_tracker: Optional[RNGStatesTracker],
                time_pipeline: bool = False) -> StepMetrics:
@@ -284,27 +273,36 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
     # ... and start their copy to the host now: the grad norm's read below waits for it, and the
     # host then logs and launches the next step while the optimizer's update runs (waiting for
     # the whole step left the GPU idle for the host's work between two steps).
-    on_host, copied = _copy_to_host(torch.cat([counts, sums[:1], packed]))  # sums[:1]: this rank's loss
-    grad_norm = optimizer.clip_grad_norm(t.clip_grad, loss_scale)
-    # An overflow under the dynamic loss scale skips the step (the norm is the same on every
-    # rank, so they all skip); any other non-finite norm stops the run.
-    overflowed = scaler is not None and scaler.dynamic and not math.isfinite(grad_norm)
-    if t.check_for_nan_in_loss_and_grad and not overflowed and not math.isfinite(grad_norm):
-        mine_bad = any(not bool(torch.isfinite(g).all()) for _, g in optimizer.grad_pieces())
-        check_finite("grad norm", grad_norm, step, mine_bad, state, device)  # before the step touches the weights
+    on_host, copied = copy_to_host(torch.cat([counts, sums[:1], packed]))  # sums[:1]: this rank's loss
+    pending_norm = optimizer.start_clip_grad_norm(t.clip_grad, loss_scale)
     num_zeros = optimizer.grad_zeros() if config.logging.log_num_zeros_in_grad else None
     # Megatron-LM's schedule advances only on the steps taken
     lr = learning_rate(step - (scaler.skipped if scaler is not None else 0), t, BatchSchedule.of(config))
     maxima = take_max_logits(model, state) if track_logits else {}
-    if overflowed:
+    # A step that skips itself on a non-finite norm goes first: the host reads the norm while
+    # the update runs instead of idling the GPU between the read and the launch. qk-clip edits
+    # the masters after the update, so it waits for the norm.
+    stepped = optimizer.skips_on_device and not t.qk_clip
+    if stepped:
+        optimizer.step(lr)
+    grad_norm = pending_norm.read()
+    # A non-finite norm never updates the weights (the norm is the same on every rank, so they
+    # all skip; a step that went first left them as they were): an overflow under the dynamic
+    # loss scale lowers the scale, and with --check-for-nan-in-loss-and-grad any other stops the run.
+    skipped = not math.isfinite(grad_norm)
+    overflowed = skipped and scaler is not None and scaler.dynamic
+    if t.check_for_nan_in_loss_and_grad and skipped and not overflowed:
+        mine_bad = any(not bool(torch.isfinite(g).all()) for _, g in optimizer.grad_pieces())
+        check_finite("grad norm", grad_norm, step, mine_bad, state, device)
+    if skipped:
         optimizer.skip_step()
-    else:
+    elif not stepped:
         optimizer.step(lr, qk_clip_edit(maxima, t) if t.qk_clip else None)
     if scaler is not None:
         scaler.update(overflowed)
     load_on_device = unpack(packed)[2]
     for layer, i in zip(model.moe_layers(), model.moe_index):
-        if not overflowed:  # a skipped step changes nothing in the model
+        if not skipped:  # a skipped step changes nothing in the model
             layer.gate.update_expert_bias(load_on_device[i].float())
     if copied is not None:
         copied.synchronize()
@@ -328,7 +326,7 @@ def train_step(model: GPTModel, optimizer: Optimizer, batches: list[dict], step:
         dropped=dropped.tolist(),
         pipeline_wait=p2p.wait_seconds if time_pipeline else None,
         loss_scale=loss_scale if scaler is not None else None,  # the one this step's loss used
-        skipped=overflowed,
+        skipped=skipped,
         params_norm=optimizer.params_norm() if config.logging.log_params_norm else None,
         num_zeros=num_zeros,
         max_attention_logits=layer_max_logits(model, maxima, state) if track_logits else None,

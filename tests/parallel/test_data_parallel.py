@@ -97,6 +97,43 @@ def test_each_step_starts_from_zero_gradients():
         assert b.grad_data[~covered].abs().sum() == 0
 
 
+def test_a_single_pass_step_keeps_bf16_gradients_as_main_gradients():
+    """With ``alias_single_pass``, a step of one backward pass leaves each parameter's bf16
+    gradient itself as its main gradient (no float32 copy), equal to a separate model's; a
+    parameter without a gradient gets its zeroed float32 view. A step of two passes accumulates
+    in float32 as ever, also when a step announced as one gets a second pass (the first is
+    widened into the buffer first): exactly the float32 sum of the two bf16 gradients."""
+    model, ref = Toy().bfloat16(), Toy().bfloat16()
+    grads = DataParallelGrads(list(model.parameters()), ParallelState.single(), alias_single_pass=True)
+    views = {p: p.main_grad for p in model.parameters()}
+    bf16 = [_inputs(0, j).bfloat16() for j in range(2)]
+
+    def reference(passes, skip=False):
+        sums = [torch.zeros_like(p, dtype=torch.float32) for p in ref.parameters()]
+        for x in passes:
+            ref.zero_grad()
+            ref(x, skip=skip).backward()
+            for s, q in zip(sums, ref.parameters()):
+                if q.grad is not None:
+                    s += q.grad.float()
+        return sums
+
+    for announced, passes, skip in ((1, bf16[:1], True), (2, bf16, False), (1, bf16, False), (1, bf16[1:], False)):
+        grads.start_step(announced)
+        for x in passes:
+            model(x, skip=skip).backward()
+        grads.finish()
+        aliased = announced == 1 and len(passes) == 1
+        for (name, p), want in zip(model.named_parameters(), reference(passes, skip)):
+            has_grad = name != "unused.weight" and name != "unused.bias" and not (skip and ".2." in name)
+            if aliased and has_grad:
+                assert p.main_grad.dtype == torch.bfloat16 and p.main_grad.data_ptr() != views[p].data_ptr(), name
+            else:
+                assert p.main_grad is views[p], name
+            assert p.grad is None
+            torch.testing.assert_close(p.main_grad.float(), want, rtol=0, atol=0, msg=name)
+
+
 def _inputs(rank: int, j: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.randn(5, 12, dtype=DT, generator=torch.Generator().manual_seed(100 * rank + j)).to(device)
 

@@ -5,6 +5,7 @@ moments in bf16 against AdamW written out in float64."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 
@@ -102,11 +103,13 @@ def _adamw_cases(device, chunk: int):
 
 
 @pytest.mark.gpu
-def test_triton_adamw_against_torch_adamw():
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_triton_adamw_against_torch_adamw(grad_dtype):
     """The Triton step against torch's single-tensor AdamW (float32, a different code path), with
     and without a grad_scale, over four steps (the bias corrections move); the bf16 copies are
     the masters rounded, and their versions move. The no-decay group's lengths take the
-    kernel's unaligned path, the decay group's its 16-byte one; one master has no copy."""
+    kernel's unaligned path, the decay group's its 16-byte one; one master has no copy. bf16
+    gradients (new tensors each step, the reference given their float32 values) read as well."""
     from megamoe.kernels.adamw import CHUNK
     from megamoe.testing.adamw_steps import steps_against_torch
     dev = _cuda()
@@ -114,7 +117,7 @@ def test_triton_adamw_against_torch_adamw():
     with_copy = [masters[0], masters[2], masters[3]]
     copies = [m.bfloat16() for m in with_copy]
     versions = [c._version for c in copies]
-    for opt, ref_opt, ref in steps_against_torch(masters, dict(zip(with_copy, copies))):
+    for opt, ref_opt, ref in steps_against_torch(masters, dict(zip(with_copy, copies)), grad_dtype=grad_dtype):
         for m, r in zip(masters, ref):  # one update moves a weight by ~lr: 1e-5 of it is far below
             torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(opt.state[m]["exp_avg_sq"], ref_opt.state[r]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
@@ -176,3 +179,85 @@ def test_the_step_on_cuda_writes_the_bf16_parameters(distributed):
     masters = {p: m for p, _, m in opt.master_pieces()}  # one piece per parameter on one rank
     for p, b in zip(opt.params, before):
         assert torch.equal(p.detach(), masters[p].view_as(p).bfloat16()) and not torch.equal(p, b)
+
+
+@pytest.mark.gpu
+def test_a_single_pass_step_reads_the_bf16_gradients_with_the_same_result():
+    """One micro-batch on one rank: the step reads the bf16 gradients themselves (no float32
+    main-gradient copy); the float32 copy path (a step announced without a count) gives the
+    same weights bit for bit, since the copy is exact, and the same grad norm to float32
+    rounding (its sums run over other inputs)."""
+    dev = _cuda()
+    runs = []
+    for announce in (1, None):
+        model = _model().to(dev, torch.bfloat16)
+        opt = MixedPrecisionAdamW(model, TrainingConfig(lr=1e-2, weight_decay=0.1), ParallelState.single())
+        norms = []
+        for step in range(3):
+            opt.zero_grad(announce)
+            x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step)).to(dev, torch.bfloat16)
+            model(x).square().sum().backward()
+            opt.finish_grad_sync()
+            assert all((p.main_grad.dtype == torch.bfloat16) == (announce == 1) for p in opt.params)
+            norms.append(opt.clip_grad_norm(0.0))
+            opt.step(1e-2)
+        runs.append(([p.detach().clone() for p in opt.params], norms))
+    (aliased, aliased_norms), (copied, copied_norms) = runs
+    for a, c in zip(aliased, copied):
+        assert torch.equal(a, c)
+    assert aliased_norms == pytest.approx(copied_norms, rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_the_step_decided_on_the_device_matches_the_hosts_decision(clip):
+    """The Triton step reads the clip's divisor and the verdict on a non-finite norm from the
+    device, so the host launches it before reading the norm. Against the host deciding
+    (``skips_on_device`` off: the norm read first, the divisor filled in, a non-finite step
+    not launched): the same norms and weights bit for bit, and the step whose gradients hold
+    an infinity changes no weight and no step count."""
+    dev = _cuda()
+    runs = []
+    for on_device in (True, False):
+        model = _model().to(dev, torch.bfloat16)
+        opt = MixedPrecisionAdamW(model, TrainingConfig(lr=1e-2, weight_decay=0.1), ParallelState.single())
+        assert opt.skips_on_device
+        opt.skips_on_device = on_device
+        norms, weights = [], []
+        for step in range(3):
+            opt.zero_grad(1)
+            x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step)).to(dev, torch.bfloat16)
+            (model(x).square().sum() * (float("inf") if step == 1 else 50.0)).backward()
+            opt.finish_grad_sync()
+            pending = opt.start_clip_grad_norm(clip)
+            if on_device:
+                opt.step(1e-2)
+            norm = pending.read()
+            if not on_device:
+                opt.step(1e-2) if math.isfinite(norm) else opt.skip_step()
+            norms.append(norm)
+            weights.append([p.detach().clone() for p in opt.params])
+        assert not math.isfinite(norms[1]) and math.isfinite(norms[0]) and math.isfinite(norms[2])
+        assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # the skipped step
+        assert not any(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))
+        assert opt.step_count() == 2
+        if clip:
+            assert norms[0] > clip and norms[2] > clip  # the clip was due
+        runs.append((norms, weights))
+    (device_norms, device_weights), (host_norms, host_weights) = runs
+    assert device_norms[0::2] == host_norms[0::2]
+    for got, want in zip(device_weights, host_weights):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+def test_triton_adamw_skips_a_step_on_found_inf():
+    """``found_inf`` 1 with NaN gradients: nothing changes, the step count included; 0: the
+    step goes through (against torch's AdamW, which takes only the other steps)."""
+    from megamoe.kernels.adamw import CHUNK
+    from megamoe.testing.adamw_steps import steps_against_torch
+    masters = _adamw_cases(_cuda(), CHUNK)
+    for opt, ref_opt, ref in steps_against_torch(masters, {}, grad_dtype=torch.bfloat16, skip_at=1):
+        for m, r in zip(masters, ref):
+            torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-6)
+    assert {int(opt.state[m]["step"]) for m in masters} == {3}

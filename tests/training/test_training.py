@@ -345,7 +345,7 @@ def test_profile_labels_a_compiled_block_as_one_stage():
     def hooked(m):
         return bool(m._forward_pre_hooks) or any(a in vars(m) for a in ("dispatch", "_run_block"))
 
-    labels = StageLabels(model, optimizer=type("Opt", (), {"finish_grad_sync": None, "clip_grad_norm": None,
+    labels = StageLabels(model, optimizer=type("Opt", (), {"finish_grad_sync": None, "start_clip_grad_norm": None,
                                                           "step": None})())
     assert "_run_block" in vars(model) and not any(hooked(m) for m in blocks[-1].modules())
     assert not hooked(blocks[0]) and any(hooked(m) for m in blocks[0].modules())
