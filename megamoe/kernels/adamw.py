@@ -132,10 +132,10 @@ class TritonAdamW(torch.optim.AdamW):
         not), rebuilt when a master, moment or copy moved; and the gradients' addresses, uploaded
         when a gradient moved (every step, where they are the step's own bf16 gradients)."""
         operands = [(m, s["exp_avg"], s["exp_avg_sq"], self.copies.get(id(m))) for m, s in zip(masters, states)]
-        for m, g in zip(masters, grads):
-            if g.dtype not in _GRAD_DTYPES or g.shape != m.shape:
-                raise ValueError(f"TritonAdamW reads float32, bf16 or fp16 gradients of the master's shape, got "
-                                 f"{g.dtype} {tuple(g.shape)} for {tuple(m.shape)}")
+        for m, g in zip(masters, grads):  # checked every step: the gradients may be new tensors
+            if g.dtype not in _GRAD_DTYPES or g.shape != m.shape or not g.is_contiguous():
+                raise ValueError(f"TritonAdamW reads contiguous float32, bf16 or fp16 gradients of the master's "
+                                 f"shape, got {g.dtype} {tuple(g.shape)} (stride {g.stride()}) for {tuple(m.shape)}")
         key = (tuple(0 if t is None else t.data_ptr() for row in operands for t in row)
                + tuple((g.dtype, g.data_ptr() % 16 == 0) for g in grads))
         cached = self._tables.get(index)
@@ -152,10 +152,10 @@ class TritonAdamW(torch.optim.AdamW):
         return launches, bases
 
     def _build(self, masters, states, operands, grads) -> tuple[list, torch.Tensor]:
-        for row, g in zip(operands, grads):
-            for t in (*row, g):
+        for row in operands:
+            for t in row:
                 if t is not None and not t.is_contiguous():
-                    raise ValueError("TritonAdamW needs contiguous masters, gradients, states and copies")
+                    raise ValueError("TritonAdamW needs contiguous masters, states and copies")
         # every parameter of a group takes the same step, so one count stands for all
         step_counts = torch.stack([s["step"] for s in states])
         if bool((step_counts != step_counts[0]).any()):
