@@ -9,6 +9,7 @@
 - The same under PP 2, where every stage scales its own balancing losses.
 - An overflowed step is skipped: the weights, the expert biases and Adam's step count stay as
   they were, the scale backs off, the learning-rate schedule does not advance, the log says so.
+- Without a loss scale or the NaN check, a step whose grad norm is not finite is skipped too.
 - The scale and its counters are saved in the checkpoint and restored.
 - An fp16 run from 2**32 skips its first steps as the scale falls, then trains.
 """
@@ -90,11 +91,12 @@ def test_bad_precision_flags_are_one_line_errors(flags, message):
         _config(*flags)
 
 
-def _train(loss_scaler, clip=0.0, steps=3, poison_step=None):
+def _train(loss_scaler, clip=0.0, steps=3, poison_step=None, check_nan=True):
     """The float64 model for ``steps`` steps with ``loss_scaler``; ``poison_step`` makes one
     gradient infinite in that step. Returns the metrics, the weights and the expert biases after
     each step, and the optimizer."""
     cfg = make_config("mla", {"clip": clip})
+    cfg.training.check_for_nan_in_loss_and_grad = check_nan
     cfg.training.lr_warmup_iters = 2  # a schedule that moves each step
     validate(cfg, 1)
     state = ParallelState.single()
@@ -170,6 +172,21 @@ def test_an_overflowed_step_is_skipped_and_the_scale_backs_off():
     assert metrics[2].lr == metrics[1].lr != metrics[0].lr  # the schedule waited one step
     assert math.isfinite(metrics[2].grad_norm)
     assert all(not torch.equal(weights[2][n], t) for n, t in weights[1].items() if t.ndim == 2)  # step 3 went through
+
+
+def test_without_the_nan_check_a_non_finite_step_is_skipped():
+    """No loss scale and --no-check-for-nan-in-loss-and-grad: the poisoned step changes no
+    weight, expert bias or step count and is reported skipped; the next step trains."""
+    metrics, weights, biases, opt = _train(None, poison_step=2, check_nan=False)
+    assert [m.skipped for m in metrics] == [False, True, False]
+    assert not math.isfinite(metrics[1].grad_norm)
+    for name, tensor in weights[0].items():
+        assert torch.equal(weights[1][name], tensor), name
+    for layer_biases in zip(*biases[:2]):
+        assert torch.equal(*layer_biases)
+    assert opt.step_count() == 2
+    assert all(torch.isfinite(t).all() for t in weights[2].values())
+    assert all(not torch.equal(weights[2][n], t) for n, t in weights[1].items() if t.ndim == 2)
 
 
 def test_the_loss_scale_is_checkpointed(tmp_path):
