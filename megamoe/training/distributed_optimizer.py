@@ -33,11 +33,11 @@ import torch.nn as nn
 
 from megamoe.config import ParallelConfig, TrainingConfig
 from megamoe.numerics import upcast
+from megamoe.kernels.adamw import triton_adamw_runs_on
 from megamoe.parallel.data_parallel import Bucket, DataParallelGrads
 from megamoe.parallel.param_spec import spec_of
 from megamoe.parallel.state import ParallelState
 from megamoe.training.fp8_param_gather import fp8_bucket_gathers
-from megamoe.kernels.adamw import triton_adamw_runs_on
 from megamoe.training.optimizer import MasterEdit, Optimizer, adamw, tensor_bytes, writes_copies
 
 

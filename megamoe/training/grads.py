@@ -28,8 +28,8 @@ def global_grad_norm(grads: Iterable[tuple[torch.nn.Parameter, torch.Tensor]], s
     main gradient or, with ``dp_sharded`` (distributed optimizer), the piece of it this rank
     owns. Each rank's squared norms are divided by the number of ranks holding an identical
     copy (:func:`_by_copies`), then summed over the whole world. Per-tensor norms use the
-    multi-tensor ``torch._foreach_norm`` kernels in float32 (float64 for float64 gradients), so no float64 copy of
-    a gradient is made.
+    multi-tensor ``torch._foreach_norm`` kernels, accumulating in float32 (float64 for float64
+    gradients), so no float64 copy of a gradient is made.
     """
     groups, device = _by_copies(grads, state, dp_sharded)
     total = torch.zeros((), dtype=torch.float64, device=device)
