@@ -175,13 +175,19 @@ class Optimizer:
         are zeroed by the next :meth:`zero_grad`."""
         self._grad_scale = self._found_inf = None
 
-    def _torch_step(self) -> None:
-        """The torch optimizer's step, with a clip that :meth:`clip_grad_norm` left to it."""
+    def _torch_step(self, narrow_grads: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """The torch optimizer's step, with a clip that :meth:`clip_grad_norm` left to it.
+        ``narrow_grads``: gradients narrower than their masters, by the master's id (the
+        Triton step's ``narrow_grads``; torch takes no bf16 ``.grad`` on a float32 tensor)."""
         self.optimizer.grad_scale, self.optimizer.found_inf = self._grad_scale, self._found_inf
+        if narrow_grads:
+            self.optimizer.narrow_grads = narrow_grads
         try:
             self.optimizer.step()
         finally:
             self.optimizer.grad_scale = self.optimizer.found_inf = self._grad_scale = self._found_inf = None
+            if narrow_grads:
+                self.optimizer.narrow_grads = {}
 
     def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
         """Update the masters at learning rate ``lr``, apply ``edit_masters`` to
@@ -300,19 +306,13 @@ class MixedPrecisionAdamW(Optimizer):
     def step(self, lr: float, edit_masters: Optional[MasterEdit] = None) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        narrow = {}  # bf16 gradients kept as main gradients, which torch won't take as a float32 .grad
+        narrow = {}  # bf16 gradients kept as main gradients (data_parallel.py's alias_single_pass)
         for p, master in zip(self.params, self.masters):
             if p.main_grad.dtype == master.dtype:
                 master.grad = p.main_grad
             else:
                 narrow[id(master)] = p.main_grad
-        if narrow:
-            self.optimizer.narrow_grads = narrow
-        try:
-            self._torch_step()
-        finally:
-            if narrow:
-                self.optimizer.narrow_grads = {}
+        self._torch_step(narrow)
         for master in self.masters:
             master.grad = None
         if edit_masters is not None:
